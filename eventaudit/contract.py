@@ -1,0 +1,181 @@
+"""The audited message contract: attribute names, trace context and event identity."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+EVENT_ID = "eventID"
+PUBLISH_TIME = "publishTime"
+CLOUD_TRACE_CONTEXT = "Cloud-Trace-Context"
+TRACEPARENT = "traceparent"
+OPTIONS = "Options"
+
+_TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+_CLOUD_TRACE = re.compile(r"^([0-9a-fA-F]{32})(?:/([0-9]+))?(?:;o=([01]))?$")
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_MAX_EVENT_ID_LEN = 128
+_EVENT_ID = re.compile(r"^[A-Za-z0-9._:\-]+$")
+
+
+class InvalidMessageError(ValueError):
+    """A received message does not carry a usable audit contract."""
+
+
+@dataclass(frozen=True, slots=True)
+class TraceContext:
+    """One trace, written both as Cloud-Trace-Context and as W3C traceparent."""
+
+    trace_id: str
+    span_id: int
+    sampled: bool = True
+
+    @classmethod
+    def new(cls) -> TraceContext:
+        """A fresh random trace with a random span."""
+        return cls(secrets.token_hex(16), _random_span_id())
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> TraceContext | None:
+        """Read `traceparent` first, else `X-Cloud-Trace-Context` or `Cloud-Trace-Context`.
+
+        Header lookup is case-insensitive when `headers` is (Flask's and Pub/Sub's are not all).
+        Malformed values are ignored rather than rejected: tracing must never fail a publish.
+        """
+        lowered = {k.lower(): v for k, v in headers.items()}
+        parsed = parse_traceparent(lowered.get(TRACEPARENT, ""))
+        if parsed is None:
+            cloud = lowered.get("x-cloud-trace-context") or lowered.get(CLOUD_TRACE_CONTEXT.lower())
+            parsed = parse_cloud_trace_context(cloud or "")
+        return parsed
+
+    def child(self) -> TraceContext:
+        """The same trace with a new span: the publish is a child of the incoming request."""
+        return TraceContext(self.trace_id, _random_span_id(), self.sampled)
+
+    @property
+    def cloud_trace_context(self) -> str:
+        """`TRACE_ID/SPAN_ID;o=1` with a decimal span id, as Google Cloud expects."""
+        return f"{self.trace_id}/{self.span_id};o={1 if self.sampled else 0}"
+
+    @property
+    def traceparent(self) -> str:
+        """W3C `00-TRACE_ID-SPAN_ID-FLAGS` with a 16-hex span id."""
+        return f"00-{self.trace_id}-{self.span_id:016x}-{'01' if self.sampled else '00'}"
+
+
+def _random_span_id() -> int:
+    # W3C forbids an all-zero span id; 63 bits keep the decimal form a signed int64 too.
+    return secrets.randbits(63) or 1
+
+
+def parse_cloud_trace_context(value: str) -> TraceContext | None:
+    """Parse `TRACE_ID[/SPAN_ID][;o=0|1]`; None when malformed."""
+    match = _CLOUD_TRACE.match(value.strip())
+    if not match:
+        return None
+    trace_id = match.group(1).lower()
+    if trace_id == "0" * 32:
+        return None
+    span_id = int(match.group(2)) if match.group(2) else 0
+    if span_id == 0 or span_id >= 2**64:
+        span_id = _random_span_id()
+    return TraceContext(trace_id, span_id, match.group(3) != "0")
+
+
+def parse_traceparent(value: str) -> TraceContext | None:
+    """Parse a W3C `traceparent`; None when malformed or all-zero."""
+    match = _TRACEPARENT.match(value.strip().lower())
+    if not match or match.group(1) == "ff":
+        return None
+    trace_id, span_hex, flags = match.group(2), match.group(3), match.group(4)
+    if trace_id == "0" * 32 or span_hex == "0" * 16:
+        return None
+    return TraceContext(trace_id, int(span_hex, 16), bool(int(flags, 16) & 1))
+
+
+def new_event_id() -> str:
+    """A fresh event id (UUID4)."""
+    return str(uuid.uuid4())
+
+
+def validate_event_id(event_id: object) -> str:
+    """Return a usable event id or raise InvalidMessageError saying why."""
+    if not isinstance(event_id, str) or not event_id:
+        raise InvalidMessageError("missing eventID")
+    if len(event_id) > _MAX_EVENT_ID_LEN or not _EVENT_ID.match(event_id):
+        raise InvalidMessageError("malformed eventID")
+    return event_id
+
+
+def epoch_ms(moment: datetime) -> int:
+    """Epoch milliseconds of an aware datetime."""
+    return int(moment.timestamp() * 1000)
+
+
+def from_epoch_ms(value: int) -> datetime:
+    """Aware UTC datetime from epoch milliseconds."""
+    return datetime.fromtimestamp(value / 1000, tz=UTC)
+
+
+def utc_now_ms() -> datetime:
+    """Now, truncated to the millisecond precision BSON dates keep."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def build_attributes(
+    event_id: str, publish_time: datetime, trace: TraceContext, options: str = "{}"
+) -> dict[str, str]:
+    """The attributes every audited message carries."""
+    return {
+        EVENT_ID: event_id,
+        PUBLISH_TIME: str(epoch_ms(publish_time)),
+        CLOUD_TRACE_CONTEXT: trace.cloud_trace_context,
+        TRACEPARENT: trace.traceparent,
+        OPTIONS: options,
+    }
+
+
+def normalize_options(options: object) -> str:
+    """Options travel as a JSON string; accept a mapping or a JSON string, reject anything else."""
+    if options is None:
+        return "{}"
+    if isinstance(options, str):
+        try:
+            json.loads(options)
+        except ValueError as exc:
+            raise ValueError("Options must be a JSON string") from exc
+        return options
+    if isinstance(options, dict):
+        return json.dumps(options, separators=(",", ":"), sort_keys=True)
+    raise ValueError("Options must be a JSON object or a JSON string")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditedAttributes:
+    """What a subscriber reads back from a received message's attributes."""
+
+    event_id: str
+    publish_time: datetime | None
+    trace_id: str | None
+
+
+def read_attributes(attributes: Mapping[str, str]) -> AuditedAttributes:
+    """Parse a received message's attributes; raise InvalidMessageError when eventID is unusable.
+
+    A missing or malformed publishTime is tolerated (the broker's publish time stands in for
+    bucketing) because the event itself is still identifiable.
+    """
+    event_id = validate_event_id(attributes.get(EVENT_ID))
+    publish_time: datetime | None = None
+    raw_time = attributes.get(PUBLISH_TIME, "")
+    if raw_time.isdigit() and len(raw_time) <= 15:
+        publish_time = from_epoch_ms(int(raw_time))
+    trace = TraceContext.from_headers(attributes)
+    return AuditedAttributes(event_id, publish_time, trace.trace_id if trace else None)

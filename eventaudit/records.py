@@ -1,0 +1,110 @@
+"""Record types written by publishers and subscribers, and their MongoDB documents."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+PUBLISH_COLLECTION = "PublishRecord"
+RECEIVED_COLLECTION = "ReceivedRecord"
+BUCKET_COLLECTION = "BucketResult"
+STATE_COLLECTION = "EvaluatorState"
+
+
+@dataclass(frozen=True, slots=True)
+class PublishRecord:
+    """One event handed to Pub/Sub by an audited publisher."""
+
+    event_id: str
+    trace_id: str
+    topic: str
+    payload: str
+    message_id: str
+    publish_time: datetime
+    payload_truncated: bool = False
+
+    def to_document(self, created_time: datetime) -> dict[str, Any]:
+        """The `PublishRecord` document; `createdTime` is when it reached the store."""
+        return {
+            "eventID": self.event_id,
+            "traceID": self.trace_id,
+            "topic": self.topic,
+            "payload": self.payload,
+            "messageId": self.message_id,
+            "publishTime": self.publish_time,
+            "createdTime": created_time,
+            "payloadTruncated": self.payload_truncated,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """One delivery of an audited message to a subscription."""
+
+    subscription: str
+    event_id: str
+    topic: str
+    trace_id: str | None
+    message_id: str
+    publish_time: datetime
+    broker_publish_time: datetime
+    receive_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class BucketCounts:
+    """Evaluated counts of one subscription in one settled bucket."""
+
+    received: int = 0
+    duplicates: int = 0
+    unmatched: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BucketResult:
+    """Evaluation of one topic's settled bucket: published count and per-subscription counts."""
+
+    topic: str
+    start: datetime
+    published: int
+    subscriptions: dict[str, BucketCounts]
+
+    @property
+    def key(self) -> str:
+        """Document id: topic ids never contain '|'."""
+        return f"{self.topic}|{int(self.start.timestamp() * 1000)}"
+
+    def to_document(self, evaluated_time: datetime) -> dict[str, Any]:
+        """Subscriptions go in an array: subscription ids may contain dots, unsafe as keys."""
+        return {
+            "_id": self.key,
+            "topic": self.topic,
+            "bucketStart": self.start,
+            "published": self.published,
+            "subscriptions": [
+                {
+                    "name": name,
+                    "received": c.received,
+                    "duplicates": c.duplicates,
+                    "unmatched": c.unmatched,
+                }
+                for name, c in sorted(self.subscriptions.items())
+            ],
+            "evaluatedTime": evaluated_time,
+        }
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any]) -> BucketResult:
+        """Inverse of to_document."""
+        return cls(
+            topic=doc["topic"],
+            start=doc["bucketStart"],
+            published=int(doc["published"]),
+            subscriptions={
+                s["name"]: BucketCounts(
+                    int(s["received"]), int(s["duplicates"]), int(s["unmatched"])
+                )
+                for s in doc.get("subscriptions", [])
+            },
+        )

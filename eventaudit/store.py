@@ -1,0 +1,335 @@
+"""The MongoDB audit store: indexes, batched writes and the exporter's bounded queries.
+
+Only the subset of MongoDB that FerretDB 1.24 also serves is used: plain finds with
+projections, unordered bulk writes, unique and compound indexes. No `$lookup`, no
+accumulators beyond counting (sets are compared in Python, one bucket range at a time).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from bson.codec_options import CodecOptions
+from pymongo import ASCENDING, DESCENDING, InsertOne, MongoClient, UpdateOne
+from pymongo.collection import Collection
+from pymongo.errors import BulkWriteError, PyMongoError
+
+from eventaudit.records import (
+    BUCKET_COLLECTION,
+    PUBLISH_COLLECTION,
+    RECEIVED_COLLECTION,
+    STATE_COLLECTION,
+    BucketResult,
+    PublishRecord,
+    Receipt,
+)
+
+log = logging.getLogger(__name__)
+
+_DUPLICATE_KEY = 11000
+
+
+class StoreError(RuntimeError):
+    """The audit store could not complete an operation; the caller keeps its data and retries."""
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedEvent:
+    """The slice of a publish record the evaluator needs."""
+
+    topic: str
+    event_id: str
+    trace_id: str
+    publish_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptSummary:
+    """The slice of a receipt the evaluator needs."""
+
+    topic: str
+    subscription: str
+    event_id: str
+    deliveries: int
+    publish_time: datetime
+
+
+class MongoStore:
+    """Reads and writes the audit collections of one database."""
+
+    def __init__(self, uri: str, database: str, timeout_seconds: float = 5.0) -> None:
+        timeout_ms = int(timeout_seconds * 1000)
+        self._client: MongoClient[dict[str, Any]] = MongoClient(
+            uri,
+            serverSelectionTimeoutMS=timeout_ms,
+            connectTimeoutMS=timeout_ms,
+            socketTimeoutMS=timeout_ms * 6,
+            appname="eventaudit",
+        )
+        db = self._client.get_database(
+            database, codec_options=CodecOptions(tz_aware=True, tzinfo=UTC)
+        )
+        self.published: Collection[dict[str, Any]] = db[PUBLISH_COLLECTION]
+        self.received: Collection[dict[str, Any]] = db[RECEIVED_COLLECTION]
+        self.buckets: Collection[dict[str, Any]] = db[BUCKET_COLLECTION]
+        self.state: Collection[dict[str, Any]] = db[STATE_COLLECTION]
+        self.database = database
+
+    def close(self) -> None:
+        """Close the client's connections."""
+        self._client.close()
+
+    def ping(self) -> None:
+        """Raise StoreError unless the server answers."""
+        try:
+            self._client.admin.command("ping")
+        except PyMongoError as exc:
+            raise StoreError(f"audit store unreachable: {exc}") from exc
+
+    def ensure_indexes(self) -> None:
+        """Create every index the writers and the exporter rely on (idempotent)."""
+        try:
+            self.published.create_index(
+                [("eventID", ASCENDING)], unique=True, name="eventID_unique"
+            )
+            self.published.create_index([("publishTime", ASCENDING)], name="publishTime")
+            self.published.create_index(
+                [("topic", ASCENDING), ("publishTime", ASCENDING)], name="topic_publishTime"
+            )
+            self.published.create_index([("createdTime", ASCENDING)], name="createdTime")
+            self.received.create_index(
+                [("subscription", ASCENDING), ("eventID", ASCENDING)],
+                unique=True,
+                name="subscription_eventID_unique",
+            )
+            self.received.create_index([("publishTime", ASCENDING)], name="publishTime")
+            self.received.create_index(
+                [("subscription", ASCENDING), ("publishTime", ASCENDING)],
+                name="subscription_publishTime",
+            )
+            self.received.create_index([("lastReceiveTime", ASCENDING)], name="lastReceiveTime")
+            self.buckets.create_index([("bucketStart", DESCENDING)], name="bucketStart")
+        except PyMongoError as exc:
+            raise StoreError(f"could not ensure indexes: {exc}") from exc
+
+    # -- writers -------------------------------------------------------------------------
+
+    def insert_publish_records(self, records: Sequence[PublishRecord], now: datetime) -> None:
+        """Insert a batch; an eventID already stored (a retried batch) counts as written."""
+        if not records:
+            return
+        ops = [InsertOne(r.to_document(now)) for r in records]
+        try:
+            self.published.bulk_write(ops, ordered=False)
+        except BulkWriteError as exc:
+            other = [
+                e for e in exc.details.get("writeErrors", []) if e.get("code") != _DUPLICATE_KEY
+            ]
+            if other or exc.details.get("writeConcernErrors"):
+                raise StoreError(f"publish records not written: {other[:3]}") from exc
+        except PyMongoError as exc:
+            raise StoreError(f"publish records not written: {exc}") from exc
+
+    def record_receipts(self, receipts: Sequence[Receipt], now: datetime) -> None:
+        """Upsert one receipt per (subscription, eventID), counting every delivery.
+
+        Deliveries of the same event within the batch are folded into one update, so the
+        unique index is never raced by the batch itself.
+        """
+        if not receipts:
+            return
+        folded: dict[tuple[str, str], tuple[Receipt, int, datetime, datetime]] = {}
+        for r in receipts:
+            key = (r.subscription, r.event_id)
+            if key in folded:
+                first, n, lo, hi = folded[key]
+                folded[key] = (first, n + 1, min(lo, r.receive_time), max(hi, r.receive_time))
+            else:
+                folded[key] = (r, 1, r.receive_time, r.receive_time)
+        ops = [
+            UpdateOne(
+                {"subscription": r.subscription, "eventID": r.event_id},
+                {
+                    "$setOnInsert": {
+                        "topic": r.topic,
+                        "traceID": r.trace_id,
+                        "messageId": r.message_id,
+                        "publishTime": r.publish_time,
+                        "brokerPublishTime": r.broker_publish_time,
+                        "receiveTime": first_seen,
+                        "createdTime": now,
+                    },
+                    "$max": {"lastReceiveTime": last_seen},
+                    "$inc": {"deliveries": n},
+                },
+                upsert=True,
+            )
+            for r, n, first_seen, last_seen in folded.values()
+        ]
+        try:
+            self.received.bulk_write(ops, ordered=False)
+        except BulkWriteError as exc:
+            # Two concurrent upserts of one new key can collide; the retry then matches.
+            errors = exc.details.get("writeErrors", [])
+            if any(e.get("code") != _DUPLICATE_KEY for e in errors):
+                raise StoreError(f"receipts not written: {errors[:3]}") from exc
+            retry = [ops[e["index"]] for e in errors]
+            try:
+                self.received.bulk_write(retry, ordered=False)
+            except PyMongoError as retry_exc:
+                raise StoreError(f"receipts not written: {retry_exc}") from retry_exc
+        except PyMongoError as exc:
+            raise StoreError(f"receipts not written: {exc}") from exc
+
+    # -- exporter queries ------------------------------------------------------------------
+
+    def published_between(self, start: datetime, end: datetime) -> list[PublishedEvent]:
+        """Publish records with publishTime in [start, end)."""
+        try:
+            cursor = self.published.find(
+                {"publishTime": {"$gte": start, "$lt": end}},
+                {"_id": 0, "topic": 1, "eventID": 1, "traceID": 1, "publishTime": 1},
+            )
+            return [
+                PublishedEvent(d["topic"], d["eventID"], d.get("traceID") or "", d["publishTime"])
+                for d in cursor
+            ]
+        except PyMongoError as exc:
+            raise StoreError(f"could not read publish records: {exc}") from exc
+
+    def receipts_between(self, start: datetime, end: datetime) -> list[ReceiptSummary]:
+        """Receipts of events whose publishTime is in [start, end)."""
+        try:
+            cursor = self.received.find(
+                {"publishTime": {"$gte": start, "$lt": end}},
+                {
+                    "_id": 0,
+                    "topic": 1,
+                    "subscription": 1,
+                    "eventID": 1,
+                    "deliveries": 1,
+                    "publishTime": 1,
+                },
+            )
+            return [
+                ReceiptSummary(
+                    d["topic"],
+                    d["subscription"],
+                    d["eventID"],
+                    int(d["deliveries"]),
+                    d["publishTime"],
+                )
+                for d in cursor
+            ]
+        except PyMongoError as exc:
+            raise StoreError(f"could not read receipts: {exc}") from exc
+
+    def changed_publish_times(self, since: datetime, before: datetime) -> set[datetime]:
+        """publishTimes (< before) of records written or redelivered at or after `since`.
+
+        These mark already-evaluated buckets that a late record must correct.
+        """
+        try:
+            times = {
+                d["publishTime"]
+                for d in self.published.find(
+                    {"createdTime": {"$gte": since}, "publishTime": {"$lt": before}},
+                    {"_id": 0, "publishTime": 1},
+                )
+            }
+            times.update(
+                d["publishTime"]
+                for d in self.received.find(
+                    {"lastReceiveTime": {"$gte": since}, "publishTime": {"$lt": before}},
+                    {"_id": 0, "publishTime": 1},
+                )
+            )
+            return times
+        except PyMongoError as exc:
+            raise StoreError(f"could not read recent changes: {exc}") from exc
+
+    def missed_events(
+        self, topic: str, subscription: str, start: datetime, end: datetime
+    ) -> list[PublishedEvent]:
+        """Published events of `topic` in [start, end) with no receipt on `subscription`."""
+        try:
+            received = {
+                d["eventID"]
+                for d in self.received.find(
+                    {"subscription": subscription, "publishTime": {"$gte": start, "$lt": end}},
+                    {"_id": 0, "eventID": 1},
+                )
+            }
+            cursor = self.published.find(
+                {"topic": topic, "publishTime": {"$gte": start, "$lt": end}},
+                {"_id": 0, "topic": 1, "eventID": 1, "traceID": 1, "publishTime": 1},
+            ).sort("publishTime", ASCENDING)
+            return [
+                PublishedEvent(d["topic"], d["eventID"], d.get("traceID") or "", d["publishTime"])
+                for d in cursor
+                if d["eventID"] not in received
+            ]
+        except PyMongoError as exc:
+            raise StoreError(f"could not compute missed events: {exc}") from exc
+
+    # -- evaluator state -------------------------------------------------------------------
+
+    def save_bucket_results(self, results: Iterable[BucketResult], now: datetime) -> None:
+        """Replace the stored evaluation of each bucket."""
+        ops = [
+            UpdateOne({"_id": r.key}, {"$set": r.to_document(now)}, upsert=True) for r in results
+        ]
+        if not ops:
+            return
+        try:
+            self.buckets.bulk_write(ops, ordered=False)
+        except PyMongoError as exc:
+            raise StoreError(f"could not save bucket results: {exc}") from exc
+
+    def load_bucket_results(self, since: datetime) -> list[BucketResult]:
+        """Stored bucket evaluations with bucketStart >= since."""
+        try:
+            return [
+                BucketResult.from_document(d)
+                for d in self.buckets.find({"bucketStart": {"$gte": since}})
+            ]
+        except PyMongoError as exc:
+            raise StoreError(f"could not load bucket results: {exc}") from exc
+
+    def load_evaluated_until(self) -> datetime | None:
+        """End of the last settled bucket range evaluated, if any."""
+        try:
+            doc = self.state.find_one({"_id": "evaluator"})
+        except PyMongoError as exc:
+            raise StoreError(f"could not load evaluator state: {exc}") from exc
+        return doc["evaluatedUntil"] if doc else None
+
+    def save_evaluated_until(self, until: datetime) -> None:
+        """Remember how far settled buckets were evaluated, so a restart resumes there."""
+        try:
+            self.state.update_one(
+                {"_id": "evaluator"}, {"$set": {"evaluatedUntil": until}}, upsert=True
+            )
+        except PyMongoError as exc:
+            raise StoreError(f"could not save evaluator state: {exc}") from exc
+
+    def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
+        """Retention by periodic delete (FerretDB has no TTL indexes)."""
+        try:
+            return {
+                PUBLISH_COLLECTION: self.published.delete_many(
+                    {"publishTime": {"$lt": cutoff}}
+                ).deleted_count,
+                RECEIVED_COLLECTION: self.received.delete_many(
+                    {"publishTime": {"$lt": cutoff}}
+                ).deleted_count,
+                BUCKET_COLLECTION: self.buckets.delete_many(
+                    {"bucketStart": {"$lt": cutoff}}
+                ).deleted_count,
+            }
+        except PyMongoError as exc:
+            raise StoreError(f"retention delete failed: {exc}") from exc

@@ -1,0 +1,1 @@
+"""eventaudit exporter package."""

@@ -1,0 +1,98 @@
+"""Exporter settings."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from pydantic import Field, field_validator, model_validator
+
+from eventaudit.settings import CommonSettings
+from exporter.buckets import Window, parse_duration
+
+
+def _pair(text: str) -> tuple[str, str]:
+    topic, sep, sub = text.partition(":")
+    if not sep or not topic or not sub:
+        raise ValueError(f"expected TOPIC:SUBSCRIPTION, got {text!r}")
+    return topic, sub
+
+
+class ExporterSettings(CommonSettings):
+    """Settings of the exporter (`python -m exporter --help`). Lists are comma-separated."""
+
+    listen_address: str = Field("127.0.0.1:9800", description="HOST:PORT for /metrics and the API")
+    bucket: str = Field("10s", description="bucket length (publishTime granularity of evaluation)")
+    settle_delay: str = Field("30s", description="how long after a bucket ends it is evaluated")
+    windows: str = Field(
+        "1m,5m,1h", description="trailing windows reported, each a whole number of buckets"
+    )
+    topics: str = Field("create-user", description="topics always reported, even with no traffic")
+    expected_subscriptions: str = Field("", description="TOPIC:SUBSCRIPTION pairs always expected")
+    excluded_subscriptions: str = Field("", description="TOPIC:SUBSCRIPTION pairs never reported")
+    list_subscriptions: bool = Field(
+        True, description="also expect what Pub/Sub lists for each topic"
+    )
+    subscription_refresh_seconds: float = Field(60.0, gt=0, description="how often to re-list")
+    retention: str = Field("7d", description="records older than this are deleted")
+    threads: int = Field(8, ge=1, le=64, description="gunicorn worker threads")
+
+    @field_validator("bucket", "settle_delay", "retention")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+    @field_validator("expected_subscriptions", "excluded_subscriptions")
+    @classmethod
+    def _pairs(cls, value: str) -> str:
+        for item in _split(value):
+            _pair(item)
+        return value
+
+    @model_validator(mode="after")
+    def _windows_fit(self) -> ExporterSettings:
+        windows = self.window_list
+        if not windows:
+            raise ValueError("windows: at least one window is required")
+        if len({w.label for w in windows}) != len(windows):
+            raise ValueError("windows: duplicate window")
+        if self.retention_delta < max(w.length for w in windows) + self.settle_delta:
+            raise ValueError("retention must cover the longest window plus the settle delay")
+        return self
+
+    @property
+    def bucket_delta(self) -> timedelta:
+        """Bucket length."""
+        return parse_duration(self.bucket)
+
+    @property
+    def settle_delta(self) -> timedelta:
+        """Settle delay."""
+        return parse_duration(self.settle_delay)
+
+    @property
+    def retention_delta(self) -> timedelta:
+        """Record retention."""
+        return parse_duration(self.retention)
+
+    @property
+    def window_list(self) -> list[Window]:
+        """Parsed windows."""
+        return [Window.parse(w, self.bucket_delta) for w in _split(self.windows)]
+
+    @property
+    def expected_map(self) -> dict[str, set[str]]:
+        """Configured topics and their configured subscriptions."""
+        out: dict[str, set[str]] = {t: set() for t in _split(self.topics)}
+        for topic, sub in map(_pair, _split(self.expected_subscriptions)):
+            out.setdefault(topic, set()).add(sub)
+        return out
+
+    @property
+    def excluded_set(self) -> set[tuple[str, str]]:
+        """Excluded (topic, subscription) pairs."""
+        return set(map(_pair, _split(self.excluded_subscriptions)))
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]

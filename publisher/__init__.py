@@ -1,0 +1,1 @@
+"""eventaudit publisher package."""

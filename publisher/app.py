@@ -1,0 +1,180 @@
+"""The publisher's Flask API: the old `create-user` demo and a generic audited publish route."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import uuid
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from google.api_core import exceptions as gexc
+from prometheus_client import CollectorRegistry
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from eventaudit.contract import (
+    CLOUD_TRACE_CONTEXT,
+    EVENT_ID,
+    OPTIONS,
+    InvalidMessageError,
+    TraceContext,
+)
+from eventaudit.http import json_error, metrics_view, register_json_errors
+from publisher.audited import AuditedPublisher, PublishedEvent, RecordBuffer
+from publisher.config import PublisherSettings
+
+log = logging.getLogger(__name__)
+
+# Pub/Sub's own rule for topic ids.
+_TOPIC_ID = re.compile(r"^[A-Za-z][A-Za-z0-9\-_.~+%]{2,254}$")
+_NAMES = ("Zakk Wylde", "Ada Lovelace", "Grace Hopper", "Alan Turing", "Edsger Dijkstra")
+
+
+@dataclass(frozen=True)
+class PublisherDeps:
+    """What the API needs, built by `__main__` (or a test)."""
+
+    publisher: AuditedPublisher
+    buffer: RecordBuffer
+    registry: CollectorRegistry
+
+
+class UserOverrides(BaseModel):
+    """Optional body of POST /api/v1/users: fields that replace the generated ones."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str | None = Field(None, min_length=1, max_length=200)
+    age: int | None = Field(None, ge=0, le=150)
+    gender: str | None = Field(None, min_length=1, max_length=50)
+
+
+bp = Blueprint("publisher", __name__)
+
+
+def _deps() -> PublisherDeps:
+    deps: PublisherDeps = current_app.config["DEPS"]
+    return deps
+
+
+def _settings() -> PublisherSettings:
+    settings: PublisherSettings = current_app.config["SETTINGS"]
+    return settings
+
+
+def _json_body(required: bool) -> dict[str, Any] | tuple[Response, int]:
+    raw = request.get_data(cache=False)
+    if not raw.strip():
+        return json_error(400, "request body must be a JSON object") if required else {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return json_error(400, f"malformed JSON: {exc}")
+    if not isinstance(body, dict):
+        return json_error(400, f"payload must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _publish(topic: str, payload: dict[str, Any]) -> PublishedEvent | tuple[Response, int]:
+    """Publish and wait for Pub/Sub, mapping failures to HTTP answers."""
+    try:
+        event = _deps().publisher.publish(
+            topic,
+            payload,
+            event_id=request.headers.get("X-Event-ID"),
+            trace=TraceContext.from_headers(dict(request.headers)),
+            options=request.headers.get("X-Event-Options"),
+        )
+    except InvalidMessageError as exc:
+        return json_error(400, f"X-Event-ID: {exc}")
+    except ValueError as exc:
+        return json_error(400, f"X-Event-Options: {exc}")
+    try:
+        event.message_id(timeout=_settings().publish_timeout_seconds)
+    except gexc.NotFound:
+        return json_error(404, f"topic {topic!r} does not exist")
+    except FutureTimeout:
+        return json_error(
+            504, "Pub/Sub did not acknowledge the publish in time", eventID=event.event_id
+        )
+    except Exception as exc:  # the client surfaces many transport errors; all mean 'not published'
+        log.warning("publish to %s failed: %s", topic, exc)
+        return json_error(502, f"publish failed: {type(exc).__name__}", eventID=event.event_id)
+    return event
+
+
+def _metadata(event: PublishedEvent) -> dict[str, str]:
+    return {
+        CLOUD_TRACE_CONTEXT: event.attributes[CLOUD_TRACE_CONTEXT],
+        OPTIONS: event.attributes[OPTIONS],
+        EVENT_ID: event.event_id,
+    }
+
+
+@bp.post("/api/v1/users")
+def create_user() -> Any:
+    """The proof of concept's demo: publish a generated user to the users topic."""
+    body = _json_body(required=False)
+    if isinstance(body, tuple):
+        return body
+    try:
+        overrides = UserOverrides.model_validate(body)
+    except ValidationError as exc:
+        return json_error(400, "invalid user fields", details=exc.errors(include_url=False))
+    payload = {
+        "userId": str(uuid.uuid4()),
+        "name": overrides.name or random.choice(_NAMES),
+        "age": overrides.age if overrides.age is not None else random.randint(18, 80),
+        "gender": overrides.gender or random.choice(("female", "male")),
+    }
+    result = _publish(_settings().users_topic, payload)
+    if isinstance(result, tuple):
+        return result
+    return jsonify(payload=payload, traceID=result.trace.trace_id, metadata=_metadata(result))
+
+
+@bp.post("/api/v1/topics/<topic>/events")
+def publish_event(topic: str) -> Any:
+    """Publish the JSON object in the body to `topic`, honouring incoming trace headers."""
+    if not _TOPIC_ID.match(topic) or topic.lower().startswith("goog"):
+        return json_error(400, f"invalid topic id {topic!r}")
+    body = _json_body(required=True)
+    if isinstance(body, tuple):
+        return body
+    result = _publish(topic, body)
+    if isinstance(result, tuple):
+        return result
+    return (
+        jsonify(
+            topic=topic,
+            eventID=result.event_id,
+            messageId=result.future.result(),
+            traceID=result.trace.trace_id,
+            metadata=_metadata(result),
+        ),
+        201,
+    )
+
+
+@bp.get("/healthz")
+def healthz() -> Any:
+    """Healthy while it can publish; the store's state is reported, not fatal."""
+    deps = _deps()
+    up = deps.registry.get_sample_value("eventaudit_publisher_store_up")
+    return jsonify(
+        status="ok", store="ok" if up == 1 else "unavailable", recordBuffer=deps.buffer.depth()
+    )
+
+
+def create_app(settings: PublisherSettings, deps: PublisherDeps) -> Flask:
+    """The publisher API."""
+    app = Flask("publisher")
+    app.config.update(SETTINGS=settings, DEPS=deps, MAX_CONTENT_LENGTH=settings.max_body_bytes)
+    app.register_blueprint(bp)
+    app.add_url_rule("/metrics", "metrics", metrics_view(deps.registry))
+    register_json_errors(app)
+    return app

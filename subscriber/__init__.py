@@ -1,0 +1,1 @@
+"""eventaudit subscriber package."""
