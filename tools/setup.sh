@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Installs whatever the project needs and is missing; quick when everything is in place.
+#   venv (pinned deps from pyproject.toml), FerretDB built from the Go module proxy,
+#   the Pub/Sub emulator, Java, Prometheus/promtool/Alertmanager, docker-compose.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+die() { printf '\033[31m[setup] %s\033[0m\n' "$*" >&2; exit 1; }
+
+PYTHON=${PYTHON:-python3}
+EMULATOR=/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator
+apt_updated=
+
+apt_install() {
+  command -v apt-get >/dev/null || die "missing $*, and no apt-get to install it: install $* yourself"
+  if [ -z "$apt_updated" ]; then
+    say "apt-get update"
+    apt-get update -qq || die "apt-get update failed"
+    apt_updated=1
+  fi
+  say "apt-get install $*"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null \
+    || die "apt-get install $* failed"
+}
+
+# 1. Debian packages: Java for the emulator, Prometheus, promtool, Alertmanager, docker-compose.
+pkgs=()
+command -v java >/dev/null || pkgs+=(default-jre-headless)
+command -v prometheus >/dev/null && command -v promtool >/dev/null || pkgs+=(prometheus)
+command -v prometheus-alertmanager >/dev/null || pkgs+=(prometheus-alertmanager)
+command -v docker-compose >/dev/null || pkgs+=(docker-compose)
+command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || pkgs+=(golang-go)
+[ ${#pkgs[@]} -eq 0 ] || apt_install "${pkgs[@]}"
+
+# 2. The Pub/Sub emulator ships with the Google Cloud CLI's emulator package.
+if [ ! -x "$EMULATOR" ]; then
+  if apt-cache show google-cloud-cli-pubsub-emulator >/dev/null 2>&1; then
+    apt_install google-cloud-cli-pubsub-emulator
+  fi
+  [ -x "$EMULATOR" ] || die "Pub/Sub emulator not found at $EMULATOR: install the Debian package
+  'google-cloud-cli-pubsub-emulator' from the Google Cloud CLI apt repository
+  (or 'gcloud components install pubsub-emulator')."
+fi
+
+# 3. Python venv with the pinned dependencies; reinstalled only when pyproject.toml changes.
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
+  say "installing Python dependencies into .venv (pinned in pyproject.toml)"
+  .venv/bin/pip install --quiet --upgrade pip
+  .venv/bin/pip install --quiet --progress-bar off -e '.[dev]'
+  touch .venv/.installed
+fi
+
+# 4. FerretDB v1.24.2 (SQLite backend) through tools/ferretdb/main.go.
+GO=$(command -v go || echo /usr/local/go/bin/go)
+if [ ! -x .tools/bin/ferretdb ] || [ tools/ferretdb/main.go -nt .tools/bin/ferretdb ] \
+   || [ tools/ferretdb/go.mod -nt .tools/bin/ferretdb ]; then
+  say "building FerretDB v1.24.2 from the Go module proxy (a few minutes the first time)"
+  mkdir -p .tools/bin
+  (cd tools/ferretdb && GOFLAGS=-mod=mod "$GO" build -o ../../.tools/bin/ferretdb .) \
+    || die "FerretDB build failed"
+fi
+say "ready: .venv, .tools/bin/ferretdb, $(basename "$EMULATOR"), prometheus, promtool, alertmanager"
