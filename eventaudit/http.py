@@ -26,6 +26,9 @@ def register_json_errors(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> tuple[Response, int]:
+        if exc.code == 413:
+            limit = app.config.get("MAX_CONTENT_LENGTH")
+            return json_error(413, f"request body exceeds the limit of {limit} bytes")
         return json_error(exc.code or 500, exc.description or exc.name)
 
     @app.errorhandler(Exception)
@@ -56,6 +59,7 @@ class BackgroundServer:
 
     def __init__(self, app: Flask, address: str) -> None:
         host, port = parse_listen_address(address)
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log per scrape
         self._server: BaseWSGIServer = make_server(host, port, app, threaded=True)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 

@@ -105,9 +105,9 @@ class Evaluator:
         changed: list[BucketResult] = []
         if until < frontier:
             changed.extend(self._compute(until, frontier))
-        # Late records: anything written since the last scan (less an overlap for clock skew
-        # and in-flight batches) whose bucket was already evaluated.
-        since = watermark - self._settle - self._bucket
+        # Late records: anything written since the last scan (less one bucket of overlap for
+        # clock skew and batches in flight) whose bucket was already evaluated.
+        since = watermark - self._bucket
         dirty = sorted(
             {
                 floor_to_bucket(t, self._bucket)

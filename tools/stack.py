@@ -90,10 +90,14 @@ class Service:
         deadline = time.monotonic() + self._timeout
         while self._ready is not None and not self._ready():
             if self.proc.poll() is not None:
-                raise ServiceError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+                raise ServiceError(
+                    f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}"
+                )
             if time.monotonic() > deadline:
                 self.stop()
-                raise ServiceError(f"{self.name} not ready after {self._timeout:g}s:\n{self.tail()}")
+                raise ServiceError(
+                    f"{self.name} not ready after {self._timeout:g}s:\n{self.tail()}"
+                )
             time.sleep(0.1)
         return self
 

@@ -1,0 +1,106 @@
+"""Trace context and attribute parsing."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from eventaudit.contract import (
+    InvalidMessageError,
+    TraceContext,
+    build_attributes,
+    normalize_options,
+    parse_cloud_trace_context,
+    parse_traceparent,
+    read_attributes,
+    validate_event_id,
+)
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def test_traceparent_round_trip() -> None:
+    ctx = parse_traceparent(f"00-{TRACE}-00f067aa0ba902b7-01")
+    assert ctx == TraceContext(TRACE, 0x00F067AA0BA902B7, True)
+    assert ctx.traceparent == f"00-{TRACE}-00f067aa0ba902b7-01"
+    assert ctx.cloud_trace_context == f"{TRACE}/{0x00F067AA0BA902B7};o=1"
+
+
+def test_cloud_trace_context_forms() -> None:
+    assert parse_cloud_trace_context(f"{TRACE}/123;o=1") == TraceContext(TRACE, 123, True)
+    assert parse_cloud_trace_context(f"{TRACE.upper()}/123;o=0") == TraceContext(TRACE, 123, False)
+    bare = parse_cloud_trace_context(TRACE)
+    assert bare is not None and bare.trace_id == TRACE and bare.span_id > 0 and bare.sampled
+
+
+@pytest.mark.parametrize(
+    "value", ["", "xyz", "0" * 32 + "/1;o=1", f"{TRACE}/abc", f"{TRACE}/1;o=2", TRACE + "0"]
+)
+def test_bad_cloud_trace_context_is_ignored(value: str) -> None:
+    assert parse_cloud_trace_context(value) is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        f"ff-{TRACE}-00f067aa0ba902b7-01",
+        f"00-{'0' * 32}-00f067aa0ba902b7-01",
+        f"00-{TRACE}-{'0' * 16}-01",
+        f"00-{TRACE}-00f067aa0ba902b7",
+    ],
+)
+def test_bad_traceparent_is_ignored(value: str) -> None:
+    assert parse_traceparent(value) is None
+
+
+def test_headers_prefer_traceparent_then_cloud_header() -> None:
+    other = "a" * 32
+    both = {"traceparent": f"00-{TRACE}-00f067aa0ba902b7-01", "X-Cloud-Trace-Context": f"{other}/1"}
+    assert TraceContext.from_headers(both).trace_id == TRACE  # type: ignore[union-attr]
+    assert TraceContext.from_headers({"x-cloud-trace-context": f"{other}/1;o=1"}) == TraceContext(
+        other, 1, True
+    )
+    assert TraceContext.from_headers({"traceparent": "garbage"}) is None
+
+
+def test_child_keeps_trace_and_changes_span() -> None:
+    parent = TraceContext(TRACE, 7)
+    child = parent.child()
+    assert child.trace_id == TRACE and child.span_id != 7 and child.sampled
+
+
+def test_attributes_carry_both_trace_forms_and_read_back() -> None:
+    when = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+    attrs = build_attributes("evt-1", when, TraceContext(TRACE, 42), '{"a":1}')
+    assert attrs == {
+        "eventID": "evt-1",
+        "publishTime": "1767323045678",
+        "Cloud-Trace-Context": f"{TRACE}/42;o=1",
+        "traceparent": f"00-{TRACE}-000000000000002a-01",
+        "Options": '{"a":1}',
+    }
+    parsed = read_attributes(attrs)
+    assert (parsed.event_id, parsed.publish_time, parsed.trace_id) == ("evt-1", when, TRACE)
+
+
+def test_read_attributes_tolerates_bad_publish_time() -> None:
+    parsed = read_attributes({"eventID": "e-1", "publishTime": "yesterday"})
+    assert parsed.publish_time is None and parsed.trace_id is None
+
+
+@pytest.mark.parametrize("value", [None, "", 5, "has space", "x" * 129, '{"$gt": ""}'])
+def test_invalid_event_ids(value: object) -> None:
+    with pytest.raises(InvalidMessageError):
+        validate_event_id(value)
+
+
+def test_options_normalisation() -> None:
+    assert normalize_options(None) == "{}"
+    assert normalize_options({"b": 1, "a": 2}) == '{"a":2,"b":1}'
+    assert normalize_options('{"x": 1}') == '{"x": 1}'
+    with pytest.raises(ValueError):
+        normalize_options("{oops")
+    with pytest.raises(ValueError):
+        normalize_options(3)

@@ -1,0 +1,80 @@
+"""Settings validation: every bad value reported at start-up, exit 1."""
+
+from __future__ import annotations
+
+import pytest
+
+from eventaudit.settings import load_settings
+from exporter.config import ExporterSettings
+from publisher.config import PublisherSettings
+from subscriber.config import SubscriberSettings
+
+
+def test_exporter_defaults() -> None:
+    s = load_settings(ExporterSettings, [])
+    assert [w.label for w in s.window_list] == ["1m", "5m", "1h"]
+    assert s.settle_delta.total_seconds() == 30 and s.bucket_delta.total_seconds() == 10
+    assert s.expected_map == {"create-user": set()}
+
+
+def test_exporter_pairs_and_flags() -> None:
+    s = load_settings(
+        ExporterSettings,
+        [
+            "--expected-subscriptions", "t-1:a,t-1:b,t-2:c",
+            "--excluded-subscriptions", "t-1:dead",
+            "--topics", "t-1",
+            "--no-list-subscriptions",
+        ],
+    )  # fmt: skip
+    assert s.expected_map == {"t-1": {"a", "b"}, "t-2": {"c"}}
+    assert s.excluded_set == {("t-1", "dead")}
+    assert s.list_subscriptions is False
+
+
+def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVENTAUDIT_DATABASE", "from_env")
+    assert load_settings(ExporterSettings, []).database == "from_env"
+    assert load_settings(ExporterSettings, ["--database", "from_flag"]).database == "from_flag"
+
+
+@pytest.mark.parametrize(
+    ("argv", "reported"),
+    [
+        (["--windows", "15s"], "whole number"),
+        (["--settle-delay", "soon"], "duration"),
+        (["--expected-subscriptions", "no-colon"], "TOPIC:SUBSCRIPTION"),
+        (["--retention", "1m"], "retention must cover"),
+        (["--windows", "1m,1m"], "duplicate window"),
+    ],
+)
+def test_exporter_invalid_values_exit_1(argv, reported, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        load_settings(ExporterSettings, argv)
+    assert exc.value.code == 1
+    assert reported in capsys.readouterr().err
+
+
+def test_all_errors_reported_together(capsys) -> None:
+    with pytest.raises(SystemExit):
+        load_settings(PublisherSettings, ["--threads", "0", "--store-timeout-seconds", "-1"])
+    err = capsys.readouterr().err
+    assert "2 invalid setting(s)" in err
+    assert "--threads" in err and "--store-timeout-seconds" in err
+
+
+def test_subscriber_requires_subscription_and_valid_fraction(capsys) -> None:
+    with pytest.raises(SystemExit):
+        load_settings(SubscriberSettings, [])
+    assert "--subscription" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_settings(SubscriberSettings, ["--subscription", "abc", "--lose-fraction", "2"])
+    assert "--lose-fraction" in capsys.readouterr().err
+    s = load_settings(SubscriberSettings, ["--subscription", "abc", "--lose-fraction", "0.02"])
+    assert s.lose_fraction == 0.02
+
+
+def test_unknown_flag_is_rejected() -> None:
+    with pytest.raises(SystemExit) as exc:
+        load_settings(ExporterSettings, ["--bogus", "1"])
+    assert exc.value.code == 2
