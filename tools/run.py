@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 from tools import stack
 

@@ -1,0 +1,168 @@
+"""The three services as real processes (gunicorn, streaming pull), wired as `make run` does."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import PROJECT, Ferret, unique, wait_for
+from tools import stack
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _post(url: str, body: bytes = b"") -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+def _metric(url: str, name: str, labels: dict[str, str]) -> float | None:
+    status, body = _get(url)
+    assert status == 200
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
+
+
+@pytest.fixture
+def services(
+    ferret: Ferret, emulator: str, topic_factory, tmp_path: Path
+) -> Iterator[dict[str, object]]:
+    topic, (sub,) = topic_factory(1)
+    env = {
+        "PUBSUB_EMULATOR_HOST": emulator,
+        "EVENTAUDIT_PROJECT": PROJECT,
+        "EVENTAUDIT_MONGO_URI": ferret.uri,
+        "EVENTAUDIT_DATABASE": unique("db").replace("-", "_"),
+    }
+    ports = {name: stack.free_port() for name in ("publisher", "subscriber", "exporter")}
+    url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    procs = []
+    try:
+        procs.append(
+            stack.python_service(
+                "publisher",
+                "publisher",
+                ["--listen-address", f"127.0.0.1:{ports['publisher']}", "--users-topic", topic],
+                tmp_path,
+                env,
+                f"{url['publisher']}/healthz",
+            ).start()
+        )
+        procs.append(
+            stack.python_service(
+                "subscriber",
+                "subscriber",
+                ["--subscription", sub, "--listen-address", f"127.0.0.1:{ports['subscriber']}"],
+                tmp_path,
+                env,
+                f"{url['subscriber']}/healthz",
+            ).start()
+        )
+        procs.append(
+            stack.python_service(
+                "exporter",
+                "exporter",
+                [
+                    "--listen-address", f"127.0.0.1:{ports['exporter']}",
+                    "--bucket", "1s", "--settle-delay", "2s", "--windows", "1m,5m",
+                    "--topics", topic,
+                ],
+                tmp_path,
+                env,
+                f"{url['exporter']}/healthz",
+            ).start()
+        )  # fmt: skip
+        yield {"topic": topic, "sub": sub, "url": url, "procs": procs}
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def test_users_demo_flows_to_exporter_metrics(services) -> None:
+    topic, sub, url = services["topic"], services["sub"], services["url"]
+    for _ in range(20):
+        status, body = _post(f"{url['publisher']}/api/v1/users")
+        assert status == 200, body
+    status, body = _post(f"{url['publisher']}/api/v1/topics/{topic}/events", b"[1]")
+    assert (status, body["status"]) == (400, 400)
+
+    labels = {"topic": topic, "subscription": sub, "window": "1m"}
+    exporter_metrics = f"{url['exporter']}/metrics"
+    wait_for(
+        lambda: _metric(exporter_metrics, "eventaudit_received_events", labels) == 20,
+        60,
+        "the exporter to report 20 received events",
+    )
+    assert (
+        _metric(exporter_metrics, "eventaudit_published_events", {"topic": topic, "window": "1m"})
+        == 20
+    )
+    assert _metric(exporter_metrics, "eventaudit_completion_rate", labels) == 1.0
+    assert _metric(exporter_metrics, "eventaudit_missed_events", labels) == 0
+    assert _metric(exporter_metrics, "eventaudit_up", {}) == 1
+    assert _metric(exporter_metrics, "eventaudit_settle_delay_seconds", {}) == 2
+
+    assert (
+        _metric(
+            f"{url['publisher']}/metrics",
+            "eventaudit_publisher_events_total",
+            {"outcome": "published"},
+        )
+        == 20
+    )
+    assert (
+        _metric(
+            f"{url['publisher']}/metrics",
+            "eventaudit_publisher_records_total",
+            {"outcome": "written"},
+        )
+        == 20
+    )
+    assert (
+        _metric(
+            f"{url['subscriber']}/metrics",
+            "eventaudit_subscriber_messages_total",
+            {"subscription": sub, "outcome": "recorded"},
+        )
+        == 20
+    )
+    assert (
+        _metric(
+            f"{url['subscriber']}/metrics",
+            "eventaudit_subscriber_delivery_latency_seconds_count",
+            {"subscription": sub},
+        )
+        == 20
+    )
+
+    status, page = _get(f"{url['exporter']}/")
+    assert status == 200 and topic.encode() in page and b"100.00%" in page
+    status, missed = _get(
+        f"{url['exporter']}/api/v1/missed?topic={topic}&subscription={sub}&window=5m"
+    )
+    assert status == 200 and json.loads(missed)["missed"] == 0
+    status, body = _get(f"{url['exporter']}/api/v1/missed?topic={topic}")
+    assert status == 400 and "subscription" in json.loads(body)["error"]
+
+    # SIGTERM: each process stops cleanly and in time.
+    for proc in reversed(services["procs"]):
+        proc.stop(timeout=20)
+        assert proc.proc.returncode == 0, proc.tail()
