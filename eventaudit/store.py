@@ -58,6 +58,11 @@ class ReceiptSummary:
     publish_time: datetime
 
 
+def receipt_key(subscription: str, event_id: str) -> str:
+    """`_id` of a receipt; neither subscription ids nor valid eventIDs contain '|'."""
+    return f"{subscription}|{event_id}"
+
+
 class MongoStore:
     """Reads and writes the audit collections of one database."""
 
@@ -135,122 +140,156 @@ class MongoStore:
             raise StoreError(f"publish records not written: {exc}") from exc
 
     def record_receipts(self, receipts: Sequence[Receipt], now: datetime) -> None:
-        """Upsert one receipt per (subscription, eventID), counting every delivery.
+        """Store one receipt per (subscription, eventID), counting every delivery.
 
-        Deliveries of the same event within the batch are folded into one update, so the
-        unique index is never raced by the batch itself.
+        First deliveries, the common case, are one unordered bulk insert keyed by
+        `_id = "subscription|eventID"`; only keys that already exist (redeliveries) become
+        updates, matched on `_id`. Both are what FerretDB's SQLite backend serves without a
+        table scan (it pushes down nothing but `_id` equality), and MongoDB is fast at both.
+        Deliveries of one event within the batch are folded into one write first.
         """
         if not receipts:
             return
-        folded: dict[tuple[str, str], tuple[Receipt, int, datetime, datetime]] = {}
+        folded: dict[str, tuple[Receipt, int, datetime, datetime]] = {}
         for r in receipts:
-            key = (r.subscription, r.event_id)
+            key = receipt_key(r.subscription, r.event_id)
             if key in folded:
                 first, n, lo, hi = folded[key]
                 folded[key] = (first, n + 1, min(lo, r.receive_time), max(hi, r.receive_time))
             else:
                 folded[key] = (r, 1, r.receive_time, r.receive_time)
-        ops = [
-            UpdateOne(
-                {"subscription": r.subscription, "eventID": r.event_id},
-                {
-                    "$setOnInsert": {
-                        "topic": r.topic,
-                        "traceID": r.trace_id,
-                        "messageId": r.message_id,
-                        "publishTime": r.publish_time,
-                        "brokerPublishTime": r.broker_publish_time,
-                        "receiveTime": first_seen,
-                        "createdTime": now,
-                    },
-                    "$max": {"lastReceiveTime": last_seen},
-                    "$inc": {"deliveries": n},
-                },
-                upsert=True,
-            )
-            for r, n, first_seen, last_seen in folded.values()
+        items = list(folded.items())
+        docs = [
+            {
+                "_id": key,
+                "subscription": r.subscription,
+                "eventID": r.event_id,
+                "topic": r.topic,
+                "traceID": r.trace_id,
+                "messageId": r.message_id,
+                "publishTime": r.publish_time,
+                "brokerPublishTime": r.broker_publish_time,
+                "receiveTime": first_seen,
+                "lastReceiveTime": last_seen,
+                "deliveries": n,
+                "createdTime": now,
+            }
+            for key, (r, n, first_seen, last_seen) in items
         ]
         try:
-            self.received.bulk_write(ops, ordered=False)
+            self.received.insert_many(docs, ordered=False)
+            return
         except BulkWriteError as exc:
-            # Two concurrent upserts of one new key can collide; the retry then matches.
             errors = exc.details.get("writeErrors", [])
-            if any(e.get("code") != _DUPLICATE_KEY for e in errors):
+            if any(e.get("code") != _DUPLICATE_KEY for e in errors) or exc.details.get(
+                "writeConcernErrors"
+            ):
                 raise StoreError(f"receipts not written: {errors[:3]}") from exc
-            retry = [ops[e["index"]] for e in errors]
-            try:
-                self.received.bulk_write(retry, ordered=False)
-            except PyMongoError as retry_exc:
-                raise StoreError(f"receipts not written: {retry_exc}") from retry_exc
+            existing = [items[e["index"]] for e in errors]
         except PyMongoError as exc:
             raise StoreError(f"receipts not written: {exc}") from exc
+        updates = [
+            UpdateOne(
+                {"_id": key},
+                {"$inc": {"deliveries": n}, "$max": {"lastReceiveTime": last_seen}},
+            )
+            for key, (_, n, _, last_seen) in existing
+        ]
+        try:
+            self.received.bulk_write(updates, ordered=False)
+        except PyMongoError as exc:
+            raise StoreError(f"redeliveries not written: {exc}") from exc
 
     # -- exporter queries ------------------------------------------------------------------
 
     def published_between(self, start: datetime, end: datetime) -> list[PublishedEvent]:
         """Publish records with publishTime in [start, end)."""
+        events, _ = self.published_scan(start, end, None, start)
+        return events
+
+    def published_scan(
+        self, start: datetime, end: datetime, changed_since: datetime | None, changed_from: datetime
+    ) -> tuple[list[PublishedEvent], set[datetime]]:
+        """One read for an evaluation: publish records with publishTime in [start, end), and
+        the publishTimes in [changed_from, start) of records created at or after
+        `changed_since` (late records whose bucket was already evaluated).
+        """
+        query: dict[str, Any] = {"publishTime": {"$gte": start, "$lt": end}}
+        if changed_since is not None and changed_from < start:
+            query = {
+                "$or": [
+                    query,
+                    {
+                        "createdTime": {"$gte": changed_since},
+                        "publishTime": {"$gte": changed_from, "$lt": start},
+                    },
+                ]
+            }
+        fields = {"_id": 0, "topic": 1, "eventID": 1, "traceID": 1, "publishTime": 1}
+        events, late = [], set()
         try:
-            cursor = self.published.find(
-                {"publishTime": {"$gte": start, "$lt": end}},
-                {"_id": 0, "topic": 1, "eventID": 1, "traceID": 1, "publishTime": 1},
-            )
-            return [
-                PublishedEvent(d["topic"], d["eventID"], d.get("traceID") or "", d["publishTime"])
-                for d in cursor
-            ]
+            for d in self.published.find(query, fields):
+                if d["publishTime"] >= start:
+                    events.append(
+                        PublishedEvent(
+                            d["topic"], d["eventID"], d.get("traceID") or "", d["publishTime"]
+                        )
+                    )
+                else:
+                    late.add(d["publishTime"])
         except PyMongoError as exc:
             raise StoreError(f"could not read publish records: {exc}") from exc
+        return events, late
 
     def receipts_between(self, start: datetime, end: datetime) -> list[ReceiptSummary]:
         """Receipts of events whose publishTime is in [start, end)."""
+        receipts, _ = self.receipts_scan(start, end, None, start)
+        return receipts
+
+    def receipts_scan(
+        self, start: datetime, end: datetime, changed_since: datetime | None, changed_from: datetime
+    ) -> tuple[list[ReceiptSummary], set[datetime]]:
+        """Like published_scan, for receipts: those of events published in [start, end), and
+        the publishTimes in [changed_from, start) of receipts delivered at or after
+        `changed_since` (late receipts and redeliveries).
+        """
+        query: dict[str, Any] = {"publishTime": {"$gte": start, "$lt": end}}
+        if changed_since is not None and changed_from < start:
+            query = {
+                "$or": [
+                    query,
+                    {
+                        "lastReceiveTime": {"$gte": changed_since},
+                        "publishTime": {"$gte": changed_from, "$lt": start},
+                    },
+                ]
+            }
+        fields = {
+            "_id": 0,
+            "topic": 1,
+            "subscription": 1,
+            "eventID": 1,
+            "deliveries": 1,
+            "publishTime": 1,
+        }
+        receipts, late = [], set()
         try:
-            cursor = self.received.find(
-                {"publishTime": {"$gte": start, "$lt": end}},
-                {
-                    "_id": 0,
-                    "topic": 1,
-                    "subscription": 1,
-                    "eventID": 1,
-                    "deliveries": 1,
-                    "publishTime": 1,
-                },
-            )
-            return [
-                ReceiptSummary(
-                    d["topic"],
-                    d["subscription"],
-                    d["eventID"],
-                    int(d["deliveries"]),
-                    d["publishTime"],
-                )
-                for d in cursor
-            ]
+            for d in self.received.find(query, fields):
+                if d["publishTime"] >= start:
+                    receipts.append(
+                        ReceiptSummary(
+                            d["topic"],
+                            d["subscription"],
+                            d["eventID"],
+                            int(d["deliveries"]),
+                            d["publishTime"],
+                        )
+                    )
+                else:
+                    late.add(d["publishTime"])
         except PyMongoError as exc:
             raise StoreError(f"could not read receipts: {exc}") from exc
-
-    def changed_publish_times(self, since: datetime, before: datetime) -> set[datetime]:
-        """publishTimes (< before) of records written or redelivered at or after `since`.
-
-        These mark already-evaluated buckets that a late record must correct.
-        """
-        try:
-            times = {
-                d["publishTime"]
-                for d in self.published.find(
-                    {"createdTime": {"$gte": since}, "publishTime": {"$lt": before}},
-                    {"_id": 0, "publishTime": 1},
-                )
-            }
-            times.update(
-                d["publishTime"]
-                for d in self.received.find(
-                    {"lastReceiveTime": {"$gte": since}, "publishTime": {"$lt": before}},
-                    {"_id": 0, "publishTime": 1},
-                )
-            )
-            return times
-        except PyMongoError as exc:
-            raise StoreError(f"could not read recent changes: {exc}") from exc
+        return receipts, late
 
     def missed_events(
         self, topic: str, subscription: str, start: datetime, end: datetime

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from eventaudit.records import BucketCounts, BucketResult
-from eventaudit.store import MongoStore
+from eventaudit.store import MongoStore, PublishedEvent, ReceiptSummary
 from exporter.buckets import (
     Window,
     completion_rate,
@@ -102,21 +102,23 @@ class Evaluator:
         assert watermark is not None
         until = min(until, frontier)
 
-        changed: list[BucketResult] = []
-        if until < frontier:
-            changed.extend(self._compute(until, frontier))
-        # Late records: anything written since the last scan (less one bucket of overlap for
-        # clock skew and batches in flight) whose bucket was already evaluated.
+        # One read per collection: the newly settled buckets, plus anything written since the
+        # last evaluation (less one bucket of overlap for clock skew and batches in flight)
+        # whose bucket was already evaluated: a late receipt or a late publish record.
         since = watermark - self._bucket
-        dirty = sorted(
-            {
-                floor_to_bucket(t, self._bucket)
-                for t in self._store.changed_publish_times(since, until)
-            }
-        )
-        for start in dirty:
-            if start >= oldest:
-                changed.extend(self._compute(start, start + self._bucket))
+        published, late_published = self._store.published_scan(until, frontier, since, oldest)
+        receipts, late_receipts = self._store.receipts_scan(until, frontier, since, oldest)
+        changed = self._evaluate_buckets(published, receipts)
+        dirty = sorted({floor_to_bucket(t, self._bucket) for t in late_published | late_receipts})
+        if dirty:
+            # Late records are rare: re-read just the span of the buckets they touched.
+            end = dirty[-1] + self._bucket
+            recomputed = self._evaluate_buckets(
+                self._store.published_between(dirty[0], end),
+                self._store.receipts_between(dirty[0], end),
+            )
+            wanted = set(dirty)
+            changed.extend(r for r in recomputed if r.start in wanted)
 
         for result in changed:
             results[(result.topic, result.start)] = result
@@ -131,17 +133,19 @@ class Evaluator:
             log.info("re-evaluated %d bucket(s) touched by late records", len(dirty))
         return self._snapshot(now, frontier)
 
-    def _compute(self, start: datetime, end: datetime) -> list[BucketResult]:
-        """Evaluate the buckets in [start, end) from the records (one query per collection)."""
+    def _evaluate_buckets(
+        self, events: list[PublishedEvent], receipts_read: list[ReceiptSummary]
+    ) -> list[BucketResult]:
+        """Bucket results from the records of whole buckets, comparing id sets per bucket."""
         published: dict[tuple[str, datetime], set[str]] = defaultdict(set)
-        for event in self._store.published_between(start, end):
+        for event in events:
             published[(event.topic, floor_to_bucket(event.publish_time, self._bucket))].add(
                 event.event_id
             )
         receipts: dict[tuple[str, datetime], dict[str, list[tuple[str, int]]]] = defaultdict(
             lambda: defaultdict(list)
         )
-        for receipt in self._store.receipts_between(start, end):
+        for receipt in receipts_read:
             key = (receipt.topic, floor_to_bucket(receipt.publish_time, self._bucket))
             receipts[key][receipt.subscription].append((receipt.event_id, receipt.deliveries))
 
