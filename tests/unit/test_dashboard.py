@@ -1,0 +1,45 @@
+"""The committed dashboard JSON is what dashboards/eventaudit.py generates."""
+
+from __future__ import annotations
+
+import json
+
+from dashboards import build, eventaudit
+
+
+def test_committed_dashboard_json_is_current() -> None:
+    assert build.OUTPUT.read_text() == build.render(), "stale: run `make dashboards`"
+
+
+def test_dashboard_variables_and_panels() -> None:
+    dash = json.loads(build.render())
+    assert dash["uid"] == eventaudit.UID
+    assert [v["name"] for v in dash["templating"]["list"]] == [
+        "datasource",
+        "topic",
+        "subscription",
+        "window",
+    ]
+    panels = [p for p in dash["panels"] if p["type"] != "row"]
+    assert [p["title"] for p in panels] == [
+        "Completion rate per subscription",
+        "Current completion",
+        "Missed events",
+        "Published vs received per second",
+        "Delivery latency p50 / p95 / p99",
+        "Duplicates and unmatched receipts",
+        "Exporter up",
+        "Evaluation duration",
+        "Age of the last evaluation",
+    ]
+    for panel in panels:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert panel["targets"], panel["title"]
+
+
+def test_completion_thresholds_match_alert_levels() -> None:
+    dash = json.loads(build.render())
+    for panel in dash["panels"][1:3]:
+        steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        assert [s["value"] for s in steps] == [None, 0.95, 0.99]
+        assert [s["color"] for s in steps] == ["red", "orange", "green"]
