@@ -121,8 +121,9 @@ def main() -> int:
             stack.alertmanager(prom / "alertmanager.yml", PORTS["alertmanager"], data / "am", logs)
         )
         start(stack.prometheus(prom / "prometheus.yml", PORTS["prometheus"], data / "prom", logs))
-    except (stack.ServiceError, OSError) as exc:
-        print(f"[run] {exc}", file=sys.stderr)
+    except (stack.ServiceError, OSError, KeyboardInterrupt) as exc:
+        # Ctrl-C during start-up too: children run in their own sessions, stop them here.
+        print(f"[run] {exc or 'interrupted'}", file=sys.stderr)
         for service in reversed(started):
             service.stop()
         return 1
