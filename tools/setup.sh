@@ -51,7 +51,13 @@ fi
 if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
   say "installing Python dependencies into .venv (pinned in pyproject.toml)"
   .venv/bin/pip install --quiet --upgrade pip
-  .venv/bin/pip install --quiet --progress-bar off -e '.[dev]'
+  # Show what is being installed (progress), not pip's every line; fail if pip fails.
+  set +o pipefail
+  .venv/bin/pip install --progress-bar off -e '.[dev]' 2>&1 | tee .venv/install.log \
+    | grep --line-buffered -E '^(Collecting|Successfully installed)'
+  status=${PIPESTATUS[0]}
+  set -o pipefail
+  [ "$status" -eq 0 ] || die "pip install failed: see .venv/install.log"
   touch .venv/.installed
 fi
 
