@@ -8,7 +8,7 @@ import secrets
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 EVENT_ID = "eventID"
 PUBLISH_TIME = "publishTime"
@@ -113,14 +113,19 @@ def validate_event_id(event_id: object) -> str:
     return event_id
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
 def epoch_ms(moment: datetime) -> int:
-    """Epoch milliseconds of an aware datetime."""
-    return int(moment.timestamp() * 1000)
+    """Epoch milliseconds of an aware datetime, in integer arithmetic (no float rounding:
+    the attribute and the stored record must land in the same bucket)."""
+    return (moment - _EPOCH) // _MS
 
 
 def from_epoch_ms(value: int) -> datetime:
     """Aware UTC datetime from epoch milliseconds."""
-    return datetime.fromtimestamp(value / 1000, tz=UTC)
+    return _EPOCH + value * _MS
 
 
 def utc_now_ms() -> datetime:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -10,6 +10,8 @@ from eventaudit.contract import (
     InvalidMessageError,
     TraceContext,
     build_attributes,
+    epoch_ms,
+    from_epoch_ms,
     normalize_options,
     parse_cloud_trace_context,
     parse_traceparent,
@@ -104,3 +106,12 @@ def test_options_normalisation() -> None:
         normalize_options("{oops")
     with pytest.raises(ValueError):
         normalize_options(3)
+
+
+def test_epoch_ms_round_trip_is_exact() -> None:
+    base = datetime(2026, 11, 27, tzinfo=UTC)
+    for step in range(0, 50_000, 7):
+        moment = base + timedelta(milliseconds=step)
+        assert from_epoch_ms(epoch_ms(moment)) == moment
+    assert epoch_ms(datetime(1970, 1, 1, 0, 0, 0, 1000, tzinfo=UTC)) == 1
+    assert epoch_ms(datetime(2026, 1, 2, 3, 4, 5, 678999, tzinfo=UTC)) == 1767323045678
