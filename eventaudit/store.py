@@ -88,13 +88,6 @@ class MongoStore:
         """Close the client's connections."""
         self._client.close()
 
-    def ping(self) -> None:
-        """Raise StoreError unless the server answers."""
-        try:
-            self._client.admin.command("ping")
-        except PyMongoError as exc:
-            raise StoreError(f"audit store unreachable: {exc}") from exc
-
     def ensure_indexes(self) -> None:
         """Create every index the writers and the exporter rely on (idempotent)."""
         try:

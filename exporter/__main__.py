@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         state = EvaluationState(settle_seconds=settings.settle_delta.total_seconds())
         registry = CollectorRegistry()
-        registry.register(CompletionCollector(state))
+        registry.register(CompletionCollector(state, expected))
         loop = EvaluationLoop(
             evaluator, state, store, settings.bucket_delta, settings.retention_delta
         )

@@ -47,16 +47,6 @@ def settled_frontier(now: datetime, settle: timedelta, bucket: timedelta) -> dat
     return floor_to_bucket(now - settle, bucket)
 
 
-def bucket_starts(start: datetime, end: datetime, bucket: timedelta) -> list[datetime]:
-    """Starts of the buckets covering [start, end); both ends are bucket-aligned."""
-    out = []
-    cursor = start
-    while cursor < end:
-        out.append(cursor)
-        cursor += bucket
-    return out
-
-
 def completion_rate(received: int, published: int) -> float:
     """received / published in [0, 1]; NaN when nothing was published (never a fake 1 or 0)."""
     if published <= 0:

@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from exporter.evaluator import Snapshot
+from exporter.subscriptions import ExpectedSubscriptions
 
 
 @dataclass
@@ -61,8 +62,11 @@ class CompletionCollector(Collector):
     that can no longer be refreshed are not presented as current.
     """
 
-    def __init__(self, state: EvaluationState) -> None:
+    def __init__(
+        self, state: EvaluationState, expected: ExpectedSubscriptions | None = None
+    ) -> None:
         self._state = state
+        self._expected = expected
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         """Fresh metric families from the latest evaluation."""
@@ -92,6 +96,12 @@ class CompletionCollector(Collector):
         evaluations.add_metric(["success"], state.successes)
         evaluations.add_metric(["error"], state.failures)
         yield evaluations
+        if self._expected is not None:
+            yield CounterMetricFamily(
+                "eventaudit_subscription_list_errors",
+                "Failed Pub/Sub listings of a topic's subscriptions (the last good list is kept).",
+                value=self._expected.list_errors,
+            )
         if not ok or snapshot is None:
             return
 

@@ -107,7 +107,7 @@ def exporter_kit(
     )
     state = EvaluationState(settle_seconds=SETTLE.total_seconds())
     registry = CollectorRegistry()
-    registry.register(CompletionCollector(state))
+    registry.register(CompletionCollector(state, expected))
     return ExporterKit(evaluator, state, registry)
 
 

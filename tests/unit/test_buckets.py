@@ -9,7 +9,6 @@ import pytest
 
 from exporter.buckets import (
     Window,
-    bucket_starts,
     completion_rate,
     floor_to_bucket,
     parse_duration,
@@ -36,15 +35,6 @@ def test_frontier_excludes_buckets_not_yet_settled() -> None:
     assert settled_frontier(at(12, 1, 5), settle, B) == at(12, 0, 30)
     assert settled_frontier(at(12, 1, 0), settle, B) == at(12, 0, 30)
     assert settled_frontier(at(12, 0, 59, 999), settle, B) == at(12, 0, 20)
-
-
-def test_bucket_starts_cover_half_open_range() -> None:
-    assert bucket_starts(at(12, 0, 0), at(12, 0, 30), B) == [
-        at(12, 0, 0),
-        at(12, 0, 10),
-        at(12, 0, 20),
-    ]
-    assert bucket_starts(at(12, 0, 0), at(12, 0, 0), B) == []
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 from exporter.buckets import Window
 from exporter.collector import CompletionCollector, EvaluationState
 from exporter.evaluator import Snapshot, SubscriptionWindow
+from exporter.subscriptions import ExpectedSubscriptions
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 WINDOWS = (Window("1m", timedelta(minutes=1)), Window("5m", timedelta(minutes=5)))
@@ -88,3 +89,15 @@ def test_before_any_evaluation() -> None:
     assert math.isnan(
         registry.get_sample_value("eventaudit_last_evaluation_timestamp_seconds") or 0.0
     )
+
+
+def test_listing_errors_are_exposed() -> None:
+    def broken(topic: str) -> list[str]:
+        raise RuntimeError("unavailable")
+
+    expected = ExpectedSubscriptions({"t": {"a"}}, set(), broken, refresh_seconds=0)
+    assert expected.for_topic("t", set()) == {"a"}
+    assert expected.for_topic("t", set()) == {"a"}
+    registry = CollectorRegistry()
+    registry.register(CompletionCollector(EvaluationState(settle_seconds=30), expected))
+    assert registry.get_sample_value("eventaudit_subscription_list_errors_total") == 2
