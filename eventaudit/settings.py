@@ -5,12 +5,23 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Literal, TypeVar
+from typing import Annotated, ClassVar, Literal, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import AfterValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+def _listen_address(value: str) -> str:
+    from eventaudit.http import parse_listen_address
+
+    parse_listen_address(value)
+    return value
+
+
+ListenAddress = Annotated[str, AfterValidator(_listen_address)]
+""" `HOST:PORT`, checked at start-up with every other setting."""
 
 
 class CommonSettings(BaseSettings):
@@ -28,6 +39,8 @@ class CommonSettings(BaseSettings):
         cli_implicit_flags=True,
     )
 
+    prog: ClassVar[str] = "eventaudit"
+
     mongo_uri: str = Field(
         "mongodb://127.0.0.1:27017/", description="MongoDB URI of the audit store"
     )
@@ -44,7 +57,7 @@ def load_settings(cls: type[S], argv: Sequence[str] | None = None) -> S:
     """Parse flags and environment into `cls`; report every invalid value and exit 1."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        return cls(_cli_parse_args=args)  # type: ignore[call-arg]
+        return cls(_cli_parse_args=args, _cli_prog_name=cls.prog)  # type: ignore[call-arg]
     except ValidationError as exc:
         print(f"{cls.__name__}: {exc.error_count()} invalid setting(s):", file=sys.stderr)
         for err in exc.errors():

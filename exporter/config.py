@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from pydantic import Field, field_validator, model_validator
 
-from eventaudit.settings import CommonSettings
+from eventaudit.settings import CommonSettings, ListenAddress
 from exporter.buckets import Window, parse_duration
 
 
@@ -20,7 +20,11 @@ def _pair(text: str) -> tuple[str, str]:
 class ExporterSettings(CommonSettings):
     """Settings of the exporter (`python -m exporter --help`). Lists are comma-separated."""
 
-    listen_address: str = Field("127.0.0.1:9800", description="HOST:PORT for /metrics and the API")
+    prog = "python -m exporter"
+
+    listen_address: ListenAddress = Field(
+        "127.0.0.1:9800", description="HOST:PORT for /metrics and the API"
+    )
     bucket: str = Field("10s", description="bucket length (publishTime granularity of evaluation)")
     settle_delay: str = Field("30s", description="how long after a bucket ends it is evaluated")
     windows: str = Field(

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from eventaudit.settings import CommonSettings
+from eventaudit.settings import CommonSettings, ListenAddress
 
 
 class PublisherSettings(CommonSettings):
     """Settings of the publisher API (`python -m publisher --help`)."""
 
-    listen_address: str = Field("127.0.0.1:3000", description="HOST:PORT the API listens on")
+    prog = "python -m publisher"
+
+    listen_address: ListenAddress = Field(
+        "127.0.0.1:3000", description="HOST:PORT the API listens on"
+    )
     users_topic: str = Field("create-user", min_length=3, description="topic of POST /api/v1/users")
     threads: int = Field(16, ge=1, le=256, description="gunicorn worker threads")
     max_body_bytes: int = Field(

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from eventaudit.settings import CommonSettings
+from eventaudit.settings import CommonSettings, ListenAddress
 
 
 class SubscriberSettings(CommonSettings):
     """Settings of one subscriber process (`python -m subscriber --help`)."""
 
+    prog = "python -m subscriber"
+
     subscription: str = Field(..., min_length=3, description="subscription id to consume")
     topic: str | None = Field(
         None, description="topic id (default: looked up from the subscription)"
     )
-    listen_address: str = Field("127.0.0.1:9701", description="HOST:PORT for /metrics and /healthz")
+    listen_address: ListenAddress = Field(
+        "127.0.0.1:9701", description="HOST:PORT for /metrics and /healthz"
+    )
     batch_size: int = Field(500, ge=1, le=10_000, description="receipts per store write")
     flush_interval_seconds: float = Field(
         0.05, gt=0, le=10, description="longest wait to fill a batch"

@@ -46,6 +46,8 @@ def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--expected-subscriptions", "no-colon"], "TOPIC:SUBSCRIPTION"),
         (["--retention", "1m"], "retention must cover"),
         (["--windows", "1m,1m"], "duplicate window"),
+        (["--listen-address", "9800"], "HOST:PORT"),
+        (["--listen-address", "127.0.0.1:99999"], "HOST:PORT"),
     ],
 )
 def test_exporter_invalid_values_exit_1(argv, reported, capsys) -> None:
@@ -78,3 +80,10 @@ def test_unknown_flag_is_rejected() -> None:
     with pytest.raises(SystemExit) as exc:
         load_settings(ExporterSettings, ["--bogus", "1"])
     assert exc.value.code == 2
+
+
+def test_help_names_the_command(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        load_settings(ExporterSettings, ["--help"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: python -m exporter")
