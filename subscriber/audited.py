@@ -26,7 +26,14 @@ from eventaudit.store import MongoStore, StoreError
 
 log = logging.getLogger(__name__)
 
-OUTCOMES = ("recorded", "invalid", "store_error", "fault_lost", "fault_redelivered")
+OUTCOMES = (
+    "recorded",
+    "invalid",
+    "handler_error",
+    "store_error",
+    "fault_lost",
+    "fault_redelivered",
+)
 
 
 class SubscriberMetrics:
@@ -36,7 +43,7 @@ class SubscriberMetrics:
         self.messages = Counter(
             "eventaudit_subscriber_messages_total",
             "Messages handled, by outcome: recorded then acked; invalid (acked, no record); "
-            "store_error (nacked for redelivery); fault_* (injected by the fault knobs).",
+            "handler_error and store_error (nacked for redelivery); fault_* (fault knobs).",
             ["subscription", "outcome"],
             registry=registry,
         )
@@ -120,8 +127,13 @@ class AuditedSubscriber:
         batch_size: int = 500,
         flush_interval: float = 0.05,
         faults: Faults | None = None,
+        handler: Callable[[Message], None] | None = None,
         on_receipt: Callable[[Receipt], None] | None = None,
     ) -> None:
+        """`handler`, when given, is the consumer's own processing: it runs first, and a
+        message is recorded (then acked) only if it returns; if it raises, the message is
+        nacked and counted `handler_error`, so the receipt means "delivered and processed".
+        """
         self._store = store
         self._subscription = subscription
         self._topic = topic
@@ -129,6 +141,7 @@ class AuditedSubscriber:
         self._batch_size = batch_size
         self._flush_interval = flush_interval
         self._faults = faults or Faults()
+        self._handler = handler
         self._on_receipt = on_receipt
         self._queue: queue.Queue[tuple[Message, Receipt] | None] = queue.Queue()
         self._redelivered: set[str] = set()
@@ -163,6 +176,18 @@ class AuditedSubscriber:
             self._metrics.count("fault_lost")
             message.ack()
             return
+        if self._handler is not None:
+            try:
+                self._handler(message)
+            except Exception:
+                self._metrics.count("handler_error")
+                log.exception(
+                    "handler failed on event %s (%s), nacked for redelivery",
+                    attrs.event_id,
+                    self._subscription,
+                )
+                message.nack()
+                return
         broker_time = _as_utc(message.publish_time)
         receipt = Receipt(
             subscription=self._subscription,

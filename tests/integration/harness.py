@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from google.cloud import pubsub_v1
 from prometheus_client import CollectorRegistry
@@ -61,12 +62,16 @@ class SubscriberKit:
 
 @contextlib.contextmanager
 def audited_subscriber(
-    store: MongoStore, topic: str, subscription: str, faults: Faults | None = None
+    store: MongoStore,
+    topic: str,
+    subscription: str,
+    faults: Faults | None = None,
+    handler: Callable[[Any], None] | None = None,
 ) -> Iterator[SubscriberKit]:
     """A real streaming pull on the emulator, recording into `store` before acking."""
     registry = CollectorRegistry()
     metrics = SubscriberMetrics(registry, subscription)
-    audited = AuditedSubscriber(store, subscription, topic, metrics, faults=faults)
+    audited = AuditedSubscriber(store, subscription, topic, metrics, faults=faults, handler=handler)
     audited.start()
     with pubsub_v1.SubscriberClient() as client:
         future = client.subscribe(client.subscription_path(PROJECT, subscription), callback=audited)

@@ -171,3 +171,29 @@ def test_settle_delay_keeps_fresh_events_out(store, topic_factory: TopicFactory)
     assert exporter.sample("eventaudit_published_events", topic=topic, window="5m") == 1
     assert exporter.sample("eventaudit_missed_events", **labels) == 0
     assert exporter.sample("eventaudit_completion_rate", **labels) == 1.0
+
+
+def test_handler_failure_nacks_and_the_retry_is_recorded(
+    store, topic_factory: TopicFactory
+) -> None:
+    topic, (sub,) = topic_factory(1)
+    with audited_publisher(store) as pub:
+        events = _publish(pub, topic, 10)
+    flaky = events[4].event_id
+    handled: list[str] = []
+
+    def handler(message) -> None:  # type: ignore[no-untyped-def]
+        event_id = message.attributes["eventID"]
+        if event_id == flaky and flaky not in handled:
+            handled.append(event_id)
+            raise RuntimeError("first attempt fails")
+        handled.append(event_id)
+
+    with audited_subscriber(store, topic, sub, handler=handler) as kit:
+        wait_for(lambda: received_count(store, sub) == 10, 60, "10 receipts")
+        assert kit.count("handler_error", sub) == 1
+        assert kit.count("recorded", sub) == 10
+    assert handled.count(flaky) == 2
+    # The failed attempt was not recorded: one receipt, one delivery.
+    doc = store.received.find_one({"subscription": sub, "eventID": flaky})
+    assert doc is not None and doc["deliveries"] == 1
