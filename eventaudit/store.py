@@ -63,6 +63,25 @@ def receipt_key(subscription: str, event_id: str) -> str:
     return f"{subscription}|{event_id}"
 
 
+def _new_or_changed(
+    start: datetime,
+    end: datetime,
+    changed_field: str,
+    changed_since: datetime | None,
+    changed_from: datetime,
+) -> dict[str, Any]:
+    """Records published in [start, end), or written (`changed_field`) since `changed_since`
+    with a publishTime in [changed_from, start): one `$or`, one read per collection."""
+    query: dict[str, Any] = {"publishTime": {"$gte": start, "$lt": end}}
+    if changed_since is None or changed_from >= start:
+        return query
+    late = {
+        changed_field: {"$gte": changed_since},
+        "publishTime": {"$gte": changed_from, "$lt": start},
+    }
+    return {"$or": [query, late]}
+
+
 class MongoStore:
     """Reads and writes the audit collections of one database."""
 
@@ -207,17 +226,7 @@ class MongoStore:
         the publishTimes in [changed_from, start) of records created at or after
         `changed_since` (late records whose bucket was already evaluated).
         """
-        query: dict[str, Any] = {"publishTime": {"$gte": start, "$lt": end}}
-        if changed_since is not None and changed_from < start:
-            query = {
-                "$or": [
-                    query,
-                    {
-                        "createdTime": {"$gte": changed_since},
-                        "publishTime": {"$gte": changed_from, "$lt": start},
-                    },
-                ]
-            }
+        query = _new_or_changed(start, end, "createdTime", changed_since, changed_from)
         fields = {"_id": 0, "topic": 1, "eventID": 1, "traceID": 1, "publishTime": 1}
         events, late = [], set()
         try:
@@ -246,17 +255,7 @@ class MongoStore:
         the publishTimes in [changed_from, start) of receipts delivered at or after
         `changed_since` (late receipts and redeliveries).
         """
-        query: dict[str, Any] = {"publishTime": {"$gte": start, "$lt": end}}
-        if changed_since is not None and changed_from < start:
-            query = {
-                "$or": [
-                    query,
-                    {
-                        "lastReceiveTime": {"$gte": changed_since},
-                        "publishTime": {"$gte": changed_from, "$lt": start},
-                    },
-                ]
-            }
+        query = _new_or_changed(start, end, "lastReceiveTime", changed_since, changed_from)
         fields = {
             "_id": 0,
             "topic": 1,
