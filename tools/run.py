@@ -47,6 +47,34 @@ def traffic(rate: float, stop: threading.Event, counts: dict[str, int]) -> None:
             print(f"[run] traffic: {exc}", file=sys.stderr)
 
 
+def summary(window: str = "5m") -> str:
+    """One line from the exporter: completion and missed per subscription over `window`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{PORTS['exporter']}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError as exc:
+        return f"exporter unreachable: {exc}"
+    rates: dict[str, float] = {}
+    missed: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("window") != window:
+                continue
+            if sample.name == "eventaudit_completion_rate":
+                rates[sample.labels["subscription"]] = sample.value
+            elif sample.name == "eventaudit_missed_events":
+                missed[sample.labels["subscription"]] = sample.value
+    if not rates:
+        return "no evaluation yet"
+    return f"{window}: " + ", ".join(
+        f"{sub} {rate * 100:.2f}% ({missed.get(sub, 0):.0f} missed)"
+        for sub, rate in sorted(rates.items())
+    )
+
+
 def main() -> int:
     """Start everything, print where to look, stop everything on Ctrl-C (or after --duration)."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -133,7 +161,7 @@ def main() -> int:
     sender.start()
     print(
         f"""
-[run] eventaudit is running, with {args.rate:g} requests/s of traffic. Look at:
+[run] eventaudit is running, with up to {args.rate:g} requests/s of traffic. Look at:
         curl localhost:9800/metrics          exporter (completion, missed; numbers after ~40 s)
         http://localhost:9800/               status page
         curl 'localhost:9800/api/v1/missed?topic={TOPIC}&subscription={SUBSCRIPTIONS[1]}&window=5m'
@@ -143,10 +171,14 @@ def main() -> int:
 """
     )
     deadline = time.monotonic() + args.duration if args.duration else float("inf")
+    next_summary = time.monotonic() + 45
     try:
         while not stop.wait(1):
             if time.monotonic() > deadline:
                 break
+            if time.monotonic() > next_summary:
+                print(f"[run] {summary()}  (sent {counts['ok']}, failed {counts['failed']})")
+                next_summary += 30
             dead = [s.name for s in started if not s.running()]
             if dead:
                 print(f"[run] {', '.join(dead)} exited; see {logs}", file=sys.stderr)
