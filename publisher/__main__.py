@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of `eventaudit-publisher`."""
     settings = load_settings(PublisherSettings, argv)
     configure_logging(settings.log_level)
-    state: dict[str, RecordBuffer] = {}
+    running: list[tuple[pubsub_v1.PublisherClient, AuditedPublisher, RecordBuffer]] = []
 
     def factory() -> Flask:
         registry = CollectorRegistry()
@@ -38,22 +38,24 @@ def main(argv: list[str] | None = None) -> None:
             store, metrics, settings.record_buffer_capacity, settings.record_batch_size
         )
         buffer.start()
-        state["buffer"] = buffer
+        client = pubsub_v1.PublisherClient()
         publisher = AuditedPublisher(
-            pubsub_v1.PublisherClient(),
-            settings.project,
-            buffer,
-            metrics,
-            settings.payload_cap_bytes,
+            client, settings.project, buffer, metrics, settings.payload_cap_bytes
         )
+        running.append((client, publisher, buffer))
         log.info(
             "publisher API on %s, users topic %s", settings.listen_address, settings.users_topic
         )
         return create_app(settings, PublisherDeps(publisher, buffer, registry))
 
     def on_exit() -> None:
-        if "buffer" in state:
-            state["buffer"].close(timeout=10)
+        # Send what the client still batches, let every publish settle into the record
+        # buffer, then write the buffer: a clean stop loses no record.
+        for client, publisher, buffer in running:
+            client.stop()
+            if not publisher.flush(timeout=10):
+                log.error("publishes still unsettled at shutdown")
+            buffer.close(timeout=10)
 
     serve_with_gunicorn(factory, settings.listen_address, settings.threads, on_exit)
 
