@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from eventaudit.store import MongoStore
 from tests.conftest import PROJECT, Ferret, unique, wait_for
 from tools import stack
 
@@ -166,3 +167,37 @@ def test_users_demo_flows_to_exporter_metrics(services) -> None:
     for proc in reversed(services["procs"]):
         proc.stop(timeout=20)
         assert proc.proc.returncode == 0, proc.tail()
+
+
+def test_publisher_sigterm_writes_every_buffered_record(
+    ferret: Ferret, emulator: str, topic_factory, tmp_path: Path
+) -> None:
+    topic, _ = topic_factory(1)
+    database = unique("db").replace("-", "_")
+    port = stack.free_port()
+    env = {
+        "PUBSUB_EMULATOR_HOST": emulator,
+        "EVENTAUDIT_PROJECT": PROJECT,
+        "EVENTAUDIT_MONGO_URI": ferret.uri,
+        "EVENTAUDIT_DATABASE": database,
+    }
+    proc = stack.python_service(
+        "publisher",
+        "publisher",
+        ["--listen-address", f"127.0.0.1:{port}", "--users-topic", topic],
+        tmp_path,
+        env,
+        f"http://127.0.0.1:{port}/healthz",
+    ).start()
+    try:
+        ids = []
+        for _ in range(40):
+            status, body = _post(f"http://127.0.0.1:{port}/api/v1/users")
+            assert status == 200
+            ids.append(body["metadata"]["eventID"])
+    finally:
+        proc.stop(timeout=30)
+    assert proc.proc is not None and proc.proc.returncode == 0, proc.tail()
+    store = MongoStore(ferret.uri, database)
+    assert {d["eventID"] for d in store.published.find({"topic": topic})} == set(ids)
+    store.close()
