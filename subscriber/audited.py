@@ -95,7 +95,7 @@ class Faults:
     """Fault knobs for demos and tests; all off by default.
 
     `lose(event_id)`: ack without recording (a lost event, as a broken consumer would).
-    `redeliver(event_id, deliveries_seen)`: record, then nack (a duplicate delivery follows).
+    `redeliver(event_id)`: record, then nack the first delivery (a duplicate delivery follows).
     """
 
     lose: Callable[[str], bool] = lambda _event_id: False
