@@ -63,6 +63,9 @@ fi
 
 # 4. FerretDB v1.24.2 (SQLite backend) through tools/ferretdb/main.go.
 GO=$(command -v go || echo /usr/local/go/bin/go)
+# Go needs a cache and module directory; CI environments may come without HOME.
+export GOPATH="${GOPATH:-${HOME:-$PWD/.tools}/go}"
+export GOCACHE="${GOCACHE:-${XDG_CACHE_HOME:-${HOME:-$PWD/.tools}/.cache}/go-build}"
 if [ ! -x .tools/bin/ferretdb ] || [ tools/ferretdb/main.go -nt .tools/bin/ferretdb ] \
    || [ tools/ferretdb/go.mod -nt .tools/bin/ferretdb ]; then
   say "building FerretDB v1.24.2 from the Go module proxy (a few minutes the first time)"
