@@ -66,14 +66,21 @@ def _settings() -> PublisherSettings:
     return settings
 
 
+def _reject_constant(name: str) -> None:
+    # json accepts NaN and Infinity, which are not JSON and would not survive a JSON consumer.
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _json_body(required: bool) -> dict[str, Any] | tuple[Response, int]:
     raw = request.get_data(cache=False)
     if not raw.strip():
         return json_error(400, "request body must be a JSON object") if required else {}
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         return json_error(400, f"malformed JSON: {exc}")
+    except RecursionError:
+        return json_error(400, "malformed JSON: nested too deeply")
     if not isinstance(body, dict):
         return json_error(400, f"payload must be a JSON object, got {type(body).__name__}")
     return body

@@ -24,7 +24,7 @@ from tests.integration.harness import BUCKET, audited_publisher, audited_subscri
 @pytest.fixture
 def api(store, topic_factory) -> Iterator[tuple[FlaskClient, str]]:
     topic, _ = topic_factory(1)
-    settings = PublisherSettings(users_topic=topic, max_body_bytes=4096, project=PROJECT)
+    settings = PublisherSettings(users_topic=topic, max_body_bytes=8192, project=PROJECT)
     with audited_publisher(store) as kit:
         app = create_publisher_app(settings, PublisherDeps(kit.publisher, kit.buffer, kit.registry))
         yield app.test_client(), topic
@@ -39,14 +39,16 @@ def api(store, topic_factory) -> Iterator[tuple[FlaskClient, str]]:
         ("/api/v1/topics/{topic}/events", b'"text"', {}, 400, "payload must be a JSON object"),
         ("/api/v1/topics/{topic}/events", b"", {}, 400, "request body must be a JSON object"),
         ("/api/v1/topics/{topic}/events", b"\xff\xfe", {}, 400, "malformed JSON"),
+        ("/api/v1/topics/{topic}/events", b'{"a": NaN}', {}, 400, "NaN is not valid JSON"),
+        ("/api/v1/topics/{topic}/events", b"[" * 3000 + b"]" * 3000, {}, 400, "nested too deeply"),
         ("/api/v1/topics/{topic}/events", b"{}", {"X-Event-ID": "bad id!"}, 400, "X-Event-ID"),
         ("/api/v1/topics/{topic}/events", b"{}", {"X-Event-Options": "{x"}, 400, "X-Event-Options"),
         (
             "/api/v1/topics/{topic}/events",
-            b'{"a": "' + b"x" * 5000 + b'"}',
+            b'{"a": "' + b"x" * 9000 + b'"}',
             {},
             413,
-            "exceeds the limit of 4096 bytes",
+            "exceeds the limit of 8192 bytes",
         ),
         ("/api/v1/topics/$where/events", b"{}", {}, 400, "invalid topic id"),
         ("/api/v1/topics/no-such-topic-xyz/events", b"{}", {}, 404, "does not exist"),
