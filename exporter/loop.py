@@ -35,7 +35,7 @@ class EvaluationLoop:
         self._clock = clock
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="evaluation-loop", daemon=True)
-        self._last_retention = 0.0
+        self._last_retention = float("-inf")  # run retention with the first evaluation
 
     def run_once(self) -> bool:
         """One evaluation (and retention when due); True on success."""
