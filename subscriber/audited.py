@@ -69,9 +69,11 @@ class SubscriberMetrics:
         self.subscription = subscription
         for outcome in OUTCOMES:
             self.messages.labels(subscription, outcome)
-        self.latency.labels(subscription)
-        self.pending.labels(subscription)
-        self.store_up.labels(subscription).set(1)
+        # Children bound once: the callback path should not look labels up per message.
+        self.delivery_latency = self.latency.labels(subscription)
+        self.pending_receipts = self.pending.labels(subscription)
+        self.store_ok = self.store_up.labels(subscription)
+        self.store_ok.set(1)
 
     def count(self, outcome: str, n: int = 1) -> None:
         """Add `n` messages with `outcome`."""
@@ -200,7 +202,7 @@ class AuditedSubscriber:
             receive_time=receive_time,
         )
         self._queue.put((message, receipt))
-        self._metrics.pending.labels(self._subscription).set(self._queue.qsize())
+        self._metrics.pending_receipts.set(self._queue.qsize())
 
     def _take_batch(self) -> tuple[list[tuple[Message, Receipt]], bool]:
         first = self._queue.get()
@@ -235,7 +237,7 @@ class AuditedSubscriber:
             for message, _ in batch:
                 message.nack()
             self._metrics.count("store_error", len(batch))
-            self._metrics.store_up.labels(self._subscription).set(0)
+            self._metrics.store_ok.set(0)
             self.last_write_ok = False
             log.warning(
                 "receipts of %d messages on %s not written, nacked for redelivery: %s",
@@ -245,8 +247,8 @@ class AuditedSubscriber:
             )
             return
         self.last_write_ok = True
-        self._metrics.store_up.labels(self._subscription).set(1)
-        latency = self._metrics.latency.labels(self._subscription)
+        self._metrics.store_ok.set(1)
+        latency = self._metrics.delivery_latency
         redelivered = 0
         for message, receipt in batch:
             latency.observe(max(0.0, (receipt.receive_time - receipt.publish_time).total_seconds()))
@@ -263,7 +265,7 @@ class AuditedSubscriber:
         self._metrics.count("recorded", len(batch) - redelivered)
         if redelivered:
             self._metrics.count("fault_redelivered", redelivered)
-        self._metrics.pending.labels(self._subscription).set(self._queue.qsize())
+        self._metrics.pending_receipts.set(self._queue.qsize())
 
 
 def _as_utc(moment: datetime) -> datetime:
