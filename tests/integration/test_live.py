@@ -11,6 +11,7 @@ evaluated every second, so the test takes a minute, not ten.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import urllib.parse
@@ -234,6 +235,26 @@ def test_every_dashboard_panel_query_returns_data(live_stack) -> None:
     while not all_have_data():
         assert time.monotonic() < deadline, f"panels with no data after 120 s: {empty}"
         time.sleep(1)
+    # The variables' label_values() queries, as Grafana runs them, list what we published.
+    dash = json.loads(build.OUTPUT.read_text())
+    for var in dash["templating"]["list"]:
+        if var["type"] != "query":
+            continue
+        match = re.fullmatch(r"label_values\((.+), (\w+)\)", var["query"])
+        assert match, var["query"]
+        selector = match.group(1).replace("$topic", live_stack["topic"])
+        url = (
+            f"{live_stack['prom']}/api/v1/label/{match.group(2)}/values?"
+            + urllib.parse.urlencode({"match[]": selector})
+        )
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            values = json.load(resp)["data"]
+        expected = {
+            "topic": live_stack["topic"],
+            "subscription": live_stack["lossy"],
+            "window": "5m",
+        }[var["name"]]
+        assert expected in values, (var["name"], values)
     # The known loss is visible where the dashboard shows it.
     rates = {
         r["metric"]["subscription"]: float(r["value"][1])
