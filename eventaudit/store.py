@@ -8,10 +8,10 @@ accumulators beyond counting (sets are compared in Python, one bucket range at a
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from bson.codec_options import CodecOptions
 from pymongo import ASCENDING, DESCENDING, InsertOne, MongoClient, UpdateOne
@@ -31,6 +31,7 @@ from eventaudit.records import (
 log = logging.getLogger(__name__)
 
 _DUPLICATE_KEY = 11000
+T = TypeVar("T")
 
 
 class StoreError(RuntimeError):
@@ -80,6 +81,49 @@ def _new_or_changed(
         "publishTime": {"$gte": changed_from, "$lt": start},
     }
     return {"$or": [query, late]}
+
+
+_PUBLISHED_FIELDS = {"_id": 0, "topic": 1, "eventID": 1, "traceID": 1, "publishTime": 1}
+_RECEIPT_FIELDS = {
+    "_id": 0,
+    "topic": 1,
+    "subscription": 1,
+    "eventID": 1,
+    "deliveries": 1,
+    "publishTime": 1,
+}
+
+
+def _published_event(d: dict[str, Any]) -> PublishedEvent:
+    return PublishedEvent(d["topic"], d["eventID"], d.get("traceID") or "", d["publishTime"])
+
+
+def _receipt_summary(d: dict[str, Any]) -> ReceiptSummary:
+    return ReceiptSummary(
+        d["topic"], d["subscription"], d["eventID"], int(d["deliveries"]), d["publishTime"]
+    )
+
+
+def _split_read(
+    collection: Collection[dict[str, Any]],
+    query: dict[str, Any],
+    fields: dict[str, int],
+    start: datetime,
+    convert: Callable[[dict[str, Any]], T],
+) -> tuple[list[T], set[datetime]]:
+    """Run `query`; records published at or after `start` are converted, the publishTimes of
+    the earlier (late) ones are collected."""
+    records: list[T] = []
+    late: set[datetime] = set()
+    try:
+        for d in collection.find(query, fields):
+            if d["publishTime"] >= start:
+                records.append(convert(d))
+            else:
+                late.add(d["publishTime"])
+    except PyMongoError as exc:
+        raise StoreError(f"could not read {collection.name}: {exc}") from exc
+    return records, late
 
 
 class MongoStore:
@@ -227,21 +271,7 @@ class MongoStore:
         `changed_since` (late records whose bucket was already evaluated).
         """
         query = _new_or_changed(start, end, "createdTime", changed_since, changed_from)
-        fields = {"_id": 0, "topic": 1, "eventID": 1, "traceID": 1, "publishTime": 1}
-        events, late = [], set()
-        try:
-            for d in self.published.find(query, fields):
-                if d["publishTime"] >= start:
-                    events.append(
-                        PublishedEvent(
-                            d["topic"], d["eventID"], d.get("traceID") or "", d["publishTime"]
-                        )
-                    )
-                else:
-                    late.add(d["publishTime"])
-        except PyMongoError as exc:
-            raise StoreError(f"could not read publish records: {exc}") from exc
-        return events, late
+        return _split_read(self.published, query, _PUBLISHED_FIELDS, start, _published_event)
 
     def receipts_between(self, start: datetime, end: datetime) -> list[ReceiptSummary]:
         """Receipts of events whose publishTime is in [start, end)."""
@@ -256,32 +286,7 @@ class MongoStore:
         `changed_since` (late receipts and redeliveries).
         """
         query = _new_or_changed(start, end, "lastReceiveTime", changed_since, changed_from)
-        fields = {
-            "_id": 0,
-            "topic": 1,
-            "subscription": 1,
-            "eventID": 1,
-            "deliveries": 1,
-            "publishTime": 1,
-        }
-        receipts, late = [], set()
-        try:
-            for d in self.received.find(query, fields):
-                if d["publishTime"] >= start:
-                    receipts.append(
-                        ReceiptSummary(
-                            d["topic"],
-                            d["subscription"],
-                            d["eventID"],
-                            int(d["deliveries"]),
-                            d["publishTime"],
-                        )
-                    )
-                else:
-                    late.add(d["publishTime"])
-        except PyMongoError as exc:
-            raise StoreError(f"could not read receipts: {exc}") from exc
-        return receipts, late
+        return _split_read(self.received, query, _RECEIPT_FIELDS, start, _receipt_summary)
 
     def missed_events(
         self, topic: str, subscription: str, start: datetime, end: datetime
@@ -296,14 +301,9 @@ class MongoStore:
                 )
             }
             cursor = self.published.find(
-                {"topic": topic, "publishTime": {"$gte": start, "$lt": end}},
-                {"_id": 0, "topic": 1, "eventID": 1, "traceID": 1, "publishTime": 1},
+                {"topic": topic, "publishTime": {"$gte": start, "$lt": end}}, _PUBLISHED_FIELDS
             ).sort("publishTime", ASCENDING)
-            return [
-                PublishedEvent(d["topic"], d["eventID"], d.get("traceID") or "", d["publishTime"])
-                for d in cursor
-                if d["eventID"] not in received
-            ]
+            return [_published_event(d) for d in cursor if d["eventID"] not in received]
         except PyMongoError as exc:
             raise StoreError(f"could not compute missed events: {exc}") from exc
 
