@@ -333,17 +333,26 @@ class MongoStore:
 
     def load_evaluated_until(self) -> datetime | None:
         """End of the last settled bucket range evaluated, if any."""
+        return self.load_evaluator_state()[0]
+
+    def load_evaluator_state(self) -> tuple[datetime | None, datetime | None]:
+        """(end of the settled range evaluated, time of the last late-record scan), if any."""
         try:
             doc = self.state.find_one({"_id": "evaluator"})
         except PyMongoError as exc:
             raise StoreError(f"could not load evaluator state: {exc}") from exc
-        return doc["evaluatedUntil"] if doc else None
+        if not doc:
+            return None, None
+        return doc["evaluatedUntil"], doc.get("scannedAt")
 
-    def save_evaluated_until(self, until: datetime) -> None:
-        """Remember how far settled buckets were evaluated, so a restart resumes there."""
+    def save_evaluator_state(self, until: datetime, scanned_at: datetime) -> None:
+        """Remember how far buckets were evaluated and late records scanned, so a restart
+        resumes there instead of re-reading the whole window."""
         try:
             self.state.update_one(
-                {"_id": "evaluator"}, {"$set": {"evaluatedUntil": until}}, upsert=True
+                {"_id": "evaluator"},
+                {"$set": {"evaluatedUntil": until, "scannedAt": scanned_at}},
+                upsert=True,
             )
         except PyMongoError as exc:
             raise StoreError(f"could not save evaluator state: {exc}") from exc

@@ -95,10 +95,14 @@ class Evaluator:
         until, watermark = self._until, self._watermark
         if until is None:
             # First evaluation of this process: resume from what an earlier one stored.
-            stored = self._store.load_evaluated_until()
+            stored, scanned_at = self._store.load_evaluator_state()
             results = {(r.topic, r.start): r for r in self._store.load_bucket_results(oldest)}
-            until = stored if stored is not None and stored >= oldest else oldest
-            watermark = oldest
+            if stored is not None and stored >= oldest:
+                # Stored results are current up to the last scan: only what was written since
+                # then can correct them, so the window is not read again.
+                until, watermark = stored, scanned_at or oldest
+            else:
+                until, watermark = oldest, oldest
         assert watermark is not None
         until = min(until, frontier)
 
@@ -125,7 +129,7 @@ class Evaluator:
         if changed:
             self._store.save_bucket_results(changed, now)
         if frontier != self._until:
-            self._store.save_evaluated_until(frontier)
+            self._store.save_evaluator_state(frontier, now)
         # Commit in-memory state only after every store call succeeded.
         self._results = {k: v for k, v in results.items() if k[1] >= oldest}
         self._until, self._watermark = frontier, now
