@@ -10,12 +10,12 @@ from typing import Annotated, ClassVar, Literal, TypeVar
 from pydantic import AfterValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from eventaudit.http import parse_listen_address
+
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def _listen_address(value: str) -> str:
-    from eventaudit.http import parse_listen_address
-
     parse_listen_address(value)
     return value
 

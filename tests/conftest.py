@@ -106,6 +106,16 @@ def topic_factory(emulator: str) -> Callable[[int], tuple[str, list[str]]]:
     return make
 
 
+def service_env(ferret: Ferret, emulator: str, database: str | None = None) -> dict[str, str]:
+    """Environment for eventaudit service processes on the test's FerretDB and emulator."""
+    return {
+        "PUBSUB_EMULATOR_HOST": emulator,
+        "EVENTAUDIT_PROJECT": PROJECT,
+        "EVENTAUDIT_MONGO_URI": ferret.uri,
+        "EVENTAUDIT_DATABASE": database or unique("db").replace("-", "_"),
+    }
+
+
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll until condition() holds; fail with `what` otherwise."""
     deadline = time.monotonic() + timeout

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from dashboards import build
-from tests.conftest import PROJECT, Ferret, unique, wait_for
+from tests.conftest import Ferret, service_env, wait_for
 from tools import stack
 
 PROM_DIR = stack.ROOT / "prometheus"
@@ -88,12 +88,7 @@ def live_stack(
     ferret: Ferret, emulator: str, topic_factory, tmp_path: Path
 ) -> Iterator[dict[str, Any]]:
     topic, (healthy, lossy) = topic_factory(2)
-    env = {
-        "PUBSUB_EMULATOR_HOST": emulator,
-        "EVENTAUDIT_PROJECT": PROJECT,
-        "EVENTAUDIT_MONGO_URI": ferret.uri,
-        "EVENTAUDIT_DATABASE": unique("db").replace("-", "_"),
-    }
+    env = service_env(ferret, emulator)
     names = ("publisher", "sub-healthy", "sub-lossy", "exporter", "prometheus", "alertmanager")
     port = {name: stack.free_port() for name in names}
     addr = {name: f"127.0.0.1:{p}" for name, p in port.items()}

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from eventaudit.store import MongoStore
-from tests.conftest import PROJECT, Ferret, unique, wait_for
+from tests.conftest import Ferret, service_env, unique, wait_for
 from tools import stack
 
 
@@ -47,12 +47,7 @@ def services(
     ferret: Ferret, emulator: str, topic_factory, tmp_path: Path
 ) -> Iterator[dict[str, object]]:
     topic, (sub,) = topic_factory(1)
-    env = {
-        "PUBSUB_EMULATOR_HOST": emulator,
-        "EVENTAUDIT_PROJECT": PROJECT,
-        "EVENTAUDIT_MONGO_URI": ferret.uri,
-        "EVENTAUDIT_DATABASE": unique("db").replace("-", "_"),
-    }
+    env = service_env(ferret, emulator)
     ports = {name: stack.free_port() for name in ("publisher", "subscriber", "exporter")}
     url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     procs = []
@@ -175,12 +170,7 @@ def test_publisher_sigterm_writes_every_buffered_record(
     topic, _ = topic_factory(1)
     database = unique("db").replace("-", "_")
     port = stack.free_port()
-    env = {
-        "PUBSUB_EMULATOR_HOST": emulator,
-        "EVENTAUDIT_PROJECT": PROJECT,
-        "EVENTAUDIT_MONGO_URI": ferret.uri,
-        "EVENTAUDIT_DATABASE": database,
-    }
+    env = service_env(ferret, emulator, database)
     proc = stack.python_service(
         "publisher",
         "publisher",
