@@ -11,4 +11,4 @@ COPY tools ./tools
 RUN pip install --no-cache-dir . && useradd --system eventaudit
 USER eventaudit
 ENV PYTHONUNBUFFERED=1
-CMD ["python", "-m", "exporter"]
+CMD ["python", "-m", "eventaudit.exporter"]

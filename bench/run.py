@@ -21,24 +21,26 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from flask import Flask, jsonify, request
 from google.cloud import pubsub_v1
 from prometheus_client import CollectorRegistry
 
 from eventaudit.contract import utc_now_ms
+from eventaudit.exporter.buckets import Window
+from eventaudit.exporter.evaluator import Evaluator
+from eventaudit.exporter.subscriptions import ExpectedSubscriptions
+from eventaudit.publisher.app import PublisherDeps, create_app
+from eventaudit.publisher.audited import AuditedPublisher, PublisherMetrics, RecordBuffer
+from eventaudit.publisher.config import PublisherSettings
 from eventaudit.records import PublishRecord, Receipt
 from eventaudit.store import MongoStore
-from exporter.buckets import Window
-from exporter.evaluator import Evaluator
-from exporter.subscriptions import ExpectedSubscriptions
-from publisher.app import PublisherDeps, create_app
-from publisher.audited import AuditedPublisher, PublisherMetrics, RecordBuffer
-from publisher.config import PublisherSettings
-from subscriber.audited import AuditedSubscriber, SubscriberMetrics
+from eventaudit.subscriber.audited import AuditedSubscriber, SubscriberMetrics
 from tools import stack
 
 PROJECT = "eventaudit-bench"
@@ -51,7 +53,7 @@ def _bare_app(topic: str) -> Flask:
     app = Flask("bare")
 
     @app.post("/api/v1/topics/<name>/events")
-    def publish(name: str):  # type: ignore[no-untyped-def]
+    def publish(name: str) -> Any:
         body = request.get_data()
         message_id = client.publish(path, body, eventID=str(uuid.uuid4())).result(timeout=30)
         return jsonify(messageId=message_id), 201
@@ -87,7 +89,7 @@ def bench_publisher(store: MongoStore, n: int) -> None:
     bare = _bare_app(topic)
     _drive(bare, topic, 200, 16)  # warm both paths
     _drive(app, topic, 200, 16)
-    rates = {"bare": [], "audited": []}
+    rates: dict[str, list[float]] = {"bare": [], "audited": []}
     for _ in range(3):  # interleaved, so machine noise hits both alike
         rates["bare"].append(_drive(bare, topic, n, 16))
         started = time.perf_counter()
@@ -131,12 +133,14 @@ def bench_subscriber(store: MongoStore, n: int) -> None:
             metrics = SubscriberMetrics(CollectorRegistry(), sub)
             writer = AuditedSubscriber(store, sub, topic, metrics, on_receipt=lambda _r: on_done())
             writer.start()
-            callback = writer
+            callback: Callable[[Any], None] = writer
         else:
 
-            def callback(message) -> None:  # type: ignore[no-untyped-def]
+            def ack_only(message: Any) -> None:
                 message.ack()
                 on_done()
+
+            callback = ack_only
 
         with pubsub_v1.SubscriberClient() as sc:
             flow = pubsub_v1.types.FlowControl(max_messages=1000)

@@ -16,11 +16,30 @@ CLOUD_TRACE_CONTEXT = "Cloud-Trace-Context"
 TRACEPARENT = "traceparent"
 OPTIONS = "Options"
 
-_TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
-_CLOUD_TRACE = re.compile(r"^([0-9a-fA-F]{32})(?:/([0-9]+))?(?:;o=([01]))?$")
-_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+# Every pattern here is used with fullmatch: `$` would also match before a trailing newline.
+_CLOUD_TRACE = re.compile(r"([0-9a-fA-F]{32})(?:/([0-9]+))?(?:;o=([01]))?")
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _MAX_EVENT_ID_LEN = 128
-_EVENT_ID = re.compile(r"^[A-Za-z0-9._:\-]+$")
+_EVENT_ID = re.compile(r"[A-Za-z0-9._:\-]+")
+# Pub/Sub's rule for topic and subscription ids: a letter, then 2..254 of these characters.
+_PUBSUB_ID = re.compile(r"[A-Za-z][A-Za-z0-9\-_.~+%]{2,254}")
+_ASCII_DIGITS = re.compile(r"[0-9]+")
+
+
+def is_pubsub_id(text: str) -> bool:
+    """True for a valid Pub/Sub topic or subscription id (never one starting with `goog`)."""
+    return _PUBSUB_ID.fullmatch(text) is not None and not text.lower().startswith("goog")
+
+
+def parse_ascii_int(text: str, max_digits: int = 18) -> int | None:
+    """A non-negative integer written in ASCII digits only, else None.
+
+    `str.isdigit()` and `int()` accept other scripts' digits (Arabic-Indic "10" is 10) and `isdigit()`
+    accepts superscripts `int()` rejects (`"²"`); neither is a number a client should send.
+    """
+    if len(text) > max_digits or _ASCII_DIGITS.fullmatch(text) is None:
+        return None
+    return int(text)
 
 
 class InvalidMessageError(ValueError):
@@ -76,7 +95,7 @@ def _random_span_id() -> int:
 
 def parse_cloud_trace_context(value: str) -> TraceContext | None:
     """Parse `TRACE_ID[/SPAN_ID][;o=0|1]`; None when malformed."""
-    match = _CLOUD_TRACE.match(value.strip())
+    match = _CLOUD_TRACE.fullmatch(value.strip())
     if not match:
         return None
     trace_id = match.group(1).lower()
@@ -90,7 +109,7 @@ def parse_cloud_trace_context(value: str) -> TraceContext | None:
 
 def parse_traceparent(value: str) -> TraceContext | None:
     """Parse a W3C `traceparent`; None when malformed or all-zero."""
-    match = _TRACEPARENT.match(value.strip().lower())
+    match = _TRACEPARENT.fullmatch(value.strip().lower())
     if not match or match.group(1) == "ff":
         return None
     trace_id, span_hex, flags = match.group(2), match.group(3), match.group(4)
@@ -108,7 +127,7 @@ def validate_event_id(event_id: object) -> str:
     """Return a usable event id or raise InvalidMessageError saying why."""
     if not isinstance(event_id, str) or not event_id:
         raise InvalidMessageError("missing eventID")
-    if len(event_id) > _MAX_EVENT_ID_LEN or not _EVENT_ID.match(event_id):
+    if len(event_id) > _MAX_EVENT_ID_LEN or not _EVENT_ID.fullmatch(event_id):
         raise InvalidMessageError("malformed eventID")
     return event_id
 

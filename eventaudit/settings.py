@@ -57,7 +57,7 @@ def load_settings(cls: type[S], argv: Sequence[str] | None = None) -> S:
     """Parse flags and environment into `cls`; report every invalid value and exit 1."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        return cls(_cli_parse_args=args, _cli_prog_name=cls.prog)  # type: ignore[call-arg]
+        return cls(_cli_parse_args=args, _cli_prog_name=cls.prog)
     except ValidationError as exc:
         print(f"{cls.__name__}: {exc.error_count()} invalid setting(s):", file=sys.stderr)
         for err in exc.errors():

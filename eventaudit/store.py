@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from bson.codec_options import CodecOptions
 from pymongo import ASCENDING, DESCENDING, InsertOne, MongoClient, UpdateOne
@@ -57,6 +57,88 @@ class ReceiptSummary:
     event_id: str
     deliveries: int
     publish_time: datetime
+
+
+class PublishRecordStore(Protocol):
+    """What the publisher's record buffer writes to."""
+
+    def insert_publish_records(self, records: Sequence[PublishRecord], now: datetime) -> None:
+        """Write a batch of publish records; StoreError when the batch must be retried."""
+        ...
+
+
+class ReceiptStore(Protocol):
+    """What the subscriber writes to."""
+
+    def record_receipts(self, receipts: Sequence[Receipt], now: datetime) -> None:
+        """Write a batch of deliveries (first ones and redeliveries); StoreError on failure."""
+        ...
+
+
+class EvaluatorStore(Protocol):
+    """What the exporter's evaluator reads and keeps its results in."""
+
+    def published_scan(
+        self, start: datetime, end: datetime, changed_since: datetime | None, changed_from: datetime
+    ) -> tuple[list[PublishedEvent], set[datetime]]:
+        """Publish records in [start, end), and publishTimes of late ones (see MongoStore)."""
+        ...
+
+    def receipts_scan(
+        self, start: datetime, end: datetime, changed_since: datetime | None, changed_from: datetime
+    ) -> tuple[list[ReceiptSummary], set[datetime]]:
+        """Receipts in [start, end), and publishTimes of late ones (see MongoStore)."""
+        ...
+
+    def published_between(self, start: datetime, end: datetime) -> list[PublishedEvent]:
+        """Publish records with publishTime in [start, end)."""
+        ...
+
+    def receipts_between(self, start: datetime, end: datetime) -> list[ReceiptSummary]:
+        """Receipts of events whose publishTime is in [start, end)."""
+        ...
+
+    def save_bucket_results(self, results: Iterable[BucketResult], now: datetime) -> None:
+        """Replace the stored evaluation of each bucket."""
+        ...
+
+    def load_bucket_results(self, since: datetime) -> list[BucketResult]:
+        """Stored bucket evaluations with bucketStart >= since."""
+        ...
+
+    def load_evaluator_state(self) -> tuple[datetime | None, datetime | None]:
+        """(end of the settled range evaluated, time of the last late-record scan)."""
+        ...
+
+    def save_evaluator_state(self, until: datetime, scanned_at: datetime) -> None:
+        """Remember how far buckets were evaluated and late records scanned."""
+        ...
+
+
+class ExporterStore(EvaluatorStore, Protocol):
+    """Everything the exporter process uses: the evaluator's reads, the API, retention."""
+
+    def missed_events(
+        self, topic: str, subscription: str, start: datetime, end: datetime
+    ) -> list[PublishedEvent]:
+        """Published events of `topic` in [start, end) with no receipt on `subscription`."""
+        ...
+
+    def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
+        """Retention: delete records older than `cutoff`; counts per collection."""
+        ...
+
+
+class AuditStore(PublishRecordStore, ReceiptStore, ExporterStore, Protocol):
+    """The whole audit store interface; MongoStore and the tests' MemoryStore implement it."""
+
+    def ensure_indexes(self) -> None:
+        """Create what the queries rely on (idempotent)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
 
 
 def receipt_key(subscription: str, event_id: str) -> str:

@@ -1,4 +1,4 @@
-"""`python -m exporter`: parse, validate, wire, serve."""
+"""`python -m eventaudit.exporter`: parse, validate, wire, serve."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import sys
 from flask import Flask
 from prometheus_client import CollectorRegistry
 
+from eventaudit.exporter.app import ExporterDeps, create_app
+from eventaudit.exporter.collector import CompletionCollector, EvaluationState
+from eventaudit.exporter.config import ExporterSettings
+from eventaudit.exporter.evaluator import Evaluator
+from eventaudit.exporter.loop import EvaluationLoop
+from eventaudit.exporter.subscriptions import ExpectedSubscriptions, pubsub_lister
 from eventaudit.serving import serve_with_gunicorn
 from eventaudit.settings import configure_logging, load_settings
 from eventaudit.store import MongoStore, StoreError
-from exporter.app import ExporterDeps, create_app
-from exporter.collector import CompletionCollector, EvaluationState
-from exporter.config import ExporterSettings
-from exporter.evaluator import Evaluator
-from exporter.loop import EvaluationLoop
-from exporter.subscriptions import ExpectedSubscriptions, pubsub_lister
 
 log = logging.getLogger("exporter")
 

@@ -11,9 +11,9 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import CollectorRegistry
 
+from eventaudit.exporter.collector import EvaluationState
 from eventaudit.http import json_error, metrics_view, register_json_errors
-from eventaudit.store import MongoStore, StoreError
-from exporter.collector import EvaluationState
+from eventaudit.store import ExporterStore, StoreError
 
 # Pub/Sub ids: a letter first, then letters, digits and - _ . ~ + %. Nothing else reaches a query.
 _ID = re.compile(r"^[A-Za-z][A-Za-z0-9\-_.~+%]{2,254}$")
@@ -25,7 +25,7 @@ MAX_LIMIT = 10_000
 class ExporterDeps:
     """What the exporter's routes need."""
 
-    store: MongoStore
+    store: ExporterStore
     state: EvaluationState
     registry: CollectorRegistry
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from exporter.evaluator import Snapshot
-from exporter.subscriptions import ExpectedSubscriptions
+from eventaudit.exporter.evaluator import Snapshot
+from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 
 
 @dataclass

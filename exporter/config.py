@@ -6,8 +6,8 @@ from datetime import timedelta
 
 from pydantic import Field, field_validator, model_validator
 
+from eventaudit.exporter.buckets import Window, parse_duration
 from eventaudit.settings import CommonSettings, ListenAddress
-from exporter.buckets import Window, parse_duration
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -18,9 +18,9 @@ def _pair(text: str) -> tuple[str, str]:
 
 
 class ExporterSettings(CommonSettings):
-    """Settings of the exporter (`python -m exporter --help`). Lists are comma-separated."""
+    """Exporter settings (`python -m eventaudit.exporter --help`). Lists are comma-separated."""
 
-    prog = "python -m exporter"
+    prog = "python -m eventaudit.exporter"
 
     listen_address: ListenAddress = Field(
         "127.0.0.1:9800", description="HOST:PORT for /metrics and the API"

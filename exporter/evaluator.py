@@ -14,15 +14,15 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from eventaudit.records import BucketCounts, BucketResult
-from eventaudit.store import MongoStore, PublishedEvent, ReceiptSummary
-from exporter.buckets import (
+from eventaudit.exporter.buckets import (
     Window,
     completion_rate,
     floor_to_bucket,
     settled_frontier,
 )
-from exporter.subscriptions import ExpectedSubscriptions
+from eventaudit.exporter.subscriptions import ExpectedSubscriptions
+from eventaudit.records import BucketCounts, BucketResult
+from eventaudit.store import EvaluatorStore, PublishedEvent, ReceiptSummary
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Evaluator:
 
     def __init__(
         self,
-        store: MongoStore,
+        store: EvaluatorStore,
         expected: ExpectedSubscriptions,
         windows: list[Window],
         bucket: timedelta,

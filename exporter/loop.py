@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from eventaudit.store import MongoStore, StoreError
-from exporter.collector import EvaluationState
-from exporter.evaluator import Evaluator, log_snapshot
+from eventaudit.exporter.collector import EvaluationState
+from eventaudit.exporter.evaluator import Evaluator, log_snapshot
+from eventaudit.store import ExporterStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ class EvaluationLoop:
         self,
         evaluator: Evaluator,
         state: EvaluationState,
-        store: MongoStore,
+        store: ExporterStore,
         interval: timedelta,
         retention: timedelta,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),

@@ -1,4 +1,4 @@
-"""`python -m publisher`: parse, validate, wire, serve."""
+"""`python -m eventaudit.publisher`: parse, validate, wire, serve."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from flask import Flask
 from google.cloud import pubsub_v1
 from prometheus_client import CollectorRegistry
 
+from eventaudit.publisher.app import PublisherDeps, create_app
+from eventaudit.publisher.audited import AuditedPublisher, PublisherMetrics, RecordBuffer
+from eventaudit.publisher.config import PublisherSettings
 from eventaudit.serving import serve_with_gunicorn
 from eventaudit.settings import configure_logging, load_settings
 from eventaudit.store import MongoStore, StoreError
-from publisher.app import PublisherDeps, create_app
-from publisher.audited import AuditedPublisher, PublisherMetrics, RecordBuffer
-from publisher.config import PublisherSettings
 
 log = logging.getLogger("publisher")
 

@@ -24,8 +24,8 @@ from eventaudit.contract import (
     TraceContext,
 )
 from eventaudit.http import json_error, metrics_view, register_json_errors
-from publisher.audited import AuditedPublisher, PublishedEvent, RecordBuffer
-from publisher.config import PublisherSettings
+from eventaudit.publisher.audited import AuditedPublisher, PublishedEvent, RecordBuffer
+from eventaudit.publisher.config import PublisherSettings
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from eventaudit.contract import (
     validate_event_id,
 )
 from eventaudit.records import PublishRecord
-from eventaudit.store import MongoStore, StoreError
+from eventaudit.store import PublishRecordStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class RecordBuffer:
 
     def __init__(
         self,
-        store: MongoStore,
+        store: PublishRecordStore,
         metrics: PublisherMetrics,
         capacity: int = 100_000,
         batch_size: int = 500,

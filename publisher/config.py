@@ -8,9 +8,9 @@ from eventaudit.settings import CommonSettings, ListenAddress
 
 
 class PublisherSettings(CommonSettings):
-    """Settings of the publisher API (`python -m publisher --help`)."""
+    """Settings of the publisher API (`python -m eventaudit.publisher --help`)."""
 
-    prog = "python -m publisher"
+    prog = "python -m eventaudit.publisher"
 
     listen_address: ListenAddress = Field(
         "127.0.0.1:3000", description="HOST:PORT the API listens on"

@@ -1,4 +1,4 @@
-"""`python -m subscriber --subscription NAME`: parse, validate, wire, run."""
+"""`python -m eventaudit.subscriber --subscription NAME`: parse, validate, wire, run."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from prometheus_client import CollectorRegistry
 from eventaudit.http import BackgroundServer
 from eventaudit.settings import configure_logging, load_settings
 from eventaudit.store import MongoStore, StoreError
-from subscriber.audited import AuditedSubscriber, Faults, SubscriberMetrics
-from subscriber.config import SubscriberSettings
-from subscriber.service import create_app
+from eventaudit.subscriber.audited import AuditedSubscriber, Faults, SubscriberMetrics
+from eventaudit.subscriber.config import SubscriberSettings
+from eventaudit.subscriber.service import create_app
 
 log = logging.getLogger("subscriber")
 

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from eventaudit.contract import InvalidMessageError, read_attributes, utc_now_ms
 from eventaudit.records import Receipt
-from eventaudit.store import MongoStore, StoreError
+from eventaudit.store import ReceiptStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class AuditedSubscriber:
 
     def __init__(
         self,
-        store: MongoStore,
+        store: ReceiptStore,
         subscription: str,
         topic: str,
         metrics: SubscriberMetrics,

@@ -8,9 +8,9 @@ from eventaudit.settings import CommonSettings, ListenAddress
 
 
 class SubscriberSettings(CommonSettings):
-    """Settings of one subscriber process (`python -m subscriber --help`)."""
+    """Settings of one subscriber process (`python -m eventaudit.subscriber --help`)."""
 
-    prog = "python -m subscriber"
+    prog = "python -m eventaudit.subscriber"
 
     subscription: str = Field(..., min_length=3, description="subscription id to consume")
     topic: str | None = Field(

@@ -196,10 +196,15 @@ def alertmanager(config: Path, port: int, data_dir: Path, log_dir: Path) -> Serv
 def python_service(
     name: str, module: str, args: Sequence[str], log_dir: Path, env: dict[str, str], ready_url: str
 ) -> Service:
-    """One of eventaudit's own services, run with the venv's Python."""
+    """One of eventaudit's own services (`module`: publisher, subscriber or exporter), run as
+    `python -m eventaudit.<module>` with the venv's Python."""
     python = str(PYTHON) if PYTHON.exists() else sys.executable
     return Service(
-        name, [python, "-m", module, *args], log_dir, env=env, ready=lambda: http_ok(ready_url)
+        name,
+        [python, "-m", f"eventaudit.{module}", *args],
+        log_dir,
+        env=env,
+        ready=lambda: http_ok(ready_url),
     )
 
 

@@ -13,13 +13,18 @@ from google.cloud import pubsub_v1
 from prometheus_client import CollectorRegistry
 
 from eventaudit.contract import from_epoch_ms
+from eventaudit.exporter.buckets import Window
+from eventaudit.exporter.collector import CompletionCollector, EvaluationState
+from eventaudit.exporter.evaluator import Evaluator
+from eventaudit.exporter.subscriptions import ExpectedSubscriptions, pubsub_lister
+from eventaudit.publisher.audited import (
+    AuditedPublisher,
+    PublishedEvent,
+    PublisherMetrics,
+    RecordBuffer,
+)
 from eventaudit.store import MongoStore
-from exporter.buckets import Window
-from exporter.collector import CompletionCollector, EvaluationState
-from exporter.evaluator import Evaluator
-from exporter.subscriptions import ExpectedSubscriptions, pubsub_lister
-from publisher.audited import AuditedPublisher, PublishedEvent, PublisherMetrics, RecordBuffer
-from subscriber.audited import AuditedSubscriber, Faults, SubscriberMetrics
+from eventaudit.subscriber.audited import AuditedSubscriber, Faults, SubscriberMetrics
 from tests.conftest import PROJECT
 
 BUCKET = timedelta(seconds=1)

@@ -11,12 +11,12 @@ import pytest
 from flask.testing import FlaskClient
 from google.cloud import pubsub_v1
 
-from exporter.app import ExporterDeps
-from exporter.app import create_app as create_exporter_app
-from exporter.loop import EvaluationLoop
-from publisher.app import PublisherDeps
-from publisher.app import create_app as create_publisher_app
-from publisher.config import PublisherSettings
+from eventaudit.exporter.app import ExporterDeps
+from eventaudit.exporter.app import create_app as create_exporter_app
+from eventaudit.exporter.loop import EvaluationLoop
+from eventaudit.publisher.app import PublisherDeps
+from eventaudit.publisher.app import create_app as create_publisher_app
+from eventaudit.publisher.config import PublisherSettings
 from tests.conftest import PROJECT, wait_for
 from tests.integration.harness import BUCKET, audited_publisher, audited_subscriber, exporter_kit
 

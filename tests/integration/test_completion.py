@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 from google.cloud import pubsub_v1
 
 from eventaudit.contract import from_epoch_ms
-from exporter.app import ExporterDeps, create_app
-from exporter.loop import EvaluationLoop
-from subscriber.audited import Faults
+from eventaudit.exporter.app import ExporterDeps, create_app
+from eventaudit.exporter.loop import EvaluationLoop
+from eventaudit.subscriber.audited import Faults
 from tests.conftest import PROJECT, wait_for
 from tests.integration.harness import (
     BUCKET,
@@ -25,7 +25,7 @@ from tests.integration.harness import (
 TopicFactory = Callable[[int], tuple[str, list[str]]]
 
 
-def _publish(kit, topic: str, n: int) -> list:  # type: ignore[no-untyped-def]
+def _publish(kit, topic: str, n: int) -> list:
     events = [kit.publisher.publish(topic, {"n": i}) for i in range(n)]
     for e in events:
         e.message_id(timeout=30)
@@ -182,7 +182,7 @@ def test_handler_failure_nacks_and_the_retry_is_recorded(
     flaky = events[4].event_id
     handled: list[str] = []
 
-    def handler(message) -> None:  # type: ignore[no-untyped-def]
+    def handler(message) -> None:
         event_id = message.attributes["eventID"]
         if event_id == flaky and flaky not in handled:
             handled.append(event_id)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from eventaudit.contract import utc_now_ms
+from eventaudit.exporter.buckets import Window
+from eventaudit.exporter.evaluator import Evaluator
+from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 from eventaudit.records import PublishRecord, Receipt
 from eventaudit.store import MongoStore
-from exporter.buckets import Window
-from exporter.evaluator import Evaluator
-from exporter.subscriptions import ExpectedSubscriptions
 from tests.conftest import unique, wait_for
 from tests.integration.harness import BUCKET, SETTLE, audited_publisher
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from eventaudit.exporter.loop import EvaluationLoop
 from eventaudit.store import MongoStore
-from exporter.loop import EvaluationLoop
 from tests.conftest import unique, wait_for
 from tests.integration.harness import (
     BUCKET,

@@ -155,8 +155,8 @@ def test_users_demo_flows_to_exporter_metrics(services) -> None:
         f"{url['exporter']}/api/v1/missed?topic={topic}&subscription={sub}&window=5m"
     )
     assert status == 200 and json.loads(missed)["missed"] == 0
-    status, body = _get(f"{url['exporter']}/api/v1/missed?topic={topic}")
-    assert status == 400 and "subscription" in json.loads(body)["error"]
+    status, raw = _get(f"{url['exporter']}/api/v1/missed?topic={topic}")
+    assert status == 400 and "subscription" in json.loads(raw)["error"]
 
     # SIGTERM: each process stops cleanly and in time.
     for proc in reversed(services["procs"]):

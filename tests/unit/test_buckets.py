@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from exporter.buckets import (
+from eventaudit.exporter.buckets import (
     Window,
     completion_rate,
     floor_to_bucket,

@@ -7,10 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 from prometheus_client import CollectorRegistry
 
-from exporter.buckets import Window
-from exporter.collector import CompletionCollector, EvaluationState
-from exporter.evaluator import Snapshot, SubscriptionWindow
-from exporter.subscriptions import ExpectedSubscriptions
+from eventaudit.exporter.buckets import Window
+from eventaudit.exporter.collector import CompletionCollector, EvaluationState
+from eventaudit.exporter.evaluator import Snapshot, SubscriptionWindow
+from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 WINDOWS = (Window("1m", timedelta(minutes=1)), Window("5m", timedelta(minutes=5)))

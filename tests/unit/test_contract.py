@@ -12,7 +12,9 @@ from eventaudit.contract import (
     build_attributes,
     epoch_ms,
     from_epoch_ms,
+    is_pubsub_id,
     normalize_options,
+    parse_ascii_int,
     parse_cloud_trace_context,
     parse_traceparent,
     read_attributes,
@@ -60,7 +62,8 @@ def test_bad_traceparent_is_ignored(value: str) -> None:
 def test_headers_prefer_traceparent_then_cloud_header() -> None:
     other = "a" * 32
     both = {"traceparent": f"00-{TRACE}-00f067aa0ba902b7-01", "X-Cloud-Trace-Context": f"{other}/1"}
-    assert TraceContext.from_headers(both).trace_id == TRACE  # type: ignore[union-attr]
+    parsed = TraceContext.from_headers(both)
+    assert parsed is not None and parsed.trace_id == TRACE
     assert TraceContext.from_headers({"x-cloud-trace-context": f"{other}/1;o=1"}) == TraceContext(
         other, 1, True
     )
@@ -92,7 +95,10 @@ def test_read_attributes_tolerates_bad_publish_time() -> None:
     assert parsed.publish_time is None and parsed.trace_id is None
 
 
-@pytest.mark.parametrize("value", [None, "", 5, "has space", "x" * 129, '{"$gt": ""}'])
+@pytest.mark.parametrize(
+    "value",
+    [None, "", 5, "has space", "x" * 129, '{"$gt": ""}', "x\n", "x\r\n", "\nx", "x\u0660", "é"],
+)
 def test_invalid_event_ids(value: object) -> None:
     with pytest.raises(InvalidMessageError):
         validate_event_id(value)
@@ -115,3 +121,51 @@ def test_epoch_ms_round_trip_is_exact() -> None:
         assert from_epoch_ms(epoch_ms(moment)) == moment
     assert epoch_ms(datetime(1970, 1, 1, 0, 0, 0, 1000, tzinfo=UTC)) == 1
     assert epoch_ms(datetime(2026, 1, 2, 3, 4, 5, 678999, tzinfo=UTC)) == 1767323045678
+
+
+@pytest.mark.parametrize(
+    ("text", "valid"),
+    [
+        ("create-user", True),
+        ("a.b~c+d%e_f-g", True),
+        ("A" + "b" * 254, True),
+        ("A" + "b" * 255, False),
+        ("ab", False),
+        ("1abc", False),
+        ("create-user\n", False),
+        ("create-user\r", False),
+        ("\ncreate-user", False),
+        ("goog-topic", False),
+        ("GOOGle", False),
+        ("top ic", False),
+        ("t\u00e9st", False),
+        ("topic/x", False),
+        ("$where", False),
+    ],
+)
+def test_pubsub_ids_are_matched_whole(text: str, valid: bool) -> None:
+    assert is_pubsub_id(text) is valid
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("0", 0),
+        ("10", 10),
+        ("007", 7),
+        ("9" * 18, 10**18 - 1),
+        ("9" * 19, None),
+        ("", None),
+        ("-1", None),
+        ("+1", None),
+        ("1.0", None),
+        (" 1", None),
+        ("1\n", None),
+        ("\u00b2", None),  # superscript two: isdigit() but not int()
+        ("\u0661\u0660", None),  # Arabic-Indic 10: int() accepts it
+        ("\uff11", None),  # fullwidth 1
+        ("1_000", None),  # int() accepts underscores
+    ],
+)
+def test_parse_ascii_int_accepts_ascii_digits_only(text: str, value: int | None) -> None:
+    assert parse_ascii_int(text) == value

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry
 
+from eventaudit.publisher.audited import PublisherMetrics, RecordBuffer
 from eventaudit.records import PublishRecord
 from eventaudit.store import StoreError
-from publisher.audited import PublisherMetrics, RecordBuffer
 
 
 class FlakyStore:
@@ -20,7 +21,7 @@ class FlakyStore:
         self.batches: list[list[str]] = []
         self.lock = threading.Lock()
 
-    def insert_publish_records(self, records: list[PublishRecord], now: datetime) -> None:
+    def insert_publish_records(self, records: Sequence[PublishRecord], now: datetime) -> None:
         with self.lock:
             if self.failures:
                 self.failures -= 1
@@ -39,7 +40,7 @@ def _sample(registry: CollectorRegistry, outcome: str) -> float | None:
 def test_failed_batches_are_retried_in_order_and_nothing_is_lost() -> None:
     registry = CollectorRegistry()
     store = FlakyStore(failures=3)
-    buffer = RecordBuffer(store, PublisherMetrics(registry), batch_size=4, max_backoff=0.01)  # type: ignore[arg-type]
+    buffer = RecordBuffer(store, PublisherMetrics(registry), batch_size=4, max_backoff=0.01)
     for i in range(10):
         assert buffer.add(_record(i))
     buffer.start()
@@ -57,7 +58,7 @@ def test_failed_batches_are_retried_in_order_and_nothing_is_lost() -> None:
 def test_overflow_is_counted_not_silent() -> None:
     registry = CollectorRegistry()
     store = FlakyStore(failures=0)
-    buffer = RecordBuffer(store, PublisherMetrics(registry), capacity=3)  # type: ignore[arg-type]
+    buffer = RecordBuffer(store, PublisherMetrics(registry), capacity=3)
     results = [buffer.add(_record(i)) for i in range(5)]
     assert results == [True, True, True, False, False]
     assert _sample(registry, "dropped") == 2
@@ -70,7 +71,7 @@ def test_overflow_is_counted_not_silent() -> None:
 def test_close_counts_what_could_not_be_written() -> None:
     registry = CollectorRegistry()
     store = FlakyStore(failures=10**6)
-    buffer = RecordBuffer(store, PublisherMetrics(registry), max_backoff=0.01)  # type: ignore[arg-type]
+    buffer = RecordBuffer(store, PublisherMetrics(registry), max_backoff=0.01)
     for i in range(7):
         buffer.add(_record(i))
     buffer.start()

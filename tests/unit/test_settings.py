@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from eventaudit.exporter.config import ExporterSettings
+from eventaudit.publisher.config import PublisherSettings
 from eventaudit.settings import load_settings
-from exporter.config import ExporterSettings
-from publisher.config import PublisherSettings
-from subscriber.config import SubscriberSettings
+from eventaudit.subscriber.config import SubscriberSettings
 
 
 def test_exporter_defaults() -> None:
@@ -86,4 +86,4 @@ def test_help_names_the_command(capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         load_settings(ExporterSettings, ["--help"])
     assert exc.value.code == 0
-    assert capsys.readouterr().out.startswith("usage: python -m exporter")
+    assert capsys.readouterr().out.startswith("usage: python -m eventaudit.exporter")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from exporter.subscriptions import ExpectedSubscriptions
-from subscriber.audited import Faults
+from eventaudit.exporter.subscriptions import ExpectedSubscriptions
+from eventaudit.subscriber.audited import Faults
 
 
 class Clock:
@@ -30,7 +30,8 @@ def test_listing_error_keeps_last_good_listing() -> None:
         answer = answers.pop(0)
         if isinstance(answer, Exception):
             raise answer
-        return answer  # type: ignore[return-value]
+        assert isinstance(answer, list)
+        return answer
 
     expected = ExpectedSubscriptions({}, set(), lister, refresh_seconds=60, clock=clock)
     assert expected.for_topic("t", set()) == {"a", "b"}
