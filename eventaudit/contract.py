@@ -34,8 +34,8 @@ def is_pubsub_id(text: str) -> bool:
 def parse_ascii_int(text: str, max_digits: int = 18) -> int | None:
     """A non-negative integer written in ASCII digits only, else None.
 
-    `str.isdigit()` and `int()` accept other scripts' digits (Arabic-Indic "10" is 10) and `isdigit()`
-    accepts superscripts `int()` rejects (`"²"`); neither is a number a client should send.
+    `str.isdigit()` and `int()` accept other scripts' digits (Arabic-Indic "10" is 10), and
+    `isdigit()` accepts superscripts that `int()` rejects (`"²"`): no number a client sends.
     """
     if len(text) > max_digits or _ASCII_DIGITS.fullmatch(text) is None:
         return None
