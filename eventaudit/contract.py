@@ -181,25 +181,57 @@ def normalize_options(options: object) -> str:
     raise ValueError("Options must be a JSON object or a JSON string")
 
 
+# How far a publishTime attribute may be from the broker's publish time and still be trusted.
+# The attribute is stamped when the event is handed to the client library, which batches and
+# retries a publish for up to 10 minutes; clocks of healthy hosts agree within seconds. An hour
+# leaves room for both; beyond it the attribute is a broken clock or a forged value, and the
+# broker's time stands in, so every stored publishTime is within an hour of a real one (and
+# retention, which goes by publishTime, reaches every receipt).
+PUBLISH_TIME_TOLERANCE = timedelta(hours=1)
+_PUBLISH_TIME_DIGITS = 15
+
+# Why the broker's publish time stood in for the publishTime attribute.
+PUBLISH_TIME_FALLBACKS = ("missing", "malformed", "far")
+
+
 @dataclass(frozen=True, slots=True)
 class AuditedAttributes:
     """What a subscriber reads back from a received message's attributes."""
 
     event_id: str
-    publish_time: datetime | None
+    publish_time: datetime
     trace_id: str | None
+    publish_time_fallback: str | None = None  # one of PUBLISH_TIME_FALLBACKS, or None
 
 
-def read_attributes(attributes: Mapping[str, str]) -> AuditedAttributes:
+def read_attributes(
+    attributes: Mapping[str, str],
+    broker_time: datetime,
+    tolerance: timedelta = PUBLISH_TIME_TOLERANCE,
+) -> AuditedAttributes:
     """Parse a received message's attributes; raise InvalidMessageError when eventID is unusable.
 
-    A missing or malformed publishTime is tolerated (the broker's publish time stands in for
-    bucketing) because the event itself is still identifiable.
+    A publishTime that is missing, not ASCII digits, or further than `tolerance` from
+    `broker_time` (Pub/Sub's own publish time) is replaced by `broker_time`, and
+    `publish_time_fallback` says why: the event itself is still identifiable.
     """
+    # Attributes are strings on the wire; anything else (a library caller's mistake) is ignored.
+    text = {k: v for k, v in attributes.items() if isinstance(k, str) and isinstance(v, str)}
     event_id = validate_event_id(attributes.get(EVENT_ID))
-    publish_time: datetime | None = None
-    raw_time = attributes.get(PUBLISH_TIME, "")
-    if raw_time.isdigit() and len(raw_time) <= 15:
-        publish_time = from_epoch_ms(int(raw_time))
-    trace = TraceContext.from_headers(attributes)
-    return AuditedAttributes(event_id, publish_time, trace.trace_id if trace else None)
+    publish_time, fallback = _publish_time(attributes.get(PUBLISH_TIME), broker_time, tolerance)
+    trace = TraceContext.from_headers(text)
+    return AuditedAttributes(event_id, publish_time, trace.trace_id if trace else None, fallback)
+
+
+def _publish_time(
+    raw: object, broker_time: datetime, tolerance: timedelta
+) -> tuple[datetime, str | None]:
+    if raw is None:
+        return broker_time, "missing"
+    value = parse_ascii_int(raw, _PUBLISH_TIME_DIGITS) if isinstance(raw, str) else None
+    if value is None:
+        return broker_time, "malformed"
+    # Compared as integers first: a far value (year 10000 and on) never becomes a datetime.
+    if abs(value - epoch_ms(broker_time)) > tolerance // _MS:
+        return broker_time, "far"
+    return from_epoch_ms(value), None

@@ -4,6 +4,11 @@ Streaming-pull callbacks only parse and enqueue; one writer thread takes batches
 receipts (one per subscription and eventID, `deliveries` counting redeliveries), and only
 then acks. A failed write nacks the whole batch so Pub/Sub redelivers it. A message without a
 valid eventID is counted `invalid`, logged and acked: redelivering it could never help.
+
+No message content can raise out of the callback or stop the writer. An unexpected exception
+in our own code (a bug) is counted `internal_error`, logged with the message id, and the message
+nacked, at most MAX_INTERNAL_ERROR_ATTEMPTS times; then it is acked without a receipt, counted
+`internal_error_dropped` and logged as an error, so a poison message can never loop forever.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,7 +26,12 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from eventaudit.contract import InvalidMessageError, read_attributes, utc_now_ms
+from eventaudit.contract import (
+    PUBLISH_TIME_FALLBACKS,
+    InvalidMessageError,
+    read_attributes,
+    utc_now_ms,
+)
 from eventaudit.records import Receipt
 from eventaudit.store import ReceiptStore, StoreError
 
@@ -31,9 +42,17 @@ OUTCOMES = (
     "invalid",
     "handler_error",
     "store_error",
+    "internal_error",
+    "internal_error_dropped",
     "fault_lost",
     "fault_redelivered",
 )
+
+# Deliveries of one message that may fail on an unexpected exception before it is given up.
+MAX_INTERNAL_ERROR_ATTEMPTS = 5
+# Messages whose failed attempts are remembered (when the broker sends no delivery_attempt);
+# the oldest are forgotten first, so memory stays bounded whatever the traffic.
+_ATTEMPTS_REMEMBERED = 10_000
 
 
 class SubscriberMetrics:
@@ -43,7 +62,9 @@ class SubscriberMetrics:
         self.messages = Counter(
             "eventaudit_subscriber_messages_total",
             "Messages handled, by outcome: recorded then acked; invalid (acked, no record); "
-            "handler_error and store_error (nacked for redelivery); fault_* (fault knobs).",
+            "handler_error, store_error and internal_error (nacked for redelivery); "
+            "internal_error_dropped (acked without a receipt after repeated internal errors); "
+            "fault_* (fault knobs).",
             ["subscription", "outcome"],
             registry=registry,
         )
@@ -66,9 +87,20 @@ class SubscriberMetrics:
             ["subscription"],
             registry=registry,
         )
+        self.publish_time_fallbacks = Counter(
+            "eventaudit_subscriber_publish_time_fallbacks_total",
+            "Receipts stored with the broker's publish time because the publishTime attribute "
+            "was missing, malformed (not ASCII digits) or far (over an hour from the broker's).",
+            ["subscription", "reason"],
+            registry=registry,
+        )
         self.subscription = subscription
         for outcome in OUTCOMES:
             self.messages.labels(subscription, outcome)
+        self.fallback = {
+            reason: self.publish_time_fallbacks.labels(subscription, reason)
+            for reason in PUBLISH_TIME_FALLBACKS
+        }
         # Children bound once: the callback path should not look labels up per message.
         self.delivery_latency = self.latency.labels(subscription)
         self.pending_receipts = self.pending.labels(subscription)
@@ -86,6 +118,11 @@ class Message(Protocol):
     attributes: Any
     message_id: str
     publish_time: datetime
+
+    @property
+    def delivery_attempt(self) -> int | None:
+        """Set by Pub/Sub only on subscriptions with a dead-letter policy; else None."""
+        ...
 
     def ack(self) -> None: ...
 
@@ -146,7 +183,11 @@ class AuditedSubscriber:
         self._handler = handler
         self._on_receipt = on_receipt
         self._queue: queue.Queue[tuple[Message, Receipt] | None] = queue.Queue()
+        # Read at scrape time: the callback path does not update a gauge per message.
+        metrics.pending_receipts.set_function(self._queue.qsize)
         self._redelivered: set[str] = set()
+        self._attempts: OrderedDict[str, int] = OrderedDict()
+        self._attempts_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="receipt-writer", daemon=True)
         self.last_write_ok = True
 
@@ -160,10 +201,17 @@ class AuditedSubscriber:
         self._thread.join(timeout)
 
     def __call__(self, message: Message) -> None:
-        """The streaming-pull callback: parse and enqueue, never raise."""
-        receive_time = utc_now_ms()
+        """The streaming-pull callback: parse and enqueue; never raises."""
         try:
-            attrs = read_attributes(message.attributes)
+            self._receive(message)
+        except Exception as exc:
+            self._internal_error(message, exc)
+
+    def _receive(self, message: Message) -> None:
+        receive_time = utc_now_ms()
+        broker_time = _as_utc(message.publish_time)
+        try:
+            attrs = read_attributes(message.attributes, broker_time)
         except InvalidMessageError as exc:
             self._metrics.count("invalid")
             log.warning(
@@ -174,6 +222,15 @@ class AuditedSubscriber:
             )
             message.ack()
             return
+        if attrs.publish_time_fallback is not None:
+            self._metrics.fallback[attrs.publish_time_fallback].inc()
+            log.warning(
+                "message %s (event %s) on %s: publishTime %s, the broker's publish time is used",
+                message.message_id,
+                attrs.event_id,
+                self._subscription,
+                attrs.publish_time_fallback,
+            )
         if self._faults.lose(attrs.event_id):
             self._metrics.count("fault_lost")
             message.ack()
@@ -190,19 +247,62 @@ class AuditedSubscriber:
                 )
                 message.nack()
                 return
-        broker_time = _as_utc(message.publish_time)
         receipt = Receipt(
             subscription=self._subscription,
             event_id=attrs.event_id,
             topic=self._topic,
             trace_id=attrs.trace_id,
             message_id=message.message_id,
-            publish_time=attrs.publish_time or broker_time,
+            publish_time=attrs.publish_time,
             broker_publish_time=broker_time,
             receive_time=receive_time,
         )
         self._queue.put((message, receipt))
-        self._metrics.pending_receipts.set(self._queue.qsize())
+
+    def _internal_error(self, message: Message, exc: Exception) -> None:
+        """A bug of ours on this message: nack it for another try, a bounded number of times."""
+        try:
+            message_id = str(message.message_id)
+            attempt = self._attempt(message, message_id)
+            if attempt < MAX_INTERNAL_ERROR_ATTEMPTS:
+                self._metrics.count("internal_error")
+                log.error(
+                    "internal error on message %s (%s), attempt %d of %d, nacked: %r",
+                    message_id,
+                    self._subscription,
+                    attempt,
+                    MAX_INTERNAL_ERROR_ATTEMPTS,
+                    exc,
+                    exc_info=exc,
+                )
+                message.nack()
+                return
+            self._metrics.count("internal_error_dropped")
+            log.error(
+                "DROPPED message %s (%s): internal error on %d attempts, acked WITHOUT a "
+                "receipt: %r",
+                message_id,
+                self._subscription,
+                attempt,
+                exc,
+                exc_info=exc,
+            )
+            message.ack()
+        except Exception:  # never let the error path itself raise into the client's threads
+            log.exception("could not settle message after an internal error")
+
+    def _attempt(self, message: Message, message_id: str) -> int:
+        """This delivery's attempt number: Pub/Sub's when it counts them, else ours."""
+        from_broker = getattr(message, "delivery_attempt", None)
+        with self._attempts_lock:
+            # Kept once given up too: a redelivery of a dropped message (a lost ack) is dropped.
+            attempt = min(self._attempts.pop(message_id, 0) + 1, MAX_INTERNAL_ERROR_ATTEMPTS)
+            self._attempts[message_id] = attempt
+            if len(self._attempts) > _ATTEMPTS_REMEMBERED:
+                self._attempts.popitem(last=False)
+        if isinstance(from_broker, int):
+            attempt = max(attempt, from_broker)
+        return attempt
 
     def _take_batch(self) -> tuple[list[tuple[Message, Receipt]], bool]:
         first = self._queue.get()
@@ -216,8 +316,7 @@ class AuditedSubscriber:
             except queue.Empty:
                 break
             if item is None:
-                self._write(batch)
-                return [], True
+                return batch, True
             batch.append(item)
         return batch, False
 
@@ -225,26 +324,35 @@ class AuditedSubscriber:
         while True:
             batch, stopping = self._take_batch()
             if batch:
-                self._write(batch)
+                try:
+                    self._write(batch)
+                except Exception as exc:  # _write settles every message; this is the last guard
+                    log.exception("receipt writer: unexpected error, batch nacked")
+                    for message, _ in batch:
+                        self._internal_error(message, exc)
             if stopping:
                 return
 
     def _write(self, batch: list[tuple[Message, Receipt]]) -> None:
-        receipts = [r for _, r in batch]
+        """Write a batch's receipts, then settle its messages; never raises."""
         try:
-            self._store.record_receipts(receipts, utc_now_ms())
+            self._store.record_receipts([r for _, r in batch], utc_now_ms())
         except StoreError as exc:
-            for message, _ in batch:
-                message.nack()
-            self._metrics.count("store_error", len(batch))
-            self._metrics.store_ok.set(0)
-            self.last_write_ok = False
+            self._store_failed(batch, exc)
+            return
+        except Exception as exc:
+            if len(batch) == 1:
+                self._internal_error(batch[0][0], exc)
+                return
+            # A bug triggered by one receipt must not hold back the others: write them singly.
             log.warning(
-                "receipts of %d messages on %s not written, nacked for redelivery: %s",
+                "unexpected error writing %d receipts on %s, writing them one by one: %r",
                 len(batch),
                 self._subscription,
                 exc,
             )
+            for item in batch:
+                self._write([item])
             return
         self.last_write_ok = True
         self._metrics.store_ok.set(1)
@@ -261,11 +369,26 @@ class AuditedSubscriber:
             else:
                 message.ack()
             if self._on_receipt is not None:
-                self._on_receipt(receipt)
+                try:
+                    self._on_receipt(receipt)
+                except Exception:  # the receipt is durable and the message settled
+                    log.exception("on_receipt hook failed on event %s", receipt.event_id)
         self._metrics.count("recorded", len(batch) - redelivered)
         if redelivered:
             self._metrics.count("fault_redelivered", redelivered)
-        self._metrics.pending_receipts.set(self._queue.qsize())
+
+    def _store_failed(self, batch: list[tuple[Message, Receipt]], exc: StoreError) -> None:
+        for message, _ in batch:
+            message.nack()
+        self._metrics.count("store_error", len(batch))
+        self._metrics.store_ok.set(0)
+        self.last_write_ok = False
+        log.warning(
+            "receipts of %d messages on %s not written, nacked for redelivery: %s",
+            len(batch),
+            self._subscription,
+            exc,
+        )
 
 
 def _as_utc(moment: datetime) -> datetime:

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from eventaudit.contract import (
+    PUBLISH_TIME_TOLERANCE,
     InvalidMessageError,
     TraceContext,
     build_attributes,
@@ -86,13 +87,52 @@ def test_attributes_carry_both_trace_forms_and_read_back() -> None:
         "traceparent": f"00-{TRACE}-000000000000002a-01",
         "Options": '{"a":1}',
     }
-    parsed = read_attributes(attrs)
+    parsed = read_attributes(attrs, when + timedelta(milliseconds=40))
     assert (parsed.event_id, parsed.publish_time, parsed.trace_id) == ("evt-1", when, TRACE)
+    assert parsed.publish_time_fallback is None
 
 
-def test_read_attributes_tolerates_bad_publish_time() -> None:
-    parsed = read_attributes({"eventID": "e-1", "publishTime": "yesterday"})
-    assert parsed.publish_time is None and parsed.trace_id is None
+def test_read_attributes_falls_back_to_broker_time_on_bad_publish_time() -> None:
+    broker = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+    parsed = read_attributes({"eventID": "e-1", "publishTime": "yesterday"}, broker)
+    assert (parsed.publish_time, parsed.publish_time_fallback) == (broker, "malformed")
+    assert parsed.trace_id is None
+    parsed = read_attributes({"eventID": "e-1"}, broker)
+    assert (parsed.publish_time, parsed.publish_time_fallback) == (broker, "missing")
+
+
+@pytest.mark.parametrize(
+    ("offset_ms", "usable"),
+    [
+        (0, True),
+        (-PUBLISH_TIME_TOLERANCE // timedelta(milliseconds=1), True),
+        (PUBLISH_TIME_TOLERANCE // timedelta(milliseconds=1), True),
+        (-PUBLISH_TIME_TOLERANCE // timedelta(milliseconds=1) - 1, False),
+        (PUBLISH_TIME_TOLERANCE // timedelta(milliseconds=1) + 1, False),
+        (-epoch_ms(datetime(2026, 1, 2, tzinfo=UTC)), False),
+        (253402300800000, False),
+    ],
+)
+def test_publish_time_tolerance_boundary(offset_ms: int, usable: bool) -> None:
+    broker = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+    value = epoch_ms(broker) + offset_ms
+    parsed = read_attributes({"eventID": "e-1", "publishTime": str(value)}, broker)
+    if usable:
+        assert parsed.publish_time == from_epoch_ms(value)
+        assert parsed.publish_time_fallback is None
+    else:
+        assert (parsed.publish_time, parsed.publish_time_fallback) == (broker, "far")
+
+
+def test_publish_time_tolerance_is_at_least_an_hour_and_configurable() -> None:
+    assert timedelta(hours=1) <= PUBLISH_TIME_TOLERANCE
+    broker = datetime(2026, 1, 2, tzinfo=UTC)
+    late = str(epoch_ms(broker) + 2_000)
+    assert (
+        read_attributes({"eventID": "e", "publishTime": late}, broker).publish_time_fallback is None
+    )
+    tight = read_attributes({"eventID": "e", "publishTime": late}, broker, timedelta(seconds=1))
+    assert tight.publish_time_fallback == "far"
 
 
 @pytest.mark.parametrize(

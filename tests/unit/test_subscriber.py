@@ -1,0 +1,329 @@
+"""The streaming-pull callback and the receipt writer against hostile messages and our own bugs.
+
+No message content can raise out of the callback: a bad eventID is `invalid` (acked), an
+unusable publishTime falls back to the broker's time (counted by reason), and an unexpected
+exception in our code is counted, nacked a bounded number of times, then acked unrecorded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from eventaudit.contract import epoch_ms
+from eventaudit.records import Receipt
+from eventaudit.subscriber.audited import (
+    MAX_INTERNAL_ERROR_ATTEMPTS,
+    AuditedSubscriber,
+    Faults,
+    SubscriberMetrics,
+)
+from tests.fakes import MemoryStore
+
+SUB = "sub-1"
+TOPIC = "topic-1"
+BROKER = datetime(2026, 3, 4, 5, 6, 7, 891000, tzinfo=UTC)
+BROKER_MS = epoch_ms(BROKER)
+HOUR_MS = 3_600_000
+
+
+@dataclass
+class FakeMessage:
+    """The part of google.cloud.pubsub_v1.subscriber.message.Message the subscriber uses."""
+
+    attributes: dict[str, Any]
+    message_id: str = "m-1"
+    publish_time: datetime = BROKER
+    delivery_attempt: int | None = None
+    acks: list[str] = field(default_factory=list)
+
+    def ack(self) -> None:
+        self.acks.append("ack")
+
+    def nack(self) -> None:
+        self.acks.append("nack")
+
+
+class Subscriber:
+    """An AuditedSubscriber on a MemoryStore with its registry and a running writer."""
+
+    started: ClassVar[list[Subscriber]] = []
+
+    def __init__(self, store: MemoryStore | None = None, faults: Faults | None = None) -> None:
+        self.store = store or MemoryStore()
+        self.registry = CollectorRegistry()
+        self.audited = AuditedSubscriber(
+            self.store,
+            SUB,
+            TOPIC,
+            SubscriberMetrics(self.registry, SUB),
+            batch_size=1000,
+            flush_interval=0.01,
+            faults=faults,
+        )
+        self.audited.start()
+        Subscriber.started.append(self)
+
+    def deliver(self, *messages: FakeMessage) -> None:
+        """Run the callback on each message, then wait until each is acked or nacked."""
+        for message in messages:
+            self.audited(message)
+        while not all(m.acks for m in messages):  # pytest-timeout bounds a hang
+            time.sleep(0.001)
+
+    def count(self, outcome: str) -> float:
+        value = self.registry.get_sample_value(
+            "eventaudit_subscriber_messages_total", {"subscription": SUB, "outcome": outcome}
+        )
+        return value or 0.0
+
+    def fallbacks(self, reason: str) -> float:
+        value = self.registry.get_sample_value(
+            "eventaudit_subscriber_publish_time_fallbacks_total",
+            {"subscription": SUB, "reason": reason},
+        )
+        return value or 0.0
+
+    def stored_publish_time(self, event_id: str) -> datetime:
+        return self.store.received[f"{SUB}|{event_id}"]["publishTime"]
+
+
+GOOD_MS = BROKER_MS - 1234
+
+# (name, attributes, expected outcome, expected publishTime fallback reason or None)
+HOSTILE: list[tuple[str, dict[str, Any], str, str | None]] = [
+    ("superscript digit", {"eventID": "e-1", "publishTime": "²"}, "recorded", "malformed"),
+    (
+        "superscripts",
+        {"eventID": "e-1", "publishTime": "".join("⁰¹²³⁴⁵⁶⁷⁸⁹"[int(d)] for d in str(GOOD_MS))},
+        "recorded",
+        "malformed",
+    ),
+    (
+        "arabic-indic",
+        {"eventID": "e-1", "publishTime": "".join(chr(0x0660 + int(d)) for d in str(GOOD_MS))},
+        "recorded",
+        "malformed",
+    ),
+    (
+        "fullwidth",
+        {"eventID": "e-1", "publishTime": "".join(chr(0xFF10 + int(d)) for d in str(GOOD_MS))},
+        "recorded",
+        "malformed",
+    ),
+    ("year 10000", {"eventID": "e-1", "publishTime": "253402300800000"}, "recorded", "far"),
+    ("15 nines", {"eventID": "e-1", "publishTime": "9" * 15}, "recorded", "far"),
+    ("16 digits", {"eventID": "e-1", "publishTime": "1" * 16}, "recorded", "malformed"),
+    ("20 digits", {"eventID": "e-1", "publishTime": "9" * 20}, "recorded", "malformed"),
+    ("year 2100", {"eventID": "e-1", "publishTime": "4102444800000"}, "recorded", "far"),
+    ("zero", {"eventID": "e-1", "publishTime": "0"}, "recorded", "far"),
+    ("negative", {"eventID": "e-1", "publishTime": "-1"}, "recorded", "malformed"),
+    ("exponent", {"eventID": "e-1", "publishTime": "1e3"}, "recorded", "malformed"),
+    ("float", {"eventID": "e-1", "publishTime": f"{GOOD_MS}.0"}, "recorded", "malformed"),
+    ("hex", {"eventID": "e-1", "publishTime": "0x1f"}, "recorded", "malformed"),
+    ("leading space", {"eventID": "e-1", "publishTime": f" {GOOD_MS}"}, "recorded", "malformed"),
+    (
+        "trailing newline",
+        {"eventID": "e-1", "publishTime": f"{GOOD_MS}\n"},
+        "recorded",
+        "malformed",
+    ),
+    ("underscores", {"eventID": "e-1", "publishTime": "1_767_323_045"}, "recorded", "malformed"),
+    ("plus sign", {"eventID": "e-1", "publishTime": f"+{GOOD_MS}"}, "recorded", "malformed"),
+    ("empty", {"eventID": "e-1", "publishTime": ""}, "recorded", "malformed"),
+    ("10 KB", {"eventID": "e-1", "publishTime": "1" * 10_240}, "recorded", "malformed"),
+    ("NUL", {"eventID": "e-1", "publishTime": f"{GOOD_MS}\x00"}, "recorded", "malformed"),
+    ("RTL mark", {"eventID": "e-1", "publishTime": f"\u200f{GOOD_MS}"}, "recorded", "malformed"),
+    ("not a string", {"eventID": "e-1", "publishTime": GOOD_MS}, "recorded", "malformed"),
+    ("missing", {"eventID": "e-1"}, "recorded", "missing"),
+    (
+        "one hour early",
+        {"eventID": "e-1", "publishTime": str(BROKER_MS - HOUR_MS)},
+        "recorded",
+        None,
+    ),
+    (
+        "one hour late",
+        {"eventID": "e-1", "publishTime": str(BROKER_MS + HOUR_MS)},
+        "recorded",
+        None,
+    ),
+    (
+        "beyond an hour early",
+        {"eventID": "e-1", "publishTime": str(BROKER_MS - HOUR_MS - 1)},
+        "recorded",
+        "far",
+    ),
+    (
+        "beyond an hour late",
+        {"eventID": "e-1", "publishTime": str(BROKER_MS + HOUR_MS + 1)},
+        "recorded",
+        "far",
+    ),
+    ("leading zeros", {"eventID": "e-1", "publishTime": f"00{GOOD_MS}"}, "recorded", None),
+    (
+        "odd trace",
+        {"eventID": "e-1", "traceparent": "\x00" * 55, "Cloud-Trace-Context": "²"},
+        "recorded",
+        "missing",
+    ),
+    ("eventID newline", {"eventID": "e-1\n", "publishTime": str(GOOD_MS)}, "invalid", None),
+    ("eventID CRLF", {"eventID": "e-1\r\n", "publishTime": str(GOOD_MS)}, "invalid", None),
+    ("eventID NUL", {"eventID": "e\x00", "publishTime": str(GOOD_MS)}, "invalid", None),
+    ("eventID unicode", {"eventID": "é-1", "publishTime": str(GOOD_MS)}, "invalid", None),
+    (
+        "eventID digits",
+        {"eventID": "\u0661\u0660\u0660", "publishTime": str(GOOD_MS)},
+        "invalid",
+        None,
+    ),
+    ("eventID operator", {"eventID": '{"$gt": ""}', "publishTime": str(GOOD_MS)}, "invalid", None),
+    ("eventID pipe", {"eventID": "a|b", "publishTime": str(GOOD_MS)}, "invalid", None),
+    ("eventID 10 KB", {"eventID": "e" * 10_240, "publishTime": str(GOOD_MS)}, "invalid", None),
+    ("eventID empty", {"eventID": "", "publishTime": str(GOOD_MS)}, "invalid", None),
+    ("eventID not a string", {"eventID": 12345, "publishTime": str(GOOD_MS)}, "invalid", None),
+    ("no attributes", {}, "invalid", None),
+    ("bad both", {"eventID": "e-1\n", "publishTime": "²"}, "invalid", None),
+]
+
+
+@pytest.fixture(autouse=True)
+def _stop_writers() -> Iterator[None]:
+    yield
+    for sub in Subscriber.started:
+        sub.audited.stop()
+    Subscriber.started.clear()
+
+
+@pytest.mark.parametrize(
+    ("attributes", "outcome", "reason"),
+    [case[1:] for case in HOSTILE],
+    ids=[case[0] for case in HOSTILE],
+)
+def test_hostile_attributes_never_raise_out_of_the_callback(
+    attributes: dict[str, Any], outcome: str, reason: str | None
+) -> None:
+    sub = Subscriber()
+    message = FakeMessage(attributes)
+    sub.deliver(message)
+    assert message.acks == ["ack"]
+    assert sub.count(outcome) == 1
+    assert sub.count("internal_error") == 0
+    if outcome == "invalid":
+        assert sub.store.received == {}
+        return
+    stored = sub.stored_publish_time("e-1")
+    if reason is None:
+        assert stored == datetime.fromtimestamp(int(attributes["publishTime"]) / 1000, UTC)
+    else:
+        assert stored == BROKER
+        assert sub.fallbacks(reason) == 1
+    assert sum(sub.fallbacks(r) for r in ("missing", "malformed", "far")) == (reason is not None)
+
+
+def test_broker_time_is_kept_to_the_millisecond() -> None:
+    sub = Subscriber()
+    sub.deliver(FakeMessage({"eventID": "e-1"}, publish_time=BROKER + timedelta(microseconds=999)))
+    assert sub.stored_publish_time("e-1") == BROKER
+
+
+def test_hostile_messages_beside_good_ones_lose_no_good_receipt() -> None:
+    sub = Subscriber()
+    good = [FakeMessage({"eventID": f"good-{i}", "publishTime": str(GOOD_MS)}) for i in range(50)]
+    bad = [FakeMessage(attrs, message_id=f"bad-{i}") for i, (_, attrs, _, _) in enumerate(HOSTILE)]
+    mixed = [m for pair in zip(good, bad, strict=False) for m in pair] + good[len(bad) :]
+    sub.deliver(*mixed)
+    assert all(m.acks == ["ack"] for m in mixed)
+    recordable = sum(1 for case in HOSTILE if case[2] == "recorded")
+    assert {doc["eventID"] for doc in sub.store.received.values()} == {
+        f"good-{i}" for i in range(50)
+    } | {"e-1"}
+    assert sub.count("recorded") == 50 + recordable
+    assert sub.count("invalid") == len(HOSTILE) - recordable
+    # The hostile cases reuse eventID e-1: its later deliveries are redeliveries of one receipt.
+    assert sub.store.received[f"{SUB}|e-1"]["deliveries"] == recordable
+
+
+def _raise_for(event_id: str) -> Faults:
+    def lose(candidate: str) -> bool:
+        if candidate == event_id:
+            raise RuntimeError("bug in our own code")
+        return False
+
+    return Faults(lose=lose)
+
+
+def test_internal_error_in_the_callback_is_nacked_a_bounded_number_of_times() -> None:
+    sub = Subscriber(faults=_raise_for("boom"))
+    messages = [
+        FakeMessage({"eventID": "boom"}, message_id="m-boom")
+        for _ in range(MAX_INTERNAL_ERROR_ATTEMPTS + 2)
+    ]
+    good = FakeMessage({"eventID": "fine"}, message_id="m-fine")
+    sub.deliver(*messages, good)
+    acks = [m.acks for m in messages]
+    assert acks == [["nack"]] * (MAX_INTERNAL_ERROR_ATTEMPTS - 1) + [["ack"]] * 3
+    assert sub.count("internal_error") == MAX_INTERNAL_ERROR_ATTEMPTS - 1
+    assert sub.count("internal_error_dropped") == 3
+    assert good.acks == ["ack"] and sub.count("recorded") == 1
+    assert list(sub.store.received) == [f"{SUB}|fine"]
+
+
+def test_delivery_attempt_from_the_broker_bounds_retries_across_restarts() -> None:
+    sub = Subscriber(faults=_raise_for("boom"))
+    early = FakeMessage({"eventID": "boom"}, message_id="m-1", delivery_attempt=1)
+    late = FakeMessage(
+        {"eventID": "boom"}, message_id="m-2", delivery_attempt=MAX_INTERNAL_ERROR_ATTEMPTS
+    )
+    sub.deliver(early, late)
+    assert (early.acks, late.acks) == (["nack"], ["ack"])
+    assert (sub.count("internal_error"), sub.count("internal_error_dropped")) == (1, 1)
+
+
+class PoisonStore(MemoryStore):
+    """Raises an unexpected (non-StoreError) exception on any batch holding one event."""
+
+    def __init__(self, poison: str) -> None:
+        super().__init__()
+        self.poison = poison
+        self.calls = 0
+
+    def record_receipts(self, receipts: Sequence[Receipt], now: datetime) -> None:
+        self.calls += 1
+        if any(r.event_id == self.poison for r in receipts):
+            raise TypeError("bug in our own code")
+        super().record_receipts(receipts, now)
+
+
+def test_internal_error_in_the_writer_spares_the_rest_of_the_batch_and_the_thread() -> None:
+    sub = Subscriber(PoisonStore("boom"))
+    good = [FakeMessage({"eventID": f"good-{i}"}, message_id=f"m-{i}") for i in range(5)]
+    boom = FakeMessage({"eventID": "boom"}, message_id="m-boom")
+    sub.deliver(good[0], good[1], boom, good[2])
+    assert boom.acks == ["nack"]
+    assert [m.acks for m in good[:3]] == [["ack"]] * 3
+    assert sub.count("internal_error") == 1 and sub.count("recorded") == 3
+    # Each receipt was written exactly once: one delivery each.
+    assert [d["deliveries"] for d in sub.store.received.values()] == [1, 1, 1]
+    # The writer thread survived: a later message is still recorded.
+    sub.deliver(good[3])
+    assert good[3].acks == ["ack"] and sub.count("recorded") == 4
+
+
+def test_writer_internal_errors_are_bounded_too() -> None:
+    sub = Subscriber(PoisonStore("boom"))
+    booms = [
+        FakeMessage({"eventID": "boom"}, message_id="m-boom")
+        for _ in range(MAX_INTERNAL_ERROR_ATTEMPTS)
+    ]
+    for message in booms:
+        sub.deliver(message)
+    assert [m.acks for m in booms] == [["nack"]] * (MAX_INTERNAL_ERROR_ATTEMPTS - 1) + [["ack"]]
+    assert sub.count("internal_error_dropped") == 1
+    assert sub.store.received == {}
