@@ -6,15 +6,22 @@ from datetime import timedelta
 
 from pydantic import Field, field_validator, model_validator
 
+from eventaudit.contract import is_pubsub_id
 from eventaudit.exporter.buckets import Window, parse_duration
 from eventaudit.settings import CommonSettings, ListenAddress
+
+
+def _pubsub_id(text: str) -> str:
+    if not is_pubsub_id(text):
+        raise ValueError(f"{text!r} is not a Pub/Sub id")
+    return text
 
 
 def _pair(text: str) -> tuple[str, str]:
     topic, sep, sub = text.partition(":")
     if not sep or not topic or not sub:
         raise ValueError(f"expected TOPIC:SUBSCRIPTION, got {text!r}")
-    return topic, sub
+    return _pubsub_id(topic), _pubsub_id(sub)
 
 
 class ExporterSettings(CommonSettings):
@@ -36,8 +43,14 @@ class ExporterSettings(CommonSettings):
     list_subscriptions: bool = Field(
         True, description="also expect what Pub/Sub lists for each topic"
     )
-    subscription_refresh_seconds: float = Field(60.0, gt=0, description="how often to re-list")
-    retention: str = Field("7d", description="records older than this are deleted")
+    subscription_refresh_seconds: float = Field(
+        60.0, gt=0, le=86400, allow_inf_nan=False, description="how often to re-list"
+    )
+    retention: str = Field(
+        "7d",
+        description="records published or written longer ago than this are deleted; at least "
+        "the longest window + settle delay + one bucket",
+    )
     threads: int = Field(8, ge=1, le=64, description="gunicorn worker threads")
 
     @field_validator("bucket", "settle_delay", "retention")
@@ -53,6 +66,13 @@ class ExporterSettings(CommonSettings):
             _pair(item)
         return value
 
+    @field_validator("topics")
+    @classmethod
+    def _topics(cls, value: str) -> str:
+        for item in _split(value):
+            _pubsub_id(item)
+        return value
+
     @model_validator(mode="after")
     def _windows_fit(self) -> ExporterSettings:
         windows = self.window_list
@@ -60,8 +80,13 @@ class ExporterSettings(CommonSettings):
             raise ValueError("windows: at least one window is required")
         if len({w.label for w in windows}) != len(windows):
             raise ValueError("windows: duplicate window")
-        if self.retention_delta < max(w.length for w in windows) + self.settle_delta:
-            raise ValueError("retention must cover the longest window plus the settle delay")
+        # The oldest bucket a window sums starts up to one bucket before now - settle - window.
+        needed = max(w.length for w in windows) + self.settle_delta + self.bucket_delta
+        if self.retention_delta < needed:
+            raise ValueError(
+                "retention must cover the longest window plus the settle delay plus one bucket"
+                f" ({needed.total_seconds():g}s)"
+            )
         return self
 
     @property

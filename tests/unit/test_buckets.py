@@ -44,7 +44,38 @@ def test_parse_duration(text: str, seconds: int) -> None:
     assert parse_duration(text) == timedelta(seconds=seconds)
 
 
-@pytest.mark.parametrize("text", ["", "5", "0s", "-1m", "1.5h", "1y", "m5"])
+@pytest.mark.parametrize(("text", "seconds"), [("9999999s", 9_999_999), ("3650d", 3650 * 86400)])
+def test_parse_duration_upper_range(text: str, seconds: int) -> None:
+    assert parse_duration(text) == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "5",
+        "0s",
+        "-1m",
+        "1.5h",
+        "1y",
+        "m5",
+        "5m\n",  # `$` would match before the newline
+        " 5m",
+        "5m ",
+        "5 m",
+        "5M",
+        "\u0665m",  # Arabic-Indic five
+        "\u00b2m",  # superscript two: isdigit() but not int()
+        "\uff15m",  # fullwidth five
+        "05m",
+        "5m5",
+        "5mm",
+        "3651d",  # past the ten-year bound
+        "9999999d",  # year overflow in every datetime computation
+        "9999999h",
+        "99999999s",
+    ],
+)
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)

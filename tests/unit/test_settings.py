@@ -21,13 +21,13 @@ def test_exporter_pairs_and_flags() -> None:
     s = load_settings(
         ExporterSettings,
         [
-            "--expected-subscriptions", "t-1:a,t-1:b,t-2:c",
+            "--expected-subscriptions", "t-1:sub-a,t-1:sub-b,t-2:sub-c",
             "--excluded-subscriptions", "t-1:dead",
             "--topics", "t-1",
             "--no-list-subscriptions",
         ],
     )  # fmt: skip
-    assert s.expected_map == {"t-1": {"a", "b"}, "t-2": {"c"}}
+    assert s.expected_map == {"t-1": {"sub-a", "sub-b"}, "t-2": {"sub-c"}}
     assert s.excluded_set == {("t-1", "dead")}
     assert s.list_subscriptions is False
 
@@ -46,6 +46,30 @@ def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--expected-subscriptions", "no-colon"], "TOPIC:SUBSCRIPTION"),
         (["--retention", "1m"], "retention must cover"),
         (["--windows", "1m,1m"], "duplicate window"),
+        # Durations that overflow datetime arithmetic are start-up errors, not a dead thread.
+        (["--retention", "9999999d"], "duration"),
+        (["--retention", "3651d"], "duration"),
+        (["--settle-delay", "9999999d"], "duration"),
+        (["--bucket", "9999999h"], "duration"),
+        (["--windows", "1m,9999999d"], "duration"),
+        (["--retention", "7d\n"], "duration"),
+        (["--retention", "\u0667d"], "duration"),
+        (["--settle-delay", "\u00b2s"], "duration"),
+        (["--windows", "1m,\uff15m"], "duration"),
+        # Retention covers the longest window, the settle delay and one more bucket.
+        (
+            ["--windows", "1h", "--settle-delay", "30s", "--bucket", "10s", "--retention", "3639s"],
+            "retention must cover",
+        ),
+        (["--topics", "create-user\nx"], "Pub/Sub id"),
+        (["--topics", "ab"], "Pub/Sub id"),
+        (["--topics", "bad topic/x"], "Pub/Sub id"),
+        (["--topics", "goog-topic"], "Pub/Sub id"),
+        (["--expected-subscriptions", "t-1:bad sub"], "Pub/Sub id"),
+        (["--excluded-subscriptions", "t-1\n:sub-1"], "Pub/Sub id"),
+        (["--subscription-refresh-seconds", "inf"], "subscription-refresh-seconds"),
+        (["--subscription-refresh-seconds", "nan"], "subscription-refresh-seconds"),
+        (["--subscription-refresh-seconds", "1e12"], "subscription-refresh-seconds"),
         (["--listen-address", "9800"], "HOST:PORT"),
         (["--listen-address", "127.0.0.1:99999"], "HOST:PORT"),
     ],
@@ -55,6 +79,12 @@ def test_exporter_invalid_values_exit_1(argv, reported, capsys) -> None:
         load_settings(ExporterSettings, argv)
     assert exc.value.code == 1
     assert reported in capsys.readouterr().err
+
+
+def test_exporter_retention_boundary_is_window_plus_settle_plus_one_bucket() -> None:
+    argv = ["--windows", "1m,1h", "--settle-delay", "30s", "--bucket", "10s"]
+    s = load_settings(ExporterSettings, [*argv, "--retention", "3640s"])
+    assert s.retention_delta.total_seconds() == 3600 + 30 + 10
 
 
 def test_all_errors_reported_together(capsys) -> None:
