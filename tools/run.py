@@ -2,7 +2,13 @@
 
 FerretDB (SQLite) :27017, Pub/Sub emulator :8085, publisher API :3000, subscribers :9701 and
 :9702 (the second loses 2% of events on purpose), exporter :9800, Prometheus :9090,
-Alertmanager :9093.
+Alertmanager :9093 (every port shifted by `--port-offset`).
+
+A child that dies is restarted (at most 5 times in 5 minutes, then the stack stops), saying
+which one and the last lines of its log. Stopping follows the data: traffic, then the
+publisher (which writes its buffered records), then the subscribers once they have handled
+every published event (or after `--drain-seconds`), then the exporter, Prometheus and
+Alertmanager, the emulator and the store last; so Ctrl-C during traffic loses no event.
 """
 
 from __future__ import annotations
@@ -15,6 +21,10 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from tools import stack
 
@@ -31,11 +41,19 @@ PORTS = {
     "prometheus": 9090,
     "alertmanager": 9093,
 }
+# Subscriber outcomes after which the message was acked: what "handled" means when draining.
+ACKED_OUTCOMES = ("recorded", "invalid", "fault_lost")
+# The publisher flushes its record buffer on SIGTERM within its own shutdown budget.
+PUBLISHER_STOP_SECONDS = 40.0
+# A subscriber that dies holding messages leaves them leased for the streaming pull's stream
+# ack deadline (60 s in google-cloud-pubsub) before the emulator redelivers them.
+REDELIVERY_SECONDS = 65.0
+# Quiet time that means "drained" for a subscriber restarted long enough ago.
+QUIET_SECONDS = 3.0
 
 
-def traffic(rate: float, stop: threading.Event, counts: dict[str, int]) -> None:
-    """POST /api/v1/users `rate` times a second until stopped."""
-    url = f"http://127.0.0.1:{PORTS['publisher']}/api/v1/users"
+def traffic(url: str, rate: float, stop: threading.Event, counts: dict[str, int]) -> None:
+    """POST `url` `rate` times a second until stopped."""
     while not stop.wait(1 / rate):
         req = urllib.request.Request(url, data=b"", method="POST")
         try:
@@ -47,26 +65,37 @@ def traffic(rate: float, stop: threading.Event, counts: dict[str, int]) -> None:
             print(f"[run] traffic: {exc}", file=sys.stderr)
 
 
-def summary(window: str = "5m") -> str:
-    """One line from the exporter: completion and missed per subscription over `window`."""
+def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]] | None:
+    """Samples by metric name from a /metrics page; None when unreachable."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    url = f"http://127.0.0.1:{PORTS['exporter']}/metrics"
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
             text = resp.read().decode()
-    except OSError as exc:
-        return f"exporter unreachable: {exc}"
-    rates: dict[str, float] = {}
-    missed: dict[str, float] = {}
+    except OSError:
+        return None
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.labels.get("window") != window:
-                continue
-            if sample.name == "eventaudit_completion_rate":
-                rates[sample.labels["subscription"]] = sample.value
-            elif sample.name == "eventaudit_missed_events":
-                missed[sample.labels["subscription"]] = sample.value
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def summary(exporter_url: str, window: str = "5m") -> str:
+    """One line from the exporter: completion and missed per subscription over `window`."""
+    samples = scrape(f"{exporter_url}/metrics")
+    if samples is None:
+        return "exporter unreachable"
+    rates = {
+        labels["subscription"]: value
+        for labels, value in samples.get("eventaudit_completion_rate", [])
+        if labels.get("window") == window
+    }
+    missed = {
+        labels["subscription"]: value
+        for labels, value in samples.get("eventaudit_missed_events", [])
+        if labels.get("window") == window
+    }
     if not rates:
         return "no evaluation yet"
     return f"{window}: " + ", ".join(
@@ -75,121 +104,327 @@ def summary(window: str = "5m") -> str:
     )
 
 
-def main() -> int:
-    """Start everything, print where to look, stop everything on Ctrl-C (or after --duration)."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rate", type=float, default=20.0, help="requests per second")
-    parser.add_argument("--duration", type=float, default=0, help="stop after N seconds (0: never)")
-    parser.add_argument("--data-dir", default="data/run", help="FerretDB, Prometheus data and logs")
-    args = parser.parse_args()
+def handled(samples: dict[str, list[tuple[dict[str, str], float]]] | None) -> tuple[float, float]:
+    """(messages acked, receipts pending) from one subscriber's metrics."""
+    if samples is None:
+        return 0.0, float("inf")
+    acked = sum(
+        value
+        for labels, value in samples.get("eventaudit_subscriber_messages_total", [])
+        if labels.get("outcome") in ACKED_OUTCOMES
+    )
+    pending = sum(value for _, value in samples.get("eventaudit_subscriber_pending_receipts", []))
+    return acked, pending
 
-    busy = [f"{name} :{port}" for name, port in PORTS.items() if stack.port_open(port)]
-    if busy:
-        print(
-            f"[run] ports already in use: {', '.join(busy)}; stop what holds them", file=sys.stderr
-        )
-        return 1
-    data = stack.ROOT / args.data_dir
-    logs = data / "logs"
-    env = {
-        "PUBSUB_EMULATOR_HOST": f"127.0.0.1:{PORTS['pubsub-emulator']}",
-        "EVENTAUDIT_PROJECT": PROJECT,
-        "EVENTAUDIT_MONGO_URI": f"mongodb://127.0.0.1:{PORTS['ferretdb']}/",
-    }
-    os.environ.update(env)
-    started: list[stack.Service] = []
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
-    def start(service: stack.Service) -> None:
-        print(f"[run] starting {service.name} (log: {service.log_path.relative_to(stack.ROOT)})")
-        started.append(service.start())
+def drained(published: float, acked: float, pending: float) -> bool:
+    """A subscriber has handled every published event and holds nothing unwritten."""
+    return acked >= published and pending == 0
 
-    try:
-        start(stack.ferretdb(PORTS["ferretdb"], data / "ferretdb", logs))
-        start(stack.pubsub_emulator(PORTS["pubsub-emulator"], logs))
+
+@dataclass
+class RestartPolicy:
+    """At most `limit` restarts of one child within `period` seconds."""
+
+    limit: int = 5
+    period: float = 300.0
+    times: deque[float] = field(default_factory=deque)
+
+    def allow(self, now: float) -> bool:
+        """Record a restart at `now` if allowed."""
+        while self.times and now - self.times[0] > self.period:
+            self.times.popleft()
+        if len(self.times) >= self.limit:
+            return False
+        self.times.append(now)
+        return True
+
+
+@dataclass
+class Child:
+    """A started service, what to redo after restarting it, and its restart budget."""
+
+    service: stack.Service
+    after_start: Callable[[], None] = lambda: None
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+
+
+def offset_prometheus_config(source: Path, target: Path, ports: dict[str, int]) -> Path:
+    """prometheus.yml with its loopback targets moved to `ports` and absolute rule paths."""
+    text = source.read_text()
+    for name, port in PORTS.items():
+        text = text.replace(f'127.0.0.1:{port}"', f'127.0.0.1:{ports[name]}"')
+    for rules in ("rules.yml", "alerts.yml"):
+        text = text.replace(f"- {rules}", f"- {source.parent / rules}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+    return target
+
+
+class Stack:
+    """Starts, watches and stops the services of `make run`."""
+
+    def __init__(self, data: Path, ports: dict[str, int], drain_seconds: float) -> None:
+        self.data = data
+        self.logs = data / "logs"
+        self.ports = ports
+        self.drain_seconds = drain_seconds
+        self.children: dict[str, Child] = {}
+        self.restarted: dict[str, float] = {}  # name -> monotonic time of the last restart
+        self.env = {
+            "PUBSUB_EMULATOR_HOST": f"127.0.0.1:{ports['pubsub-emulator']}",
+            "EVENTAUDIT_PROJECT": PROJECT,
+            "EVENTAUDIT_MONGO_URI": f"mongodb://127.0.0.1:{ports['ferretdb']}/",
+        }
+        os.environ.update(self.env)
+
+    def url(self, name: str) -> str:
+        """http://127.0.0.1:PORT of a service."""
+        return f"http://127.0.0.1:{self.ports[name]}"
+
+    def _start(self, service: stack.Service, after_start: Callable[[], None] | None = None) -> None:
+        print(f"[run] starting {service.name} (log: {service.log_path})")
+        child = Child(service.start(), after_start or (lambda: None))
+        self.children[service.name] = child
+        child.after_start()
+
+    def _create_topic(self) -> None:
         stack.create_topic(PROJECT, TOPIC, SUBSCRIPTIONS)
         print(f"[run] topic {TOPIC} with subscriptions {', '.join(SUBSCRIPTIONS)}")
-        start(
+
+    def start(self) -> None:
+        """Start every service in dependency order; raises ServiceError or OSError."""
+        ports, logs, env = self.ports, self.logs, self.env
+        self._start(stack.ferretdb(ports["ferretdb"], self.data / "ferretdb", logs))
+        self._start(stack.pubsub_emulator(ports["pubsub-emulator"], logs), self._create_topic)
+        self._start(
             stack.python_service(
                 "publisher",
                 "publisher",
-                [],
+                ["--listen-address", f"127.0.0.1:{ports['publisher']}"],
                 logs,
                 env,
-                f"http://127.0.0.1:{PORTS['publisher']}/healthz",
+                f"{self.url('publisher')}/healthz",
+                stop_timeout=PUBLISHER_STOP_SECONDS,
             )
         )
         for i, (sub, extra) in enumerate(
             zip(SUBSCRIPTIONS, ([], ["--lose-fraction", "0.02"]), strict=True), start=1
         ):
-            port = PORTS[f"subscriber-{i}"]
-            start(
+            name = f"subscriber-{i}"
+            self._start(
                 stack.python_service(
-                    f"subscriber-{i}",
+                    name,
                     "subscriber",
-                    ["--subscription", sub, "--listen-address", f"127.0.0.1:{port}", *extra],
+                    ["--subscription", sub, "--listen-address", f"127.0.0.1:{ports[name]}", *extra],
                     logs,
                     env,
-                    f"http://127.0.0.1:{port}/metrics",
+                    f"{self.url(name)}/metrics",
+                    stop_timeout=20,
                 )
             )
-        start(
+        self._start(
             stack.python_service(
                 "exporter",
                 "exporter",
-                [],
+                ["--listen-address", f"127.0.0.1:{ports['exporter']}"],
                 logs,
                 env,
-                f"http://127.0.0.1:{PORTS['exporter']}/metrics",
+                f"{self.url('exporter')}/metrics",
+                stop_timeout=40,
             )
         )
         prom = stack.ROOT / "prometheus"
-        start(
-            stack.alertmanager(prom / "alertmanager.yml", PORTS["alertmanager"], data / "am", logs)
+        self._start(
+            stack.alertmanager(
+                prom / "alertmanager.yml", ports["alertmanager"], self.data / "am", logs
+            )
         )
-        start(stack.prometheus(prom / "prometheus.yml", PORTS["prometheus"], data / "prom", logs))
+        config = offset_prometheus_config(
+            prom / "prometheus.yml", self.data / "prometheus.yml", ports
+        )
+        self._start(stack.prometheus(config, ports["prometheus"], self.data / "prom", logs))
+
+    def restart_dead(self) -> bool:
+        """Restart children that exited; False when one exceeded its restart budget."""
+        for name, child in self.children.items():
+            service = child.service
+            if service.running():
+                continue
+            code = service.proc.returncode if service.proc else None
+            last = service.tail(3).replace("\n", "\n        ")
+            print(f"[run] {name} exited with {code}; last log lines:\n        {last}")
+            if not child.policy.allow(time.monotonic()):
+                print(
+                    f"[run] {name} died {child.policy.limit} times in "
+                    f"{child.policy.period:g}s; stopping (log: {service.log_path})",
+                    file=sys.stderr,
+                )
+                return False
+            print(f"[run] restarting {name}")
+            self.restarted[name] = time.monotonic()
+            try:
+                service.start()
+                child.after_start()
+            except (stack.ServiceError, OSError) as exc:
+                print(f"[run] could not restart {name}: {exc}", file=sys.stderr)
+        return True
+
+    def stop(self) -> None:
+        """Stop in data-flow order (see the module docstring)."""
+        order = ["publisher", "drain", "subscriber-1", "subscriber-2", "exporter"]
+        order += ["prometheus", "alertmanager", "pubsub-emulator", "ferretdb"]
+        publisher_stopped = False
+        for name in order:
+            if name == "drain":
+                if publisher_stopped:
+                    self.drain_after_publisher()
+                continue
+            child = self.children.pop(name, None)
+            if child is None:
+                continue
+            if name == "publisher":
+                # Read its count first: its /metrics goes away with it.
+                self._published = self._published_count()
+                publisher_stopped = True
+            child.service.stop()
+        for child in self.children.values():  # anything not named above
+            child.service.stop()
+        self.children.clear()
+
+    def _published_count(self) -> float:
+        samples = scrape(f"{self.url('publisher')}/metrics")
+        return sum(
+            value
+            for labels, value in (samples or {}).get("eventaudit_publisher_events_total", [])
+            if labels.get("outcome") == "published"
+        )
+
+    def drain_after_publisher(self) -> None:
+        """Wait, bounded, until each subscriber has handled every published event.
+
+        A subscriber restarted during the run counts only what it handled since (and after a
+        publisher restart, the publisher's count is partial); then
+        drained means nothing pending and nothing new for a quiet time that lasts at least
+        until its predecessor's leases ran out (REDELIVERY_SECONDS after the restart), since
+        the emulator redelivers what the dead process held only then.
+        """
+        published = getattr(self, "_published", 0.0)
+        subscribers = [n for n in self.children if n.startswith("subscriber-")]
+        last: dict[str, tuple[float, float]] = {}  # name -> (acked, when it last changed)
+        start = time.monotonic()
+        deadline = start + self.drain_seconds
+        for name in subscribers:
+            if name in self.restarted:
+                redelivered_by = self.restarted[name] + REDELIVERY_SECONDS
+                deadline = max(deadline, redelivered_by + QUIET_SECONDS + 5)
+        waiting = subscribers
+        while True:
+            now = time.monotonic()
+            still = []
+            for name in waiting:
+                acked, pending = handled(scrape(f"{self.url(name)}/metrics"))
+                if name not in last or acked != last[name][0]:
+                    last[name] = (acked, now)
+                if name in self.restarted or "publisher" in self.restarted:
+                    # Counters that do not cover the whole run: wait for quiet instead.
+                    leases_end = self.restarted.get(name, -REDELIVERY_SECONDS) + REDELIVERY_SECONDS
+                    quiet_since = max(last[name][1], leases_end)
+                    done = pending == 0 and now - quiet_since >= QUIET_SECONDS
+                else:
+                    done = drained(published, acked, pending)
+                if not done:
+                    still.append(name)
+            waiting = still
+            if not waiting or now > deadline:
+                break
+            time.sleep(0.2)
+        if waiting:
+            print(
+                f"[run] {', '.join(waiting)} had not handled all {published:.0f} published "
+                f"events after {time.monotonic() - start:.0f}s; stopping anyway"
+            )
+        else:
+            print(f"[run] every subscription drained ({published:.0f} events published)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start everything, print where to look, stop everything on Ctrl-C (or after --duration)."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rate", type=float, default=20.0, help="requests per second")
+    parser.add_argument("--duration", type=float, default=0, help="stop after N seconds (0: never)")
+    parser.add_argument("--data-dir", default="data/run", help="FerretDB, Prometheus data and logs")
+    parser.add_argument("--port-offset", type=int, default=0, help="shift every port by N")
+    parser.add_argument(
+        "--drain-seconds", type=float, default=45.0, help="longest wait for subscribers at stop"
+    )
+    args = parser.parse_args(argv)
+    if args.rate <= 0:
+        parser.error("--rate must be positive")
+
+    ports = {name: port + args.port_offset for name, port in PORTS.items()}
+    busy = [f"{name} :{port}" for name, port in ports.items() if stack.port_open(port)]
+    if busy:
+        print(
+            f"[run] ports already in use: {', '.join(busy)}; stop what holds them", file=sys.stderr
+        )
+        return 1
+    data = (stack.ROOT / args.data_dir).resolve()
+    run = Stack(data, ports, args.drain_seconds)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        run.start()
     except (stack.ServiceError, OSError, KeyboardInterrupt) as exc:
         # Ctrl-C during start-up too: children run in their own sessions, stop them here.
         print(f"[run] {exc or 'interrupted'}", file=sys.stderr)
-        for service in reversed(started):
-            service.stop()
+        run.stop()
         return 1
 
     counts = {"ok": 0, "failed": 0}
-    sender = threading.Thread(target=traffic, args=(args.rate, stop, counts), daemon=True)
+    sender = threading.Thread(
+        target=traffic,
+        args=(f"{run.url('publisher')}/api/v1/users", args.rate, stop, counts),
+        daemon=True,
+    )
     sender.start()
+    exporter = run.url("exporter")
     print(
         f"""
 [run] eventaudit is running, with up to {args.rate:g} requests/s of traffic. Look at:
-        curl localhost:9800/metrics          exporter (completion, missed; numbers after ~40 s)
-        http://localhost:9800/               status page
-        curl 'localhost:9800/api/v1/missed?topic={TOPIC}&subscription={SUBSCRIPTIONS[1]}&window=5m'
-        curl -X POST localhost:3000/api/v1/users
-        http://localhost:9090/               Prometheus (alerts: /alerts)
+        curl {exporter}/metrics          exporter (completion, missed; numbers after ~40 s)
+        {exporter}/               status page
+        curl '{exporter}/api/v1/missed?topic={TOPIC}&subscription={SUBSCRIPTIONS[1]}&window=5m'
+        curl -X POST {run.url("publisher")}/api/v1/users
+        {run.url("prometheus")}/               Prometheus (alerts: /alerts)
       {SUBSCRIPTIONS[1]} loses 2% of events on purpose. Ctrl-C stops everything.
 """
     )
     deadline = time.monotonic() + args.duration if args.duration else float("inf")
     next_summary = time.monotonic() + 45
+    code = 0
     try:
         while not stop.wait(1):
             if time.monotonic() > deadline:
                 break
             if time.monotonic() > next_summary:
-                print(f"[run] {summary()}  (sent {counts['ok']}, failed {counts['failed']})")
+                sent = f"sent {counts['ok']}, failed {counts['failed']}"
+                print(f"[run] {summary(exporter)}  ({sent})")
                 next_summary += 30
-            dead = [s.name for s in started if not s.running()]
-            if dead:
-                print(f"[run] {', '.join(dead)} exited; see {logs}", file=sys.stderr)
+            if not run.restart_dead():
+                code = 1
                 break
     except KeyboardInterrupt:
         pass
     stop.set()
+    sender.join(timeout=10)
     print(f"\n[run] stopping ({counts['ok']} requests sent, {counts['failed']} failed)")
-    for service in reversed(started):
-        service.stop()
-    return 0
+    try:
+        run.stop()
+    except KeyboardInterrupt:  # a second Ctrl-C: stop the rest at once
+        for child in run.children.values():
+            child.service.kill()
+    return code
 
 
 if __name__ == "__main__":

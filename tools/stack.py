@@ -62,8 +62,10 @@ class Service:
         env: dict[str, str] | None = None,
         ready: Callable[[], bool] | None = None,
         timeout: float = 60.0,
+        stop_timeout: float = 10.0,
     ) -> None:
         self.name = name
+        self.stop_timeout = stop_timeout
         self.argv = list(argv)
         self.env = env
         self.log_path = log_dir / f"{name}.log"
@@ -105,25 +107,31 @@ class Service:
         """True while the process lives."""
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the process group, then SIGKILL what is left after `timeout`."""
-        if self.proc is None or self.proc.poll() is not None:
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM the process group, then SIGKILL what is left after `timeout` (default: the
+        service's stop_timeout). Whatever else is left in the group is killed too, so no
+        child of the service outlives it."""
+        if self.proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(self.stop_timeout if timeout is None else timeout)
+            except subprocess.TimeoutExpired:
+                print(f"[stack] {self.name} did not stop in time: killed", file=sys.stderr)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(5)
 
     def kill(self) -> None:
         """SIGKILL the process group at once (a crash, for outage tests)."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
 
     def tail(self, lines: int = 30) -> str:
         """The last lines of the service's log."""
@@ -194,7 +202,13 @@ def alertmanager(config: Path, port: int, data_dir: Path, log_dir: Path) -> Serv
 
 
 def python_service(
-    name: str, module: str, args: Sequence[str], log_dir: Path, env: dict[str, str], ready_url: str
+    name: str,
+    module: str,
+    args: Sequence[str],
+    log_dir: Path,
+    env: dict[str, str],
+    ready_url: str,
+    stop_timeout: float = 10.0,
 ) -> Service:
     """One of eventaudit's own services (`module`: publisher, subscriber or exporter), run as
     `python -m eventaudit.<module>` with the venv's Python."""
@@ -205,6 +219,7 @@ def python_service(
         log_dir,
         env=env,
         ready=lambda: http_ok(ready_url),
+        stop_timeout=stop_timeout,
     )
 
 
