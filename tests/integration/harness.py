@@ -56,6 +56,7 @@ def audited_publisher(store: MongoStore, capacity: int = 100_000) -> Iterator[Pu
 class SubscriberKit:
     audited: AuditedSubscriber
     registry: CollectorRegistry
+    future: Any  # the streaming pull's future: done means the stream stopped
 
     def count(self, outcome: str, subscription: str) -> float:
         value = self.registry.get_sample_value(
@@ -81,7 +82,7 @@ def audited_subscriber(
     with pubsub_v1.SubscriberClient() as client:
         future = client.subscribe(client.subscription_path(PROJECT, subscription), callback=audited)
         try:
-            yield SubscriberKit(audited, registry)
+            yield SubscriberKit(audited, registry, future)
         finally:
             future.cancel()
             with contextlib.suppress(Exception):

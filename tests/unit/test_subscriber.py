@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import pytest
 from prometheus_client import CollectorRegistry
 
-from eventaudit.contract import epoch_ms
+from eventaudit.contract import epoch_ms, from_epoch_ms
 from eventaudit.records import Receipt
 from eventaudit.subscriber.audited import (
     MAX_INTERNAL_ERROR_ATTEMPTS,
@@ -94,103 +94,95 @@ class Subscriber:
         return self.store.received[f"{SUB}|{event_id}"]["publishTime"]
 
 
-GOOD_MS = BROKER_MS - 1234
+@dataclass(frozen=True)
+class Hostile:
+    """One hostile message: its attributes, the outcome it must get and the fallback reason."""
 
-# (name, attributes, expected outcome, expected publishTime fallback reason or None)
-HOSTILE: list[tuple[str, dict[str, Any], str, str | None]] = [
-    ("superscript digit", {"eventID": "e-1", "publishTime": "²"}, "recorded", "malformed"),
-    (
-        "superscripts",
-        {"eventID": "e-1", "publishTime": "".join("⁰¹²³⁴⁵⁶⁷⁸⁹"[int(d)] for d in str(GOOD_MS))},
-        "recorded",
-        "malformed",
-    ),
-    (
-        "arabic-indic",
-        {"eventID": "e-1", "publishTime": "".join(chr(0x0660 + int(d)) for d in str(GOOD_MS))},
-        "recorded",
-        "malformed",
-    ),
-    (
-        "fullwidth",
-        {"eventID": "e-1", "publishTime": "".join(chr(0xFF10 + int(d)) for d in str(GOOD_MS))},
-        "recorded",
-        "malformed",
-    ),
-    ("year 10000", {"eventID": "e-1", "publishTime": "253402300800000"}, "recorded", "far"),
-    ("15 nines", {"eventID": "e-1", "publishTime": "9" * 15}, "recorded", "far"),
-    ("16 digits", {"eventID": "e-1", "publishTime": "1" * 16}, "recorded", "malformed"),
-    ("20 digits", {"eventID": "e-1", "publishTime": "9" * 20}, "recorded", "malformed"),
-    ("year 2100", {"eventID": "e-1", "publishTime": "4102444800000"}, "recorded", "far"),
-    ("zero", {"eventID": "e-1", "publishTime": "0"}, "recorded", "far"),
-    ("negative", {"eventID": "e-1", "publishTime": "-1"}, "recorded", "malformed"),
-    ("exponent", {"eventID": "e-1", "publishTime": "1e3"}, "recorded", "malformed"),
-    ("float", {"eventID": "e-1", "publishTime": f"{GOOD_MS}.0"}, "recorded", "malformed"),
-    ("hex", {"eventID": "e-1", "publishTime": "0x1f"}, "recorded", "malformed"),
-    ("leading space", {"eventID": "e-1", "publishTime": f" {GOOD_MS}"}, "recorded", "malformed"),
-    (
-        "trailing newline",
-        {"eventID": "e-1", "publishTime": f"{GOOD_MS}\n"},
-        "recorded",
-        "malformed",
-    ),
-    ("underscores", {"eventID": "e-1", "publishTime": "1_767_323_045"}, "recorded", "malformed"),
-    ("plus sign", {"eventID": "e-1", "publishTime": f"+{GOOD_MS}"}, "recorded", "malformed"),
-    ("empty", {"eventID": "e-1", "publishTime": ""}, "recorded", "malformed"),
-    ("10 KB", {"eventID": "e-1", "publishTime": "1" * 10_240}, "recorded", "malformed"),
-    ("NUL", {"eventID": "e-1", "publishTime": f"{GOOD_MS}\x00"}, "recorded", "malformed"),
-    ("RTL mark", {"eventID": "e-1", "publishTime": f"\u200f{GOOD_MS}"}, "recorded", "malformed"),
-    ("not a string", {"eventID": "e-1", "publishTime": GOOD_MS}, "recorded", "malformed"),
-    ("missing", {"eventID": "e-1"}, "recorded", "missing"),
-    (
-        "one hour early",
-        {"eventID": "e-1", "publishTime": str(BROKER_MS - HOUR_MS)},
-        "recorded",
-        None,
-    ),
-    (
-        "one hour late",
-        {"eventID": "e-1", "publishTime": str(BROKER_MS + HOUR_MS)},
-        "recorded",
-        None,
-    ),
-    (
-        "beyond an hour early",
-        {"eventID": "e-1", "publishTime": str(BROKER_MS - HOUR_MS - 1)},
-        "recorded",
-        "far",
-    ),
-    (
-        "beyond an hour late",
-        {"eventID": "e-1", "publishTime": str(BROKER_MS + HOUR_MS + 1)},
-        "recorded",
-        "far",
-    ),
-    ("leading zeros", {"eventID": "e-1", "publishTime": f"00{GOOD_MS}"}, "recorded", None),
-    (
-        "odd trace",
-        {"eventID": "e-1", "traceparent": "\x00" * 55, "Cloud-Trace-Context": "²"},
-        "recorded",
-        "missing",
-    ),
-    ("eventID newline", {"eventID": "e-1\n", "publishTime": str(GOOD_MS)}, "invalid", None),
-    ("eventID CRLF", {"eventID": "e-1\r\n", "publishTime": str(GOOD_MS)}, "invalid", None),
-    ("eventID NUL", {"eventID": "e\x00", "publishTime": str(GOOD_MS)}, "invalid", None),
-    ("eventID unicode", {"eventID": "é-1", "publishTime": str(GOOD_MS)}, "invalid", None),
-    (
-        "eventID digits",
-        {"eventID": "\u0661\u0660\u0660", "publishTime": str(GOOD_MS)},
-        "invalid",
-        None,
-    ),
-    ("eventID operator", {"eventID": '{"$gt": ""}', "publishTime": str(GOOD_MS)}, "invalid", None),
-    ("eventID pipe", {"eventID": "a|b", "publishTime": str(GOOD_MS)}, "invalid", None),
-    ("eventID 10 KB", {"eventID": "e" * 10_240, "publishTime": str(GOOD_MS)}, "invalid", None),
-    ("eventID empty", {"eventID": "", "publishTime": str(GOOD_MS)}, "invalid", None),
-    ("eventID not a string", {"eventID": 12345, "publishTime": str(GOOD_MS)}, "invalid", None),
-    ("no attributes", {}, "invalid", None),
-    ("bad both", {"eventID": "e-1\n", "publishTime": "²"}, "invalid", None),
-]
+    name: str
+    attributes: dict[str, Any]
+    outcome: str = "recorded"
+    reason: str | None = "malformed"
+
+    @property
+    def publishable(self) -> bool:
+        """Pub/Sub attributes are strings: other values only reach library callers."""
+        return all(isinstance(v, str) for v in self.attributes.values())
+
+
+def hostile_cases(broker_ms: int, margin_ms: int = 1) -> list[Hostile]:
+    """The hostile table around a broker publish time. `margin_ms` is how far past the
+    tolerance the "beyond" cases are, and how far inside it the "within" cases are."""
+    good = broker_ms - 1234
+    digits = str(good)
+
+    def at(name: str, publish_time: object, reason: str | None = "malformed") -> Hostile:
+        return Hostile(name, {"eventID": "e-1", "publishTime": publish_time}, reason=reason)
+
+    def bad_id(name: str, event_id: object) -> Hostile:
+        attrs = {"eventID": event_id, "publishTime": digits}
+        return Hostile(name, attrs, outcome="invalid", reason=None)
+
+    return [
+        at("superscript digit", "²"),
+        at("superscripts", "".join("⁰¹²³⁴⁵⁶⁷⁸⁹"[int(d)] for d in digits)),
+        at("arabic-indic", "".join(chr(0x0660 + int(d)) for d in digits)),
+        at("fullwidth", "".join(chr(0xFF10 + int(d)) for d in digits)),
+        at("devanagari", "".join(chr(0x0966 + int(d)) for d in digits)),
+        at("year 10000", "253402300800000", "far"),
+        at("15 nines", "9" * 15, "far"),
+        at("16 digits", "1" * 16),
+        at("20 digits", "9" * 20),
+        at("year 2100", "4102444800000", "far"),
+        at("year 1970", "0", "far"),
+        at("seconds, not ms", digits[:-3], "far"),
+        at("microseconds, not ms", digits + "000"),
+        at("negative", "-1"),
+        at("exponent", "1e3"),
+        at("float", f"{digits}.0"),
+        at("hex", "0x1f"),
+        at("leading space", f" {digits}"),
+        at("trailing newline", f"{digits}\n"),
+        at("trailing CRLF", f"{digits}\r\n"),
+        at("underscores", "1_767_323_045"),
+        at("plus sign", f"+{digits}"),
+        at("empty", ""),
+        at("10 KB", "1" * 10_240),
+        at("NUL", f"{digits}\x00"),
+        at("RTL mark", f"\u200f{digits}"),
+        at("emoji", "😀"),
+        at("not a string", good),
+        Hostile("missing", {"eventID": "e-1"}, reason="missing"),
+        at("within an hour early", str(broker_ms - HOUR_MS + margin_ms - 1), None),
+        at("within an hour late", str(broker_ms + HOUR_MS - margin_ms + 1), None),
+        at("beyond an hour early", str(broker_ms - HOUR_MS - margin_ms), "far"),
+        at("beyond an hour late", str(broker_ms + HOUR_MS + margin_ms), "far"),
+        at("leading zeros", f"00{digits}", None),
+        Hostile(
+            "odd trace",
+            {"eventID": "e-1", "traceparent": "\x00" * 55, "Cloud-Trace-Context": "²" * 40},
+            reason="missing",
+        ),
+        bad_id("eventID newline", "e-1\n"),
+        bad_id("eventID CRLF", "e-1\r\n"),
+        bad_id("eventID leading newline", "\ne-1"),
+        bad_id("eventID NUL", "e\x00"),
+        bad_id("eventID unicode", "é-1"),
+        bad_id("eventID digits", "\u0661\u0660\u0660"),
+        bad_id("eventID operator", '{"$gt": ""}'),
+        bad_id("eventID pipe", "a|b"),
+        bad_id("eventID space", "a b"),
+        bad_id("eventID 10 KB", "e" * 10_240),
+        bad_id("eventID 129 chars", "e" * 129),
+        bad_id("eventID empty", ""),
+        bad_id("eventID not a string", 12345),
+        Hostile("no attributes", {}, outcome="invalid", reason=None),
+        Hostile(
+            "bad both", {"eventID": "e-1\n", "publishTime": "²"}, outcome="invalid", reason=None
+        ),
+    ]
+
+
+HOSTILE = hostile_cases(BROKER_MS)
 
 
 @pytest.fixture(autouse=True)
@@ -201,14 +193,9 @@ def _stop_writers() -> Iterator[None]:
     Subscriber.started.clear()
 
 
-@pytest.mark.parametrize(
-    ("attributes", "outcome", "reason"),
-    [case[1:] for case in HOSTILE],
-    ids=[case[0] for case in HOSTILE],
-)
-def test_hostile_attributes_never_raise_out_of_the_callback(
-    attributes: dict[str, Any], outcome: str, reason: str | None
-) -> None:
+@pytest.mark.parametrize("case", HOSTILE, ids=[case.name for case in HOSTILE])
+def test_hostile_attributes_never_raise_out_of_the_callback(case: Hostile) -> None:
+    attributes, outcome, reason = case.attributes, case.outcome, case.reason
     sub = Subscriber()
     message = FakeMessage(attributes)
     sub.deliver(message)
@@ -220,7 +207,7 @@ def test_hostile_attributes_never_raise_out_of_the_callback(
         return
     stored = sub.stored_publish_time("e-1")
     if reason is None:
-        assert stored == datetime.fromtimestamp(int(attributes["publishTime"]) / 1000, UTC)
+        assert stored == from_epoch_ms(int(attributes["publishTime"]))
     else:
         assert stored == BROKER
         assert sub.fallbacks(reason) == 1
@@ -235,12 +222,12 @@ def test_broker_time_is_kept_to_the_millisecond() -> None:
 
 def test_hostile_messages_beside_good_ones_lose_no_good_receipt() -> None:
     sub = Subscriber()
-    good = [FakeMessage({"eventID": f"good-{i}", "publishTime": str(GOOD_MS)}) for i in range(50)]
-    bad = [FakeMessage(attrs, message_id=f"bad-{i}") for i, (_, attrs, _, _) in enumerate(HOSTILE)]
+    good = [FakeMessage({"eventID": f"good-{i}", "publishTime": str(BROKER_MS)}) for i in range(50)]
+    bad = [FakeMessage(case.attributes, message_id=f"bad-{i}") for i, case in enumerate(HOSTILE)]
     mixed = [m for pair in zip(good, bad, strict=False) for m in pair] + good[len(bad) :]
     sub.deliver(*mixed)
     assert all(m.acks == ["ack"] for m in mixed)
-    recordable = sum(1 for case in HOSTILE if case[2] == "recorded")
+    recordable = sum(1 for case in HOSTILE if case.outcome == "recorded")
     assert {doc["eventID"] for doc in sub.store.received.values()} == {
         f"good-{i}" for i in range(50)
     } | {"e-1"}

@@ -1,0 +1,267 @@
+"""The subscriber under hostile messages and broker faults, on the real emulator and FerretDB."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.cloud import pubsub_v1
+from prometheus_client.parser import text_string_to_metric_families
+
+from eventaudit.contract import PUBLISH_TIME_TOLERANCE, epoch_ms, from_epoch_ms, utc_now_ms
+from eventaudit.exporter.loop import EvaluationLoop
+from eventaudit.publisher.audited import PublishedEvent
+from eventaudit.store import MongoStore
+from tests.conftest import PROJECT, Ferret, service_env, wait_for
+from tests.integration.harness import (
+    BUCKET,
+    SETTLE,
+    audited_publisher,
+    audited_subscriber,
+    exporter_kit,
+    received_count,
+    settled_time,
+)
+from tests.unit.test_subscriber import Hostile, hostile_cases
+from tools import stack
+
+TopicFactory = Callable[[int], tuple[str, list[str]]]
+# Far enough past the tolerance that the broker's clock, a few seconds after ours, cannot
+# move a case across it.
+MARGIN_MS = 5 * 60_000
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    status, body = _get(url)
+    assert status == 200
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+
+
+def _metric(url: str, name: str, **labels: str) -> float:
+    return _samples(url).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def _health(url: str) -> tuple[int, dict[str, Any]]:
+    status, body = _get(f"{url}/healthz")
+    return status, json.loads(body)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A hostile message as published: its case, and its eventID when it has a valid one."""
+
+    case: Hostile
+    event_id: str | None
+
+
+def _publishable_cases() -> list[Hostile]:
+    now_ms = epoch_ms(utc_now_ms())
+    return [c for c in hostile_cases(now_ms, MARGIN_MS) if c.publishable]
+
+
+def _publish_hostile(
+    client: pubsub_v1.PublisherClient, path: str, case: Hostile, n: int
+) -> tuple[Any, Sent]:
+    """Publish one hostile message; a valid eventID is made unique so its receipt can be told."""
+    attrs = dict(case.attributes)
+    event_id = None
+    if case.outcome == "recorded":
+        event_id = f"hostile-{n}"
+        attrs["eventID"] = event_id
+    return client.publish(path, b'{"hostile": true}', **attrs), Sent(case, event_id)
+
+
+def _receipts(store: MongoStore, sub: str) -> dict[str, dict[str, Any]]:
+    return {doc["eventID"]: doc for doc in store.received.find({"subscription": sub})}
+
+
+def test_hostile_table_through_the_emulator_beside_good_traffic(
+    store: MongoStore, topic_factory: TopicFactory
+) -> None:
+    topic, (sub,) = topic_factory(1)
+    cases = _publishable_cases()
+    raw = pubsub_v1.PublisherClient()
+    path = raw.topic_path(PROJECT, topic)
+    with audited_subscriber(store, topic, sub) as kit, audited_publisher(store) as pub:
+        good: list[PublishedEvent] = []
+        futures: list[Any] = []
+        sent: list[Sent] = []
+        for n, case in enumerate(cases):
+            good += [pub.publisher.publish(topic, {"n": n, "k": k}) for k in range(5)]
+            future, item = _publish_hostile(raw, path, case, n)
+            futures.append(future)
+            sent.append(item)
+        good += [pub.publisher.publish(topic, {"tail": k}) for k in range(50)]
+        for f in futures:
+            f.result(timeout=30)
+        for e in good:
+            e.message_id(timeout=30)
+        valid = {s.event_id: s.case for s in sent if s.event_id is not None}
+        invalid = sum(1 for s in sent if s.event_id is None)
+        expected = len(good) + len(valid)
+        wait_for(lambda: received_count(store, sub) == expected, 60, f"{expected} receipts")
+        wait_for(lambda: kit.count("invalid", sub) == invalid, 30, f"{invalid} invalid")
+        # The stream is still up, and nothing was an internal error.
+        assert not kit.future.done()
+        assert kit.count("internal_error", sub) == 0
+        assert kit.count("internal_error_dropped", sub) == 0
+        assert kit.count("recorded", sub) == expected
+        for reason in ("missing", "malformed", "far"):
+            want = sum(1 for case in valid.values() if case.reason == reason)
+            got = kit.registry.get_sample_value(
+                "eventaudit_subscriber_publish_time_fallbacks_total",
+                {"subscription": sub, "reason": reason},
+            )
+            assert (reason, got) == (reason, want)
+
+    receipts = _receipts(store, sub)
+    assert set(receipts) == {e.event_id for e in good} | set(valid)
+    assert all(doc["deliveries"] == 1 for doc in receipts.values())
+    tolerance = PUBLISH_TIME_TOLERANCE
+    for event_id, case in valid.items():
+        doc = receipts[event_id]
+        if case.reason is None:
+            assert doc["publishTime"] == from_epoch_ms(int(case.attributes["publishTime"]))
+        else:
+            assert doc["publishTime"] == doc["brokerPublishTime"], case.name
+    # Every stored publishTime is within the tolerance of a real broker time.
+    assert all(
+        abs(doc["publishTime"] - doc["brokerPublishTime"]) <= tolerance for doc in receipts.values()
+    )
+
+
+@pytest.fixture
+def subscriber_process(
+    ferret: Ferret, emulator: str, tmp_path: Path
+) -> Iterator[Callable[..., tuple[stack.Service, str]]]:
+    """Start `python -m eventaudit.subscriber` on the test's FerretDB database and emulator."""
+    started: list[stack.Service] = []
+
+    def start(sub: str, store: MongoStore, *args: str) -> tuple[stack.Service, str]:
+        port = stack.free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = service_env(ferret, emulator, store.published.database.name)
+        service = stack.python_service(
+            f"subscriber-{len(started)}",
+            "subscriber",
+            ["--subscription", sub, "--listen-address", f"127.0.0.1:{port}", *args],
+            tmp_path,
+            env,
+            f"{url}/healthz",
+        )
+        started.append(service)
+        return service.start(), url
+
+    yield start
+    for service in started:
+        service.stop()
+
+
+def test_poison_storm_every_good_event_recorded_once_and_completion_one(
+    store: MongoStore, topic_factory: TopicFactory, subscriber_process
+) -> None:
+    """1,000 hostile messages interleaved with 10,000 good ones, through the real process."""
+    topic, (sub,) = topic_factory(1)
+    service, url = subscriber_process(sub, store)
+    pid = service.proc.pid
+    cases = _publishable_cases()
+    raw = pubsub_v1.PublisherClient()
+    path = raw.topic_path(PROJECT, topic)
+    good: list[PublishedEvent] = []
+    futures: list[Any] = []
+    sent: list[Sent] = []
+    with audited_publisher(store) as pub:
+        for n in range(11_000):
+            if n % 11 == 10:
+                future, item = _publish_hostile(raw, path, cases[len(sent) % len(cases)], n)
+                futures.append(future)
+                sent.append(item)
+            else:
+                good.append(pub.publisher.publish(topic, {"n": n}))
+        for f in futures:
+            f.result(timeout=60)
+        for e in good:
+            e.message_id(timeout=60)
+        assert pub.publisher.flush(timeout=60)
+    assert (len(good), len(sent)) == (10_000, 1_000)
+    valid = {s.event_id: s.case for s in sent if s.event_id is not None}
+    invalid = len(sent) - len(valid)
+    expected = len(good) + len(valid)
+    metrics = f"{url}/metrics"
+    wait_for(lambda: received_count(store, sub) == expected, 120, f"{expected} receipts")
+    wait_for(
+        lambda: _metric(metrics, "eventaudit_subscriber_messages_total", subscription=sub,
+                        outcome="invalid") == invalid,
+        60,
+        f"{invalid} invalid messages counted",
+    )  # fmt: skip
+    assert service.running() and service.proc.pid == pid
+    status, body = _health(url)
+    assert (status, body["status"]) == (200, "ok")
+    samples = _samples(metrics)
+
+    def count(outcome: str) -> float:
+        key = (
+            "eventaudit_subscriber_messages_total",
+            (("outcome", outcome), ("subscription", sub)),
+        )
+        return samples.get(key, 0.0)
+
+    assert (count("recorded"), count("internal_error"), count("internal_error_dropped")) == (
+        expected,
+        0,
+        0,
+    )
+    fallbacks = {
+        reason: samples[
+            ("eventaudit_subscriber_publish_time_fallbacks_total",
+             (("reason", reason), ("subscription", sub)))
+        ]
+        for reason in ("missing", "malformed", "far")
+    }  # fmt: skip
+    assert fallbacks == {
+        reason: sum(1 for case in valid.values() if case.reason == reason)
+        for reason in ("missing", "malformed", "far")
+    }
+    receipts = _receipts(store, sub)
+    assert set(receipts) == {e.event_id for e in good} | set(valid)
+    assert sum(doc["deliveries"] for doc in receipts.values()) == expected
+
+    exporter = exporter_kit(store, [topic])
+    settled_time(good)
+    # Hostile receipts fell back to broker times, a little after the last good publishTime.
+    now = max(doc["brokerPublishTime"] for doc in receipts.values()) + SETTLE + 2 * BUCKET
+    time.sleep(max(0.0, (now - utc_now_ms()).total_seconds()))
+    loop = EvaluationLoop(
+        exporter.evaluator, exporter.state, store, BUCKET, timedelta(days=1), clock=lambda: now
+    )
+    assert loop.run_once()
+    labels = {"topic": topic, "subscription": sub, "window": "5m"}
+    assert exporter.sample("eventaudit_published_events", topic=topic, window="5m") == 10_000
+    assert exporter.sample("eventaudit_received_events", **labels) == 10_000
+    assert exporter.sample("eventaudit_missed_events", **labels) == 0
+    assert exporter.sample("eventaudit_completion_rate", **labels) == 1.0
+    # Hostile receipts with a valid eventID have no publish record: unmatched, never received.
+    # Those stamped up to an hour away from now fall outside the 5m window.
+    near_now = [c for c in valid.values() if not c.name.startswith("within an hour")]
+    assert exporter.sample("eventaudit_unmatched_receipts", **labels) == len(near_now)
