@@ -2,13 +2,17 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test unit lint format dashboards bench clean
+.PHONY: setup run stop test unit lint format dashboards bench clean
 
 setup:
 	@bash tools/setup.sh
 
 run: setup
 	@$(PY) -m tools.run
+
+# Stops a stack that `make run` started in another terminal (or says nothing runs).
+stop:
+	@if [ -x $(PY) ]; then $(PY) -m tools.run --stop; else python3 -m tools.run --stop; fi
 
 test: setup
 	@$(VENV)/bin/pytest

@@ -14,6 +14,7 @@ Alertmanager, the emulator and the store last; so Ctrl-C during traffic loses no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -184,9 +185,20 @@ class Stack:
 
     def _start(self, service: stack.Service, after_start: Callable[[], None] | None = None) -> None:
         print(f"[run] starting {service.name} (log: {service.log_path})")
-        child = Child(service.start(), after_start or (lambda: None))
+        child = Child(service, after_start or (lambda: None))
         self.children[service.name] = child
+        try:
+            service.start()
+        finally:
+            self.save_state()
         child.after_start()
+
+    def save_state(self) -> None:
+        """Write who runs (this process and each child) for `make stop` in another terminal."""
+        pids = {
+            n: _identity(c.service.proc.pid) for n, c in self.children.items() if c.service.proc
+        }
+        write_state(self.data, {"run": _identity(os.getpid()), "children": pids})
 
     def _create_topic(self) -> None:
         stack.create_topic(PROJECT, TOPIC, SUBSCRIPTIONS)
@@ -268,6 +280,8 @@ class Stack:
                 child.after_start()
             except (stack.ServiceError, OSError) as exc:
                 print(f"[run] could not restart {name}: {exc}", file=sys.stderr)
+            finally:
+                self.save_state()
         return True
 
     def stop(self) -> None:
@@ -291,6 +305,7 @@ class Stack:
         for child in self.children.values():  # anything not named above
             child.service.stop()
         self.children.clear()
+        state_path(self.data).unlink(missing_ok=True)
 
     def _published_count(self) -> float:
         samples = scrape(f"{self.url('publisher')}/metrics")
@@ -348,6 +363,93 @@ class Stack:
             print(f"[run] every subscription drained ({published:.0f} events published)")
 
 
+def state_path(data: Path) -> Path:
+    """Where a running `make run` says who it is."""
+    return data / "stack.json"
+
+
+def write_state(data: Path, state: dict[str, object]) -> None:
+    """Atomically replace the state file."""
+    data.mkdir(parents=True, exist_ok=True)
+    tmp = state_path(data).with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(state_path(data))
+
+
+def process_start(pid: int) -> int | None:
+    """Start time (clock ticks since boot) of a live, non-zombie process; None otherwise.
+
+    (pid, start time) names one process: a pid alone may have been reused since a state
+    file was written (after a reboot, say), and `make stop` must never signal a stranger.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def _identity(pid: int) -> list[int]:
+    return [pid, process_start(pid) or 0]
+
+
+def alive(identity: list[int]) -> bool:
+    """True while the process named by [pid, start time] still runs."""
+    pid, started = identity
+    return started != 0 and process_start(pid) == started
+
+
+def stop_running(data: Path, timeout: float = 240.0) -> int:
+    """`make stop`: stop the stack a `make run` in another terminal started (or say none runs).
+
+    SIGTERM to `make run` stops everything in data-flow order; if `make run` itself is gone
+    (killed), its children are stopped directly. Exit 0 when nothing is left running.
+    """
+    path = state_path(data)
+    try:
+        state = json.loads(path.read_text())
+        run = [int(x) for x in state["run"]]
+        children = {str(k): [int(x) for x in v] for k, v in dict(state["children"]).items()}
+    except FileNotFoundError:
+        print(f"[stop] nothing runs (no make run state in {data})")
+        return 0
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"[stop] unreadable state file {path}: {exc}", file=sys.stderr)
+        return 1
+    if not alive(run) and not any(alive(c) for c in children.values()):
+        path.unlink(missing_ok=True)
+        print("[stop] nothing runs (stale state removed)")
+        return 0
+    if alive(run):
+        print(f"[stop] stopping make run (pid {run[0]}); it stops the services in order")
+        os.kill(run[0], signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while alive(run) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if alive(run):
+            print(f"[stop] make run did not stop in {timeout:g}s: killing it", file=sys.stderr)
+            os.kill(run[0], signal.SIGKILL)
+    for name, child in children.items():  # left behind by a make run that was killed
+        if alive(child):
+            print(f"[stop] stopping leftover {name} (pid {child[0]})")
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child[0], signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while alive(child) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if alive(child):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(child[0], signal.SIGKILL)
+    time.sleep(0.2)
+    left = [name for name, child in children.items() if alive(child)]
+    if left:
+        print(f"[stop] still running: {', '.join(left)}", file=sys.stderr)
+        return 1
+    path.unlink(missing_ok=True)
+    print("[stop] stopped; nothing left running")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start everything, print where to look, stop everything on Ctrl-C (or after --duration)."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -358,9 +460,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--drain-seconds", type=float, default=45.0, help="longest wait for subscribers at stop"
     )
+    parser.add_argument(
+        "--stop", action="store_true", help="stop the stack a make run elsewhere started"
+    )
     args = parser.parse_args(argv)
     if args.rate <= 0:
         parser.error("--rate must be positive")
+    data = (stack.ROOT / args.data_dir).resolve()
+    if args.stop:
+        return stop_running(data)
 
     ports = {name: port + args.port_offset for name, port in PORTS.items()}
     busy = [f"{name} :{port}" for name, port in ports.items() if stack.port_open(port)]
@@ -369,7 +477,6 @@ def main(argv: list[str] | None = None) -> int:
             f"[run] ports already in use: {', '.join(busy)}; stop what holds them", file=sys.stderr
         )
         return 1
-    data = (stack.ROOT / args.data_dir).resolve()
     run = Stack(data, ports, args.drain_seconds)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -8,6 +8,7 @@ are missing. A subscriber killed mid-run is restarted and redelivery fills its g
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -57,30 +58,32 @@ def _published_count(url: str) -> float:
     )
 
 
-def test_ctrl_c_during_traffic_loses_nothing_and_a_dead_subscriber_is_restarted(
-    tmp_path: Path,
-) -> None:
+def _start_run(tmp_path: Path, rate: int) -> tuple[subprocess.Popen[bytes], dict[str, int], Path]:
+    """`make run` (tools.run) on shifted ports with its data under tmp_path/run."""
     offset = _free_offset()
     ports = {name: port + offset for name, port in run.PORTS.items()}
     data = tmp_path / "run"
-    log = (tmp_path / "run.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tools.run",
-            "--rate",
-            "40",
-            "--port-offset",
-            str(offset),
-            "--data-dir",
-            str(data),
-        ],
-        cwd=stack.ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={k: v for k, v in os.environ.items() if k != "PUBSUB_EMULATOR_HOST"},
-    )
+    with (tmp_path / "run.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "tools.run", "--rate", str(rate)),
+                *("--port-offset", str(offset), "--data-dir", str(data)),
+            ],
+            cwd=stack.ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={
+                **{k: v for k, v in os.environ.items() if k != "PUBSUB_EMULATOR_HOST"},
+                "PYTHONUNBUFFERED": "1",
+            },
+        )
+    return proc, ports, data
+
+
+def test_ctrl_c_during_traffic_loses_nothing_and_a_dead_subscriber_is_restarted(
+    tmp_path: Path,
+) -> None:
+    proc, ports, data = _start_run(tmp_path, rate=40)
     publisher = f"http://127.0.0.1:{ports['publisher']}"
     try:
         wait_for(lambda: _published_count(publisher) >= 100, 120, "100 events through make run")
@@ -100,7 +103,6 @@ def test_ctrl_c_during_traffic_loses_nothing_and_a_dead_subscriber_is_restarted(
     finally:
         if proc.poll() is None:
             proc.kill()
-        log.close()
     output = (tmp_path / "run.log").read_text()
     assert "subscriber-1 exited with -9" in output, output[-3000:]
     assert "restarting subscriber-1" in output
@@ -124,3 +126,42 @@ def test_ctrl_c_during_traffic_loses_nothing_and_a_dead_subscriber_is_restarted(
     assert published - healthy == set()
     assert published - lossy == {e for e in published if lose(e)}
     assert healthy - published == set() and lossy - published == set()
+
+
+def test_make_stop_from_another_terminal_leaves_nothing_running(tmp_path: Path) -> None:
+    proc, ports, data = _start_run(tmp_path, rate=5)
+    try:
+        wait_for(
+            lambda: (
+                "eventaudit is running" in (tmp_path / "run.log").read_text()  # all started
+                or proc.poll() is not None
+            ),
+            120,
+            "the make run stack up",
+        )
+        state = json.loads(run.state_path(data).read_text())
+        stop = subprocess.run(
+            [sys.executable, "-m", "tools.run", "--stop", "--data-dir", str(data)],
+            cwd=stack.ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        assert "nothing left running" in stop.stdout
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert set(state["children"]) == set(run.PORTS)
+    assert not any(run.alive(identity) for identity in state["children"].values())
+    assert not any(stack.port_open(port) for port in ports.values())
+    assert not run.state_path(data).exists()
+    again = subprocess.run(
+        [sys.executable, "-m", "tools.run", "--stop", "--data-dir", str(data)],
+        cwd=stack.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (again.returncode, "nothing runs" in again.stdout) == (0, True)

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from tools.run import PORTS, RestartPolicy, drained, handled, offset_prometheus_config
+from tools.run import (
+    PORTS,
+    RestartPolicy,
+    alive,
+    drained,
+    handled,
+    offset_prometheus_config,
+    process_start,
+    state_path,
+    stop_running,
+    write_state,
+)
 
 
 @pytest.mark.parametrize(
@@ -53,3 +65,33 @@ def test_prometheus_config_follows_the_port_offset(tmp_path: Path) -> None:
         assert f'127.0.0.1:{ports[name]}"' in text
         assert f'127.0.0.1:{PORTS[name]}"' not in text
     assert f"- {source.parent / 'alerts.yml'}" in text
+
+
+def test_stop_with_no_state_says_nothing_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert stop_running(tmp_path) == 0
+    assert "nothing runs" in capsys.readouterr().out
+
+
+def test_stop_never_signals_a_process_that_reused_a_pid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # This very process, but with another start time: a pid reused since the file was written.
+    me = [os.getpid(), (process_start(os.getpid()) or 0) + 1]
+    write_state(tmp_path, {"run": me, "children": {"publisher": me}})
+    assert stop_running(tmp_path) == 0  # and we are still alive to assert it
+    assert "stale state removed" in capsys.readouterr().out
+    assert not state_path(tmp_path).exists()
+
+
+def test_unreadable_state_is_an_error(tmp_path: Path) -> None:
+    state_path(tmp_path).write_text("{not json")
+    assert stop_running(tmp_path) == 1
+
+
+def test_process_identity() -> None:
+    me = [os.getpid(), process_start(os.getpid()) or 0]
+    assert alive(me)
+    assert not alive([me[0], me[1] + 1])
+    assert not alive([2**22 + 12345, 1])  # beyond pid_max: no such process
