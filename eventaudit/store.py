@@ -118,14 +118,22 @@ class EvaluatorStore(Protocol):
 class ExporterStore(EvaluatorStore, Protocol):
     """Everything the exporter process uses: the evaluator's reads, the API, retention."""
 
-    def missed_events(
-        self, topic: str, subscription: str, start: datetime, end: datetime
-    ) -> list[PublishedEvent]:
-        """Published events of `topic` in [start, end) with no receipt on `subscription`."""
+    def window_records(
+        self,
+        topic: str,
+        subscription: str,
+        start: datetime,
+        end: datetime,
+        written_before: datetime,
+    ) -> tuple[list[PublishedEvent], list[ReceiptSummary]]:
+        """Publish records of `topic` and receipts of (`topic`, `subscription`) with publishTime
+        in [start, end) and createdTime before `written_before`: what an evaluation at that
+        time compared (the missed-events API lists the same events the gauges count)."""
         ...
 
     def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
-        """Retention: delete records older than `cutoff`; counts per collection."""
+        """Retention: delete records published or written before `cutoff`, and bucket results
+        before it; counts per collection."""
         ...
 
 
@@ -255,6 +263,7 @@ class MongoStore:
                 name="subscription_publishTime",
             )
             self.received.create_index([("lastReceiveTime", ASCENDING)], name="lastReceiveTime")
+            self.received.create_index([("createdTime", ASCENDING)], name="createdTime")
             self.buckets.create_index([("bucketStart", DESCENDING)], name="bucketStart")
         except PyMongoError as exc:
             raise StoreError(f"could not ensure indexes: {exc}") from exc
@@ -370,24 +379,41 @@ class MongoStore:
         query = _new_or_changed(start, end, "lastReceiveTime", changed_since, changed_from)
         return _split_read(self.received, query, _RECEIPT_FIELDS, start, _receipt_summary)
 
-    def missed_events(
-        self, topic: str, subscription: str, start: datetime, end: datetime
-    ) -> list[PublishedEvent]:
-        """Published events of `topic` in [start, end) with no receipt on `subscription`."""
+    def window_records(
+        self,
+        topic: str,
+        subscription: str,
+        start: datetime,
+        end: datetime,
+        written_before: datetime,
+    ) -> tuple[list[PublishedEvent], list[ReceiptSummary]]:
+        """Publish records of `topic` and receipts of (`topic`, `subscription`) with publishTime
+        in [start, end) and createdTime before `written_before` (served by the
+        topic_publishTime and subscription_publishTime indexes)."""
+        span = {"$gte": start, "$lt": end}
+        written = {"$lt": written_before}
         try:
-            received = {
-                d["eventID"]
-                for d in self.received.find(
-                    {"subscription": subscription, "publishTime": {"$gte": start, "$lt": end}},
-                    {"_id": 0, "eventID": 1},
+            events = [
+                _published_event(d)
+                for d in self.published.find(
+                    {"topic": topic, "publishTime": span, "createdTime": written}, _PUBLISHED_FIELDS
                 )
-            }
-            cursor = self.published.find(
-                {"topic": topic, "publishTime": {"$gte": start, "$lt": end}}, _PUBLISHED_FIELDS
-            ).sort("publishTime", ASCENDING)
-            return [_published_event(d) for d in cursor if d["eventID"] not in received]
+            ]
+            receipts = [
+                _receipt_summary(d)
+                for d in self.received.find(
+                    {
+                        "subscription": subscription,
+                        "publishTime": span,
+                        "topic": topic,
+                        "createdTime": written,
+                    },
+                    _RECEIPT_FIELDS,
+                )
+            ]
         except PyMongoError as exc:
-            raise StoreError(f"could not compute missed events: {exc}") from exc
+            raise StoreError(f"could not read the records of a window: {exc}") from exc
+        return events, receipts
 
     # -- evaluator state -------------------------------------------------------------------
 
@@ -440,18 +466,22 @@ class MongoStore:
             raise StoreError(f"could not save evaluator state: {exc}") from exc
 
     def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
-        """Retention by periodic delete (FerretDB has no TTL indexes)."""
+        """Retention by periodic delete (FerretDB has no TTL indexes): records published before
+        `cutoff`, and records written before it whatever their publishTime (one carrying a
+        far-future publishTime would otherwise stay for good). One indexed delete per field."""
+        before = {"$lt": cutoff}
         try:
-            return {
-                PUBLISH_COLLECTION: self.published.delete_many(
-                    {"publishTime": {"$lt": cutoff}}
-                ).deleted_count,
-                RECEIVED_COLLECTION: self.received.delete_many(
-                    {"publishTime": {"$lt": cutoff}}
-                ).deleted_count,
-                BUCKET_COLLECTION: self.buckets.delete_many(
-                    {"bucketStart": {"$lt": cutoff}}
-                ).deleted_count,
+            counts = {
+                name: collection.delete_many({"publishTime": before}).deleted_count
+                + collection.delete_many({"createdTime": before}).deleted_count
+                for name, collection in (
+                    (PUBLISH_COLLECTION, self.published),
+                    (RECEIVED_COLLECTION, self.received),
+                )
             }
+            counts[BUCKET_COLLECTION] = self.buckets.delete_many(
+                {"bucketStart": before}
+            ).deleted_count
         except PyMongoError as exc:
             raise StoreError(f"retention delete failed: {exc}") from exc
+        return counts

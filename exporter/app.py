@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import html
+import logging
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import CollectorRegistry
 
+from eventaudit.contract import is_pubsub_id, parse_ascii_int
 from eventaudit.exporter.collector import EvaluationState
+from eventaudit.exporter.evaluator import missed_as_evaluated
 from eventaudit.http import json_error, metrics_view, register_json_errors
 from eventaudit.store import ExporterStore, StoreError
 
-# Pub/Sub ids: a letter first, then letters, digits and - _ . ~ + %. Nothing else reaches a query.
-_ID = re.compile(r"^[A-Za-z][A-Za-z0-9\-_.~+%]{2,254}$")
+log = logging.getLogger(__name__)
+
 _MISSED_PARAMS = {"topic", "subscription", "window", "limit"}
 MAX_LIMIT = 10_000
 
@@ -40,7 +42,13 @@ def _deps() -> ExporterDeps:
 
 @bp.get("/api/v1/missed")
 def missed() -> Any:
-    """Ids and trace ids of the missed events of one subscription over one window."""
+    """The missed events behind `eventaudit_missed_events` for one subscription and window.
+
+    400 for a malformed query, 503 while the numbers are not served (eventaudit_up 0), 404 for
+    a topic or subscription the latest evaluation does not report in that window. `missed` is
+    always the gauge's value, and `events` lists those very events (the records the evaluation
+    compared: nothing written after it).
+    """
     unknown = sorted(set(request.args) - _MISSED_PARAMS)
     if unknown:
         return json_error(400, f"unknown query parameter(s): {', '.join(unknown)}")
@@ -49,63 +57,82 @@ def missed() -> Any:
     topic = request.args.get("topic", "")
     subscription = request.args.get("subscription", "")
     for name, value in (("topic", topic), ("subscription", subscription)):
-        if not _ID.match(value):
+        if not is_pubsub_id(value):
             return json_error(400, f"{name} must be a Pub/Sub id (letters, digits, - _ . ~ + %)")
-    raw_limit = request.args.get("limit", "100")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
+    limit = parse_ascii_int(request.args.get("limit", "100"), max_digits=5)
+    if limit is None or not 1 <= limit <= MAX_LIMIT:
         return json_error(400, f"limit must be an integer from 1 to {MAX_LIMIT}")
-    limit = int(raw_limit)
 
     deps = _deps()
-    _, snapshot = deps.state.current()
-    if snapshot is None:
-        return json_error(503, "no evaluation has completed yet")
+    up, snapshot, reason = deps.state.current()
+    if not up or snapshot is None:
+        return json_error(503, reason or "no evaluation has completed yet")
     label = request.args.get("window", snapshot.windows[0].label)
     window = snapshot.window(label)
     if window is None:
         allowed = ", ".join(w.label for w in snapshot.windows)
         return json_error(400, f"window must be one of: {allowed}")
-    start = snapshot.frontier - window.length
+    if topic not in snapshot.published:
+        return json_error(404, f"topic {topic} is not reported")
+    if label not in snapshot.subscriptions.get((topic, subscription), {}):
+        return json_error(
+            404, f"subscription {subscription} of topic {topic} is not reported in window {label}"
+        )
+    start, end = snapshot.frontier - window.length, snapshot.frontier
     try:
-        events = deps.store.missed_events(topic, subscription, start, snapshot.frontier)
+        events, receipts = deps.store.window_records(
+            topic, subscription, start, end, snapshot.evaluated_at
+        )
     except StoreError as exc:
-        return json_error(503, f"audit store unavailable: {exc}")
+        log.error("missed events of %s/%s: %s", topic, subscription, exc)
+        return json_error(503, "audit store unavailable")
+    listed = missed_as_evaluated(snapshot, topic, subscription, window, events, receipts)
+    if listed is None:
+        log.info(
+            "missed events of %s/%s/%s: records changed during the last evaluation",
+            topic,
+            subscription,
+            label,
+        )
+        return json_error(
+            503, "records of this window changed during the last evaluation; retry after the next"
+        )
     return jsonify(
         topic=topic,
         subscription=subscription,
         window=label,
         start=start.isoformat(),
-        end=snapshot.frontier.isoformat(),
-        missed=len(events),
-        truncated=len(events) > limit,
+        end=end.isoformat(),
+        missed=len(listed),
+        truncated=len(listed) > limit,
         events=[
             {
                 "eventID": e.event_id,
                 "traceID": e.trace_id,
                 "publishTime": e.publish_time.isoformat(),
             }
-            for e in events[:limit]
+            for e in listed[:limit]
         ],
     )
 
 
 @bp.get("/healthz")
 def healthz() -> Any:
-    """200 while the last evaluation succeeded, 503 with the reason otherwise."""
+    """200 while the numbers are served, 503 with a short reason otherwise."""
     state = _deps().state
-    ok, _ = state.current()
-    if not ok:
-        return json_error(503, state.error or "no evaluation has completed yet", up=0)
+    up, _, reason = state.current()
+    if not up:
+        return json_error(503, reason or "no evaluation has completed yet", up=0)
     return jsonify(status="ok", up=1, lastEvaluation=state.last_success)
 
 
 @bp.get("/")
 def status_page() -> Response:
-    """A small human-readable table of the latest evaluation."""
+    """A small human-readable table of the latest evaluation (empty while it is not served)."""
     state = _deps().state
-    ok, snapshot = state.current()
+    up, snapshot, reason = state.current()
     rows = []
-    if snapshot is not None:
+    if up and snapshot is not None:
         for (topic, sub), windows in sorted(snapshot.subscriptions.items()):
             for label, s in windows.items():
                 rate = s.completion_rate
@@ -128,7 +155,7 @@ def status_page() -> Response:
                     )
                     + "</tr>"
                 )
-    status = "up" if ok else f"DOWN: {state.error or 'no evaluation yet'}"
+    status = "up" if up else f"DOWN: {reason or 'no evaluation yet'}"
     frontier = snapshot.frontier.isoformat() if snapshot else "-"
     body = f"""<!doctype html><html><head><title>eventaudit</title>
 <style>body{{font-family:sans-serif}}td,th{{padding:2px 10px;text-align:right}}</style></head>

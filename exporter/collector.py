@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -14,14 +15,30 @@ from prometheus_client.registry import Collector
 from eventaudit.exporter.evaluator import Snapshot
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 
+# Numbers older than this many evaluation intervals (and at least MIN_STALE_SECONDS) are stale.
+STALE_INTERVALS = 3
+MIN_STALE_SECONDS = 60.0
+
+
+class Reading(NamedTuple):
+    """What scrapes and the API may serve: the snapshot only when `up`, else why not."""
+
+    up: bool
+    snapshot: Snapshot | None
+    reason: str | None
+
 
 @dataclass
 class EvaluationState:
-    """What the evaluation loop last achieved, shared with scrapes and the API (thread-safe)."""
+    """What the evaluation loop last achieved, shared with scrapes and the API (thread-safe).
+
+    Error reasons are short and fixed ("audit store unavailable"): they are served over HTTP,
+    so driver details (hosts, topology) stay in the log.
+    """
 
     settle_seconds: float
+    clock: Callable[[], float] = time.monotonic
     snapshot: Snapshot | None = None
-    ok: bool = False
     last_success: float | None = None
     duration: float = 0.0
     error: str | None = None
@@ -30,24 +47,46 @@ class EvaluationState:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._ok = False
+        self._succeeded_at = -math.inf
+        self._stale_after = math.inf
+        self._loop_stopped = False
+
+    def expect_every(self, interval_seconds: float) -> None:
+        """The loop evaluates this often: numbers not refreshed for a few intervals are stale."""
+        with self._lock:
+            self._stale_after = max(STALE_INTERVALS * interval_seconds, MIN_STALE_SECONDS)
 
     def succeeded(self, snapshot: Snapshot, duration: float) -> None:
         """Record a successful evaluation."""
         with self._lock:
-            self.snapshot, self.ok, self.duration, self.error = snapshot, True, duration, None
+            self.snapshot, self._ok, self.duration, self.error = snapshot, True, duration, None
             self.last_success = time.time()
+            self._succeeded_at = self.clock()
             self.successes += 1
 
-    def failed(self, error: str, duration: float) -> None:
+    def failed(self, reason: str, duration: float) -> None:
         """Record a failed evaluation; its numbers are no longer served."""
         with self._lock:
-            self.ok, self.duration, self.error = False, duration, error
+            self._ok, self.duration, self.error = False, duration, reason
             self.failures += 1
 
-    def current(self) -> tuple[bool, Snapshot | None]:
-        """(ok, snapshot) read together."""
+    def loop_stopped(self) -> None:
+        """The evaluation loop has ended: nothing will refresh the numbers any more."""
         with self._lock:
-            return self.ok, self.snapshot
+            self._loop_stopped = True
+
+    def current(self) -> Reading:
+        """Whether the numbers may be served, read together with them."""
+        with self._lock:
+            if self._loop_stopped:
+                return Reading(False, None, "evaluation loop stopped")
+            if not self._ok or self.snapshot is None:
+                return Reading(False, None, self.error or "no evaluation has completed yet")
+            age = self.clock() - self._succeeded_at
+            if age > self._stale_after:
+                return Reading(False, None, f"no successful evaluation for {age:.0f}s")
+            return Reading(True, self.snapshot, None)
 
 
 class CompletionCollector(Collector):
@@ -58,8 +97,9 @@ class CompletionCollector(Collector):
     eventaudit_published_events{topic="create-user",window="5m"} 300.0
     eventaudit_up 1.0
 
-    After a failed evaluation only the health metrics are served (`eventaudit_up 0`): numbers
-    that can no longer be refreshed are not presented as current.
+    After a failed evaluation, with no success for a few intervals, or once the evaluation
+    loop has stopped, only the health metrics are served (`eventaudit_up 0`): numbers that are
+    not being refreshed are not presented as current.
     """
 
     def __init__(
@@ -71,9 +111,11 @@ class CompletionCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         """Fresh metric families from the latest evaluation."""
         state = self._state
-        ok, snapshot = state.current()
+        up, snapshot, _ = state.current()
         yield GaugeMetricFamily(
-            "eventaudit_up", "1 when the last evaluation succeeded.", value=int(ok)
+            "eventaudit_up",
+            "1 when the last evaluation succeeded recently and the evaluation loop runs.",
+            value=int(up),
         )
         yield GaugeMetricFamily(
             "eventaudit_last_evaluation_timestamp_seconds",
@@ -102,7 +144,7 @@ class CompletionCollector(Collector):
                 "Failed Pub/Sub listings of a topic's subscriptions (the last good list is kept).",
                 value=self._expected.list_errors,
             )
-        if not ok or snapshot is None:
+        if not up or snapshot is None:
             return
 
         labels = ["topic", "subscription", "window"]

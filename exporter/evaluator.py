@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -47,17 +48,27 @@ class SubscriptionWindow:
         return completion_rate(self.received, self.published)
 
 
+BucketKey = tuple[str, datetime]
+
+
 @dataclass(frozen=True)
 class Snapshot:
-    """The result of one evaluation, read by scrapes and the HTTP API."""
+    """The result of one evaluation, read by scrapes and the HTTP API.
+
+    Each window is exactly the buckets in [frontier - window, frontier). A (topic, subscription)
+    appears only for the windows it is reported in; `buckets` holds the per-bucket results the
+    windows were summed from.
+    """
 
     evaluated_at: datetime
     frontier: datetime
+    bucket: timedelta
     windows: tuple[Window, ...]
     published: dict[str, dict[str, int]] = field(default_factory=dict)
     subscriptions: dict[tuple[str, str], dict[str, SubscriptionWindow]] = field(
         default_factory=dict
     )
+    buckets: Mapping[BucketKey, BucketResult] = field(default_factory=dict)
 
     def window(self, label: str) -> Window | None:
         """The configured window with this label."""
@@ -112,14 +123,15 @@ class Evaluator:
         since = watermark - self._bucket
         published, late_published = self._store.published_scan(until, frontier, since, oldest)
         receipts, late_receipts = self._store.receipts_scan(until, frontier, since, oldest)
-        changed = self._evaluate_buckets(published, receipts)
+        changed = evaluate_buckets(published, receipts, self._bucket)
         dirty = sorted({floor_to_bucket(t, self._bucket) for t in late_published | late_receipts})
         if dirty:
             # Late records are rare: re-read just the span of the buckets they touched.
             end = dirty[-1] + self._bucket
-            recomputed = self._evaluate_buckets(
+            recomputed = evaluate_buckets(
                 self._store.published_between(dirty[0], end),
                 self._store.receipts_between(dirty[0], end),
+                self._bucket,
             )
             wanted = set(dirty)
             changed.extend(r for r in recomputed if r.start in wanted)
@@ -137,60 +149,131 @@ class Evaluator:
             log.info("re-evaluated %d bucket(s) touched by late records", len(dirty))
         return self._snapshot(now, frontier)
 
-    def _evaluate_buckets(
-        self, events: list[PublishedEvent], receipts_read: list[ReceiptSummary]
-    ) -> list[BucketResult]:
-        """Bucket results from the records of whole buckets, comparing id sets per bucket."""
-        published: dict[tuple[str, datetime], set[str]] = defaultdict(set)
-        for event in events:
-            published[(event.topic, floor_to_bucket(event.publish_time, self._bucket))].add(
-                event.event_id
-            )
-        receipts: dict[tuple[str, datetime], dict[str, list[tuple[str, int]]]] = defaultdict(
-            lambda: defaultdict(list)
-        )
-        for receipt in receipts_read:
-            key = (receipt.topic, floor_to_bucket(receipt.publish_time, self._bucket))
-            receipts[key][receipt.subscription].append((receipt.event_id, receipt.deliveries))
-
-        out = []
-        for key in sorted(set(published) | set(receipts)):
-            ids = published.get(key, set())
-            counts = {}
-            for sub, items in receipts.get(key, {}).items():
-                matched = sum(1 for event_id, _ in items if event_id in ids)
-                counts[sub] = BucketCounts(
-                    received=matched,
-                    duplicates=sum(max(0, d - 1) for _, d in items),
-                    unmatched=len(items) - matched,
-                )
-            out.append(BucketResult(key[0], key[1], len(ids), counts))
-        return out
-
     def _snapshot(self, now: datetime, frontier: datetime) -> Snapshot:
+        # Buckets at or after the frontier exist when it moved back (a restart with a longer
+        # settle delay, a clock stepped back): kept for later, never counted now.
+        counted = {k: r for k, r in self._results.items() if k[1] < frontier}
         by_topic: dict[str, list[BucketResult]] = defaultdict(list)
-        for (topic, _), result in self._results.items():
+        for (topic, _), result in counted.items():
             by_topic[topic].append(result)
         topics = set(by_topic) | self._expected.configured_topics
         published: dict[str, dict[str, int]] = {}
         subs_out: dict[tuple[str, str], dict[str, SubscriptionWindow]] = {}
         for topic in sorted(topics):
             results = by_topic.get(topic, [])
-            seen = {s for r in results for s in r.subscriptions}
-            expected = self._expected.for_topic(topic, seen)
+            standing = self._expected.standing(topic)
             published[topic] = {}
             for window in self._windows:
                 in_window = [r for r in results if r.start >= frontier - window.length]
-                published[topic][window.label] = sum(r.published for r in in_window)
-                for sub in expected:
+                count = sum(r.published for r in in_window)
+                published[topic][window.label] = count
+                seen = {
+                    sub
+                    for r in in_window
+                    for sub in r.subscriptions
+                    if not self._expected.excluded(topic, sub)
+                }
+                for sub in sorted(standing | seen):
                     counts = [r.subscriptions.get(sub, BucketCounts()) for r in in_window]
                     subs_out.setdefault((topic, sub), {})[window.label] = SubscriptionWindow(
-                        published=published[topic][window.label],
+                        published=count,
                         received=sum(c.received for c in counts),
                         duplicates=sum(c.duplicates for c in counts),
                         unmatched=sum(c.unmatched for c in counts),
                     )
-        return Snapshot(now, frontier, self._windows, published, subs_out)
+        return Snapshot(now, frontier, self._bucket, self._windows, published, subs_out, counted)
+
+
+def _group(
+    events: Iterable[PublishedEvent], receipts: Iterable[ReceiptSummary], bucket: timedelta
+) -> tuple[
+    dict[BucketKey, dict[str, PublishedEvent]],
+    dict[BucketKey, dict[str, list[ReceiptSummary]]],
+]:
+    """Publish records by (topic, bucket) and eventID; receipts by (topic, bucket), subscription."""
+    published: dict[BucketKey, dict[str, PublishedEvent]] = defaultdict(dict)
+    for event in events:
+        published[(event.topic, floor_to_bucket(event.publish_time, bucket))][event.event_id] = (
+            event
+        )
+    received: dict[BucketKey, dict[str, list[ReceiptSummary]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for receipt in receipts:
+        key = (receipt.topic, floor_to_bucket(receipt.publish_time, bucket))
+        received[key][receipt.subscription].append(receipt)
+    return published, received
+
+
+def evaluate_buckets(
+    events: Iterable[PublishedEvent], receipts: Iterable[ReceiptSummary], bucket: timedelta
+) -> list[BucketResult]:
+    """Bucket results from the records of whole buckets, comparing id sets per bucket."""
+    published, received = _group(events, receipts, bucket)
+    out = []
+    for key in sorted(set(published) | set(received)):
+        ids = published.get(key, {})
+        counts = {}
+        for sub, items in received.get(key, {}).items():
+            matched = sum(1 for r in items if r.event_id in ids)
+            counts[sub] = BucketCounts(
+                received=matched,
+                duplicates=sum(max(0, r.deliveries - 1) for r in items),
+                unmatched=len(items) - matched,
+            )
+        out.append(BucketResult(key[0], key[1], len(ids), counts))
+    return out
+
+
+def missed_as_evaluated(
+    snapshot: Snapshot,
+    topic: str,
+    subscription: str,
+    window: Window,
+    events: Iterable[PublishedEvent],
+    receipts: Iterable[ReceiptSummary],
+) -> list[PublishedEvent] | None:
+    """The missed events behind the snapshot's `missed` gauge, oldest first.
+
+    `events` and `receipts` are the window's records written before the evaluation
+    (`ExporterStore.window_records`). Records only accumulate, so when they reproduce the
+    evaluation's published and received count of every bucket, they are exactly the records
+    it compared. When they do not (a record stamped before the evaluation but stored after it
+    read that bucket), None: the next evaluation re-reads that bucket.
+    """
+    frontier = snapshot.frontier
+    start = frontier - window.length
+    stats = snapshot.subscriptions.get((topic, subscription), {}).get(window.label)
+    if stats is None:
+        return None
+    published, received = _group(
+        (e for e in events if e.topic == topic and start <= e.publish_time < frontier),
+        (
+            r
+            for r in receipts
+            if r.topic == topic
+            and r.subscription == subscription
+            and start <= r.publish_time < frontier
+        ),
+        snapshot.bucket,
+    )
+    stored = {k: r for k, r in snapshot.buckets.items() if k[0] == topic and k[1] >= start}
+    missed: list[PublishedEvent] = []
+    for key in set(published) | set(stored):
+        ids = published.get(key, {})
+        got = {r.event_id for r in received.get(key, {}).get(subscription, ()) if r.event_id in ids}
+        result = stored.get(key)
+        evaluated = (
+            (result.published, result.subscriptions.get(subscription, BucketCounts()).received)
+            if result
+            else (0, 0)
+        )
+        if (len(ids), len(got)) != evaluated:
+            return None
+        missed.extend(e for event_id, e in ids.items() if event_id not in got)
+    if len(missed) != stats.missed:
+        return None
+    return sorted(missed, key=lambda e: (e.publish_time, e.event_id))
 
 
 def log_snapshot(snapshot: Snapshot) -> None:

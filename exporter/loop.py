@@ -14,9 +14,21 @@ from eventaudit.store import ExporterStore, StoreError
 
 log = logging.getLogger(__name__)
 
+RETENTION_EVERY_SECONDS = 3600.0
+
+
+def served_reason(exc: BaseException) -> str:
+    """The short cause served over HTTP; the exception itself (hosts, topology) is only logged."""
+    return "audit store unavailable" if isinstance(exc, StoreError) else "internal error"
+
 
 class EvaluationLoop:
-    """Evaluates once per bucket; failures are logged with their traceback and remembered."""
+    """Evaluates once per bucket and applies retention hourly.
+
+    Nothing raised in a pass stops the loop: the failure is counted
+    (`eventaudit_evaluations_total{outcome="error"}`), logged, and served as `eventaudit_up 0`
+    until a later pass succeeds.
+    """
 
     def __init__(
         self,
@@ -34,35 +46,35 @@ class EvaluationLoop:
         self._retention = retention
         self._clock = clock
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="evaluation-loop", daemon=True)
+        self._thread = threading.Thread(target=self.run, name="evaluation-loop", daemon=True)
         self._last_retention = float("-inf")  # run retention with the first evaluation
+        state.expect_every(self._interval)
 
     def run_once(self) -> bool:
-        """One evaluation (and retention when due); True on success."""
+        """One evaluation (and retention when due); True on success, never raises Exception."""
         started = time.perf_counter()
+        phase = "evaluation"
         try:
             snapshot = self._evaluator.evaluate(self._clock())
-        except StoreError as exc:
-            self._state.failed(str(exc), time.perf_counter() - started)
-            log.error("evaluation failed: %s", exc)
-            return False
+            if time.monotonic() - self._last_retention > RETENTION_EVERY_SECONDS:
+                phase = "retention"
+                self._apply_retention()
+            phase = "logging"
+            log_snapshot(snapshot)
         except Exception as exc:
-            self._state.failed(repr(exc), time.perf_counter() - started)
-            log.exception("evaluation failed")
+            reason = f"{phase} failed: {served_reason(exc)}"
+            self._state.failed(reason, time.perf_counter() - started)
+            if isinstance(exc, StoreError):
+                log.error("%s: %s", reason, exc)
+            else:
+                log.exception(reason)
             return False
         self._state.succeeded(snapshot, time.perf_counter() - started)
-        log_snapshot(snapshot)
-        if time.monotonic() - self._last_retention > 3600:
-            self._apply_retention()
         return True
 
     def _apply_retention(self) -> None:
         cutoff = self._clock() - self._retention
-        try:
-            deleted = self._store.delete_older_than(cutoff)
-        except StoreError as exc:
-            log.warning("retention delete failed, will retry: %s", exc)
-            return
+        deleted = self._store.delete_older_than(cutoff)
         self._last_retention = time.monotonic()
         log.info("retention: deleted records older than %s: %s", cutoff.isoformat(), deleted)
 
@@ -73,11 +85,22 @@ class EvaluationLoop:
     def stop(self) -> None:
         """Stop after the current evaluation."""
         self._stop.set()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.run_once()
-            # Wake just after the next bucket boundary settles, not on a drifting timer.
-            now = time.time()
-            self._stop.wait(self._interval - (now % self._interval) + 0.05)
+    def run(self) -> None:
+        """Evaluate until stop(); the state says when this has ended, whatever ended it."""
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.run_once()
+                except Exception:  # run_once catches everything; this is the last resort
+                    self._state.failed("evaluation failed: internal error", 0.0)
+                    log.exception("evaluation pass failed")
+                # Wake just after the next bucket boundary settles, not on a drifting timer.
+                now = time.time()
+                self._stop.wait(self._interval - (now % self._interval) + 0.05)
+        finally:
+            self._state.loop_stopped()
+            if not self._stop.is_set():
+                log.critical("evaluation loop ended unexpectedly; eventaudit_up stays 0")

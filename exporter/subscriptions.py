@@ -13,8 +13,11 @@ Lister = Callable[[str], list[str]]
 
 
 class ExpectedSubscriptions:
-    """configured, plus listed by Pub/Sub, plus seen in recent receipts, minus exclusions.
+    """configured, plus listed by Pub/Sub, plus seen in receipts, minus exclusions.
 
+    Configured and listed subscriptions are expected in every window; one that is neither
+    (deleted, or a subscriber briefly run with the wrong topic) only in the windows where it
+    has receipts, so it cannot report 0 % for an hour after it went away.
     A listing error keeps the last good listing (and is counted): a flaky admin API must
     never make a subscription vanish from the report, nor produce a negative rate.
     """
@@ -59,10 +62,18 @@ class ExpectedSubscriptions:
             self._listed[topic] = (self._clock(), subs)
             return subs
 
+    def standing(self, topic: str) -> set[str]:
+        """Configured or currently listed subscriptions of `topic`: expected in every window."""
+        return self.for_topic(topic, ())
+
+    def excluded(self, topic: str, subscription: str) -> bool:
+        """True when the pair is configured never to be reported."""
+        return (topic, subscription) in self._excluded
+
     def for_topic(self, topic: str, seen: Iterable[str]) -> set[str]:
-        """The subscriptions to report for `topic`."""
+        """The standing subscriptions of `topic` plus those `seen`, minus exclusions."""
         subs = set(self._configured.get(topic, set())) | self._listing(topic) | set(seen)
-        return {s for s in subs if (topic, s) not in self._excluded}
+        return {s for s in subs if not self.excluded(topic, s)}
 
 
 def pubsub_lister(project: str) -> Lister:

@@ -115,25 +115,32 @@ class MemoryStore:
     def receipts_between(self, start: datetime, end: datetime) -> list[ReceiptSummary]:
         return self.receipts_scan(start, end, None, start)[0]
 
-    def missed_events(
-        self, topic: str, subscription: str, start: datetime, end: datetime
-    ) -> list[PublishedEvent]:
+    def window_records(
+        self,
+        topic: str,
+        subscription: str,
+        start: datetime,
+        end: datetime,
+        written_before: datetime,
+    ) -> tuple[list[PublishedEvent], list[ReceiptSummary]]:
         with self._lock:
             self._check()
-            received = {
-                d["eventID"]
+            events = [
+                _event(d)
+                for d in self.published.values()
+                if d["topic"] == topic
+                and start <= d["publishTime"] < end
+                and d["createdTime"] < written_before
+            ]
+            receipts = [
+                _summary(d)
                 for d in self.received.values()
-                if d["subscription"] == subscription and start <= d["publishTime"] < end
-            }
-            docs = sorted(
-                (
-                    d
-                    for d in self.published.values()
-                    if d["topic"] == topic and start <= d["publishTime"] < end
-                ),
-                key=lambda d: d["publishTime"],
-            )
-        return [_event(d) for d in docs if d["eventID"] not in received]
+                if d["subscription"] == subscription
+                and d["topic"] == topic
+                and start <= d["publishTime"] < end
+                and d["createdTime"] < written_before
+            ]
+        return events, receipts
 
     # -- evaluator state ---------------------------------------------------------------------
 
@@ -164,7 +171,11 @@ class MemoryStore:
             counts = {}
             tables = (("PublishRecord", self.published), ("ReceivedRecord", self.received))
             for name, table in tables:
-                old = [k for k, d in table.items() if d["publishTime"] < cutoff]
+                old = [
+                    k
+                    for k, d in table.items()
+                    if d["publishTime"] < cutoff or d["createdTime"] < cutoff
+                ]
                 for k in old:
                     del table[k]
                 counts[name] = len(old)

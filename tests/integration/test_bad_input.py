@@ -110,26 +110,57 @@ def test_publisher_accepts_good_input_and_records_it(api, store) -> None:
 
 
 @pytest.mark.parametrize(
-    ("query", "message"),
+    ("query", "status", "message"),
     [
-        ("topic=t-1&subscription=s-1&bogus=1", "unknown query parameter"),
-        ("topic=t-1&subscription=s-1&limit=abc", "limit"),
-        ("topic=t-1&subscription=s-1&limit=0", "limit"),
-        ("topic=t-1&subscription=s-1&limit=99999999", "limit"),
-        ("topic=t-1&subscription=s-1&window=7y", "window must be one of"),
-        ("topic[$ne]=x&subscription=s-1", "unknown query parameter"),
-        ('topic={"$gt":""}&subscription=s-1', "topic must be a Pub/Sub id"),
-        ("topic=t-1&subscription=$where", "subscription must be a Pub/Sub id"),
-        ("subscription=s-1", "topic must be a Pub/Sub id"),
-        ("topic=t-1&topic=t-2&subscription=s-1", "once"),
+        ("topic=t-1&subscription=s-1&bogus=1", 400, "unknown query parameter"),
+        ("topic=t-1&subscription=s-1&limit=abc", 400, "limit"),
+        ("topic=t-1&subscription=s-1&limit=0", 400, "limit"),
+        ("topic=t-1&subscription=s-1&limit=99999999", 400, "limit"),
+        ("topic=t-1&subscription=s-1&limit=%C2%B2", 400, "limit"),  # superscript two
+        ("topic=t-1&subscription=s-1&limit=%D9%A1%D9%A0", 400, "limit"),  # Arabic-Indic 10
+        ("topic=t-1&subscription=s-1&limit=%EF%BC%91", 400, "limit"),  # fullwidth 1
+        ("topic=t-1&subscription=s-1&limit=10%0A", 400, "limit"),
+        ("topic=t-1&subscription=s-1&limit=%2010", 400, "limit"),
+        ("topic=t-1&subscription=s-1&limit=%2B10", 400, "limit"),
+        ("topic=t-1&subscription=s-1&limit=-1", 400, "limit"),
+        ("topic=t-1&subscription=s-1&limit=1e3", 400, "limit"),
+        ("topic=t-1&subscription=s-1&limit=1_0", 400, "limit"),
+        ("topic=t-1&subscription=s-1&limit=" + "0" * 40 + "1", 400, "limit"),
+        ("topic=t-1&subscription=s-1&limit=", 400, "limit"),
+        ("topic=t-1&subscription=s-1&window=7y", 400, "window must be one of"),
+        ("topic=t-1&subscription=s-1&window=5m%0A", 400, "window must be one of"),
+        ("topic=t-1&subscription=s-1&window=%205m", 400, "window must be one of"),
+        ("topic=t-1&subscription=s-1&window=5M", 400, "window must be one of"),
+        ("topic=t-1&subscription=s-1&window=300s", 400, "window must be one of"),
+        ("topic=t-1&subscription=s-1&window=%D9%A5m", 400, "window must be one of"),
+        ("topic=t-1&subscription=s-1&window=", 400, "window must be one of"),
+        ("topic[$ne]=x&subscription=s-1", 400, "unknown query parameter"),
+        ('topic={"$gt":""}&subscription=s-1', 400, "topic must be a Pub/Sub id"),
+        ("topic=t-1&subscription=$where", 400, "subscription must be a Pub/Sub id"),
+        ("subscription=s-1", 400, "topic must be a Pub/Sub id"),
+        ("topic=t-1&topic=t-2&subscription=s-1", 400, "once"),
+        ("topic=create-user%0A&subscription=s-1", 400, "topic must be a Pub/Sub id"),
+        ("topic=t-1&subscription=s-1%0A", 400, "subscription must be a Pub/Sub id"),
+        ("topic=t-1%0D%0Ax&subscription=s-1", 400, "topic must be a Pub/Sub id"),
+        ("topic=t-1%00&subscription=s-1", 400, "topic must be a Pub/Sub id"),
+        ("topic=%EF%BC%B4-1&subscription=s-1", 400, "topic must be a Pub/Sub id"),  # fullwidth T
+        ("topic=goog-t-1&subscription=s-1", 400, "topic must be a Pub/Sub id"),
+        ("topic=t1&subscription=s-1", 400, "topic must be a Pub/Sub id"),
+        ("topic=t-" + "x" * 254 + "&subscription=s-1", 400, "topic must be a Pub/Sub id"),
+        ("topic=t-1&subscription=1-s", 400, "subscription must be a Pub/Sub id"),
+        ("topic=t-1&subscription=s-1&subscription=s-2", 400, "once"),
+        # Well-formed but not reported: 404, never a list of every event as "missed".
+        ("topic=t-1&subscription=s-1", 404, "subscription s-1 of topic t-1 is not reported"),
+        ("topic=t-9&subscription=s-1", 404, "topic t-9 is not reported"),
     ],
 )
-def test_exporter_rejects_bad_query(store, query, message) -> None:
+def test_exporter_rejects_bad_query(store, query, status, message) -> None:
     exporter = exporter_kit(store, ["t-1"], list_subscriptions=False)
     EvaluationLoop(exporter.evaluator, exporter.state, store, BUCKET, timedelta(days=1)).run_once()
     app = create_exporter_app(ExporterDeps(store, exporter.state, exporter.registry))
     resp = app.test_client().get(f"/api/v1/missed?{query}")
-    assert resp.status_code == 400
+    assert resp.status_code == status
+    assert resp.get_json()["status"] == status
     assert message.lower() in resp.get_json()["error"].lower()
 
 

@@ -126,13 +126,23 @@ def test_late_receipt_moves_from_missed_to_received(store, topic_factory: TopicF
     now = settled_time(events)
     labels = {"topic": topic, "subscription": sub, "window": "5m"}
 
+    api = create_app(ExporterDeps(store, exporter.state, exporter.registry)).test_client()
+
+    def listed() -> tuple[int, list[str]]:
+        resp = api.get(f"/api/v1/missed?topic={topic}&subscription={sub}&window=5m")
+        body = resp.get_json()
+        assert resp.status_code == 200, body
+        return body["missed"], [e["eventID"] for e in body["events"]]
+
     with audited_subscriber(store, topic, sub, Faults(lose=lambda e: e in losing)) as kit:
         wait_for(lambda: received_count(store, sub) == 4, 60, "4 receipts")
         wait_for(lambda: kit.count("fault_lost", sub) == 1, 30, "the lost ack")
 
-        exporter.state.succeeded(exporter.evaluator.evaluate(now), 0.0)
+        # At the real time (later than `now`): the API lists records written before it.
+        exporter.state.succeeded(exporter.evaluator.evaluate(datetime.now(UTC)), 0.0)
         assert exporter.sample("eventaudit_missed_events", **labels) == 1
         assert exporter.sample("eventaudit_completion_rate", **labels) == 0.8
+        assert listed() == (1, [late])
 
         # The late delivery: the same event (same eventID and publishTime attributes) reaches
         # the subscriber again after its bucket was evaluated.
@@ -142,8 +152,12 @@ def test_late_receipt_moves_from_missed_to_received(store, topic_factory: TopicF
             client.topic_path(PROJECT, topic), b'{"n": 2}', **events[2].attributes
         ).result(timeout=30)
         wait_for(lambda: received_count(store, sub) == 5, 60, "the late receipt")
+        # Stored after the evaluation: the API still lists what the gauge counts.
+        assert exporter.sample("eventaudit_missed_events", **labels) == 1
+        assert listed() == (1, [late])
 
     exporter.state.succeeded(exporter.evaluator.evaluate(datetime.now(UTC)), 0.0)
+    assert listed() == (0, [])
     assert exporter.sample("eventaudit_missed_events", **labels) == 0
     assert exporter.sample("eventaudit_received_events", **labels) == 5
     assert exporter.sample("eventaudit_completion_rate", **labels) == 1.0

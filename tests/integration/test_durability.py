@@ -73,6 +73,26 @@ def test_retention_deletes_only_old_records(store) -> None:
     assert [d["eventID"] for d in store.published.find({})] == ["fresh"]
 
 
+def test_retention_reaches_records_by_write_time(store) -> None:
+    """A record with a far-future publishTime, written long ago, is deleted like any other."""
+    topic, sub = "topic-far-future", "topic-far-future-sub"
+    now = datetime.now(UTC).replace(microsecond=0)
+    far = [datetime(2100, 1, 1, tzinfo=UTC), datetime(9999, 12, 31, tzinfo=UTC)]
+    for written, prefix in ((now - timedelta(days=8), "stale"), (now, "kept")):
+        for i, when in enumerate(far):
+            event = f"{prefix}-{i}"
+            store.insert_publish_records(
+                [PublishRecord(event, "t" * 32, topic, "{}", "m", when)], written
+            )
+            store.record_receipts(
+                [Receipt(sub, event, topic, None, "m", when, now, written)], written
+            )
+    deleted = store.delete_older_than(now - timedelta(days=7))
+    assert deleted == {"PublishRecord": 2, "ReceivedRecord": 2, "BucketResult": 0}
+    assert sorted(d["eventID"] for d in store.published.find({})) == ["kept-0", "kept-1"]
+    assert sorted(d["eventID"] for d in store.received.find({})) == ["kept-0", "kept-1"]
+
+
 def test_publisher_buffer_overflow_is_counted_and_the_rest_recovers(
     private_ferret, topic_factory
 ) -> None:

@@ -26,6 +26,7 @@ def _snapshot() -> Snapshot:
     return Snapshot(
         NOW,
         NOW - timedelta(seconds=30),
+        timedelta(seconds=10),
         WINDOWS,
         published={"t": {"1m": 0, "5m": 300}},
         subscriptions={

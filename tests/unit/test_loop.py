@@ -1,0 +1,282 @@
+"""The evaluation loop survives anything, and frozen numbers never look fresh (MemoryStore)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from flask.testing import FlaskClient
+from prometheus_client import CollectorRegistry
+
+from eventaudit.exporter import loop as loop_module
+from eventaudit.exporter.app import ExporterDeps, create_app
+from eventaudit.exporter.buckets import Window
+from eventaudit.exporter.collector import CompletionCollector, EvaluationState
+from eventaudit.exporter.evaluator import Evaluator, Snapshot
+from eventaudit.exporter.loop import EvaluationLoop
+from eventaudit.exporter.subscriptions import ExpectedSubscriptions
+from eventaudit.records import PublishRecord, Receipt
+from eventaudit.store import PublishedEvent, ReceiptSummary, StoreError
+from tests.fakes import MemoryStore
+
+NOW = datetime(2026, 11, 27, 12, 0, 35, tzinfo=UTC)
+BUCKET = timedelta(seconds=10)
+TOPIC, SUB = "orders", "orders-audit"
+# What a driver error looks like: hosts and topology must never reach an HTTP body.
+HOST_ERROR = (
+    "could not read PublishRecord: db-7.prod.internal:27017: [Errno 111] Connection refused, "
+    "Timeout: 5.0s, Topology Description: <TopologyDescription id: 6650, topology_type: "
+    "Unknown, servers: [<ServerDescription ('db-7.prod.internal', 27017) server_type: Unknown>]>"
+)
+OUT_OF_RANGE = "date value out of range"
+SECRETS = ("prod.internal", "27017", "Topology", "Errno")
+
+
+class FaultyStore(MemoryStore):
+    """A MemoryStore whose named operations raise the queued exceptions, one per call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.faults: dict[str, list[Exception]] = {}
+
+    def _fault(self, operation: str) -> None:
+        queued = self.faults.get(operation)
+        if queued:
+            raise queued.pop(0)
+
+    def published_scan(
+        self, start: datetime, end: datetime, changed_since: datetime | None, changed_from: datetime
+    ) -> tuple[list[PublishedEvent], set[datetime]]:
+        self._fault("published_scan")
+        return super().published_scan(start, end, changed_since, changed_from)
+
+    def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
+        self._fault("delete_older_than")
+        return super().delete_older_than(cutoff)
+
+    def window_records(
+        self,
+        topic: str,
+        subscription: str,
+        start: datetime,
+        end: datetime,
+        written_before: datetime,
+    ) -> tuple[list[PublishedEvent], list[ReceiptSummary]]:
+        self._fault("window_records")
+        return super().window_records(topic, subscription, start, end, written_before)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Exporter:
+    """An evaluator, its loop and the HTTP app over one store, with an explicit clock."""
+
+    def __init__(
+        self,
+        store: MemoryStore,
+        interval: timedelta = BUCKET,
+        retention: timedelta = timedelta(days=1),
+    ) -> None:
+        self.store = store
+        self.monotonic = Clock()
+        expected = ExpectedSubscriptions({TOPIC: {SUB}}, set(), None)
+        evaluator = Evaluator(
+            store, expected, [Window("1m", timedelta(minutes=1))], BUCKET, timedelta(seconds=30)
+        )
+        self.state = EvaluationState(settle_seconds=30, clock=self.monotonic)
+        self.registry = CollectorRegistry()
+        self.registry.register(CompletionCollector(self.state, expected))
+        self.loop = EvaluationLoop(
+            evaluator, self.state, store, interval, retention, clock=lambda: NOW
+        )
+        self.client: FlaskClient = create_app(
+            ExporterDeps(store, self.state, self.registry)
+        ).test_client()
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        return self.registry.get_sample_value(name, labels)
+
+    def bodies(self) -> Iterable[str]:
+        for path in (
+            "/healthz",
+            "/",
+            "/metrics",
+            f"/api/v1/missed?topic={TOPIC}&subscription={SUB}",
+        ):
+            yield self.client.get(path).get_data(as_text=True)
+
+
+def _seeded() -> FaultyStore:
+    store = FaultyStore()
+    when = NOW - timedelta(seconds=50)
+    store.insert_publish_records([PublishRecord("e1", "t" * 32, TOPIC, "{}", "m", when)], when)
+    old = NOW - timedelta(days=2)
+    store.insert_publish_records([PublishRecord("old", "t" * 32, TOPIC, "{}", "m", old)], old)
+    return store
+
+
+def _fail_logging(monkeypatch: pytest.MonkeyPatch, exc: Exception) -> None:
+    real = loop_module.log_snapshot
+    calls: list[int] = []
+
+    def flaky(snapshot: Snapshot) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise exc
+        real(snapshot)
+
+    monkeypatch.setattr(loop_module, "log_snapshot", flaky)
+
+
+@pytest.mark.parametrize(
+    ("where", "exc", "reason"),
+    [
+        ("published_scan", StoreError(HOST_ERROR), "evaluation failed: audit store unavailable"),
+        ("published_scan", RuntimeError(HOST_ERROR), "evaluation failed: internal error"),
+        ("published_scan", OverflowError(OUT_OF_RANGE), "evaluation failed: internal error"),
+        ("delete_older_than", OverflowError(OUT_OF_RANGE), "retention failed: internal error"),
+        ("delete_older_than", StoreError(HOST_ERROR), "retention failed: audit store unavailable"),
+        ("log", ValueError(HOST_ERROR), "logging failed: internal error"),
+    ],
+)  # fmt: skip
+def test_any_failure_is_counted_served_as_down_and_the_next_run_recovers(
+    monkeypatch: pytest.MonkeyPatch, where: str, exc: Exception, reason: str
+) -> None:
+    store = _seeded()
+    if where == "log":
+        _fail_logging(monkeypatch, exc)
+    else:
+        store.faults[where] = [exc]
+    exporter = Exporter(store)
+    labels = {"topic": TOPIC, "subscription": SUB, "window": "1m"}
+
+    assert exporter.loop.run_once() is False
+    assert exporter.sample("eventaudit_up") == 0
+    assert exporter.sample("eventaudit_evaluations_total", outcome="error") == 1
+    assert exporter.sample("eventaudit_evaluations_total", outcome="success") == 0
+    assert exporter.sample("eventaudit_completion_rate", **labels) is None
+    health = exporter.client.get("/healthz")
+    assert health.status_code == 503
+    assert health.get_json() == {"error": reason, "status": 503, "up": 0}
+    missed = exporter.client.get(f"/api/v1/missed?topic={TOPIC}&subscription={SUB}")
+    assert (missed.status_code, missed.get_json()["error"]) == (503, reason)
+    for body in exporter.bodies():
+        assert not [s for s in SECRETS if s in body]
+
+    assert exporter.loop.run_once() is True
+    assert exporter.sample("eventaudit_up") == 1
+    assert exporter.sample("eventaudit_evaluations_total", outcome="success") == 1
+    assert exporter.sample("eventaudit_evaluations_total", outcome="error") == 1
+    assert exporter.sample("eventaudit_completion_rate", **labels) == 0.0
+    assert exporter.sample("eventaudit_missed_events", **labels) == 1
+    assert exporter.client.get("/healthz").status_code == 200
+    # Retention ran (again, if it was what failed): the 2-day-old record is gone.
+    assert [d["eventID"] for d in store.published.values()] == ["e1"]
+
+
+def test_the_loop_thread_survives_an_escaping_exception(monkeypatch: pytest.MonkeyPatch) -> None:
+    exporter = Exporter(_seeded(), interval=timedelta(milliseconds=10))
+    calls: list[int] = []
+
+    def run_once() -> bool:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError(HOST_ERROR)
+        exporter.loop.stop()
+        return True
+
+    monkeypatch.setattr(exporter.loop, "run_once", run_once)
+    exporter.loop.run()
+    assert len(calls) == 2
+    assert exporter.sample("eventaudit_evaluations_total", outcome="error") == 1
+
+
+class _ThreadKiller(BaseException):
+    """Something no handler in the loop catches."""
+
+
+def test_a_dead_loop_thread_is_reported_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    exporter = Exporter(_seeded())
+    assert exporter.loop.run_once()
+    assert exporter.sample("eventaudit_up") == 1
+
+    def die() -> bool:
+        raise _ThreadKiller
+
+    monkeypatch.setattr(exporter.loop, "run_once", die)
+    with pytest.raises(_ThreadKiller):
+        exporter.loop.run()
+    assert exporter.sample("eventaudit_up") == 0
+    assert (
+        exporter.sample("eventaudit_completion_rate", topic=TOPIC, subscription=SUB, window="1m")
+        is None
+    )
+    health = exporter.client.get("/healthz")
+    assert (health.status_code, health.get_json()["error"]) == (503, "evaluation loop stopped")
+
+
+def test_stop_reports_the_loop_down() -> None:
+    exporter = Exporter(_seeded())
+    exporter.loop.start()
+    exporter.loop.stop()
+    assert not any(t.name == "evaluation-loop" and t.is_alive() for t in threading.enumerate())
+    assert exporter.state.current().reason == "evaluation loop stopped"
+
+
+@pytest.mark.parametrize(
+    ("interval", "fresh_for"),
+    [(timedelta(seconds=1), 60.0), (timedelta(seconds=10), 60.0), (timedelta(minutes=1), 180.0)],
+)
+def test_numbers_go_stale_when_no_evaluation_succeeds(
+    interval: timedelta, fresh_for: float
+) -> None:
+    exporter = Exporter(_seeded(), interval=interval)
+    exporter.monotonic.now = 1000.0
+    assert exporter.loop.run_once()
+
+    exporter.monotonic.now = 1000.0 + fresh_for
+    assert exporter.sample("eventaudit_up") == 1
+    assert exporter.client.get("/healthz").status_code == 200
+
+    exporter.monotonic.now = 1000.0 + fresh_for + 1
+    assert exporter.sample("eventaudit_up") == 0
+    assert (
+        exporter.sample("eventaudit_missed_events", topic=TOPIC, subscription=SUB, window="1m")
+        is None
+    )
+    health = exporter.client.get("/healthz")
+    assert health.status_code == 503
+    assert health.get_json()["error"] == f"no successful evaluation for {fresh_for + 1:.0f}s"
+    assert (
+        exporter.client.get(f"/api/v1/missed?topic={TOPIC}&subscription={SUB}").status_code == 503
+    )
+
+    assert exporter.loop.run_once()
+    assert exporter.sample("eventaudit_up") == 1
+
+
+def test_retention_reaches_records_by_write_time() -> None:
+    store = FaultyStore()
+    far = [datetime(2100, 1, 1, tzinfo=UTC), datetime(9999, 12, 31, tzinfo=UTC)]
+    for age, prefix in ((timedelta(days=8), "stale"), (timedelta(hours=1), "kept")):
+        written = NOW - age
+        for i, when in enumerate(far):
+            event = f"{prefix}-{i}"
+            store.insert_publish_records(
+                [PublishRecord(event, "t" * 32, TOPIC, "{}", "m", when)], written
+            )
+            store.record_receipts(
+                [Receipt(SUB, event, TOPIC, None, "m", when, written, written)], written
+            )
+    exporter = Exporter(store, retention=timedelta(days=7))
+    assert exporter.loop.run_once()
+    assert sorted(d["eventID"] for d in store.published.values()) == ["kept-0", "kept-1"]
+    assert sorted(d["eventID"] for d in store.received.values()) == ["kept-0", "kept-1"]
