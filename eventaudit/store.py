@@ -14,10 +14,11 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from bson.codec_options import CodecOptions
-from pymongo import ASCENDING, DESCENDING, InsertOne, MongoClient, UpdateOne
+from pymongo import ASCENDING, DESCENDING, MongoClient, UpdateOne
 from pymongo.collection import Collection
-from pymongo.errors import BulkWriteError, PyMongoError
+from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
+from eventaudit.contract import epoch_ms
 from eventaudit.records import (
     BUCKET_COLLECTION,
     PUBLISH_COLLECTION,
@@ -31,6 +32,7 @@ from eventaudit.records import (
 log = logging.getLogger(__name__)
 
 _DUPLICATE_KEY = 11000
+_INDEX_NOT_FOUND = 27
 T = TypeVar("T")
 
 
@@ -62,8 +64,12 @@ class ReceiptSummary:
 class PublishRecordStore(Protocol):
     """What the publisher's record buffer writes to."""
 
-    def insert_publish_records(self, records: Sequence[PublishRecord], now: datetime) -> None:
-        """Write a batch of publish records; StoreError when the batch must be retried."""
+    def insert_publish_records(
+        self, records: Sequence[PublishRecord], now: datetime
+    ) -> list[PublishRecord]:
+        """Write a batch of publish records, one per (topic, eventID); return the conflicts
+        (records whose key holds a different event; not written). StoreError when the batch
+        must be retried."""
         ...
 
 
@@ -154,6 +160,24 @@ def receipt_key(subscription: str, event_id: str) -> str:
     return f"{subscription}|{event_id}"
 
 
+def publish_key(topic: str, event_id: str) -> str:
+    """`_id` of a publish record: one per (topic, eventID), so an event fanned out to several
+    topics has a record on each; neither topic ids nor valid eventIDs contain '|'."""
+    return f"{topic}|{event_id}"
+
+
+def is_same_publish(stored: dict[str, Any] | None, record: PublishRecord) -> bool:
+    """True when the stored document is this very publish (a batch retried after its write
+    landed): same Pub/Sub message, payload and publishTime (compared in BSON's milliseconds)."""
+    return (
+        stored is not None
+        and stored.get("messageId") == record.message_id
+        and stored.get("payload") == record.payload
+        and isinstance(stored.get("publishTime"), datetime)
+        and epoch_ms(stored["publishTime"]) == epoch_ms(record.publish_time)
+    )
+
+
 def _new_or_changed(
     start: datetime,
     end: datetime,
@@ -216,6 +240,15 @@ def _split_read(
     return records, late
 
 
+def _drop_index(collection: Collection[dict[str, Any]], name: str) -> None:
+    """Drop an index; one already gone (another process dropped it first) is fine."""
+    try:
+        collection.drop_index(name)
+    except OperationFailure as exc:
+        if exc.code != _INDEX_NOT_FOUND:
+            raise
+
+
 class MongoStore:
     """Reads and writes the audit collections of one database."""
 
@@ -245,8 +278,14 @@ class MongoStore:
         """Create every index the writers and the exporter rely on (idempotent)."""
         try:
             self.published.create_index(
-                [("eventID", ASCENDING)], unique=True, name="eventID_unique"
+                [("topic", ASCENDING), ("eventID", ASCENDING)],
+                unique=True,
+                name="topic_eventID_unique",
             )
+            # Before publish records were keyed per topic, eventID alone was unique: that index
+            # would refuse an event fanned out to a second topic.
+            if "eventID_unique" in self.published.index_information():
+                _drop_index(self.published, "eventID_unique")
             self.published.create_index([("publishTime", ASCENDING)], name="publishTime")
             self.published.create_index(
                 [("topic", ASCENDING), ("publishTime", ASCENDING)], name="topic_publishTime"
@@ -270,21 +309,43 @@ class MongoStore:
 
     # -- writers -------------------------------------------------------------------------
 
-    def insert_publish_records(self, records: Sequence[PublishRecord], now: datetime) -> None:
-        """Insert a batch; an eventID already stored (a retried batch) counts as written."""
+    def insert_publish_records(
+        self, records: Sequence[PublishRecord], now: datetime
+    ) -> list[PublishRecord]:
+        """Insert a batch keyed by `_id = "topic|eventID"`; return the conflicts.
+
+        A key already stored with the same publish (a batch retried after a write that did
+        land) counts as written. A key stored with a different one (a caller reusing an
+        eventID on the same topic for another event) is a conflict: returned, not written,
+        and the stored record is left as it was.
+        """
         if not records:
-            return
-        ops = [InsertOne(r.to_document(now)) for r in records]
+            return []
+        docs = [{"_id": publish_key(r.topic, r.event_id), **r.to_document(now)} for r in records]
         try:
-            self.published.bulk_write(ops, ordered=False)
+            self.published.insert_many(docs, ordered=False)
+            return []
         except BulkWriteError as exc:
-            other = [
-                e for e in exc.details.get("writeErrors", []) if e.get("code") != _DUPLICATE_KEY
-            ]
-            if other or exc.details.get("writeConcernErrors"):
-                raise StoreError(f"publish records not written: {other[:3]}") from exc
+            errors = exc.details.get("writeErrors", [])
+            if any(e.get("code") != _DUPLICATE_KEY for e in errors) or exc.details.get(
+                "writeConcernErrors"
+            ):
+                raise StoreError(f"publish records not written: {errors[:3]}") from exc
+            duplicates = [records[e["index"]] for e in errors]
         except PyMongoError as exc:
             raise StoreError(f"publish records not written: {exc}") from exc
+        # One read by `_id` per duplicate: what FerretDB's SQLite backend serves without a scan.
+        fields = {"messageId": 1, "payload": 1, "publishTime": 1}
+        try:
+            return [
+                r
+                for r in duplicates
+                if not is_same_publish(
+                    self.published.find_one({"_id": publish_key(r.topic, r.event_id)}, fields), r
+                )
+            ]
+        except PyMongoError as exc:
+            raise StoreError(f"could not read back duplicate publish records: {exc}") from exc
 
     def record_receipts(self, receipts: Sequence[Receipt], now: datetime) -> None:
         """Store one receipt per (subscription, eventID), counting every delivery.

@@ -12,11 +12,20 @@ from datetime import datetime
 from typing import Any
 
 from eventaudit.records import BucketResult, PublishRecord, Receipt
-from eventaudit.store import AuditStore, PublishedEvent, ReceiptSummary, StoreError, receipt_key
+from eventaudit.store import (
+    AuditStore,
+    PublishedEvent,
+    ReceiptSummary,
+    StoreError,
+    is_same_publish,
+    publish_key,
+    receipt_key,
+)
 
 
 class MemoryStore:
-    """Publish records keyed by eventID, receipts by (subscription, eventID), like MongoStore.
+    """Publish records keyed by (topic, eventID), receipts by (subscription, eventID), like
+    MongoStore.
 
     `fail_next` makes the next N operations raise StoreError (an outage).
     """
@@ -36,11 +45,20 @@ class MemoryStore:
 
     # -- writers -----------------------------------------------------------------------------
 
-    def insert_publish_records(self, records: Sequence[PublishRecord], now: datetime) -> None:
+    def insert_publish_records(
+        self, records: Sequence[PublishRecord], now: datetime
+    ) -> list[PublishRecord]:
         with self._lock:
             self._check()
+            conflicts = []
             for r in records:
-                self.published.setdefault(r.event_id, r.to_document(now))
+                key = publish_key(r.topic, r.event_id)
+                stored = self.published.get(key)
+                if stored is None:
+                    self.published[key] = r.to_document(now)
+                elif not is_same_publish(stored, r):
+                    conflicts.append(r)
+            return conflicts
 
     def record_receipts(self, receipts: Sequence[Receipt], now: datetime) -> None:
         with self._lock:
