@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 EVENT_ID = "eventID"
 PUBLISH_TIME = "publishTime"
@@ -166,19 +168,54 @@ def build_attributes(
     }
 
 
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
+def loads_finite_json(text: str | bytes) -> Any:
+    """`json.loads` without Python's extensions: NaN, Infinity and numbers that overflow to
+    infinity (`1e400`) are rejected with ValueError; too deep nesting raises RecursionError."""
+    return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+
+
+# Options travels as a Pub/Sub attribute value, which holds at most 1024 bytes.
+_MAX_OPTIONS_BYTES = 1024
+
+
 def normalize_options(options: object) -> str:
-    """Options travel as a JSON string; accept a mapping or a JSON string, reject anything else."""
+    """Options travel as a JSON string; accept a mapping or a JSON string, reject anything else
+    (NaN, infinities and more than 1024 bytes included), with the reason in a ValueError."""
     if options is None:
         return "{}"
-    if isinstance(options, str):
-        try:
-            json.loads(options)
-        except ValueError as exc:
-            raise ValueError("Options must be a JSON string") from exc
-        return options
-    if isinstance(options, dict):
-        return json.dumps(options, separators=(",", ":"), sort_keys=True)
-    raise ValueError("Options must be a JSON object or a JSON string")
+    if not isinstance(options, str | dict):
+        raise ValueError("Options must be a JSON object or a JSON string")
+    try:
+        if isinstance(options, str):
+            loads_finite_json(options)
+            text = options
+        else:
+            text = json.dumps(options, separators=(",", ":"), sort_keys=True, allow_nan=False)
+        size = len(text.encode())
+    except RecursionError as exc:
+        raise ValueError("Options is nested too deeply") from exc
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"Options is not encodable as UTF-8: {exc.reason}") from exc
+    except ValueError as exc:
+        if isinstance(options, dict):
+            raise ValueError("Options numbers must be finite (no NaN or Infinity)") from exc
+        raise ValueError(f"Options is not valid JSON: {exc}") from exc
+    except TypeError as exc:
+        raise ValueError(f"Options is not JSON: {exc}") from exc
+    if size > _MAX_OPTIONS_BYTES:
+        raise ValueError(f"Options is {size} bytes; an attribute holds at most 1024")
+    return text
 
 
 # How far a publishTime attribute may be from the broker's publish time and still be trusted.

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import re
 import uuid
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from google.api_core import exceptions as gexc
+from google.cloud.pubsub_v1.publisher.exceptions import MessageTooLargeError
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -22,15 +20,23 @@ from eventaudit.contract import (
     OPTIONS,
     InvalidMessageError,
     TraceContext,
+    is_pubsub_id,
+    loads_finite_json,
 )
 from eventaudit.http import json_error, metrics_view, register_json_errors
-from eventaudit.publisher.audited import AuditedPublisher, PublishedEvent, RecordBuffer
+from eventaudit.publisher.audited import (
+    PUBLISH_TIMEOUTS,
+    AuditedPublisher,
+    InvalidEventError,
+    InvalidOptionsError,
+    PublishedEvent,
+    RecordBuffer,
+    TopicNotFoundError,
+)
 from eventaudit.publisher.config import PublisherSettings
 
 log = logging.getLogger(__name__)
 
-# Pub/Sub's own rule for topic ids.
-_TOPIC_ID = re.compile(r"^[A-Za-z][A-Za-z0-9\-_.~+%]{2,254}$")
 _NAMES = ("Zakk Wylde", "Ada Lovelace", "Grace Hopper", "Alan Turing", "Edsger Dijkstra")
 
 
@@ -66,17 +72,13 @@ def _settings() -> PublisherSettings:
     return settings
 
 
-def _reject_constant(name: str) -> None:
-    # json accepts NaN and Infinity, which are not JSON and would not survive a JSON consumer.
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def _json_body(required: bool) -> dict[str, Any] | tuple[Response, int]:
     raw = request.get_data(cache=False)
     if not raw.strip():
         return json_error(400, "request body must be a JSON object") if required else {}
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
+        # NaN, Infinity and 1e400 (infinity once parsed) are not JSON: no JSON consumer reads them.
+        body = loads_finite_json(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         return json_error(400, f"malformed JSON: {exc}")
     except RecursionError:
@@ -98,13 +100,21 @@ def _publish(topic: str, payload: dict[str, Any]) -> PublishedEvent | tuple[Resp
         )
     except InvalidMessageError as exc:
         return json_error(400, f"X-Event-ID: {exc}")
-    except ValueError as exc:
+    except InvalidOptionsError as exc:
         return json_error(400, f"X-Event-Options: {exc}")
+    except InvalidEventError as exc:  # the payload (or the topic id, for library callers)
+        return json_error(400, str(exc))
+    except TopicNotFoundError:
+        return json_error(404, f"topic {topic!r} does not exist")
+    except MessageTooLargeError:
+        return json_error(413, "the message exceeds Pub/Sub's limit of 10 MB")
+    except RuntimeError as exc:  # a stopped client refuses publishes; logged by publish()
+        return json_error(503, f"publish refused: {type(exc).__name__}")
     try:
         event.message_id(timeout=_settings().publish_timeout_seconds)
     except gexc.NotFound:
         return json_error(404, f"topic {topic!r} does not exist")
-    except FutureTimeout:
+    except PUBLISH_TIMEOUTS:
         return json_error(
             504, "Pub/Sub did not acknowledge the publish in time", eventID=event.event_id
         )
@@ -147,8 +157,11 @@ def create_user() -> Any:
 @bp.post("/api/v1/topics/<topic>/events")
 def publish_event(topic: str) -> Any:
     """Publish the JSON object in the body to `topic`, honouring incoming trace headers."""
-    if not _TOPIC_ID.match(topic) or topic.lower().startswith("goog"):
+    if not is_pubsub_id(topic):
         return json_error(400, f"invalid topic id {topic!r}")
+    allowed = _settings().topic_allow_list
+    if allowed and topic not in allowed:
+        return json_error(404, f"topic {topic!r} is not published by this API")
     body = _json_body(required=True)
     if isinstance(body, tuple):
         return body

@@ -4,6 +4,8 @@ The audit never takes the business path down: a publish succeeds or fails on Pub
 Records wait in a bounded in-memory buffer that a background thread writes in batches; while
 the store is unavailable they stay there and are retried, and what does not fit is counted
 (`eventaudit_publisher_records_total{outcome="dropped"}`) and logged, never silently lost.
+A publish record is identified by (topic, eventID): an event fanned out to several topics has
+one on each, and a second, different event under a key already stored is counted `conflict`.
 """
 
 from __future__ import annotations
@@ -12,17 +14,19 @@ import json
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Mapping
-from concurrent.futures import Future
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from google.api_core import exceptions as gexc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from eventaudit.contract import (
     TraceContext,
     build_attributes,
+    is_pubsub_id,
     new_event_id,
     normalize_options,
     utc_now_ms,
@@ -34,7 +38,37 @@ from eventaudit.store import PublishRecordStore, StoreError
 log = logging.getLogger(__name__)
 
 EVENT_OUTCOMES = ("published", "error", "timeout")
-RECORD_OUTCOMES = ("written", "dropped", "write_error")
+RECORD_OUTCOMES = ("written", "conflict", "dropped", "write_error")
+# How a publish future fails when Pub/Sub did not answer in time: the client's own deadline,
+# its retry budget running out, or a wait on the future timing out.
+PUBLISH_TIMEOUTS = (gexc.DeadlineExceeded, gexc.RetryError, TimeoutError)
+
+
+def publish_outcome(exc: BaseException | None) -> str:
+    """`published`, `timeout` or `error`: the outcome label of a settled publish."""
+    if exc is None:
+        return "published"
+    return "timeout" if isinstance(exc, PUBLISH_TIMEOUTS) else "error"
+
+
+class InvalidEventError(ValueError):
+    """The event cannot be published as given; nothing was handed to Pub/Sub."""
+
+
+class InvalidPayloadError(InvalidEventError):
+    """The payload is not a JSON object Pub/Sub can carry (non-finite number, lone surrogate)."""
+
+
+class InvalidOptionsError(InvalidEventError):
+    """Options is not a JSON value of finite numbers that fits in an attribute."""
+
+
+class TopicNotFoundError(LookupError):
+    """The topic does not exist (answered from the bounded existence cache)."""
+
+    def __init__(self, topic: str) -> None:
+        super().__init__(f"topic {topic!r} does not exist")
+        self.topic = topic
 
 
 class PublisherMetrics:
@@ -49,14 +83,16 @@ class PublisherMetrics:
         )
         self.records = Counter(
             "eventaudit_publisher_records_total",
-            "Publish records by outcome: written to the store, dropped on buffer overflow, "
-            "or failed write attempts (records stay buffered and are retried).",
+            "Publish records by outcome: written to the store; conflict (the store holds a "
+            "different event under the same topic and eventID; not written); dropped (buffer "
+            "full, or still unwritten at stop); write_error (failed write attempts: the "
+            "records stay buffered and are retried).",
             ["outcome"],
             registry=registry,
         )
         self.buffer_depth = Gauge(
             "eventaudit_publisher_record_buffer_depth",
-            "Publish records waiting to be written to the store.",
+            "Publish records accepted and not yet durable: queued plus the batch being written.",
             registry=registry,
         )
         self.buffer_capacity = Gauge(
@@ -84,7 +120,11 @@ class PublisherMetrics:
 
 
 class RecordBuffer:
-    """Bounded FIFO of publish records, written in batches by one background thread."""
+    """Bounded FIFO of publish records, written in batches by one background thread.
+
+    Depth and capacity count every record accepted and not yet durable: the queue plus the
+    batch the writer is writing.
+    """
 
     def __init__(
         self,
@@ -104,6 +144,7 @@ class RecordBuffer:
         self._records: deque[PublishRecord] = deque()
         self._cond = threading.Condition()
         self._closing = False
+        self._close_deadline = 0.0
         self._in_flight = 0
         self._thread = threading.Thread(target=self._run, name="record-buffer", daemon=True)
         metrics.buffer_capacity.set(capacity)
@@ -113,19 +154,19 @@ class RecordBuffer:
         self._thread.start()
 
     def add(self, record: PublishRecord) -> bool:
-        """Queue a record; False (counted and logged) when the buffer is full."""
+        """Queue a record; False (counted and logged) when the buffer is full or closed."""
         with self._cond:
-            if len(self._records) >= self._capacity:
+            if self._closing or len(self._records) + self._in_flight >= self._capacity:
                 self._metrics.records.labels("dropped").inc()
                 log.error(
-                    "publish record buffer full (%d): dropped record of event %s on topic %s",
-                    self._capacity,
+                    "publish record buffer %s: dropped record of event %s on topic %s",
+                    "closed" if self._closing else f"full ({self._capacity})",
                     record.event_id,
                     record.topic,
                 )
                 return False
             self._records.append(record)
-            self._metrics.buffer_depth.set(len(self._records))
+            self._show_depth()
             if len(self._records) >= self._batch_size:
                 self._cond.notify()
             return True
@@ -148,21 +189,44 @@ class RecordBuffer:
         return True
 
     def close(self, timeout: float = 10.0) -> None:
-        """Write what is queued (up to `timeout`), then stop; log what could not be written."""
+        """Write what is queued for up to `timeout` seconds in all, then stop.
+
+        Records still queued then are counted dropped and logged. A write still in progress
+        is not counted here: the writer counts it written or dropped when the store answers.
+        """
+        deadline = time.monotonic() + timeout
         self.flush(timeout)
         with self._cond:
             self._closing = True
-            left = len(self._records) + self._in_flight
+            self._close_deadline = deadline
             self._cond.notify_all()
-        self._thread.join(timeout=self._max_backoff + 1)
+        if self._thread.ident is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        with self._cond:
+            left = len(self._records)
+            self._records.clear()
+            writing = self._in_flight
+            self._show_depth()
         if left:
             self._metrics.records.labels("dropped").inc(left)
             log.error("publisher stopping with %d unwritten publish records (dropped)", left)
+        if writing:
+            log.warning(
+                "publisher stopping with %d publish records still being written; they are "
+                "counted written or dropped when the store answers",
+                writing,
+            )
+
+    def _show_depth(self) -> None:
+        # Called with the lock held.
+        self._metrics.buffer_depth.set(len(self._records) + self._in_flight)
 
     def _take_batch(self) -> list[PublishRecord]:
         with self._cond:
             if not self._records and not self._closing:
                 self._cond.wait(self._flush_interval)
+            if self._closing and time.monotonic() >= self._close_deadline:
+                return []
             n = min(self._batch_size, len(self._records))
             batch = [self._records.popleft() for _ in range(n)]
             self._in_flight = n
@@ -178,31 +242,53 @@ class RecordBuffer:
                         return
                 continue
             try:
-                self._store.insert_publish_records(batch, utc_now_ms())
+                conflicts = self._store.insert_publish_records(batch, utc_now_ms())
             except StoreError as exc:
                 self._metrics.records.labels("write_error").inc()
                 self._metrics.store_up.set(0)
-                log.warning(
-                    "could not write %d publish records, keeping them buffered: %s", len(batch), exc
-                )
                 with self._cond:
-                    # Back to the front, in order; over capacity is tolerated for this batch
-                    # because these records were already accepted.
-                    self._records.extendleft(reversed(batch))
                     self._in_flight = 0
-                    self._metrics.buffer_depth.set(len(self._records))
                     if self._closing:
+                        self._metrics.records.labels("dropped").inc(len(batch))
+                        self._show_depth()
+                        self._cond.notify_all()
+                        log.error(
+                            "%d publish records not written before stop (dropped): %s",
+                            len(batch),
+                            exc,
+                        )
                         return
+                    log.warning(
+                        "could not write %d publish records, keeping them buffered: %s",
+                        len(batch),
+                        exc,
+                    )
+                    # Back to the front, in order: these records were already accepted.
+                    self._records.extendleft(reversed(batch))
+                    self._show_depth()
                     self._cond.wait(backoff)
                 backoff = min(backoff * 2, self._max_backoff)
                 continue
             backoff = 0.1
-            self._metrics.records.labels("written").inc(len(batch))
+            self._count_written(batch, conflicts)
             self._metrics.store_up.set(1)
             with self._cond:
                 self._in_flight = 0
-                self._metrics.buffer_depth.set(len(self._records))
+                self._show_depth()
                 self._cond.notify_all()
+
+    def _count_written(self, batch: list[PublishRecord], conflicts: list[PublishRecord]) -> None:
+        self._metrics.records.labels("written").inc(len(batch) - len(conflicts))
+        if conflicts:
+            self._metrics.records.labels("conflict").inc(len(conflicts))
+            log.error(
+                "%d publish records not written: their topic and eventID already hold a "
+                "different event (a reused eventID?): %s",
+                len(conflicts),
+                ", ".join(
+                    f"{r.topic}|{r.event_id} (message {r.message_id})" for r in conflicts[:5]
+                ),
+            )
 
 
 class PublishClient(Protocol):
@@ -211,6 +297,76 @@ class PublishClient(Protocol):
     def publish(self, topic: str, data: bytes, **attrs: str) -> Future[str]: ...
 
     def topic_path(self, project: str, topic: str) -> str: ...
+
+    def get_topic(self, *, topic: str, timeout: float) -> object: ...
+
+
+class KnownTopics:
+    """A bounded, expiring cache of which topics exist, asked before anything is published.
+
+    The PublisherClient keeps state per topic name it ever published to, for good; checking
+    with the publisher API (`get_topic`) first, and remembering the answers in a map of at
+    most `size` names, makes memory independent of the names callers send. A check that
+    fails (unavailable, permission denied) does not block publishing: the topic is treated
+    as existing and asked again after `missing_ttl`.
+    """
+
+    def __init__(
+        self,
+        client: PublishClient,
+        project: str,
+        size: int = 4096,
+        found_ttl: float = 300.0,
+        missing_ttl: float = 10.0,
+        timeout: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._client = client
+        self._project = project
+        self._size = size
+        self._found_ttl = found_ttl
+        self._missing_ttl = missing_ttl
+        self._timeout = timeout
+        self._clock = clock
+        self._answers: OrderedDict[str, tuple[bool, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._answers)
+
+    def exists(self, topic: str) -> bool:
+        """Whether `topic` exists, from the cache or from one `get_topic` call."""
+        now = self._clock()
+        with self._lock:
+            answer = self._answers.get(topic)
+            if answer is not None and answer[1] > now:
+                self._answers.move_to_end(topic)
+                return answer[0]
+        try:
+            self._client.get_topic(
+                topic=self._client.topic_path(self._project, topic), timeout=self._timeout
+            )
+        except gexc.NotFound:
+            found, ttl = False, self._missing_ttl
+        except Exception as exc:  # the business path must not depend on this check
+            log.warning(
+                "could not check whether topic %s exists, publishing anyway: %s", topic, exc
+            )
+            found, ttl = True, self._missing_ttl
+        else:
+            found, ttl = True, self._found_ttl
+        with self._lock:
+            self._answers[topic] = (found, now + ttl)
+            self._answers.move_to_end(topic)
+            while len(self._answers) > self._size:
+                self._answers.popitem(last=False)
+        return found
+
+    def forget(self, topic: str) -> None:
+        """Drop the cached answer (the topic was deleted since it was checked)."""
+        with self._lock:
+            self._answers.pop(topic, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,8 +385,32 @@ class PublishedEvent:
         return self.future.result(timeout=timeout)
 
 
+def encode_payload(payload: Mapping[str, Any]) -> bytes:
+    """The payload as compact UTF-8 JSON; InvalidPayloadError when it cannot be."""
+    try:
+        text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return text.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidPayloadError(
+            f"payload is not encodable as UTF-8: {exc.reason} at position {exc.start}"
+        ) from exc
+    except ValueError as exc:
+        raise InvalidPayloadError("payload numbers must be finite (no NaN or Infinity)") from exc
+    except TypeError as exc:
+        raise InvalidPayloadError(f"payload is not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidPayloadError("payload is nested too deeply") from exc
+
+
 class AuditedPublisher:
-    """Publishes JSON events with audit attributes and records each one that Pub/Sub accepted."""
+    """Publishes JSON events with audit attributes and records each one that Pub/Sub accepted.
+
+    `publish` raises before anything reaches Pub/Sub when the event cannot be published
+    (InvalidMessageError for the event id; InvalidOptionsError, InvalidPayloadError or
+    InvalidEventError for an invalid topic id; TopicNotFoundError; the client's own errors,
+    such as MessageTooLargeError); only what the client accepted is counted in flight, so
+    `flush` never waits on a publish that never started.
+    """
 
     def __init__(
         self,
@@ -239,14 +419,21 @@ class AuditedPublisher:
         buffer: RecordBuffer,
         metrics: PublisherMetrics,
         payload_cap_bytes: int = 16_384,
+        topics: KnownTopics | None = None,
     ) -> None:
         self._client = client
         self._project = project
         self._buffer = buffer
         self._metrics = metrics
         self._payload_cap = payload_cap_bytes
+        self._topics = topics if topics is not None else KnownTopics(client, project)
         self._pending = 0
         self._pending_cond = threading.Condition()
+
+    @property
+    def topics(self) -> KnownTopics:
+        """The topic existence cache consulted before each publish."""
+        return self._topics
 
     def flush(self, timeout: float) -> bool:
         """Wait until every publish has settled and every record is written; False on timeout."""
@@ -268,19 +455,32 @@ class AuditedPublisher:
         """Publish `payload` as JSON; the record is buffered once Pub/Sub returns a message id."""
         event_id = validate_event_id(event_id) if event_id is not None else new_event_id()
         trace = trace.child() if trace is not None else TraceContext.new()
-        body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+        try:
+            options_text = normalize_options(options)
+        except ValueError as exc:
+            raise InvalidOptionsError(str(exc)) from exc
+        data = encode_payload(payload)
+        if not is_pubsub_id(topic):
+            raise InvalidEventError(f"invalid topic id {topic!r}")
+        if not self._topics.exists(topic):
+            raise TopicNotFoundError(topic)
         publish_time = utc_now_ms()
-        attributes = build_attributes(event_id, publish_time, trace, normalize_options(options))
+        attributes = build_attributes(event_id, publish_time, trace, options_text)
         started = time.perf_counter()
+        try:
+            future = self._client.publish(
+                self._client.topic_path(self._project, topic), data, **attributes
+            )
+        except Exception as exc:  # refused by the client (too large, stopped): never in flight
+            self._metrics.events.labels("error").inc()
+            log.warning("client refused event %s for %s: %s", event_id, topic, exc)
+            raise
         with self._pending_cond:
             self._pending += 1
-        future = self._client.publish(
-            self._client.topic_path(self._project, topic), body.encode(), **attributes
-        )
 
-        recorded_payload, truncated = body, False
-        if len(body.encode()) > self._payload_cap:
-            recorded_payload = body.encode()[: self._payload_cap].decode(errors="ignore")
+        recorded_payload, truncated = data.decode(), False
+        if len(data) > self._payload_cap:
+            recorded_payload = data[: self._payload_cap].decode(errors="ignore")
             truncated = True
 
         def _done(done: Future[str]) -> None:
@@ -292,13 +492,16 @@ class AuditedPublisher:
                     self._pending_cond.notify_all()
 
         def _record(done: Future[str]) -> None:
-            exc = done.exception()
+            exc = done.exception() if not done.cancelled() else CancelledError()
+            outcome = publish_outcome(exc)
+            self._metrics.events.labels(outcome).inc()
             if exc is not None:
-                outcome = "timeout" if isinstance(exc, TimeoutError) else "error"
-                self._metrics.events.labels(outcome).inc()
-                log.warning("publish of event %s to %s failed: %s", event_id, topic, exc)
+                if isinstance(exc, gexc.NotFound):
+                    self._topics.forget(topic)
+                log.warning(
+                    "publish of event %s to %s failed (%s): %s", event_id, topic, outcome, exc
+                )
                 return
-            self._metrics.events.labels("published").inc()
             self._metrics.latency.labels(topic).observe(time.perf_counter() - started)
             self._buffer.add(
                 PublishRecord(

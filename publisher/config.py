@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Annotated
 
+from pydantic import AfterValidator, Field, field_validator
+
+from eventaudit.contract import is_pubsub_id
 from eventaudit.settings import CommonSettings, ListenAddress
+
+
+def _topic_id(value: str) -> str:
+    if not is_pubsub_id(value):
+        raise ValueError(f"not a Pub/Sub topic id: {value!r}")
+    return value
+
+
+TopicId = Annotated[str, AfterValidator(_topic_id)]
 
 
 class PublisherSettings(CommonSettings):
@@ -15,8 +27,13 @@ class PublisherSettings(CommonSettings):
     listen_address: ListenAddress = Field(
         "127.0.0.1:3000", description="HOST:PORT the API listens on"
     )
-    users_topic: str = Field("create-user", min_length=3, description="topic of POST /api/v1/users")
-    threads: int = Field(16, ge=1, le=256, description="gunicorn worker threads")
+    users_topic: TopicId = Field("create-user", description="topic of POST /api/v1/users")
+    topics: str = Field(
+        "",
+        description="if set, the only topics POST /api/v1/topics/<topic>/events publishes to "
+        "(comma-separated); others answer 404",
+    )
+    threads: int = Field(16, ge=1, le=256, description="HTTP worker threads")
     max_body_bytes: int = Field(
         1_048_576, ge=1024, le=10_000_000, description="largest request body"
     )
@@ -32,3 +49,19 @@ class PublisherSettings(CommonSettings):
     publish_timeout_seconds: float = Field(
         10.0, gt=0, le=600, description="wait for Pub/Sub per request"
     )
+
+    @field_validator("topics")
+    @classmethod
+    def _topics(cls, value: str) -> str:
+        for topic in _split(value):
+            _topic_id(topic)
+        return value
+
+    @property
+    def topic_allow_list(self) -> frozenset[str]:
+        """Topics the generic route may publish to; empty means any existing topic."""
+        return frozenset(_split(self.topics))
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]

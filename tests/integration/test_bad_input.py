@@ -4,19 +4,31 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
-from datetime import timedelta
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import replace
+from datetime import datetime, timedelta
 
 import pytest
 from flask.testing import FlaskClient
 from google.cloud import pubsub_v1
+from prometheus_client import CollectorRegistry
 
+from eventaudit.contract import utc_now_ms
 from eventaudit.exporter.app import ExporterDeps
 from eventaudit.exporter.app import create_app as create_exporter_app
 from eventaudit.exporter.loop import EvaluationLoop
 from eventaudit.publisher.app import PublisherDeps
 from eventaudit.publisher.app import create_app as create_publisher_app
+from eventaudit.publisher.audited import (
+    AuditedPublisher,
+    KnownTopics,
+    PublisherMetrics,
+    RecordBuffer,
+)
 from eventaudit.publisher.config import PublisherSettings
+from eventaudit.records import PublishRecord
+from eventaudit.store import MongoStore, StoreError
 from tests.conftest import PROJECT, wait_for
 from tests.integration.harness import BUCKET, audited_publisher, audited_subscriber, exporter_kit
 
@@ -31,42 +43,100 @@ def api(store, topic_factory) -> Iterator[tuple[FlaskClient, str]]:
         assert kit.publisher.flush(timeout=30)
 
 
-@pytest.mark.parametrize(
-    ("path", "body", "headers", "status", "message"),
-    [
-        ("/api/v1/topics/{topic}/events", b"{not json", {}, 400, "malformed JSON"),
-        ("/api/v1/topics/{topic}/events", b"[1, 2]", {}, 400, "payload must be a JSON object"),
-        ("/api/v1/topics/{topic}/events", b'"text"', {}, 400, "payload must be a JSON object"),
-        ("/api/v1/topics/{topic}/events", b"", {}, 400, "request body must be a JSON object"),
-        ("/api/v1/topics/{topic}/events", b"\xff\xfe", {}, 400, "malformed JSON"),
-        ("/api/v1/topics/{topic}/events", b'{"a": NaN}', {}, 400, "NaN is not valid JSON"),
-        ("/api/v1/topics/{topic}/events", b"[" * 3000 + b"]" * 3000, {}, 400, "nested too deeply"),
-        ("/api/v1/topics/{topic}/events", b"{}", {"X-Event-ID": "bad id!"}, 400, "X-Event-ID"),
-        ("/api/v1/topics/{topic}/events", b"{}", {"X-Event-Options": "{x"}, 400, "X-Event-Options"),
-        (
-            "/api/v1/topics/{topic}/events",
-            b'{"a": "' + b"x" * 9000 + b'"}',
-            {},
-            413,
-            "exceeds the limit of 8192 bytes",
-        ),
-        ("/api/v1/topics/$where/events", b"{}", {}, 400, "invalid topic id"),
-        ("/api/v1/topics/no-such-topic-xyz/events", b"{}", {}, 404, "does not exist"),
-        ("/api/v1/users", b"[]", {}, 400, "payload must be a JSON object"),
-        ("/api/v1/users", b'{"age": "old"}', {}, 400, "invalid user fields"),
-        ("/api/v1/users", b'{"admin": true}', {}, 400, "invalid user fields"),
-        ("/api/v1/nope", b"{}", {}, 404, "not found"),
-    ],
-)
+EVENTS = "/api/v1/topics/{topic}/events"
+TOO_DEEP = "[" * 3000 + "]" * 3000
+
+# (path, body, headers, status, error fragment): each is answered 4xx JSON, writes nothing and
+# leaves nothing in flight. Headers go in through the WSGI environ, so values a client library
+# would refuse (a trailing newline) still reach the API as a hostile server might pass them.
+PUBLISHER_BAD_INPUT = [
+    # body
+    (EVENTS, b"{not json", {}, 400, "malformed JSON"),
+    (EVENTS, b"[1, 2]", {}, 400, "payload must be a JSON object"),
+    (EVENTS, b'"text"', {}, 400, "payload must be a JSON object"),
+    (EVENTS, b"", {}, 400, "request body must be a JSON object"),
+    (EVENTS, b"  \n\t ", {}, 400, "request body must be a JSON object"),
+    (EVENTS, b"\xff\xfe", {}, 400, "malformed JSON"),
+    (EVENTS, b'{"a": NaN}', {}, 400, "NaN is not valid JSON"),
+    (EVENTS, b'{"a": Infinity}', {}, 400, "Infinity is not valid JSON"),
+    (EVENTS, b'{"a": -Infinity}', {}, 400, "-Infinity is not valid JSON"),
+    (EVENTS, b'{"a": 1e400}', {}, 400, "1e400 is not a finite number"),
+    (EVENTS, b'{"a": -1e400}', {}, 400, "-1e400 is not a finite number"),
+    (EVENTS, b'{"a": 1E+400}', {}, 400, "is not a finite number"),
+    (EVENTS, b'{"a": {"b": [0.5e999]}}', {}, 400, "is not a finite number"),
+    (EVENTS, b'{"a": 1' + b"0" * 5000 + b"}", {}, 400, "malformed JSON"),
+    (EVENTS, b'{"a": "\\ud800"}', {}, 400, "payload is not encodable as UTF-8"),
+    (EVENTS, b'{"\\udfff": 1}', {}, 400, "payload is not encodable as UTF-8"),
+    (EVENTS, b'{"a": "\xed\xa0\x80"}', {}, 400, "payload is not encodable as UTF-8"),
+    (EVENTS, TOO_DEEP.encode(), {}, 400, "nested too deeply"),
+    (EVENTS, b'{"a": "' + b"x" * 9000 + b'"}', {}, 413, "exceeds the limit of 8192 bytes"),
+    # X-Event-ID
+    (EVENTS, b"{}", {"X-Event-ID": "bad id!"}, 400, "X-Event-ID: malformed"),
+    (EVENTS, b"{}", {"X-Event-ID": "evt-1\n"}, 400, "X-Event-ID: malformed"),
+    (EVENTS, b"{}", {"X-Event-ID": "evt-1\r"}, 400, "X-Event-ID: malformed"),
+    (EVENTS, b"{}", {"X-Event-ID": "\u0661\u0660"}, 400, "X-Event-ID: malformed"),
+    (EVENTS, b"{}", {"X-Event-ID": "evt-\u00b2"}, 400, "X-Event-ID: malformed"),
+    (EVENTS, b"{}", {"X-Event-ID": "topic|evt-1"}, 400, "X-Event-ID: malformed"),
+    (EVENTS, b"{}", {"X-Event-ID": "e" * 129}, 400, "X-Event-ID: malformed"),
+    (EVENTS, b"{}", {"X-Event-ID": "e" * 10_000}, 400, "X-Event-ID: malformed"),
+    (EVENTS, b"{}", {"X-Event-ID": ""}, 400, "X-Event-ID: missing"),
+    # X-Event-Options
+    (EVENTS, b"{}", {"X-Event-Options": "{x"}, 400, "X-Event-Options: Options is not valid"),
+    (EVENTS, b"{}", {"X-Event-Options": "NaN"}, 400, "X-Event-Options: Options is not valid"),
+    (EVENTS, b"{}", {"X-Event-Options": "-Infinity"}, 400, "X-Event-Options: Options is not"),
+    (EVENTS, b"{}", {"X-Event-Options": '{"a": 1e400}'}, 400, "X-Event-Options: Options is not"),
+    (EVENTS, b"{}", {"X-Event-Options": "[-1e999]"}, 400, "X-Event-Options: Options is not"),
+    (EVENTS, b"{}", {"X-Event-Options": TOO_DEEP}, 400, "X-Event-Options: Options is nested"),
+    (EVENTS, b"{}", {"X-Event-Options": '"' + "x" * 1100 + '"'}, 400, "at most 1024"),
+    (EVENTS, b"{}", {"X-Event-Options": "{}\n{}"}, 400, "X-Event-Options: Options is not"),
+    # topic path segment
+    ("/api/v1/topics/$where/events", b"{}", {}, 400, "invalid topic id"),
+    ("/api/v1/topics/abc%0A/events", b"{}", {}, 400, "invalid topic id"),
+    ("/api/v1/topics/abc%0D%0A/events", b"{}", {}, 400, "invalid topic id"),
+    ("/api/v1/topics/abc%00/events", b"{}", {}, 400, "invalid topic id"),
+    ("/api/v1/topics/abc%20def/events", b"{}", {}, 400, "invalid topic id"),
+    ("/api/v1/topics/t%C3%B3pico/events", b"{}", {}, 400, "invalid topic id"),
+    ("/api/v1/topics/abc%D9%A1%D9%A0/events", b"{}", {}, 400, "invalid topic id"),
+    ("/api/v1/topics/abc%C2%B2/events", b"{}", {}, 400, "invalid topic id"),
+    ("/api/v1/topics/goog-events/events", b"{}", {}, 400, "invalid topic id"),
+    ("/api/v1/topics/ab/events", b"{}", {}, 400, "invalid topic id"),
+    ("/api/v1/topics/" + "t" * 256 + "/events", b"{}", {}, 400, "invalid topic id"),
+    ("/api/v1/topics/no-such-topic-xyz/events", b"{}", {}, 404, "does not exist"),
+    ("/api/v1/topics/" + "t" * 255 + "/events", b"{}", {}, 404, "does not exist"),
+    # the demo route
+    ("/api/v1/users", b"[]", {}, 400, "payload must be a JSON object"),
+    ("/api/v1/users", b'{"age": "old"}', {}, 400, "invalid user fields"),
+    ("/api/v1/users", '{"age": "\u0661\u0660"}'.encode(), {}, 400, "invalid user fields"),
+    ("/api/v1/users", b'{"age": 1e400}', {}, 400, "is not a finite number"),
+    ("/api/v1/users", b'{"name": "\\ud800"}', {}, 400, "invalid user fields"),
+    ("/api/v1/users", b'{"admin": true}', {}, 400, "invalid user fields"),
+    ("/api/v1/users", b"{}", {"X-Event-Options": "NaN"}, 400, "X-Event-Options"),
+    ("/api/v1/nope", b"{}", {}, 404, "not found"),
+]
+
+
+def _environ(headers: dict[str, str]) -> dict[str, str]:
+    return {"HTTP_" + name.upper().replace("-", "_"): value for name, value in headers.items()}
+
+
+@pytest.mark.parametrize(("path", "body", "headers", "status", "message"), PUBLISHER_BAD_INPUT)
 def test_publisher_rejects_bad_input(api, store, path, body, headers, status, message) -> None:
     client, topic = api
     resp = client.post(
-        path.format(topic=topic), data=body, headers={"Content-Type": "application/json", **headers}
+        path.format(topic=topic),
+        data=body,
+        headers={"Content-Type": "application/json"},
+        environ_overrides=_environ(headers),
     )
     assert resp.status_code == status
     assert resp.is_json
     assert resp.get_json()["status"] == status
-    assert message.lower() in resp.get_json()["error"].lower()
+    error = resp.get_json()["error"]
+    assert message.lower() in error.lower()
+    # Only an Options problem is blamed on X-Event-Options.
+    assert ("X-Event-Options" in error) == ("X-Event-Options" in headers and status == 400)
+    # Nothing was handed to Pub/Sub, so nothing is in flight and nothing is written.
+    assert client.application.config["DEPS"].publisher.flush(timeout=5)
     assert store.published.count_documents({}) == 0
 
 
@@ -107,6 +177,201 @@ def test_publisher_accepts_good_input_and_records_it(api, store) -> None:
     )
     assert record["messageId"] == body["messageId"]
     assert store.published.count_documents({}) == 2
+
+
+def _records(registry, outcome: str) -> float | None:
+    return registry.get_sample_value("eventaudit_publisher_records_total", {"outcome": outcome})
+
+
+def test_one_event_id_fanned_out_to_two_topics_gets_a_record_on_each(
+    api, store, topic_factory
+) -> None:
+    client, topic = api
+    other, _ = topic_factory(1)
+    for t in (topic, other):
+        resp = client.post(
+            f"/api/v1/topics/{t}/events", json={"n": 1}, headers={"X-Event-ID": "fan-1"}
+        )
+        assert resp.status_code == 201, resp.get_json()
+    deps = client.application.config["DEPS"]
+    assert deps.publisher.flush(timeout=30)
+    docs = sorted(store.published.find({"eventID": "fan-1"}), key=lambda d: d["_id"])
+    assert [(d["_id"], d["topic"]) for d in docs] == sorted(
+        [(f"{topic}|fan-1", topic), (f"{other}|fan-1", other)]
+    )
+    assert _records(deps.registry, "written") == 2
+    assert _records(deps.registry, "conflict") == 0
+
+
+def test_a_reused_event_id_on_one_topic_is_a_counted_conflict(api, store, caplog) -> None:
+    client, topic = api
+    deps = client.application.config["DEPS"]
+    answers = []
+    for n in (1, 2):
+        resp = client.post(
+            f"/api/v1/topics/{topic}/events", json={"n": n}, headers={"X-Event-ID": "dup-1"}
+        )
+        assert resp.status_code == 201, resp.get_json()  # Pub/Sub took both
+        answers.append(resp.get_json()["messageId"])
+        assert deps.publisher.flush(timeout=30)
+    (doc,) = store.published.find({"eventID": "dup-1"})
+    assert (doc["messageId"], json.loads(doc["payload"])) == (answers[0], {"n": 1})
+    assert _records(deps.registry, "written") == 1
+    assert _records(deps.registry, "conflict") == 1
+    assert f"{topic}|dup-1 (message {answers[1]})" in caplog.text
+
+
+class LandsThenFails:
+    """The real store, whose first write lands but reports failure (a timeout after the write)."""
+
+    def __init__(self, store: MongoStore) -> None:
+        self.store = store
+        self.lost_answers = 1
+
+    def insert_publish_records(
+        self, records: Sequence[PublishRecord], now: datetime
+    ) -> list[PublishRecord]:
+        conflicts = self.store.insert_publish_records(records, now)
+        if self.lost_answers:
+            self.lost_answers -= 1
+            raise StoreError("timed out after the write")
+        return conflicts
+
+
+def test_a_retried_identical_batch_is_written_once(store) -> None:
+    registry = CollectorRegistry()
+    buffer = RecordBuffer(
+        LandsThenFails(store), PublisherMetrics(registry), batch_size=10, max_backoff=0.01
+    )
+    now = utc_now_ms()
+    batch = [PublishRecord(f"r-{i}", "t" * 32, "topic-r", "{}", f"m-{i}", now) for i in range(5)]
+    for record in batch:
+        buffer.add(record)
+    buffer.start()
+    assert buffer.flush(timeout=30)
+    buffer.close(timeout=5)
+    assert store.published.count_documents({}) == 5
+    assert _records(registry, "written") == 5
+    assert _records(registry, "write_error") == 1
+    assert _records(registry, "conflict") == 0
+    # Straight to the store: the same batch again is no conflict; another event under a
+    # stored key is, and leaves the stored record as it was.
+    assert store.insert_publish_records(batch, utc_now_ms()) == []
+    reused = replace(batch[0], message_id="m-other")
+    fanned = replace(batch[0], topic="topic-s")
+    assert store.insert_publish_records([reused, fanned], utc_now_ms()) == [reused]
+    assert store.published.find_one({"_id": "topic-r|r-0"})["messageId"] == "m-0"
+    assert store.published.count_documents({}) == 6
+
+
+def test_ensure_indexes_replaces_the_global_event_id_index(store) -> None:
+    store.published.drop_index("topic_eventID_unique")
+    store.published.create_index("eventID", unique=True, name="eventID_unique")
+    store.ensure_indexes()
+    store.ensure_indexes()
+    indexes = store.published.index_information()
+    assert "eventID_unique" not in indexes
+    assert indexes["topic_eventID_unique"]["unique"]
+    assert indexes["topic_eventID_unique"]["key"] == [("topic", 1), ("eventID", 1)]
+
+
+class CountingClient:
+    """A real PublisherClient whose publish calls are counted."""
+
+    def __init__(self, client: pubsub_v1.PublisherClient) -> None:
+        self.client = client
+        self.publishes = 0
+        self.checks = 0
+
+    def topic_path(self, project: str, topic: str) -> str:
+        return self.client.topic_path(project, topic)
+
+    def get_topic(self, *, topic: str, timeout: float) -> object:
+        self.checks += 1
+        return self.client.get_topic(topic=topic, timeout=timeout)
+
+    def publish(self, topic: str, data: bytes, **attrs: str) -> Future[str]:
+        self.publishes += 1
+        return self.client.publish(topic, data, **attrs)
+
+
+@contextlib.contextmanager
+def publisher_app(store, settings: PublisherSettings, cache_size: int = 4096):
+    real = pubsub_v1.PublisherClient()
+    spy = CountingClient(real)
+    registry = CollectorRegistry()
+    metrics = PublisherMetrics(registry)
+    buffer = RecordBuffer(store, metrics)
+    buffer.start()
+    topics = KnownTopics(spy, PROJECT, size=cache_size)
+    publisher = AuditedPublisher(spy, PROJECT, buffer, metrics, topics=topics)
+    app = create_publisher_app(settings, PublisherDeps(publisher, buffer, registry))
+    try:
+        yield app.test_client(), spy, real, publisher
+    finally:
+        assert publisher.flush(timeout=30)
+        buffer.close(timeout=10)
+        real.stop()
+
+
+def test_names_callers_invent_leave_no_state_in_the_client(store, topic_factory) -> None:
+    topic, _ = topic_factory(1)
+    settings = PublisherSettings(users_topic=topic, project=PROJECT)
+    with publisher_app(store, settings, cache_size=500) as (client, spy, real, publisher):
+        for i in range(2000):
+            resp = client.post(f"/api/v1/topics/missing-{i}/events", json={"n": i})
+            assert resp.status_code == 404
+            assert resp.get_json() == {
+                "error": f"topic 'missing-{i}' does not exist",
+                "status": 404,
+            }
+        assert spy.publishes == 0
+        assert len(real._sequencers) == 0  # the client's per-topic state
+        assert len(publisher.topics) == 500
+        assert spy.checks == 2000
+        # A name seen recently is answered from the cache; a real topic still publishes.
+        assert client.post("/api/v1/topics/missing-1999/events", json={}).status_code == 404
+        assert spy.checks == 2000
+        assert client.post(f"/api/v1/topics/{topic}/events", json={}).status_code == 201
+        assert spy.publishes == 1
+        assert len(real._sequencers) == 1
+    assert store.published.count_documents({}) == 1
+
+
+def test_the_topic_allow_list_answers_404_without_asking_pubsub(store, topic_factory) -> None:
+    topic, _ = topic_factory(1)
+    other, _ = topic_factory(1)
+    settings = PublisherSettings(users_topic=topic, topics=other, project=PROJECT)
+    with publisher_app(store, settings) as (client, spy, _, _):
+        resp = client.post(f"/api/v1/topics/{topic}/events", json={})
+        assert resp.status_code == 404
+        assert resp.get_json()["error"] == f"topic {topic!r} is not published by this API"
+        assert (spy.checks, spy.publishes) == (0, 0)
+        assert client.post(f"/api/v1/topics/{other}/events", json={}).status_code == 201
+        assert client.post("/api/v1/users").status_code == 200  # the users topic is its own
+    assert store.published.count_documents({}) == 2
+
+
+def test_a_message_over_pubsubs_limit_is_413_and_nothing_is_in_flight(store, topic_factory) -> None:
+    topic, _ = topic_factory(1)
+    settings = PublisherSettings(users_topic=topic, max_body_bytes=10_000_000, project=PROJECT)
+    body = b'{"a":"' + b"x" * (10_000_000 - 8) + b'"}'
+    with publisher_app(store, settings) as (client, spy, _, publisher):
+        resp = client.post(
+            f"/api/v1/topics/{topic}/events",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        assert resp.status_code == 413
+        assert resp.get_json() == {
+            "error": "the message exceeds Pub/Sub's limit of 10 MB",
+            "status": 413,
+        }
+        assert publisher.flush(timeout=5)
+        assert spy.publishes == 1
+        ok = client.post(f"/api/v1/topics/{topic}/events", json={"small": True})
+        assert ok.status_code == 201
+    assert store.published.count_documents({}) == 1
 
 
 @pytest.mark.parametrize(

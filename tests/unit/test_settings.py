@@ -117,3 +117,33 @@ def test_help_names_the_command(capsys) -> None:
         load_settings(ExporterSettings, ["--help"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.startswith("usage: python -m eventaudit.exporter")
+
+
+@pytest.mark.parametrize(
+    ("argv", "reported"),
+    [
+        (["--users-topic", "bad topic/x"], "--users-topic"),
+        (["--users-topic", "create-user\n"], "--users-topic"),
+        (["--users-topic", "goog-topic"], "--users-topic"),
+        (["--users-topic", "ab"], "--users-topic"),
+        (["--users-topic", "tópico"], "--users-topic"),
+        (["--topics", "orders,bad topic"], "--topics"),
+        (["--topics", "orders," + "t" * 256], "--topics"),
+    ],
+)
+def test_publisher_topics_must_be_pubsub_ids(argv, reported, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        load_settings(PublisherSettings, argv)
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert reported in err
+    assert "not a Pub/Sub topic id" in err
+
+
+def test_publisher_topic_allow_list() -> None:
+    assert load_settings(PublisherSettings, []).topic_allow_list == frozenset()
+    s = load_settings(
+        PublisherSettings, ["--topics", " orders, audit.events ,", "--users-topic", "u-1"]
+    )
+    assert s.topic_allow_list == {"orders", "audit.events"}
+    assert s.users_topic == "u-1"

@@ -1,0 +1,312 @@
+"""AuditedPublisher against a scripted Pub/Sub client: what reaches Pub/Sub, what is counted.
+
+Nothing that fails before Pub/Sub (a bad event id, Options or payload, a message too large, a
+topic that does not exist) is counted in flight; every settled publish is classified.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+from google.api_core import exceptions as gexc
+from google.cloud.pubsub_v1.publisher.exceptions import MessageTooLargeError
+from prometheus_client import CollectorRegistry
+
+from eventaudit.contract import InvalidMessageError
+from eventaudit.publisher.app import PublisherDeps, create_app
+from eventaudit.publisher.audited import (
+    AuditedPublisher,
+    InvalidEventError,
+    InvalidOptionsError,
+    InvalidPayloadError,
+    KnownTopics,
+    PublisherMetrics,
+    RecordBuffer,
+    TopicNotFoundError,
+)
+from eventaudit.publisher.config import PublisherSettings
+from tests.fakes import MemoryStore
+
+PROJECT = "p"
+
+
+class FakeClient:
+    """Topics that exist, futures the test settles, and a log of what reached `publish`."""
+
+    def __init__(self, topics: set[str]) -> None:
+        self.topics = topics
+        self.checks: list[str] = []
+        self.published: list[tuple[str, bytes, dict[str, str]]] = []
+        self.futures: list[Future[str]] = []
+        self.publish_raises: Exception | None = None
+        self.check_raises: Exception | None = None
+        self.settle: Exception | str | None = None  # how each new future settles at once
+
+    def topic_path(self, project: str, topic: str) -> str:
+        return f"projects/{project}/topics/{topic}"
+
+    def get_topic(self, *, topic: str, timeout: float) -> object:
+        self.checks.append(topic)
+        if self.check_raises is not None:
+            raise self.check_raises
+        if topic.rpartition("/")[2] not in self.topics:
+            raise gexc.NotFound(f"Topic not found: {topic}")
+        return {"name": topic}
+
+    def publish(self, topic: str, data: bytes, **attrs: str) -> Future[str]:
+        if self.publish_raises is not None:
+            raise self.publish_raises
+        self.published.append((topic, data, attrs))
+        future: Future[str] = Future()
+        self.futures.append(future)
+        if isinstance(self.settle, Exception):
+            future.set_exception(self.settle)
+        elif self.settle is not None:
+            future.set_result(self.settle)
+        return future
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Kit:
+    def __init__(self, topics: KnownTopics | None = None, client: FakeClient | None = None):
+        self.client = client or FakeClient({"orders"})
+        self.registry = CollectorRegistry()
+        metrics = PublisherMetrics(self.registry)
+        self.store = MemoryStore()
+        self.buffer = RecordBuffer(self.store, metrics)
+        self.publisher = AuditedPublisher(self.client, PROJECT, self.buffer, metrics, topics=topics)
+
+    def events(self, outcome: str) -> float | None:
+        return self.registry.get_sample_value(
+            "eventaudit_publisher_events_total", {"outcome": outcome}
+        )
+
+
+@pytest.mark.parametrize(
+    ("exc", "outcome"),
+    [
+        (gexc.DeadlineExceeded("Deadline Exceeded"), "timeout"),
+        (gexc.RetryError("Timeout of 60.0s exceeded", cause=None), "timeout"),
+        (concurrent.futures.TimeoutError(), "timeout"),
+        (TimeoutError("timed out"), "timeout"),
+        (gexc.ServiceUnavailable("unavailable"), "error"),
+        (gexc.NotFound("Topic not found"), "error"),
+        (gexc.InvalidArgument("bad attribute"), "error"),
+        (RuntimeError("Cannot publish on a stopped publisher."), "error"),
+    ],
+)
+def test_failed_publishes_are_classified(exc: Exception, outcome: str) -> None:
+    kit = Kit()
+    event = kit.publisher.publish("orders", {"n": 1})
+    kit.client.futures[0].set_exception(exc)
+    assert kit.events(outcome) == 1
+    assert kit.events("published") == 0
+    assert sum(kit.events(o) or 0 for o in ("published", "error", "timeout")) == 1
+    assert kit.publisher.flush(timeout=0)
+    assert kit.buffer.depth() == 0
+    with pytest.raises(type(exc)):
+        event.message_id(timeout=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "reason"),
+    [
+        ({"payload": {"a": math.inf}}, InvalidPayloadError, "finite"),
+        ({"payload": {"a": -math.inf}}, InvalidPayloadError, "finite"),
+        ({"payload": {"a": [math.nan]}}, InvalidPayloadError, "finite"),
+        ({"payload": {"a": "\ud800"}}, InvalidPayloadError, "not encodable as UTF-8"),
+        ({"payload": {"\udfff": 1}}, InvalidPayloadError, "not encodable as UTF-8"),
+        ({"payload": {"a": {1, 2}}}, InvalidPayloadError, "not JSON"),
+        ({"payload": {"a": b"bytes"}}, InvalidPayloadError, "not JSON"),
+        ({"options": "NaN"}, InvalidOptionsError, "Options"),
+        ({"options": "-Infinity"}, InvalidOptionsError, "Options"),
+        ({"options": '{"a": 1e400}'}, InvalidOptionsError, "finite"),
+        ({"options": '{"a": -1E+400}'}, InvalidOptionsError, "finite"),
+        ({"options": "[" * 5000 + "]" * 5000}, InvalidOptionsError, "nested too deeply"),
+        ({"options": '{"a": "' + "x" * 1100 + '"}'}, InvalidOptionsError, "1024"),
+        ({"options": {"a": math.nan}}, InvalidOptionsError, "finite"),
+        ({"options": {1: "a", "b": 2}}, InvalidOptionsError, "Options"),
+        ({"options": 3}, InvalidOptionsError, "Options"),
+        ({"event_id": "x\n"}, InvalidMessageError, "malformed eventID"),
+        ({"event_id": "١٢٣"}, InvalidMessageError, "malformed eventID"),
+        ({"event_id": "e" * 129}, InvalidMessageError, "malformed eventID"),
+        ({"event_id": ""}, InvalidMessageError, "missing eventID"),
+        ({"topic": "no-such-topic"}, TopicNotFoundError, "no-such-topic"),
+        ({"topic": "orders\n"}, InvalidEventError, "invalid topic id"),
+        ({"topic": "bad topic/x"}, InvalidEventError, "invalid topic id"),
+        ({"topic": "goog-orders"}, InvalidEventError, "invalid topic id"),
+    ],
+)
+def test_rejected_before_pubsub_reaches_nothing_and_leaves_nothing_in_flight(
+    kwargs: dict[str, Any], error: type[Exception], reason: str
+) -> None:
+    kit = Kit()
+    call: dict[str, Any] = {"topic": "orders", "payload": {"ok": True}, **kwargs}
+    with pytest.raises(error) as info:
+        kit.publisher.publish(call.pop("topic"), call.pop("payload"), **call)
+    assert reason in str(info.value)
+    assert kit.client.published == []
+    assert kit.client.checks == (
+        [] if error is not TopicNotFoundError else [f"projects/{PROJECT}/topics/no-such-topic"]
+    )
+    assert kit.publisher.flush(timeout=0)
+    assert sum(kit.events(o) or 0 for o in ("published", "error", "timeout")) == 0
+
+
+def test_a_message_too_large_for_the_client_is_not_counted_in_flight() -> None:
+    kit = Kit()
+    kit.buffer.start()
+    kit.client.publish_raises = MessageTooLargeError("would exceed 10000000 bytes")
+    with pytest.raises(MessageTooLargeError):
+        kit.publisher.publish("orders", {"a": "x"})
+    assert kit.publisher.flush(timeout=0)
+    assert kit.events("error") == 1  # refused by the client: counted, never in flight
+    kit.client.publish_raises = None
+    event = kit.publisher.publish("orders", {"a": "y"})
+    assert not kit.publisher.flush(timeout=0)  # this one was handed over and is unsettled
+    kit.client.futures[0].set_result("m-1")
+    assert event.message_id(timeout=0) == "m-1"
+    assert kit.publisher.flush(timeout=30)
+    kit.buffer.close(timeout=5)
+    assert len(kit.store.published) == 1
+
+
+def test_names_callers_invent_never_reach_the_client_and_the_cache_stays_bounded() -> None:
+    client = FakeClient({"orders"})
+    topics = KnownTopics(client, PROJECT, size=100, clock=Clock())
+    kit = Kit(topics, client)
+    for i in range(2000):
+        with pytest.raises(TopicNotFoundError):
+            kit.publisher.publish(f"missing-{i}", {"n": i})
+    assert client.published == []
+    assert len(client.checks) == 2000
+    assert len(topics) == 100
+    assert kit.publisher.flush(timeout=0)
+    kit.publisher.publish("orders", {"n": 1})
+    kit.publisher.publish("orders", {"n": 2})
+    assert [p[0] for p in client.published] == ["projects/p/topics/orders"] * 2
+    assert client.checks.count("projects/p/topics/orders") == 1
+
+
+def test_existence_answers_expire() -> None:
+    clock = Clock()
+    client = FakeClient({"orders"})
+    topics = KnownTopics(client, PROJECT, found_ttl=300, missing_ttl=10, clock=clock)
+    assert not topics.exists("later")
+    client.topics.add("later")
+    clock.now += 5
+    assert not topics.exists("later")  # still the cached answer
+    clock.now += 6
+    assert topics.exists("later")
+    assert client.checks == ["projects/p/topics/later"] * 2
+    client.topics.discard("later")
+    clock.now += 299
+    assert topics.exists("later")
+    clock.now += 2
+    assert not topics.exists("later")
+
+
+def test_a_topic_deleted_after_it_was_seen_is_checked_again() -> None:
+    client = FakeClient({"orders"})
+    kit = Kit(KnownTopics(client, PROJECT, clock=Clock()), client)
+    kit.publisher.publish("orders", {"n": 1})
+    client.topics.clear()
+    client.futures[0].set_exception(gexc.NotFound("Topic not found"))
+    with pytest.raises(TopicNotFoundError):
+        kit.publisher.publish("orders", {"n": 2})
+    assert len(client.published) == 1
+    assert client.checks == ["projects/p/topics/orders"] * 2
+
+
+def test_an_existence_check_that_fails_does_not_block_publishing(caplog) -> None:
+    clock = Clock()
+    client = FakeClient(set())
+    client.check_raises = gexc.PermissionDenied("pubsub.topics.get denied")
+    kit = Kit(KnownTopics(client, PROJECT, missing_ttl=10, clock=clock), client)
+    kit.publisher.publish("orders", {"n": 1})
+    kit.publisher.publish("orders", {"n": 2})
+    assert len(client.published) == 2
+    assert len(client.checks) == 1  # the unknown answer is remembered, not asked per publish
+    assert "could not check whether topic orders exists" in caplog.text
+    clock.now += 11
+    kit.publisher.publish("orders", {"n": 3})
+    assert len(client.checks) == 2
+
+
+def test_a_published_event_is_recorded_with_its_payload() -> None:
+    kit = Kit()
+    kit.buffer.start()
+    event = kit.publisher.publish("orders", {"text": "héllo", "n": 1e308}, event_id="evt-1")
+    kit.client.futures[0].set_result("m-1")
+    assert event.message_id(timeout=0) == "m-1"
+    assert kit.publisher.flush(timeout=30)
+    kit.buffer.close(timeout=5)
+    (doc,) = kit.store.published.values()
+    assert (doc["eventID"], doc["topic"], doc["messageId"]) == ("evt-1", "orders", "m-1")
+    assert doc["payload"] == '{"text":"héllo","n":1e+308}'
+    assert kit.client.published[0][1] == doc["payload"].encode()
+    assert kit.events("published") == 1
+
+
+@pytest.mark.parametrize(
+    ("settle", "status", "error", "outcome"),
+    [
+        ("m-1", 201, None, "published"),
+        (
+            gexc.DeadlineExceeded("deadline"),
+            504,
+            "did not acknowledge the publish in time",
+            "timeout",
+        ),
+        (gexc.RetryError("Timeout of 60.0s exceeded", None), 504, "in time", "timeout"),
+        (gexc.ServiceUnavailable("down"), 502, "publish failed: ServiceUnavailable", "error"),
+        (gexc.NotFound("Topic not found"), 404, "topic 'orders' does not exist", "error"),
+    ],
+)
+def test_the_api_answers_each_publish_outcome(
+    settle: Exception | str, status: int, error: str | None, outcome: str
+) -> None:
+    kit = Kit()
+    kit.client.settle = settle
+    settings = PublisherSettings(users_topic="orders", project=PROJECT)
+    app = create_app(settings, PublisherDeps(kit.publisher, kit.buffer, kit.registry))
+    resp = app.test_client().post("/api/v1/topics/orders/events", json={"n": 1})
+    assert resp.status_code == status
+    if error is not None:
+        assert error in resp.get_json()["error"]
+    assert kit.events(outcome) == 1
+    assert kit.publisher.flush(timeout=0) == (status != 201)  # a record waits: buffer not started
+
+
+def test_the_api_answers_413_for_a_message_too_large_for_pubsub() -> None:
+    kit = Kit()
+    kit.client.publish_raises = MessageTooLargeError("too large")
+    settings = PublisherSettings(users_topic="orders", project=PROJECT)
+    app = create_app(settings, PublisherDeps(kit.publisher, kit.buffer, kit.registry))
+    resp = app.test_client().post("/api/v1/topics/orders/events", json={"n": 1})
+    assert resp.status_code == 413
+    assert resp.get_json()["error"] == "the message exceeds Pub/Sub's limit of 10 MB"
+    assert kit.publisher.flush(timeout=0)
+
+
+def test_the_api_answers_503_when_the_client_is_stopped() -> None:
+    kit = Kit()
+    kit.client.publish_raises = RuntimeError("Cannot publish on a stopped publisher.")
+    settings = PublisherSettings(users_topic="orders", project=PROJECT)
+    app = create_app(settings, PublisherDeps(kit.publisher, kit.buffer, kit.registry))
+    resp = app.test_client().post("/api/v1/topics/orders/events", json={"n": 1})
+    assert resp.status_code == 503
+    assert resp.get_json() == {"error": "publish refused: RuntimeError", "status": 503}
+    assert kit.events("error") == 1
+    assert kit.publisher.flush(timeout=0)
