@@ -2,23 +2,48 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import sys
 import threading
 
+from flask import Flask
+from google.api_core import exceptions, retry
 from google.cloud import pubsub_v1
 from prometheus_client import CollectorRegistry
+from pymongo.errors import PyMongoError
 
 from eventaudit.http import BackgroundServer
+from eventaudit.pubsub import subscriber_client
 from eventaudit.settings import configure_logging, load_settings
 from eventaudit.store import MongoStore, StoreError
 from eventaudit.subscriber.audited import AuditedSubscriber, Faults, SubscriberMetrics
 from eventaudit.subscriber.config import SubscriberSettings
 from eventaudit.subscriber.service import create_app
+from eventaudit.subscriber.stream import (
+    StreamEndCounter,
+    StreamHealth,
+    StreamMetrics,
+    StreamSession,
+)
 
 log = logging.getLogger("subscriber")
+
+# How long start-up waits for Pub/Sub to describe the subscription: retried while Pub/Sub is
+# unavailable, then a start-up error (the library's default keeps trying for a minute).
+_LOOKUP_TIMEOUT_SECONDS = 10.0
+_LOOKUP_RETRY = retry.Retry(
+    predicate=retry.if_exception_type(
+        exceptions.ServiceUnavailable, exceptions.DeadlineExceeded, exceptions.InternalServerError
+    ),
+    initial=0.2,
+    maximum=2.0,
+    timeout=_LOOKUP_TIMEOUT_SECONDS,
+)
+
+
+class StartupError(Exception):
+    """Start-up cannot go on: one line on stderr, exit 1, no traceback."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,21 +53,23 @@ def main(argv: list[str] | None = None) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-
-    store = MongoStore(settings.mongo_uri, settings.database, settings.store_timeout_seconds)
     try:
-        store.ensure_indexes()
-    except StoreError as exc:
-        # Unrecorded messages are nacked, so starting without the store loses nothing.
-        log.warning("audit store unavailable at start: %s", exc)
+        run(settings, stop)
+    except StartupError as exc:
+        print(f"{SubscriberSettings.prog}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
+
+def run(settings: SubscriberSettings, stop: threading.Event) -> None:
+    """Wire the subscriber and pull until `stop` is set; StartupError if it cannot start."""
     registry = CollectorRegistry()
     metrics = SubscriberMetrics(registry, settings.subscription)
-    with pubsub_v1.SubscriberClient() as client:
+    stream_metrics = StreamMetrics(registry, settings.subscription)
+    health = StreamHealth(stream_metrics)
+    with subscriber_client([StreamEndCounter(health.stream_error)]) as client:
         path = client.subscription_path(settings.project, settings.subscription)
-        topic = (
-            settings.topic or client.get_subscription(subscription=path).topic.rsplit("/", 1)[-1]
-        )
+        topic = _topic(client, path, settings.topic)
+        store = _open_store(settings)
         faults = Faults.lose_fraction(settings.lose_fraction) if settings.lose_fraction else None
         if faults:
             log.warning(
@@ -57,31 +84,68 @@ def main(argv: list[str] | None = None) -> None:
             flush_interval=settings.flush_interval_seconds,
             faults=faults,
         )
-        audited.start()
+
+        def healthz() -> dict[str, object]:
+            state = health.state()
+            return {"pulling": state.ok, "reason": state.reason, "store": audited.last_write_ok}
+
+        try:
+            server = _listen(settings, create_app(settings.subscription, registry, healthz))
+        except StartupError:
+            store.close()
+            raise
         flow = pubsub_v1.types.FlowControl(max_messages=settings.max_outstanding_messages)
-        future = client.subscribe(path, callback=audited, flow_control=flow)
-        server = BackgroundServer(
-            create_app(
-                settings.subscription,
-                registry,
-                lambda: {"pulling": not future.done(), "store": audited.last_write_ok},
-            ),
-            settings.listen_address,
-        )
-        server.start()
+        session = StreamSession(client, path, audited, health, stream_metrics, flow)
+        audited.start()
         log.info("subscriber on %s (topic %s), metrics on %s", path, topic, settings.listen_address)
-        while not stop.wait(0.5):
-            if future.done():
-                log.error("streaming pull ended: %s", future.exception())
-                break
-        future.cancel()
-        with contextlib.suppress(Exception):  # a cancelled future raises; the cause is logged
-            future.result(timeout=10)
-        audited.stop()
-        server.stop()
-    store.close()
-    if not stop.is_set():
-        sys.exit(1)
+        try:
+            session.run(stop)
+        finally:
+            audited.stop()
+            server.stop()
+            store.close()
+
+
+def _listen(settings: SubscriberSettings, app: Flask) -> BackgroundServer:
+    try:
+        server = BackgroundServer(app, settings.listen_address)
+        server.start()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise StartupError(f"cannot listen on {settings.listen_address}: {reason}") from None
+    return server
+
+
+def _topic(client: pubsub_v1.SubscriberClient, path: str, configured: str | None) -> str:
+    """The subscription's topic id, checked against --topic; StartupError when it cannot be."""
+    try:
+        subscription = client.get_subscription(
+            subscription=path, retry=_LOOKUP_RETRY, timeout=_LOOKUP_TIMEOUT_SECONDS
+        )
+    except exceptions.NotFound:
+        raise StartupError(f"subscription {path} does not exist") from None
+    except (exceptions.GoogleAPICallError, exceptions.RetryError) as exc:
+        raise StartupError(f"cannot read subscription {path} from Pub/Sub: {exc}") from None
+    topic = str(subscription.topic).rsplit("/", 1)[-1]
+    if configured is not None and configured != topic:
+        raise StartupError(f"--topic {configured} is not the topic of {path} (it is {topic})")
+    return topic
+
+
+def _open_store(settings: SubscriberSettings) -> MongoStore:
+    try:
+        store = MongoStore(settings.mongo_uri, settings.database, settings.store_timeout_seconds)
+    except (PyMongoError, ValueError) as exc:
+        # The driver's text may quote the URI, credentials included: name the error only.
+        raise StartupError(
+            f"--mongo-uri rejected by the MongoDB driver ({type(exc).__name__})"
+        ) from None
+    try:
+        store.ensure_indexes()
+    except StoreError as exc:
+        # Unrecorded messages are nacked, so starting without the store loses nothing.
+        log.warning("audit store unavailable at start: %s", exc)
+    return store
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from eventaudit.http import json_error, metrics_view, register_json_errors
 def create_app(
     subscription: str, registry: CollectorRegistry, health: Callable[[], dict[str, Any]]
 ) -> Flask:
-    """`health()` returns {"pulling": bool, "store": bool}; unhealthy answers 503."""
+    """`health()` returns {"pulling": bool, "reason": str | None, "store": bool}; a stream
+    that is not pulling answers 503 with its short reason (never a raw client error)."""
     app = Flask("subscriber")
     app.add_url_rule("/metrics", "metrics", metrics_view(registry))
 
@@ -27,7 +28,7 @@ def create_app(
             "store": "ok" if state["store"] else "unavailable",
         }
         if not state["pulling"]:
-            return json_error(503, "streaming pull stopped", **body)
+            return json_error(503, state.get("reason") or "streaming pull stopped", **body)
         return jsonify(status="ok", **body)
 
     register_json_errors(app)

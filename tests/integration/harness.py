@@ -23,6 +23,7 @@ from eventaudit.publisher.audited import (
     PublisherMetrics,
     RecordBuffer,
 )
+from eventaudit.pubsub import subscriber_client
 from eventaudit.store import MongoStore
 from eventaudit.subscriber.audited import AuditedSubscriber, Faults, SubscriberMetrics
 from tests.conftest import PROJECT
@@ -79,7 +80,7 @@ def audited_subscriber(
     metrics = SubscriberMetrics(registry, subscription)
     audited = AuditedSubscriber(store, subscription, topic, metrics, faults=faults, handler=handler)
     audited.start()
-    with pubsub_v1.SubscriberClient() as client:
+    with subscriber_client() as client:
         future = client.subscribe(client.subscription_path(PROJECT, subscription), callback=audited)
         try:
             yield SubscriberKit(audited, registry, future)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -14,12 +18,22 @@ from typing import Any
 
 import pytest
 from google.cloud import pubsub_v1
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from eventaudit.contract import PUBLISH_TIME_TOLERANCE, epoch_ms, from_epoch_ms, utc_now_ms
 from eventaudit.exporter.loop import EvaluationLoop
 from eventaudit.publisher.audited import PublishedEvent
+from eventaudit.pubsub import publisher_client, subscriber_client
 from eventaudit.store import MongoStore
+from eventaudit.subscriber.audited import AuditedSubscriber, SubscriberMetrics
+from eventaudit.subscriber.service import create_app as create_subscriber_app
+from eventaudit.subscriber.stream import (
+    StreamEndCounter,
+    StreamHealth,
+    StreamMetrics,
+    StreamSession,
+)
 from tests.conftest import PROJECT, Ferret, service_env, wait_for
 from tests.integration.harness import (
     BUCKET,
@@ -265,3 +279,175 @@ def test_poison_storm_every_good_event_recorded_once_and_completion_one(
     # Those stamped up to an hour away from now fall outside the 5m window.
     near_now = [c for c in valid.values() if not c.name.startswith("within an hour")]
     assert exporter.sample("eventaudit_unmatched_receipts", **labels) == len(near_now)
+
+
+def test_nine_megabyte_message_is_recorded_with_the_others(
+    store: MongoStore, topic_factory: TopicFactory
+) -> None:
+    """Pub/Sub allows 10 MB; the emulator channel used to keep gRPC's 4 MiB receive limit."""
+    topic, (sub,) = topic_factory(1)
+    big = publisher_client()
+    path = big.topic_path(PROJECT, topic)
+    with audited_subscriber(store, topic, sub) as kit, audited_publisher(store) as pub:
+        before = [pub.publisher.publish(topic, {"n": n}) for n in range(20)]
+        payload = b"x" * (9 * 1024 * 1024)
+        attrs = {"eventID": "nine-megabytes", "publishTime": str(epoch_ms(utc_now_ms()))}
+        big.publish(path, payload, **attrs).result(timeout=60)
+        after = [pub.publisher.publish(topic, {"n": n}) for n in range(20)]
+        for e in before + after:
+            e.message_id(timeout=30)
+        wait_for(lambda: received_count(store, sub) == 41, 60, "41 receipts, the 9 MB one too")
+        assert not kit.future.done()
+    assert set(_receipts(store, sub)) == {e.event_id for e in before + after} | {"nine-megabytes"}
+
+
+def test_health_says_so_when_the_stream_keeps_failing(
+    store: MongoStore, topic_factory: TopicFactory
+) -> None:
+    """The stall reproduced with a tiny receive limit: errors are counted, /healthz goes 503."""
+    topic, (sub,) = topic_factory(1)
+    registry = CollectorRegistry()
+    stream_metrics = StreamMetrics(registry, sub)
+    health = StreamHealth(stream_metrics)
+    audited = AuditedSubscriber(store, sub, topic, SubscriberMetrics(registry, sub))
+    app = create_subscriber_app(
+        sub, registry, lambda: {"pulling": health.state().ok, "reason": health.state().reason,
+                                "store": True},
+    ).test_client()  # fmt: skip
+    stop = threading.Event()
+    limit = 64 * 1024
+    with subscriber_client([StreamEndCounter(health.stream_error)], limit) as client:
+        # A 10 s stream ack deadline (60 s by default): the emulator redelivers the message
+        # that breaks the stream, and so fails it again, every 10 s.
+        flow = pubsub_v1.types.FlowControl(max_duration_per_lease_extension=10)
+        path = client.subscription_path(PROJECT, sub)
+        session = StreamSession(client, path, audited, health, stream_metrics, flow)
+        audited.start()
+        runner = threading.Thread(target=session.run, args=(stop,), daemon=True)
+        runner.start()
+        try:
+            raw = publisher_client()
+            topic_path = raw.topic_path(PROJECT, topic)
+            raw.publish(topic_path, b"{}", eventID="small-1").result(timeout=30)
+            wait_for(lambda: received_count(store, sub) == 1, 30, "the small message recorded")
+            assert app.get("/healthz").status_code == 200
+            raw.publish(topic_path, b"x" * (2 * limit), eventID="too-big-1").result(timeout=30)
+            wait_for(lambda: app.get("/healthz").status_code == 503, 60, "/healthz 503")
+            body = app.get("/healthz").get_json()
+            assert body["error"] == "stream failing: RESOURCE_EXHAUSTED"
+            assert (body["status"], body["pulling"]) == (503, False)
+            errors = registry.get_sample_value(
+                "eventaudit_subscriber_stream_errors_total",
+                {"subscription": sub, "code": "RESOURCE_EXHAUSTED"},
+            )
+            assert errors is not None and errors >= 2
+            assert (
+                registry.get_sample_value(
+                    "eventaudit_subscriber_stream_healthy", {"subscription": sub}
+                )
+                == 0
+            )
+            assert b"eventaudit_subscriber_stream_errors_total" in app.get("/metrics").data
+        finally:
+            stop.set()
+            runner.join(30)
+            audited.stop()
+    assert not runner.is_alive()
+
+
+def test_subscription_deleted_and_recreated_while_the_process_runs(
+    store: MongoStore, topic_factory: TopicFactory, subscriber_process
+) -> None:
+    topic, (sub,) = topic_factory(1)
+    service, url = subscriber_process(sub, store)
+    pid = service.proc.pid
+    metrics = f"{url}/metrics"
+    with audited_publisher(store) as pub:
+        first = [pub.publisher.publish(topic, {"n": n}) for n in range(5)]
+        for e in first:
+            e.message_id(timeout=30)
+        wait_for(lambda: received_count(store, sub) == 5, 60, "5 receipts")
+
+        admin = pubsub_v1.SubscriberClient()
+        admin.delete_subscription(subscription=admin.subscription_path(PROJECT, sub))
+        wait_for(lambda: _health(url)[0] == 503, 60, "/healthz 503")
+        status, body = _health(url)
+        assert (status, body["error"], body["pulling"]) == (503, "subscription not found", False)
+        wait_for(
+            lambda: _metric(metrics, "eventaudit_subscriber_stream_restarts_total",
+                            subscription=sub, reason="not_found") >= 2,
+            60,
+            "two attempts to subscribe again",
+        )  # fmt: skip
+        assert service.running() and service.proc.pid == pid
+        assert _health(url)[1]["error"] == "subscription not found"
+
+        stack.create_topic(PROJECT, topic, [sub])
+        second = [pub.publisher.publish(topic, {"n": n}) for n in range(5, 10)]
+        for e in second:
+            e.message_id(timeout=30)
+        wait_for(lambda: received_count(store, sub) == 10, 90, "10 receipts after recreation")
+        wait_for(lambda: _health(url)[0] == 200, 30, "/healthz 200 again")
+    assert service.running() and service.proc.pid == pid
+    assert set(_receipts(store, sub)) == {e.event_id for e in first + second}
+    admin.close()
+
+
+def _start_failure(env: dict[str, str], *args: str) -> tuple[int, list[str]]:
+    """Run the subscriber expecting it to fail at start: (exit code, stderr lines)."""
+    proc = subprocess.run(
+        [str(stack.PYTHON), "-m", "eventaudit.subscriber", *args],
+        env={**os.environ, **env},
+        cwd=stack.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return proc.returncode, proc.stderr.strip().splitlines()
+
+
+PROG = "python -m eventaudit.subscriber"
+
+
+def test_start_up_errors_are_one_line_and_exit_1(
+    ferret: Ferret, emulator: str, topic_factory: TopicFactory
+) -> None:
+    topic, (sub,) = topic_factory(1)
+    other_topic, _ = topic_factory(0)
+    env = service_env(ferret, emulator)
+    path = f"projects/{PROJECT}/subscriptions/no-such-sub"
+    port = stack.free_port()
+    listen = ["--listen-address", f"127.0.0.1:{port}"]
+    assert _start_failure(env, "--subscription", "no-such-sub", *listen) == (
+        1,
+        [f"{PROG}: subscription {path} does not exist"],
+    )
+    assert _start_failure(env, "--subscription", "no-such-sub", "--topic", topic, *listen) == (
+        1,
+        [f"{PROG}: subscription {path} does not exist"],
+    )
+    sub_path = f"projects/{PROJECT}/subscriptions/{sub}"
+    assert _start_failure(env, "--subscription", sub, "--topic", other_topic, *listen) == (
+        1,
+        [f"{PROG}: --topic {other_topic} is not the topic of {sub_path} (it is {topic})"],
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        code, lines = _start_failure(env, "--subscription", sub, "--listen-address", busy)
+    assert (code, len(lines)) == (1, 1)
+    assert lines[0].startswith(f"{PROG}: cannot listen on {busy}: "), lines
+
+
+def test_unreachable_pubsub_at_start_up_is_one_line(ferret: Ferret) -> None:
+    env = {**service_env(ferret, f"127.0.0.1:{stack.free_port()}")}
+    code, lines = _start_failure(
+        env, "--subscription", "some-sub", "--listen-address", f"127.0.0.1:{stack.free_port()}"
+    )
+    assert (code, len(lines)) == (1, 1), lines
+    assert lines[0].startswith(
+        f"{PROG}: cannot read subscription projects/{PROJECT}/subscriptions/some-sub from Pub/Sub"
+    )
+    assert "Traceback" not in lines[0]
