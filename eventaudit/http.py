@@ -1,16 +1,24 @@
-"""HTTP pieces every service shares: JSON errors, /metrics exposition, and serving."""
+"""HTTP pieces every service shares: JSON errors and /metrics exposition (serving: serving.py)."""
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from werkzeug.exceptions import HTTPException
-from werkzeug.serving import BaseWSGIServer, make_server
+
+from eventaudit.serving import BackgroundServer, parse_listen_address
+
+__all__ = [
+    "BackgroundServer",
+    "json_error",
+    "metrics_view",
+    "parse_listen_address",
+    "register_json_errors",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,35 +52,3 @@ def metrics_view(registry: CollectorRegistry) -> Callable[[], Response]:
         return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
     return metrics
-
-
-def parse_listen_address(address: str) -> tuple[str, int]:
-    """Split `host:port`, raising ValueError with the reason."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"listen address must be HOST:PORT, got {address!r}")
-    return host.strip("[]"), int(port)
-
-
-class BackgroundServer:
-    """A threaded werkzeug server for a process whose main job is not HTTP (the subscriber)."""
-
-    def __init__(self, app: Flask, address: str) -> None:
-        host, port = parse_listen_address(address)
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log per scrape
-        self._server: BaseWSGIServer = make_server(host, port, app, threaded=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def port(self) -> int:
-        """The bound port (useful with port 0)."""
-        return int(self._server.server_port)
-
-    def start(self) -> None:
-        """Serve in a daemon thread."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop serving and wait for the thread."""
-        self._server.shutdown()
-        self._thread.join(timeout=5)

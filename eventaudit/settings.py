@@ -7,10 +7,12 @@ import sys
 from collections.abc import Sequence
 from typing import Annotated, ClassVar, Literal, TypeVar
 
-from pydantic import AfterValidator, Field, ValidationError
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pymongo.errors import PyMongoError
+from pymongo.uri_parser_shared import _validate_uri
 
-from eventaudit.http import parse_listen_address
+from eventaudit.serving import ServerLimits, parse_listen_address
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -22,6 +24,28 @@ def _listen_address(value: str) -> str:
 
 ListenAddress = Annotated[str, AfterValidator(_listen_address)]
 """ `HOST:PORT`, checked at start-up with every other setting."""
+
+
+def validate_mongo_uri(uri: str) -> str:
+    """Check a MongoDB URI's syntax and options without any network or DNS lookup; the
+    ValueError's text never contains the URI's credentials."""
+    # A URI is printable ASCII (RFC 3986: anything else percent-encoded); pymongo itself would
+    # read a port written in fullwidth or Arabic-Indic digits as that number.
+    if not uri.isascii() or any(c.isspace() or not c.isprintable() for c in uri):
+        raise ValueError(
+            "MongoDB URI must be printable ASCII without spaces (percent-encode the rest)"
+        )
+    try:
+        # parse_uri() would resolve a mongodb+srv:// host in DNS; this is its syntax check.
+        _validate_uri(uri)
+    except (PyMongoError, ValueError) as exc:
+        reason = str(exc)
+        scheme_free = uri.partition("://")[2]
+        userinfo = scheme_free.partition("/")[0].rpartition("@")[0]
+        if userinfo:
+            reason = reason.replace(userinfo, "***")
+        raise ValueError(f"invalid MongoDB URI: {reason}") from None
+    return uri
 
 
 class CommonSettings(BaseSettings):
@@ -48,6 +72,45 @@ class CommonSettings(BaseSettings):
     project: str = Field("eventaudit-local", min_length=1, description="Google Cloud project id")
     store_timeout_seconds: float = Field(5.0, gt=0, le=120, description="store operation timeout")
     log_level: LogLevel = Field("INFO", description="log level")
+    shutdown_timeout_seconds: float = Field(
+        20.0,
+        gt=0,
+        le=600,
+        description="longest stop on SIGTERM/SIGINT (requests in progress, then buffered records)",
+    )
+    http_connection_limit: int = Field(
+        1000, ge=1, le=100_000, description="open HTTP connections; more wait in the backlog"
+    )
+    http_request_timeout_seconds: float = Field(
+        30.0, gt=0, le=3600, description="longest time to receive one request (else 408)"
+    )
+    http_idle_timeout_seconds: float = Field(
+        30.0, gt=0, le=3600, description="an HTTP connection idle this long is closed"
+    )
+
+    @field_validator("mongo_uri")
+    @classmethod
+    def _mongo_uri(cls, value: str) -> str:
+        return validate_mongo_uri(value)
+
+    @model_validator(mode="after")
+    def _shutdown_fits_a_store_write(self) -> CommonSettings:
+        if self.shutdown_timeout_seconds <= self.store_timeout_seconds:
+            raise ValueError(
+                "shutdown-timeout-seconds must exceed store-timeout-seconds "
+                "(stopping may wait out one store write)"
+            )
+        return self
+
+    def server_limits(self, threads: int, max_body_bytes: int = 65_536) -> ServerLimits:
+        """The HTTP server's limits from these settings."""
+        return ServerLimits(
+            threads=threads,
+            connection_limit=self.http_connection_limit,
+            request_timeout_seconds=self.http_request_timeout_seconds,
+            idle_timeout_seconds=self.http_idle_timeout_seconds,
+            max_body_bytes=max_body_bytes,
+        )
 
 
 S = TypeVar("S", bound=CommonSettings)

@@ -1,11 +1,11 @@
-"""`python -m eventaudit.exporter`: parse, validate, wire, serve."""
+"""`python -m eventaudit.exporter`: parse, validate, wire, serve, stop within the budget."""
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 
-from flask import Flask
 from prometheus_client import CollectorRegistry
 
 from eventaudit.exporter.app import ExporterDeps, create_app
@@ -14,7 +14,12 @@ from eventaudit.exporter.config import ExporterSettings
 from eventaudit.exporter.evaluator import Evaluator
 from eventaudit.exporter.loop import EvaluationLoop
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions, pubsub_lister
-from eventaudit.serving import serve_with_gunicorn
+from eventaudit.serving import (
+    BackgroundServer,
+    call_within,
+    exit_on_start_failure,
+    serve_until_signal,
+)
 from eventaudit.settings import configure_logging, load_settings
 from eventaudit.store import MongoStore, StoreError
 
@@ -25,9 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of `eventaudit-exporter`."""
     settings = load_settings(ExporterSettings, argv)
     configure_logging(settings.log_level)
-    loops: list[EvaluationLoop] = []
-
-    def factory() -> Flask:
+    with exit_on_start_failure("exporter"):
         store = MongoStore(settings.mongo_uri, settings.database, settings.store_timeout_seconds)
         try:
             store.ensure_indexes()
@@ -50,22 +53,29 @@ def main(argv: list[str] | None = None) -> None:
         loop = EvaluationLoop(
             evaluator, state, store, settings.bucket_delta, settings.retention_delta
         )
-        loop.start()
-        loops.append(loop)
-        log.info(
-            "exporter on %s: buckets %s, settle %s, windows %s",
-            settings.listen_address,
-            settings.bucket,
-            settings.settle_delay,
-            settings.windows,
+        app = create_app(ExporterDeps(store, state, registry))
+        server = BackgroundServer(
+            app, settings.listen_address, settings.server_limits(settings.threads)
         )
-        return create_app(ExporterDeps(store, state, registry))
+        loop.start()
+    log.info(
+        "exporter on %s: buckets %s, settle %s, windows %s",
+        settings.listen_address,
+        settings.bucket,
+        settings.settle_delay,
+        settings.windows,
+    )
+    serving = serve_until_signal(server)
 
-    def on_exit() -> None:
-        for loop in loops:
-            loop.stop()
-
-    serve_with_gunicorn(factory, settings.listen_address, settings.threads, on_exit)
+    # Nothing here is lost by stopping (evaluations are recomputed from the store), so the
+    # evaluation in progress gets what is left of the budget and is abandoned after that.
+    deadline = time.monotonic() + settings.shutdown_timeout_seconds
+    server.stop(timeout=settings.shutdown_timeout_seconds / 2)
+    call_within(deadline - time.monotonic(), loop.stop, "evaluation loop stop")
+    store.close()
+    log.info("exporter stopped")
+    if not serving:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

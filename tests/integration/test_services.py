@@ -1,4 +1,4 @@
-"""The three services as real processes (gunicorn, streaming pull), wired as `make run` does."""
+"""The three services as real processes (waitress, streaming pull), wired as `make run` does."""
 
 from __future__ import annotations
 
@@ -158,9 +158,10 @@ def test_users_demo_flows_to_exporter_metrics(services) -> None:
     status, raw = _get(f"{url['exporter']}/api/v1/missed?topic={topic}")
     assert status == 400 and "subscription" in json.loads(raw)["error"]
 
-    # SIGTERM: each process stops cleanly and in time.
+    # SIGTERM: each process stops cleanly and in time (its budget, --shutdown-timeout-seconds,
+    # is 20 s by default).
     for proc in reversed(services["procs"]):
-        proc.stop(timeout=20)
+        proc.stop(timeout=30)
         assert proc.proc.returncode == 0, proc.tail()
 
 

@@ -147,3 +147,112 @@ def test_publisher_topic_allow_list() -> None:
     )
     assert s.topic_allow_list == {"orders", "audit.events"}
     assert s.users_topic == "u-1"
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "notamongo://x",
+        "mongodb://[bad",
+        "mongodb://",
+        "mongodb://h:99999",
+        "mongodb://h:abc",
+        "mongodb://h:８０",  # fullwidth digits  # noqa: RUF001
+        "mongodb://h:2701\u0662",  # an Arabic-Indic digit
+        "mongodb://h\n",
+        "mongodb://h /db",
+        "mongodb://h\x00/db",
+        "mongodb://h/?foo=bar",
+        "mongodb://h/db?tls=maybe",
+        "mongodb://h/a b",
+        "mongodb+srv://cluster.example.invalid:27017/",
+        "mongodb+srv://a.example.invalid,b.example.invalid/",
+        "mongodb://user:s3cr%t@h/",
+        "mongodb://user:s3cret@[bad/",
+        "mongodb://user:s3cret@h:99999/",
+    ],
+)
+def test_invalid_mongo_uri_is_one_settings_error(uri: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        load_settings(PublisherSettings, ["--mongo-uri", uri])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "1 invalid setting(s)" in err
+    assert "--mongo-uri: Value error, " in err
+    assert "s3cr" not in err  # the password is never printed
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "mongodb://127.0.0.1:27017/",
+        "mongodb://user:p%40ss@h1,h2:27018/db?replicaSet=rs&authSource=admin",
+        "mongodb://[::1]:27017/",
+        "mongodb+srv://cluster.example.invalid/db?retryWrites=true",
+    ],
+)
+def test_valid_mongo_uri_is_accepted_without_any_lookup(
+    uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    import dns.resolver
+
+    def no_lookup(*_: object, **__: object) -> None:
+        raise AssertionError("settings validation must not look anything up")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_lookup)
+    monkeypatch.setattr(dns.resolver, "resolve", no_lookup)
+    monkeypatch.setattr(dns.resolver.Resolver, "resolve", no_lookup)
+    assert load_settings(ExporterSettings, ["--mongo-uri", uri]).mongo_uri == uri
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1:８０", ":80\n", "host:0", "host:65536", "host:٨٠", "::1:80"],  # noqa: RUF001
+)
+@pytest.mark.parametrize("cls", [PublisherSettings, ExporterSettings])
+def test_hostile_listen_addresses_are_settings_errors(cls, address: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        load_settings(cls, ["--listen-address", address])
+    assert exc.value.code == 1
+    assert "--listen-address: Value error, listen address must be HOST:PORT" in (
+        capsys.readouterr().err
+    )
+
+
+def test_ipv6_listen_address_is_accepted() -> None:
+    assert load_settings(ExporterSettings, ["--listen-address", "[::1]:80"]).listen_address == (
+        "[::1]:80"
+    )
+
+
+def test_shutdown_budget_must_exceed_one_store_timeout(capsys) -> None:
+    with pytest.raises(SystemExit):
+        load_settings(
+            PublisherSettings,
+            ["--shutdown-timeout-seconds", "5", "--store-timeout-seconds", "5"],
+        )
+    assert "shutdown-timeout-seconds must exceed store-timeout-seconds" in capsys.readouterr().err
+
+
+def test_http_limits_come_from_the_settings() -> None:
+    s = load_settings(
+        PublisherSettings,
+        [
+            "--threads", "3",
+            "--max-body-bytes", "2048",
+            "--http-connection-limit", "50",
+            "--http-request-timeout-seconds", "7.5",
+            "--http-idle-timeout-seconds", "9",
+        ],
+    )  # fmt: skip
+    limits = s.server_limits(s.threads, s.max_body_bytes)
+    assert (
+        limits.threads,
+        limits.max_body_bytes,
+        limits.connection_limit,
+        limits.request_timeout_seconds,
+        limits.idle_timeout_seconds,
+    ) == (3, 2048, 50, 7.5, 9.0)
+    assert s.shutdown_timeout_seconds == 20.0
