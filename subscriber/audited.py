@@ -345,6 +345,8 @@ class AuditedSubscriber:
                 self._internal_error(batch[0][0], exc)
                 return
             # A bug triggered by one receipt must not hold back the others: write them singly.
+            # (Such errors come from building the write, before anything is sent; were a part
+            # written, its receipts would show one extra delivery, never a lost event.)
             log.warning(
                 "unexpected error writing %d receipts on %s, writing them one by one: %r",
                 len(batch),
