@@ -88,7 +88,7 @@ class ServerLimits:
     request_timeout_seconds: float = 30.0
     """From a request's first byte to its last: slower is answered 408 and closed."""
     idle_timeout_seconds: float = 30.0
-    """A connection with no request in progress and no traffic for this long is closed."""
+    """A connection with no traffic for this long and no request being handled is closed."""
     max_body_bytes: int = 65_536
     """Largest request body as sent (chunk framing counts); more is answered 413."""
 
@@ -379,8 +379,12 @@ class BackgroundServer:
                 server.accepting = False
                 wasyncore_dispatcher.close(server)  # the listening socket only, not the trigger
         channels = [c for c in self._map.values() if isinstance(c, _Channel)]
+        now = time.monotonic()
         for channel in channels:
-            if not (channel.requests or channel.total_outbufs_len):
+            if channel.linger_until:
+                if channel.linger_until < now:  # the listener's maintenance no longer runs
+                    channel.stop_lingering()
+            elif not (channel.requests or channel.total_outbufs_len):
                 channel.will_close = True  # nothing in progress: closed on the next loop turn
         if not channels:
             self._drained.set()

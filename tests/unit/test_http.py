@@ -222,3 +222,16 @@ def test_stop_cuts_a_request_that_outlasts_the_timeout(server) -> None:
     assert srv.stop(timeout=0.5) is False
     client.join(15)
     assert answers == [b""]  # closed without an answer, and stop() said so
+
+
+def test_stop_waits_out_a_connection_lingering_after_an_error_answer(server) -> None:
+    srv, _ = server
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        # Over the limit: answered 413, then the server lingers while this client stays open.
+        s.sendall(b"POST /echo HTTP/1.1\r\nContent-Length: 1000\r\n\r\n")
+        answer = b""
+        while b"}" not in answer:
+            answer += s.recv(65_536)
+        assert _status_and_json(answer)[0] == 413
+        assert srv.stop(timeout=8) is True  # the linger ends; nothing was cut off
+        assert s.recv(1) == b""
