@@ -80,12 +80,14 @@ def main(argv: list[str] | None = None) -> None:
     dropped = _count(registry, "dropped") + unsure
     log.log(
         logging.ERROR if dropped else logging.INFO,
-        "publisher stopped: %d publish records written, %d dropped (%d of them still being "
-        "written when time ran out: they may be in the store), %d conflicting",
+        "publisher stopped: %d publish records written, %d dropped, %d conflicting%s",
         _count(registry, "written"),
         dropped,
-        unsure,
         _count(registry, "conflict"),
+        f" ({unsure} of the dropped were still being written when time ran out: they may be "
+        "in the store)"
+        if unsure
+        else "",
     )
     if not serving:
         sys.exit(1)
