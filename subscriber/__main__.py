@@ -6,6 +6,8 @@ import logging
 import signal
 import sys
 import threading
+import time
+from dataclasses import dataclass
 
 from flask import Flask
 from google.api_core import exceptions, retry
@@ -42,6 +44,10 @@ _LOOKUP_RETRY = retry.Retry(
 )
 
 
+# The metrics server answers Prometheus and health probes only.
+_HTTP_THREADS = 2
+
+
 class StartupError(Exception):
     """Start-up cannot go on: one line on stderr, exit 1, no traceback."""
 
@@ -54,61 +60,88 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        run(settings, stop)
-    except StartupError as exc:
-        print(f"{SubscriberSettings.prog}: {exc}", file=sys.stderr)
+        service = start(settings)
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
+        print(f"{SubscriberSettings.prog}: {' '.join(reason.split())}", file=sys.stderr)
         raise SystemExit(1) from None
+    service.run(stop)
 
 
-def run(settings: SubscriberSettings, stop: threading.Event) -> None:
-    """Wire the subscriber and pull until `stop` is set; StartupError if it cannot start."""
+@dataclass
+class Service:
+    """A started subscriber: run() pulls until stopped, then stops within the budget."""
+
+    settings: SubscriberSettings
+    client: pubsub_v1.SubscriberClient
+    store: MongoStore
+    audited: AuditedSubscriber
+    server: BackgroundServer
+    session: StreamSession
+
+    def run(self, stop: threading.Event) -> None:
+        """Pull until `stop` is set. Stopping loses nothing: unacked messages are redelivered."""
+        budget = self.settings.shutdown_timeout_seconds
+        self.audited.start()
+        try:
+            self.session.run(stop, cancel_timeout=budget / 3)
+        finally:
+            deadline = time.monotonic() + budget * 2 / 3
+            self.audited.stop(timeout=max(0.0, deadline - time.monotonic() - 1))
+            self.server.stop(timeout=max(0.0, deadline - time.monotonic()))
+            self.store.close()
+            self.client.close()
+            log.info("subscriber stopped")
+
+
+def start(settings: SubscriberSettings) -> Service:
+    """Check the subscription, open the store, listen; StartupError saying why it cannot."""
     registry = CollectorRegistry()
     metrics = SubscriberMetrics(registry, settings.subscription)
     stream_metrics = StreamMetrics(registry, settings.subscription)
     health = StreamHealth(stream_metrics)
-    with subscriber_client([StreamEndCounter(health.stream_error)]) as client:
+    client = subscriber_client([StreamEndCounter(health.stream_error)])
+    try:
         path = client.subscription_path(settings.project, settings.subscription)
         topic = _topic(client, path, settings.topic)
         store = _open_store(settings)
-        faults = Faults.lose_fraction(settings.lose_fraction) if settings.lose_fraction else None
-        if faults:
-            log.warning(
-                "FAULT KNOB: losing %.1f%% of events on purpose", settings.lose_fraction * 100
-            )
-        audited = AuditedSubscriber(
-            store,
-            settings.subscription,
-            topic,
-            metrics,
-            batch_size=settings.batch_size,
-            flush_interval=settings.flush_interval_seconds,
-            faults=faults,
-        )
+    except BaseException:
+        client.close()
+        raise
+    faults = Faults.lose_fraction(settings.lose_fraction) if settings.lose_fraction else None
+    if faults:
+        log.warning("FAULT KNOB: losing %.1f%% of events on purpose", settings.lose_fraction * 100)
+    audited = AuditedSubscriber(
+        store,
+        settings.subscription,
+        topic,
+        metrics,
+        batch_size=settings.batch_size,
+        flush_interval=settings.flush_interval_seconds,
+        faults=faults,
+    )
 
-        def healthz() -> dict[str, object]:
-            state = health.state()
-            return {"pulling": state.ok, "reason": state.reason, "store": audited.last_write_ok}
+    def healthz() -> dict[str, object]:
+        state = health.state()
+        return {"pulling": state.ok, "reason": state.reason, "store": audited.last_write_ok}
 
-        try:
-            server = _listen(settings, create_app(settings.subscription, registry, healthz))
-        except StartupError:
-            store.close()
-            raise
-        flow = pubsub_v1.types.FlowControl(max_messages=settings.max_outstanding_messages)
-        session = StreamSession(client, path, audited, health, stream_metrics, flow)
-        audited.start()
-        log.info("subscriber on %s (topic %s), metrics on %s", path, topic, settings.listen_address)
-        try:
-            session.run(stop)
-        finally:
-            audited.stop()
-            server.stop()
-            store.close()
+    try:
+        server = _listen(settings, create_app(settings.subscription, registry, healthz))
+    except BaseException:
+        store.close()
+        client.close()
+        raise
+    flow = pubsub_v1.types.FlowControl(max_messages=settings.max_outstanding_messages)
+    session = StreamSession(client, path, audited, health, stream_metrics, flow)
+    log.info("subscriber on %s (topic %s), metrics on %s", path, topic, settings.listen_address)
+    return Service(settings, client, store, audited, server, session)
 
 
 def _listen(settings: SubscriberSettings, app: Flask) -> BackgroundServer:
     try:
-        server = BackgroundServer(app, settings.listen_address)
+        server = BackgroundServer(
+            app, settings.listen_address, settings.server_limits(_HTTP_THREADS)
+        )
         server.start()
     except OSError as exc:
         reason = exc.strerror or str(exc)

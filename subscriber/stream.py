@@ -192,7 +192,7 @@ class StreamSession:
         self._health.delivered()
         self._callback(message)
 
-    def run(self, stop: threading.Event, poll: float = 0.2) -> None:
+    def run(self, stop: threading.Event, poll: float = 0.2, cancel_timeout: float = 10.0) -> None:
         """Pull until `stop` is set; never returns on a stream failure."""
         delay = self._backoff[0]
         first = True
@@ -213,7 +213,7 @@ class StreamSession:
             if stop.is_set():
                 future.cancel()
                 with contextlib.suppress(Exception):  # a cancelled future raises; nothing lost
-                    future.result(timeout=10)
+                    future.result(timeout=cancel_timeout)
                 return
             error = future.exception()
             not_found = isinstance(error, exceptions.NotFound)
