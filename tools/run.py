@@ -232,7 +232,7 @@ class Stack:
                     logs,
                     env,
                     f"{self.url(name)}/metrics",
-                    stop_timeout=20,
+                    stop_timeout=30,
                 )
             )
         self._start(

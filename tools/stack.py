@@ -62,7 +62,7 @@ class Service:
         env: dict[str, str] | None = None,
         ready: Callable[[], bool] | None = None,
         timeout: float = 60.0,
-        stop_timeout: float = 10.0,
+        stop_timeout: float = 30.0,
     ) -> None:
         self.name = name
         self.stop_timeout = stop_timeout
@@ -208,7 +208,7 @@ def python_service(
     log_dir: Path,
     env: dict[str, str],
     ready_url: str,
-    stop_timeout: float = 10.0,
+    stop_timeout: float = 30.0,
 ) -> Service:
     """One of eventaudit's own services (`module`: publisher, subscriber or exporter), run as
     `python -m eventaudit.<module>` with the venv's Python."""
