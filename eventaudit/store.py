@@ -301,7 +301,7 @@ class MongoStore:
                 [("subscription", ASCENDING), ("publishTime", ASCENDING)],
                 name="subscription_publishTime",
             )
-            self.received.create_index([("lastReceiveTime", ASCENDING)], name="lastReceiveTime")
+            self.received.create_index([("writtenTime", ASCENDING)], name="writtenTime")
             self.received.create_index([("createdTime", ASCENDING)], name="createdTime")
             self.buckets.create_index([("bucketStart", DESCENDING)], name="bucketStart")
         except PyMongoError as exc:
@@ -381,6 +381,7 @@ class MongoStore:
                 "lastReceiveTime": last_seen,
                 "deliveries": n,
                 "createdTime": now,
+                "writtenTime": now,
             }
             for key, (r, n, first_seen, last_seen) in items
         ]
@@ -399,7 +400,10 @@ class MongoStore:
         updates = [
             UpdateOne(
                 {"_id": key},
-                {"$inc": {"deliveries": n}, "$max": {"lastReceiveTime": last_seen}},
+                {
+                    "$inc": {"deliveries": n},
+                    "$max": {"lastReceiveTime": last_seen, "writtenTime": now},
+                },
             )
             for key, (_, n, _, last_seen) in existing
         ]
@@ -434,10 +438,11 @@ class MongoStore:
         self, start: datetime, end: datetime, changed_since: datetime | None, changed_from: datetime
     ) -> tuple[list[ReceiptSummary], set[datetime]]:
         """Like published_scan, for receipts: those of events published in [start, end), and
-        the publishTimes in [changed_from, start) of receipts delivered at or after
-        `changed_since` (late receipts and redeliveries).
+        the publishTimes in [changed_from, start) of receipts written at or after
+        `changed_since` (late receipts and redeliveries). `writtenTime` is stamped when the
+        batch is written, after the consumer's handler ran, not when the message arrived.
         """
-        query = _new_or_changed(start, end, "lastReceiveTime", changed_since, changed_from)
+        query = _new_or_changed(start, end, "writtenTime", changed_since, changed_from)
         return _split_read(self.received, query, _RECEIPT_FIELDS, start, _receipt_summary)
 
     def window_records(

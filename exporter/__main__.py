@@ -45,7 +45,12 @@ def main(argv: list[str] | None = None) -> None:
             settings.subscription_refresh_seconds,
         )
         evaluator = Evaluator(
-            store, expected, settings.window_list, settings.bucket_delta, settings.settle_delta
+            store,
+            expected,
+            settings.window_list,
+            settings.bucket_delta,
+            settings.settle_delta,
+            settings.late_lookback_delta,
         )
         state = EvaluationState(settle_seconds=settings.settle_delta.total_seconds())
         registry = CollectorRegistry()

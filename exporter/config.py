@@ -51,9 +51,15 @@ class ExporterSettings(CommonSettings):
         description="records published or written longer ago than this are deleted; at least "
         "the longest window + settle delay + one bucket",
     )
-    threads: int = Field(8, ge=1, le=64, description="gunicorn worker threads")
+    late_lookback: str = Field(
+        "60s",
+        description="records written up to this long before the previous evaluation are "
+        "checked for lateness; more than the longest a store write takes to become visible "
+        "(6 x --store-timeout-seconds) plus the writers' clock skew",
+    )
+    threads: int = Field(8, ge=1, le=64, description="HTTP worker threads")
 
-    @field_validator("bucket", "settle_delay", "retention")
+    @field_validator("bucket", "settle_delay", "retention", "late_lookback")
     @classmethod
     def _duration(cls, value: str) -> str:
         parse_duration(value)
@@ -103,6 +109,11 @@ class ExporterSettings(CommonSettings):
     def retention_delta(self) -> timedelta:
         """Record retention."""
         return parse_duration(self.retention)
+
+    @property
+    def late_lookback_delta(self) -> timedelta:
+        """How far before the previous evaluation late records are looked for."""
+        return parse_duration(self.late_lookback)
 
     @property
     def window_list(self) -> list[Window]:

@@ -85,7 +85,11 @@ class Evaluator:
         windows: list[Window],
         bucket: timedelta,
         settle: timedelta,
+        late_lookback: timedelta = timedelta(seconds=60),
     ) -> None:
+        """`late_lookback`: how far before the previous evaluation records written since are
+        looked for; it must exceed the longest a writer's store write takes to become visible
+        (a record is stamped just before its write) plus the writers' clock skew."""
         if not windows:
             raise ValueError("at least one window is required")
         self._store = store
@@ -93,6 +97,7 @@ class Evaluator:
         self._windows = tuple(sorted(windows, key=lambda w: w.length))
         self._bucket = bucket
         self._settle = settle
+        self._late_lookback = max(late_lookback, bucket)
         self._span = self._windows[-1].length
         self._results: dict[tuple[str, datetime], BucketResult] = {}
         self._until: datetime | None = None
@@ -118,9 +123,9 @@ class Evaluator:
         until = min(until, frontier)
 
         # One read per collection: the newly settled buckets, plus anything written since the
-        # last evaluation (less one bucket of overlap for clock skew and batches in flight)
-        # whose bucket was already evaluated: a late receipt or a late publish record.
-        since = watermark - self._bucket
+        # last evaluation (less the lookback, for writes in flight and clock skew) whose bucket
+        # was already evaluated: a late receipt or a late publish record.
+        since = watermark - self._late_lookback
         published, late_published = self._store.published_scan(until, frontier, since, oldest)
         receipts, late_receipts = self._store.receipts_scan(until, frontier, since, oldest)
         changed = evaluate_buckets(published, receipts, self._bucket)

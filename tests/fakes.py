@@ -77,10 +77,12 @@ class MemoryStore:
                         "lastReceiveTime": r.receive_time,
                         "deliveries": 1,
                         "createdTime": now,
+                        "writtenTime": now,
                     }
                 else:
                     doc["deliveries"] += 1
                     doc["lastReceiveTime"] = max(doc["lastReceiveTime"], r.receive_time)
+                    doc["writtenTime"] = max(doc["writtenTime"], now)
 
     # -- exporter reads ----------------------------------------------------------------------
 
@@ -123,7 +125,7 @@ class MemoryStore:
         with self._lock:
             self._check()
             docs, late = self._split(
-                self.received.values(), start, end, "lastReceiveTime", changed_since, changed_from
+                self.received.values(), start, end, "writtenTime", changed_since, changed_from
             )
         return [_summary(d) for d in docs], late
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -211,3 +213,49 @@ def test_handler_failure_nacks_and_the_retry_is_recorded(
     # The failed attempt was not recorded: one receipt, one delivery.
     doc = store.received.find_one({"subscription": sub, "eventID": flaky})
     assert doc is not None and doc["deliveries"] == 1
+
+
+def test_a_handler_slower_than_the_settle_delay_is_missed_then_counted(
+    store, topic_factory: TopicFactory
+) -> None:
+    """The receipt is written after the handler returns, long after the message arrived and
+    after its bucket was evaluated: it is found by when it was written, and the gauges and
+    /api/v1/missed agree at every step."""
+    topic, (sub,) = topic_factory(1)
+    with audited_publisher(store) as pub:
+        events = _publish(pub, topic, 3)
+    slow = events[1].event_id
+    release = threading.Event()
+
+    def handler(message) -> None:
+        if message.attributes["eventID"] == slow:
+            release.wait(60)  # the consumer's processing, far longer than the settle delay
+
+    exporter = exporter_kit(store, [topic])
+    api = create_app(ExporterDeps(store, exporter.state, exporter.registry)).test_client()
+    labels = {"topic": topic, "subscription": sub, "window": "5m"}
+
+    def agree() -> tuple[float | None, list[str]]:
+        resp = api.get(f"/api/v1/missed?topic={topic}&subscription={sub}&window=5m")
+        body = resp.get_json()
+        assert resp.status_code == 200, body
+        gauge = exporter.sample("eventaudit_missed_events", **labels)
+        assert body["missed"] == gauge == len(body["events"])
+        return gauge, [e["eventID"] for e in body["events"]]
+
+    with audited_subscriber(store, topic, sub, handler=handler):
+        wait_for(lambda: received_count(store, sub) == 2, 60, "2 fast receipts")
+        settled_time(events)
+        exporter.state.succeeded(exporter.evaluator.evaluate(datetime.now(UTC)), 0.0)
+        assert agree() == (1, [slow])  # evaluated while the handler still runs: missed
+        time.sleep(1.5)  # evaluations go on while the handler is busy
+        exporter.state.succeeded(exporter.evaluator.evaluate(datetime.now(UTC)), 0.0)
+        assert agree() == (1, [slow])
+        release.set()
+        wait_for(lambda: received_count(store, sub) == 3, 60, "the slow receipt")
+        assert agree() == (1, [slow])  # stored after the evaluation: both still count it
+    time.sleep(1.5)
+    exporter.state.succeeded(exporter.evaluator.evaluate(datetime.now(UTC)), 0.0)
+    assert agree() == (0, [])  # counted late, not lost
+    assert exporter.sample("eventaudit_received_events", **labels) == 3
+    assert exporter.sample("eventaudit_completion_rate", **labels) == 1.0

@@ -177,3 +177,64 @@ def test_a_subscription_gone_from_the_listing_leaves_the_short_windows() -> None
     gone = ev.evaluate(NOW).subscriptions[(TOPIC, "going")]
     assert set(gone) == {"1h"}
     assert (gone["1h"].published, gone["1h"].received) == (60, 1)
+
+
+# -- late records: found by when they became durable, not by the writer's earlier clocks ------
+
+
+def _receipt(event_id: str, published: datetime, callback: datetime) -> Receipt:
+    return Receipt(SUB, event_id, TOPIC, None, "m", published, published, callback)
+
+
+def _slow_handler(store: MemoryStore, ev: Evaluator) -> None:
+    # Callback at 12:00:01, the handler takes 44 s: written at 12:00:45, after the bucket of
+    # 12:00:00 was evaluated (12:00:40) with the event missed.
+    store.record_receipts([_receipt("e1", at(12, 0, 0), at(12, 0, 1))], at(12, 0, 45))
+
+
+def _write_visible_late(store: MemoryStore, ev: Evaluator) -> None:
+    # Stamped at 12:00:15, but the write (a busy store) only became visible after 12:00:40.
+    store.record_receipts([_receipt("e1", at(12, 0, 0), at(12, 0, 1))], at(12, 0, 15))
+
+
+def _redelivery_after_evaluation(store: MemoryStore, ev: Evaluator) -> None:
+    # The first delivery was lost; a redelivery for an event whose receipt... is the first.
+    store.record_receipts([_receipt("e1", at(12, 0, 0), at(12, 0, 44))], at(12, 0, 45))
+
+
+@pytest.mark.parametrize(
+    "late_write", [_slow_handler, _write_visible_late, _redelivery_after_evaluation]
+)
+def test_a_receipt_durable_after_its_bucket_was_evaluated_is_counted_late(late_write) -> None:
+    store = MemoryStore()
+    publish(store, "e1", at(12, 0, 0))
+    ev = evaluator(store)
+    assert numbers(ev.evaluate(at(12, 0, 40)), "1m") == (1, 0)  # missed, for now
+    late_write(store, ev)
+    for now in (at(12, 0, 50), at(12, 1, 0)):
+        assert numbers(ev.evaluate(now), "1m") == (1, 1)  # counted late, not lost
+
+
+def test_a_late_publish_record_turns_an_unmatched_receipt_into_a_received_one() -> None:
+    store = MemoryStore()
+    receive(store, SUB, "e1", at(12, 0, 0))
+    ev = evaluator(store)
+    first = ev.evaluate(at(12, 0, 40))
+    assert numbers(first, "1m") == (0, 0)
+    assert first.subscriptions[(TOPIC, SUB)]["1m"].unmatched == 1
+    # The publisher's buffer is written after an outage: createdTime 12:00:55.
+    store.insert_publish_records(
+        [PublishRecord("e1", "t" * 32, TOPIC, "{}", "m", at(12, 0, 0))], at(12, 0, 55)
+    )
+    later = ev.evaluate(at(12, 1, 0))
+    assert numbers(later, "1m") == (1, 1)
+    assert later.subscriptions[(TOPIC, SUB)]["1m"].unmatched == 0
+
+
+def test_a_late_receipt_is_found_after_a_restart_between_evaluations() -> None:
+    store = MemoryStore()
+    publish(store, "e1", at(12, 0, 0))
+    assert numbers(evaluator(store).evaluate(at(12, 0, 40)), "1m") == (1, 0)
+    _slow_handler(store, evaluator(store))
+    restarted = evaluator(store)  # a new process resumes from the stored state
+    assert numbers(restarted.evaluate(at(12, 0, 50)), "1m") == (1, 1)

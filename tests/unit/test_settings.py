@@ -54,6 +54,8 @@ def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--windows", "1m,9999999d"], "duration"),
         (["--retention", "7d\n"], "duration"),
         (["--retention", "\u0667d"], "duration"),
+        (["--late-lookback", "1 m"], "duration"),
+        (["--late-lookback", "60s\n"], "duration"),
         (["--settle-delay", "\u00b2s"], "duration"),
         (["--windows", "1m,\uff15m"], "duration"),
         # Retention covers the longest window, the settle delay and one more bucket.
