@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -43,7 +44,7 @@ PORTS = {
     "alertmanager": 9093,
 }
 # Subscriber outcomes after which the message was acked: what "handled" means when draining.
-ACKED_OUTCOMES = ("recorded", "invalid", "fault_lost")
+ACKED_OUTCOMES = ("recorded", "invalid", "internal_error_dropped", "fault_lost")
 # The publisher flushes its record buffer on SIGTERM within its own shutdown budget.
 PUBLISHER_STOP_SECONDS = 40.0
 # A subscriber that dies holding messages leaves them leased for the streaming pull's stream
@@ -61,9 +62,9 @@ def traffic(url: str, rate: float, stop: threading.Event, counts: dict[str, int]
             with urllib.request.urlopen(req, timeout=5) as resp:
                 json.load(resp)
                 counts["ok"] += 1
-        except OSError as exc:
+        except Exception as exc:  # any failure of one request (HTTP, truncated, not JSON)
             counts["failed"] += 1
-            print(f"[run] traffic: {exc}", file=sys.stderr)
+            print(f"[run] traffic: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]] | None:
@@ -450,22 +451,46 @@ def stop_running(data: Path, timeout: float = 240.0) -> int:
     return 0
 
 
+def _ascii_int(text: str) -> int:
+    """argparse type: an integer in ASCII digits, optionally negative (int() takes other
+    scripts' digits too)."""
+    if not re.fullmatch(r"-?[0-9]{1,9}", text):
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
+    return int(text)
+
+
+def _ascii_number(text: str) -> float:
+    """argparse type: a decimal number in ASCII digits (no nan, inf or exponents)."""
+    if not re.fullmatch(r"[0-9]{1,9}(\.[0-9]{1,9})?", text):
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+    return float(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start everything, print where to look, stop everything on Ctrl-C (or after --duration)."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rate", type=float, default=20.0, help="requests per second")
-    parser.add_argument("--duration", type=float, default=0, help="stop after N seconds (0: never)")
-    parser.add_argument("--data-dir", default="data/run", help="FerretDB, Prometheus data and logs")
-    parser.add_argument("--port-offset", type=int, default=0, help="shift every port by N")
+    parser.add_argument("--rate", type=_ascii_number, default=20.0, help="requests per second")
     parser.add_argument(
-        "--drain-seconds", type=float, default=45.0, help="longest wait for subscribers at stop"
+        "--duration", type=_ascii_number, default=0, help="stop after N seconds (0: never)"
+    )
+    parser.add_argument("--data-dir", default="data/run", help="FerretDB, Prometheus data and logs")
+    parser.add_argument("--port-offset", type=_ascii_int, default=0, help="shift every port by N")
+    parser.add_argument(
+        "--drain-seconds",
+        type=_ascii_number,
+        default=45.0,
+        help="longest wait for subscribers at stop",
     )
     parser.add_argument(
         "--stop", action="store_true", help="stop the stack a make run elsewhere started"
     )
     args = parser.parse_args(argv)
-    if args.rate <= 0:
-        parser.error("--rate must be positive")
+    if not 0 < args.rate <= 10_000:
+        parser.error("--rate must be in (0, 10000]")
+    if not all(0 < port + args.port_offset < 65536 for port in PORTS.values()):
+        parser.error(
+            f"--port-offset must keep every port in 1..65535 (ports {sorted(PORTS.values())})"
+        )
     data = (stack.ROOT / args.data_dir).resolve()
     if args.stop:
         return stop_running(data)

@@ -19,6 +19,7 @@ from tools.run import (
     stop_running,
     write_state,
 )
+from tools.run import main as run_main
 
 
 @pytest.mark.parametrize(
@@ -95,3 +96,36 @@ def test_process_identity() -> None:
     assert alive(me)
     assert not alive([me[0], me[1] + 1])
     assert not alive([2**22 + 12345, 1])  # beyond pid_max: no such process
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--port-offset", "70000"],
+        ["--port-offset", "-27000"],
+        ["--rate", "0"],
+        ["--rate", "-1"],
+        ["--rate", "nan"],
+        ["--rate", "1e9"],
+        ["--port-offset", "\u0661"],
+        ["--rate", "\u0661"],
+        ["--rate", "inf"],
+        ["--rate", "1e3"],
+        ["--duration", "-5"],
+        ["--drain-seconds", "10\n"],
+    ],
+)
+def test_bad_run_arguments_are_usage_errors(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        run_main(argv)
+    assert exc.value.code == 2
+
+
+def test_a_message_given_up_after_internal_errors_counts_as_handled() -> None:
+    samples = {
+        "eventaudit_subscriber_messages_total": [
+            ({"subscription": "s", "outcome": "recorded"}, 9.0),
+            ({"subscription": "s", "outcome": "internal_error_dropped"}, 1.0),
+        ],
+    }
+    assert handled(samples) == (10.0, 0.0)
