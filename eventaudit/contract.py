@@ -26,6 +26,7 @@ _EVENT_ID = re.compile(r"[A-Za-z0-9._:\-]+")
 # Pub/Sub's rule for topic and subscription ids: a letter, then 2..254 of these characters.
 _PUBSUB_ID = re.compile(r"[A-Za-z][A-Za-z0-9\-_.~+%]{2,254}")
 _ASCII_DIGITS = re.compile(r"[0-9]+")
+_MAX_SPAN_DIGITS = 20
 
 
 def is_pubsub_id(text: str) -> bool:
@@ -103,7 +104,9 @@ def parse_cloud_trace_context(value: str) -> TraceContext | None:
     trace_id = match.group(1).lower()
     if trace_id == "0" * 32:
         return None
-    span_id = int(match.group(2)) if match.group(2) else 0
+    # Read at most 20 digits (2**64 has 20): a longer span is never converted (int() of
+    # 4301+ digits raises), it is replaced like a zero or too large one.
+    span_id = parse_ascii_int(match.group(2) or "", _MAX_SPAN_DIGITS) or 0
     if span_id == 0 or span_id >= 2**64:
         span_id = _random_span_id()
     return TraceContext(trace_id, span_id, match.group(3) != "0")

@@ -140,6 +140,43 @@ def test_publisher_rejects_bad_input(api, store, path, body, headers, status, me
     assert store.published.count_documents({}) == 0
 
 
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLOUD = "X-Cloud-Trace-Context"
+
+# (path, headers, status, trace id kept): tracing never fails a publish. A trace header that
+# cannot be read whole is ignored (a fresh trace), a span that cannot be used is replaced (the
+# trace is kept, with a fresh span); either way the event is published and recorded.
+PUBLISHER_HOSTILE_TRACE = [
+    (EVENTS, {CLOUD: f"{TRACE}/{'1' * 5000}"}, 201, True),  # int() raised: 500 before
+    (EVENTS, {CLOUD: f"{TRACE}/{'0' * 5000}7;o=1"}, 201, True),
+    (EVENTS, {CLOUD: f"{TRACE}/18446744073709551616;o=1"}, 201, True),  # 2**64
+    (EVENTS, {CLOUD: f"{TRACE}/0;o=1"}, 201, True),
+    (EVENTS, {CLOUD: f"{TRACE}/\u0661\u0660;o=1"}, 201, False),
+    (EVENTS, {CLOUD: f"{TRACE}/1;o={'1' * 5000}"}, 201, False),
+    (EVENTS, {"traceparent": f"00-{TRACE}-00f067aa0ba902b7-{'1' * 5000}"}, 201, False),
+    (EVENTS, {"traceparent": f"00-{TRACE}-{'f' * 5000}-01"}, 201, False),
+    ("/api/v1/users", {CLOUD: f"{TRACE}/{'9' * 5000}"}, 200, True),
+]
+
+
+@pytest.mark.parametrize(("path", "headers", "status", "kept"), PUBLISHER_HOSTILE_TRACE)
+def test_publisher_publishes_despite_hostile_trace_headers(
+    api, store, path, headers, status, kept
+) -> None:
+    client, topic = api
+    resp = client.post(path.format(topic=topic), json={}, environ_overrides=_environ(headers))
+    assert resp.status_code == status, resp.get_data()
+    body = resp.get_json()
+    assert (body["traceID"] == TRACE) is kept
+    trace_id, _, rest = body["metadata"]["Cloud-Trace-Context"].partition("/")
+    span = rest.partition(";")[0]
+    assert trace_id == body["traceID"]
+    assert span.isascii() and span.isdigit() and 0 < int(span) < 2**64
+    assert client.application.config["DEPS"].publisher.flush(timeout=30)
+    (record,) = store.published.find({})
+    assert record["traceID"] == body["traceID"]
+
+
 def test_publisher_wrong_method_is_json_405(api) -> None:
     client, topic = api
     resp = client.get(f"/api/v1/topics/{topic}/events")

@@ -40,10 +40,58 @@ def test_cloud_trace_context_forms() -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["", "xyz", "0" * 32 + "/1;o=1", f"{TRACE}/abc", f"{TRACE}/1;o=2", TRACE + "0"]
+    "value",
+    [
+        "",
+        "xyz",
+        "0" * 32 + "/1;o=1",
+        f"{TRACE}/abc",
+        f"{TRACE}/1;o=2",
+        TRACE + "0",
+        f"{TRACE}/-1",
+        f"{TRACE}/+1",
+        f"{TRACE}/1_0",
+        f"{TRACE}/\u0661\u0660",  # Arabic-Indic 10: int() would read it
+        f"{TRACE}/\u00b2",  # superscript two: isdigit() but not int()
+        f"{TRACE}/\uff11",  # fullwidth 1
+        f"{TRACE}/1;o=\u0661",
+        f"{TRACE}/1;o=11",
+        f"{TRACE}/{'1' * 5000}x",
+        "\uff14" + TRACE[1:] + "/1",  # a fullwidth hex digit in the trace id
+    ],
 )
 def test_bad_cloud_trace_context_is_ignored(value: str) -> None:
     assert parse_cloud_trace_context(value) is None
+
+
+@pytest.mark.parametrize(
+    ("span", "kept"),
+    [
+        ("1", True),
+        ("18446744073709551615", True),  # 2**64 - 1: the largest span id there is
+        ("18446744073709551616", False),  # 2**64
+        ("99999999999999999999", False),  # 20 digits, over 2**64
+        ("1" * 21, False),
+        ("1" * 4300, False),  # int()'s default digit limit
+        ("1" * 5000, False),  # over it: int() raises ValueError
+        ("0", False),
+        ("0" * 5000, False),
+        ("0" * 19 + "7", True),  # 20 digits with leading zeros: 7
+        ("0" * 20 + "7", False),  # 21 digits are never read, whatever their value
+    ],
+)
+def test_an_unusable_cloud_trace_span_gets_a_fresh_one(span: str, kept: bool) -> None:
+    # Tracing never fails a publish: a span id that is zero, too large or absurdly long keeps
+    # the trace and gets a random span, without converting the digits.
+    parsed = parse_cloud_trace_context(f"{TRACE}/{span};o=1")
+    assert parsed is not None and parsed.trace_id == TRACE and parsed.sampled
+    assert 0 < parsed.span_id < 2**64
+    assert (str(parsed.span_id) == span.lstrip("0")) is kept
+    assert len(parsed.traceparent) == 55
+    headers = {"X-Cloud-Trace-Context": f"{TRACE}/{span};o=0"}
+    from_headers = TraceContext.from_headers(headers)
+    assert from_headers is not None and from_headers.trace_id == TRACE
+    assert not from_headers.sampled
 
 
 @pytest.mark.parametrize(
@@ -54,6 +102,13 @@ def test_bad_cloud_trace_context_is_ignored(value: str) -> None:
         f"00-{'0' * 32}-00f067aa0ba902b7-01",
         f"00-{TRACE}-{'0' * 16}-01",
         f"00-{TRACE}-00f067aa0ba902b7",
+        f"00-{TRACE}-00f067aa0ba902b7-\u0661\u0661",
+        f"00-{TRACE}-00f067aa0ba902b7-0g",
+        f"00-{TRACE}-00f067aa0ba902b7-001",
+        f"00-{TRACE}-00f067aa0ba902b7-01-" + "1" * 5000,
+        f"\u0660\u0660-{TRACE}-00f067aa0ba902b7-01",
+        f"00-{TRACE}-\uff10{'0' * 14}1-01",  # a fullwidth zero in the span
+        f"00-{TRACE}-00f067aa0ba902b7-01\n00",
     ],
 )
 def test_bad_traceparent_is_ignored(value: str) -> None:
