@@ -44,6 +44,9 @@ class EvaluationState:
     error: str | None = None
     successes: int = 0
     failures: int = 0
+    retention_successes: int = 0
+    retention_failures: int = 0
+    last_retention: float | None = None
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -70,6 +73,17 @@ class EvaluationState:
         with self._lock:
             self._ok, self.duration, self.error = False, duration, reason
             self.failures += 1
+
+    def retention_succeeded(self, finished_at: float) -> None:
+        """Record a retention delete that completed at Unix time `finished_at`."""
+        with self._lock:
+            self.retention_successes += 1
+            self.last_retention = finished_at
+
+    def retention_failed(self) -> None:
+        """Record a failed retention delete (the numbers stay served)."""
+        with self._lock:
+            self.retention_failures += 1
 
     def loop_stopped(self) -> None:
         """The evaluation loop has ended: nothing will refresh the numbers any more."""
@@ -138,6 +152,20 @@ class CompletionCollector(Collector):
         evaluations.add_metric(["success"], state.successes)
         evaluations.add_metric(["error"], state.failures)
         yield evaluations
+        retention = CounterMetricFamily(
+            "eventaudit_retention_runs",
+            "Retention deletes by outcome (a failure is retried with backoff; eventaudit_up "
+            "is not affected).",
+            labels=["outcome"],
+        )
+        retention.add_metric(["success"], state.retention_successes)
+        retention.add_metric(["error"], state.retention_failures)
+        yield retention
+        yield GaugeMetricFamily(
+            "eventaudit_last_retention_timestamp_seconds",
+            "Unix time of the last successful retention delete.",
+            value=state.last_retention if state.last_retention is not None else math.nan,
+        )
         if self._expected is not None:
             yield CounterMetricFamily(
                 "eventaudit_subscription_list_errors",

@@ -15,6 +15,10 @@ from eventaudit.store import ExporterStore, StoreError
 log = logging.getLogger(__name__)
 
 RETENTION_EVERY_SECONDS = 3600.0
+# A failed retention delete is retried after twice the evaluation interval, doubling with each
+# further failure up to RETENTION_EVERY_SECONDS: a delete that keeps timing out is not re-run
+# (holding the evaluation thread) on every pass.
+_MAX_DOUBLINGS = 32
 
 
 def served_reason(exc: BaseException) -> str:
@@ -25,9 +29,11 @@ def served_reason(exc: BaseException) -> str:
 class EvaluationLoop:
     """Evaluates once per bucket and applies retention hourly.
 
-    Nothing raised in a pass stops the loop: the failure is counted
+    Nothing raised in a pass stops the loop: a failed evaluation is counted
     (`eventaudit_evaluations_total{outcome="error"}`), logged, and served as `eventaudit_up 0`
-    until a later pass succeeds.
+    until a later pass succeeds. Retention is apart from that: a failed delete is counted
+    (`eventaudit_retention_runs_total{outcome="error"}`), logged and retried with backoff, and
+    never takes the numbers down.
     """
 
     def __init__(
@@ -38,6 +44,7 @@ class EvaluationLoop:
         interval: timedelta,
         retention: timedelta,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._evaluator = evaluator
         self._state = state
@@ -45,20 +52,27 @@ class EvaluationLoop:
         self._interval = interval.total_seconds()
         self._retention = retention
         self._clock = clock
+        self._monotonic = monotonic
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self.run, name="evaluation-loop", daemon=True)
-        self._last_retention = float("-inf")  # run retention with the first evaluation
+        self._retention_due = float("-inf")  # run retention with the first evaluation
+        self._retention_failures = 0  # in a row
         state.expect_every(self._interval)
 
     def run_once(self) -> bool:
-        """One evaluation (and retention when due); True on success, never raises Exception."""
+        """One evaluation, then retention when due; True when the evaluation succeeded.
+
+        Never raises Exception.
+        """
+        ok = self._evaluate()
+        self._retain_if_due()
+        return ok
+
+    def _evaluate(self) -> bool:
         started = time.perf_counter()
         phase = "evaluation"
         try:
             snapshot = self._evaluator.evaluate(self._clock())
-            if time.monotonic() - self._last_retention > RETENTION_EVERY_SECONDS:
-                phase = "retention"
-                self._apply_retention()
             phase = "logging"
             log_snapshot(snapshot)
         except Exception as exc:
@@ -72,10 +86,29 @@ class EvaluationLoop:
         self._state.succeeded(snapshot, time.perf_counter() - started)
         return True
 
-    def _apply_retention(self) -> None:
-        cutoff = self._clock() - self._retention
-        deleted = self._store.delete_older_than(cutoff)
-        self._last_retention = time.monotonic()
+    def _retain_if_due(self) -> None:
+        """Delete what is older than the retention, hourly; after a failure, with backoff."""
+        if self._monotonic() < self._retention_due:
+            return
+        try:
+            cutoff = self._clock() - self._retention
+            deleted = self._store.delete_older_than(cutoff)
+            finished = self._clock().timestamp()
+        except Exception as exc:
+            self._retention_failures += 1
+            doublings = min(self._retention_failures, _MAX_DOUBLINGS)
+            delay = min(self._interval * 2**doublings, RETENTION_EVERY_SECONDS)
+            self._retention_due = self._monotonic() + delay
+            self._state.retention_failed()
+            args = (self._retention_failures, delay)
+            if isinstance(exc, StoreError):
+                log.error("retention failed (%d in a row), retrying in %.0fs: %s", *args, exc)
+            else:
+                log.exception("retention failed (%d in a row), retrying in %.0fs", *args)
+            return
+        self._retention_failures = 0
+        self._retention_due = self._monotonic() + RETENTION_EVERY_SECONDS
+        self._state.retention_succeeded(finished)
         log.info("retention: deleted records older than %s: %s", cutoff.isoformat(), deleted)
 
     def start(self) -> None:

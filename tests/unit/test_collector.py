@@ -92,6 +92,25 @@ def test_before_any_evaluation() -> None:
     )
 
 
+def test_retention_runs_are_exposed_apart_from_evaluations() -> None:
+    state = EvaluationState(settle_seconds=30)
+    registry = _registry(state)
+    runs = "eventaudit_retention_runs_total"
+    assert registry.get_sample_value(runs, {"outcome": "success"}) == 0
+    assert registry.get_sample_value(runs, {"outcome": "error"}) == 0
+    last = "eventaudit_last_retention_timestamp_seconds"
+    assert math.isnan(registry.get_sample_value(last) or 0.0)
+    state.succeeded(_snapshot(), 0.25)
+    state.retention_failed()
+    state.retention_failed()
+    state.retention_succeeded(NOW.timestamp())
+    assert registry.get_sample_value(runs, {"outcome": "success"}) == 1
+    assert registry.get_sample_value(runs, {"outcome": "error"}) == 2
+    assert registry.get_sample_value(last) == NOW.timestamp()
+    assert registry.get_sample_value("eventaudit_up") == 1
+    assert registry.get_sample_value("eventaudit_evaluations_total", {"outcome": "error"}) == 0
+
+
 def test_listing_errors_are_exposed() -> None:
     def broken(topic: str) -> list[str]:
         raise RuntimeError("unavailable")

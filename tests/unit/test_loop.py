@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -95,7 +96,13 @@ class Exporter:
         self.registry = CollectorRegistry()
         self.registry.register(CompletionCollector(self.state, expected))
         self.loop = EvaluationLoop(
-            evaluator, self.state, store, interval, retention, clock=lambda: NOW
+            evaluator,
+            self.state,
+            store,
+            interval,
+            retention,
+            clock=lambda: NOW,
+            monotonic=self.monotonic,
         )
         self.client: FlaskClient = create_app(
             ExporterDeps(store, self.state, self.registry)
@@ -142,8 +149,6 @@ def _fail_logging(monkeypatch: pytest.MonkeyPatch, exc: Exception) -> None:
         ("published_scan", StoreError(HOST_ERROR), "evaluation failed: audit store unavailable"),
         ("published_scan", RuntimeError(HOST_ERROR), "evaluation failed: internal error"),
         ("published_scan", OverflowError(OUT_OF_RANGE), "evaluation failed: internal error"),
-        ("delete_older_than", OverflowError(OUT_OF_RANGE), "retention failed: internal error"),
-        ("delete_older_than", StoreError(HOST_ERROR), "retention failed: audit store unavailable"),
         ("log", ValueError(HOST_ERROR), "logging failed: internal error"),
     ],
 )  # fmt: skip
@@ -178,8 +183,9 @@ def test_any_failure_is_counted_served_as_down_and_the_next_run_recovers(
     assert exporter.sample("eventaudit_completion_rate", **labels) == 0.0
     assert exporter.sample("eventaudit_missed_events", **labels) == 1
     assert exporter.client.get("/healthz").status_code == 200
-    # Retention ran (again, if it was what failed): the 2-day-old record is gone.
+    # Retention is not held back by a failed evaluation: the 2-day-old record is gone.
     assert [d["eventID"] for d in store.published.values()] == ["e1"]
+    assert exporter.sample("eventaudit_retention_runs_total", outcome="success") == 1
 
 
 def test_the_loop_thread_survives_an_escaping_exception(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -280,3 +286,89 @@ def test_retention_reaches_records_by_write_time() -> None:
     assert exporter.loop.run_once()
     assert sorted(d["eventID"] for d in store.published.values()) == ["kept-0", "kept-1"]
     assert sorted(d["eventID"] for d in store.received.values()) == ["kept-0", "kept-1"]
+
+
+def _retention_runs(exporter: Exporter) -> tuple[float | None, float | None]:
+    return (
+        exporter.sample("eventaudit_retention_runs_total", outcome="success"),
+        exporter.sample("eventaudit_retention_runs_total", outcome="error"),
+    )
+
+
+@pytest.mark.parametrize(
+    "exc", [StoreError(HOST_ERROR), OverflowError(OUT_OF_RANGE), RuntimeError(HOST_ERROR)]
+)
+def test_a_failed_retention_is_counted_apart_and_leaves_the_numbers_up(exc: Exception) -> None:
+    store = _seeded()
+    store.faults["delete_older_than"] = [exc]
+    exporter = Exporter(store)
+    exporter.monotonic.now = 1000.0
+
+    assert exporter.loop.run_once() is True
+    assert exporter.sample("eventaudit_up") == 1
+    assert exporter.sample("eventaudit_evaluations_total", outcome="success") == 1
+    assert exporter.sample("eventaudit_evaluations_total", outcome="error") == 0
+    assert _retention_runs(exporter) == (0, 1)
+    assert math.isnan(exporter.sample("eventaudit_last_retention_timestamp_seconds") or 0.0)
+    assert exporter.client.get("/healthz").get_json()["status"] == "ok"
+    missed = exporter.client.get(f"/api/v1/missed?topic={TOPIC}&subscription={SUB}")
+    assert (missed.status_code, missed.get_json()["missed"]) == (200, 1)
+    for body in exporter.bodies():
+        assert not [s for s in SECRETS if s in body]
+    assert sorted(d["eventID"] for d in store.published.values()) == ["e1", "old"]
+
+    # Retried after the backoff (two intervals after one failure), not on the next pass.
+    exporter.monotonic.now = 1010.0
+    assert exporter.loop.run_once()
+    assert _retention_runs(exporter) == (0, 1)
+    exporter.monotonic.now = 1020.0
+    assert exporter.loop.run_once()
+    assert _retention_runs(exporter) == (1, 1)
+    assert exporter.sample("eventaudit_last_retention_timestamp_seconds") == NOW.timestamp()
+    assert [d["eventID"] for d in store.published.values()] == ["e1"]
+
+
+def test_a_retention_that_keeps_failing_backs_off_up_to_an_hour() -> None:
+    store = _seeded()
+    store.faults["delete_older_than"] = [StoreError(HOST_ERROR) for _ in range(100)]
+    exporter = Exporter(store)
+    attempts: list[float] = []
+    for i in range(5):
+        exporter.monotonic.now = 1000.0 + 10 * i
+        before = len(store.faults["delete_older_than"])
+        assert exporter.loop.run_once() is True
+        if len(store.faults["delete_older_than"]) < before:
+            attempts.append(exporter.monotonic.now)
+        assert exporter.sample("eventaudit_up") == 1
+    # Five passes, two attempts: at the first pass, then two intervals later.
+    assert attempts == [1000.0, 1020.0]
+    assert _retention_runs(exporter) == (0, 2)
+    assert exporter.sample("eventaudit_evaluations_total", outcome="error") == 0
+
+    # Each failure doubles the wait from twice the interval, capped at an hour.
+    waits = []
+    now = 1020.0
+    for _ in range(10):
+        left = len(store.faults["delete_older_than"])
+        while len(store.faults["delete_older_than"]) == left:
+            now += 10
+            exporter.monotonic.now = now
+            exporter.loop.run_once()
+        waits.append(now - attempts[-1])
+        attempts.append(now)
+    assert waits == [40, 80, 160, 320, 640, 1280, 2560, 3600, 3600, 3600]
+    assert exporter.sample("eventaudit_up") == 1
+
+
+def test_a_successful_retention_runs_again_an_hour_later() -> None:
+    store = _seeded()
+    exporter = Exporter(store)
+    exporter.monotonic.now = 1000.0
+    assert exporter.loop.run_once()
+    assert _retention_runs(exporter) == (1, 0)
+    exporter.monotonic.now = 1000.0 + 3599
+    assert exporter.loop.run_once()
+    assert _retention_runs(exporter) == (1, 0)
+    exporter.monotonic.now = 1000.0 + 3600
+    assert exporter.loop.run_once()
+    assert _retention_runs(exporter) == (2, 0)
