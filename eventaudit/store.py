@@ -18,7 +18,7 @@ from pymongo import ASCENDING, DESCENDING, MongoClient, UpdateOne
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
-from eventaudit.contract import epoch_ms
+from eventaudit.contract import PUBLISH_TIME_TOLERANCE, epoch_ms
 from eventaudit.records import (
     BUCKET_COLLECTION,
     PUBLISH_COLLECTION,
@@ -138,8 +138,10 @@ class ExporterStore(EvaluatorStore, Protocol):
         ...
 
     def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
-        """Retention: delete records published or written before `cutoff`, and bucket results
-        before it; counts per collection."""
+        """Retention: delete records published before `cutoff`, records written before
+        `cutoff - PUBLISH_TIME_TOLERANCE` (whatever their publishTime), and bucket results
+        before `cutoff`; counts per collection. Nothing published at or after `cutoff` is
+        deleted unless its publishTime is further ahead of its write than the tolerance."""
         ...
 
 
@@ -533,13 +535,19 @@ class MongoStore:
 
     def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
         """Retention by periodic delete (FerretDB has no TTL indexes): records published before
-        `cutoff`, and records written before it whatever their publishTime (one carrying a
-        far-future publishTime would otherwise stay for good). One indexed delete per field."""
+        `cutoff`, and records written before `cutoff - PUBLISH_TIME_TOLERANCE` whatever their
+        publishTime (one carrying a far-future publishTime would otherwise stay for good).
+
+        A stored publishTime may be up to the tolerance after its record's write (a subscriber
+        keeps the attribute when it is within that of the broker's publish time), so deleting
+        by write time only that much earlier never reaches a record published at or after
+        `cutoff`, still inside a window. One indexed delete per field."""
         before = {"$lt": cutoff}
+        written_before = {"$lt": cutoff - PUBLISH_TIME_TOLERANCE}
         try:
             counts = {
                 name: collection.delete_many({"publishTime": before}).deleted_count
-                + collection.delete_many({"createdTime": before}).deleted_count
+                + collection.delete_many({"createdTime": written_before}).deleted_count
                 for name, collection in (
                     (PUBLISH_COLLECTION, self.published),
                     (RECEIVED_COLLECTION, self.received),

@@ -48,8 +48,9 @@ class ExporterSettings(CommonSettings):
     )
     retention: str = Field(
         "7d",
-        description="records published or written longer ago than this are deleted; at least "
-        "the longest window + settle delay + one bucket",
+        description="records published longer ago than this are deleted, and those written "
+        "longer ago than this plus the 1h publishTime tolerance whatever their publishTime; at "
+        "least the longest window + settle delay + one bucket",
     )
     late_lookback: str = Field(
         "60s",

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
+from eventaudit.contract import PUBLISH_TIME_TOLERANCE
 from eventaudit.records import BucketResult, PublishRecord, Receipt
 from eventaudit.store import (
     AuditStore,
@@ -189,12 +190,13 @@ class MemoryStore:
         with self._lock:
             self._check()
             counts = {}
+            written_before = cutoff - PUBLISH_TIME_TOLERANCE
             tables = (("PublishRecord", self.published), ("ReceivedRecord", self.received))
             for name, table in tables:
                 old = [
                     k
                     for k, d in table.items()
-                    if d["publishTime"] < cutoff or d["createdTime"] < cutoff
+                    if d["publishTime"] < cutoff or d["createdTime"] < written_before
                 ]
                 for k in old:
                     del table[k]

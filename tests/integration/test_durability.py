@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-from eventaudit.contract import utc_now_ms
+import pytest
+
+from eventaudit.contract import PUBLISH_TIME_TOLERANCE, utc_now_ms
 from eventaudit.exporter.buckets import Window
 from eventaudit.exporter.evaluator import Evaluator
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
-from eventaudit.records import PublishRecord, Receipt
-from eventaudit.store import MongoStore
+from eventaudit.records import BucketCounts, BucketResult, PublishRecord, Receipt
+from eventaudit.store import AuditStore, MongoStore
 from tests.conftest import unique, wait_for
+from tests.fakes import MemoryStore
 from tests.integration.harness import BUCKET, SETTLE, audited_publisher
 
 
@@ -91,6 +95,67 @@ def test_retention_reaches_records_by_write_time(store) -> None:
     assert deleted == {"PublishRecord": 2, "ReceivedRecord": 2, "BucketResult": 0}
     assert sorted(d["eventID"] for d in store.published.find({})) == ["kept-0", "kept-1"]
     assert sorted(d["eventID"] for d in store.received.find({})) == ["kept-0", "kept-1"]
+
+
+@pytest.fixture(params=["ferretdb", "memory"])
+def audit_store(request: pytest.FixtureRequest) -> Iterator[AuditStore]:
+    if request.param == "memory":
+        yield MemoryStore()
+    else:
+        yield request.getfixturevalue("store")
+
+
+CUTOFF = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+MS = timedelta(milliseconds=1)
+TOLERANCE = PUBLISH_TIME_TOLERANCE
+FAR = datetime(2100, 1, 1, tzinfo=UTC)
+LAST = datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)
+# (eventID, publishTime, createdTime, deleted by delete_older_than(CUTOFF))
+RETENTION_BOUNDARIES = [
+    ("published-before-cutoff", CUTOFF - MS, CUTOFF + timedelta(minutes=5), True),
+    ("published-at-cutoff", CUTOFF, CUTOFF, False),
+    # Inside the window, written before the cutoff: a publishTime may be up to the tolerance
+    # after its write (a subscriber keeps one within an hour of the broker's publish time).
+    ("ahead-of-its-write-by-the-tolerance", CUTOFF + TOLERANCE - MS, CUTOFF - MS, False),
+    ("ahead-by-the-tolerance-written-earlier", CUTOFF, CUTOFF - TOLERANCE, False),
+    ("far-future-written-at-the-bound", FAR, CUTOFF - TOLERANCE, False),
+    ("far-future-written-before-the-bound", FAR, CUTOFF - TOLERANCE - MS, True),
+    ("year-9999-written-long-ago", LAST, CUTOFF - timedelta(days=30), True),
+    ("in-window-written-late", CUTOFF + timedelta(seconds=1), CUTOFF + timedelta(days=1), False),
+]  # fmt: skip
+
+
+def test_retention_never_deletes_a_record_published_after_the_cutoff(
+    audit_store: AuditStore,
+) -> None:
+    """Records go by publishTime; by write time only past the tolerance a publishTime may run
+    ahead of its write, so a far-future publishTime is deleted and nothing in a window is."""
+    topic, sub = "topic-retention-bounds", "topic-retention-bounds-sub"
+    for event, published, written, _ in RETENTION_BOUNDARIES:
+        audit_store.insert_publish_records(
+            [PublishRecord(event, "t" * 32, topic, "{}", "m", published)], written
+        )
+        audit_store.record_receipts(
+            [Receipt(sub, event, topic, None, "m", published, written, written)], written
+        )
+    audit_store.save_bucket_results(
+        [
+            BucketResult(topic, start, 1, {sub: BucketCounts(1, 0, 0)})
+            for start in (CUTOFF - timedelta(seconds=10), CUTOFF)
+        ],
+        CUTOFF,
+    )
+    deleted = audit_store.delete_older_than(CUTOFF)
+    gone = [event for event, *_, is_deleted in RETENTION_BOUNDARIES if is_deleted]
+    kept = sorted(event for event, *_, is_deleted in RETENTION_BOUNDARIES if not is_deleted)
+    assert deleted == {"PublishRecord": len(gone), "ReceivedRecord": len(gone), "BucketResult": 1}
+    assert sorted(e.event_id for e in audit_store.published_between(CUTOFF, LAST)) == kept
+    assert sorted(r.event_id for r in audit_store.receipts_between(CUTOFF, LAST)) == kept
+    assert [r.start for r in audit_store.load_bucket_results(CUTOFF - timedelta(days=1))] == [
+        CUTOFF
+    ]
+    # Nothing published before the cutoff is left.
+    assert audit_store.published_between(CUTOFF - timedelta(days=365), CUTOFF) == []
 
 
 def test_publisher_buffer_overflow_is_counted_and_the_rest_recovers(
