@@ -28,7 +28,7 @@ ListenAddress = Annotated[str, AfterValidator(_listen_address)]
 
 def validate_mongo_uri(uri: str) -> str:
     """Check a MongoDB URI's syntax and options without any network or DNS lookup; the
-    ValueError's text never contains the URI's credentials."""
+    ValueError's text never contains any part of the URI's user name or password."""
     # A URI is printable ASCII (RFC 3986: anything else percent-encoded); pymongo itself would
     # read a port written in fullwidth or Arabic-Indic digits as that number.
     if not uri.isascii() or any(c.isspace() or not c.isprintable() for c in uri):
@@ -38,14 +38,35 @@ def validate_mongo_uri(uri: str) -> str:
     try:
         # parse_uri() would resolve a mongodb+srv:// host in DNS; this is its syntax check.
         _validate_uri(uri)
-    except (PyMongoError, ValueError) as exc:
-        reason = str(exc)
-        scheme_free = uri.partition("://")[2]
-        userinfo = scheme_free.partition("/")[0].rpartition("@")[0]
-        if userinfo:
-            reason = reason.replace(userinfo, "***")
-        raise ValueError(f"invalid MongoDB URI: {reason}") from None
+    except (PyMongoError, ValueError):
+        raise ValueError(f"invalid MongoDB URI: {_reason_without_credentials(uri)}") from None
     return uri
+
+
+_BAD_CREDENTIALS = (
+    "the user name or password is malformed: the user name must not be empty, and both must "
+    "be percent-encoded (urllib.parse.quote_plus): ':', '/', '?', '#', '[', ']', '@' and '%' "
+    "in them are read as URI syntax"
+)
+
+
+def _reason_without_credentials(uri: str) -> str:
+    """Why pymongo rejects `uri`, in words that hold no part of its credentials.
+
+    pymongo quotes pieces of the URI in its errors, and a password with an unescaped '/' or
+    '?' moves its tail into the database name or the options it quotes (`Bad database name
+    "et@host/"`). So the reason comes from the URI with everything between `://` and the last
+    '@' (the most the credentials can span) replaced by a placeholder; when that URI is valid,
+    the fault is in the credentials.
+    """
+    scheme, sep, rest = uri.partition("://")
+    at = rest.rfind("@")
+    checked = f"{scheme}://user:password@{rest[at + 1 :]}" if sep and at >= 0 else uri
+    try:
+        _validate_uri(checked)
+    except (PyMongoError, ValueError) as exc:
+        return str(exc)
+    return _BAD_CREDENTIALS
 
 
 class CommonSettings(BaseSettings):

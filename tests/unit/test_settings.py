@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from eventaudit.exporter.config import ExporterSettings
@@ -182,6 +184,86 @@ def test_invalid_mongo_uri_is_one_settings_error(uri: str, capsys) -> None:
     assert "1 invalid setting(s)" in err
     assert "--mongo-uri: Value error, " in err
     assert "s3cr" not in err  # the password is never printed
+
+
+# Passwords as people write them, unescaped: each shape moves part of the credentials into
+# what pymongo quotes in its errors (the database name, an option, a host).
+PASSWORD_SHAPES = [
+    "S3cr/Et9x",
+    "S3cr/Et9x/Zq7w",
+    "S3cr/Et9x.Col4",
+    "S3cr/Et9x@More5",
+    "S3cr@Et9x",
+    "S3cr:Et9x",
+    "S3cr?Et9x",
+    "S3cr?Et9x=Val7",
+    "S3cr/Et9x?Opt8=1",
+    "S3cr#Et9x",
+    "S3cr[Et9x]",
+    "S3cr%2FEt9x",
+    "S3cr%zzEt9x",
+    "S3cr\u00e9Et9x",
+    "S3cr\u0661Et9x",
+    "77777/Et9x",
+]
+# Each is invalid whatever the password: a bad port, host, option or host list.
+BROKEN_URIS = [
+    "mongodb://Us3rX:{pw}@host:99999/",
+    "mongodb://Us3rX:{pw}@[bad/",
+    "mongodb://Us3rX:{pw}@host/db?tls=maybe",
+    "mongodb://Us3rX:{pw}@h1,h2:x/",
+    "mongodb+srv://Us3rX:{pw}@a.example.invalid,b.example.invalid/",
+]
+
+
+def _secrets(password: str) -> list[str]:
+    """Every run of 3+ letters or digits of the user name and password, lower-cased."""
+    return [t.lower() for t in re.split(r"[^A-Za-z0-9]+", f"Us3rX {password}") if len(t) >= 3]
+
+
+def _assert_no_credentials(uri: str, capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        load_settings(PublisherSettings, ["--mongo-uri", uri])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "--mongo-uri: Value error, " in err
+    leaked = [t for t in _secrets(uri.split("Us3rX:")[1].rpartition("@")[0]) if t in err.lower()]
+    assert leaked == [], err
+    return err
+
+
+@pytest.mark.parametrize("password", PASSWORD_SHAPES)
+@pytest.mark.parametrize("template", BROKEN_URIS)
+def test_no_part_of_the_credentials_is_ever_printed(template: str, password: str, capsys) -> None:
+    _assert_no_credentials(template.format(pw=password), capsys)
+
+
+@pytest.mark.parametrize(
+    ("password", "reason"),
+    [
+        ("s3cr/et", "password is malformed"),  # was: Bad database name "et@host/"
+        ("s3cr/et.coll", "password is malformed"),
+        ("s3cr/et@more", "password is malformed"),
+        ("s3cr?et", "password is malformed"),
+        ("s3cr?et=x&w=1", "password is malformed"),  # was: Unknown option: et...
+        ("s3cr@et", "password is malformed"),
+        ("s3cr:et", "password is malformed"),
+        ("s3cr%zzet", "password is malformed"),
+        ("s3cr\u00e9t", "printable ASCII"),
+    ],
+)
+def test_a_malformed_password_is_named_not_quoted(password: str, reason: str, capsys) -> None:
+    err = _assert_no_credentials(f"mongodb://Us3rX:{password}@host/", capsys)
+    assert reason in err
+
+
+def test_a_malformed_uri_without_credentials_keeps_the_drivers_reason(capsys) -> None:
+    with pytest.raises(SystemExit):
+        load_settings(PublisherSettings, ["--mongo-uri", "mongodb://host/bad.db?tls=maybe"])
+    assert "The value of tls must be 'true' or 'false'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_settings(PublisherSettings, ["--mongo-uri", "mongodb://@host/"])
+    assert "password is malformed" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
