@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -19,7 +20,8 @@ class ExpectedSubscriptions:
     (deleted, or a subscriber briefly run with the wrong topic) only in the windows where it
     has receipts, so it cannot report 0 % for an hour after it went away.
     A listing error keeps the last good listing (and is counted): a flaky admin API must
-    never make a subscription vanish from the report, nor produce a negative rate.
+    never make a subscription vanish from the report, nor produce a negative rate. Failed or
+    not, a topic is listed at most once per `refresh_seconds`.
     """
 
     def __init__(
@@ -36,6 +38,7 @@ class ExpectedSubscriptions:
         self._refresh = refresh_seconds
         self._clock = clock
         self._listed: dict[str, tuple[float, set[str]]] = {}
+        self._listing_now: set[str] = set()
         self._lock = threading.Lock()
         self.list_errors = 0
 
@@ -45,22 +48,32 @@ class ExpectedSubscriptions:
         return set(self._configured)
 
     def _listing(self, topic: str) -> set[str]:
+        """The topic's listed subscriptions, re-listed at most once per refresh period.
+
+        A failure is remembered like a listing (the last good one, or none), so a topic the
+        admin API cannot list is retried after `refresh_seconds`, not on every evaluation.
+        The lock is not held across the remote call; a topic already being listed answers
+        with its last listing meanwhile.
+        """
         if self._lister is None:
             return set()
         with self._lock:
-            fetched_at, subs = self._listed.get(topic, (float("-inf"), set()))
-            if self._clock() - fetched_at < self._refresh:
+            fetched_at, subs = self._listed.get(topic, (-math.inf, set()))
+            if self._clock() - fetched_at < self._refresh or topic in self._listing_now:
                 return subs
-            try:
-                subs = set(self._lister(topic))
-            except Exception as exc:  # any client error: keep the last good listing
+            self._listing_now.add(topic)
+        try:
+            listed: set[str] | None = set(self._lister(topic))
+        except Exception as exc:  # any client error: keep the last good listing
+            listed = None
+            log.warning("could not list subscriptions of topic %s: %s", topic, exc)
+        with self._lock:
+            self._listing_now.discard(topic)
+            if listed is None:
                 self.list_errors += 1
-                log.warning("could not list subscriptions of topic %s: %s", topic, exc)
-                if topic in self._listed:
-                    self._listed[topic] = (self._clock(), self._listed[topic][1])
-                return self._listed.get(topic, (0.0, set()))[1]
-            self._listed[topic] = (self._clock(), subs)
-            return subs
+                listed = self._listed.get(topic, (0.0, set()))[1]
+            self._listed[topic] = (self._clock(), listed)
+            return listed
 
     def standing(self, topic: str) -> set[str]:
         """Configured or currently listed subscriptions of `topic`: expected in every window."""

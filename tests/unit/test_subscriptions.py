@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 from eventaudit.subscriber.audited import Faults
 
@@ -50,6 +52,67 @@ def test_listing_error_with_no_history_reports_configured_only() -> None:
 
     expected = ExpectedSubscriptions({"t": {"c"}}, set(), broken)
     assert expected.for_topic("t", set()) == {"c"}
+
+
+class FailingLister:
+    """The admin API unreachable: every call fails, and is counted per topic."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(self, topic: str) -> list[str]:
+        self.calls.append(topic)
+        raise TimeoutError("deadline exceeded")
+
+
+def test_a_topic_never_listed_is_retried_only_after_the_refresh() -> None:
+    clock = Clock()
+    lister = FailingLister()
+    topics = [f"t{i}" for i in range(6)]
+    expected = ExpectedSubscriptions(
+        {t: {"c"} for t in topics}, set(), lister, refresh_seconds=60, clock=clock
+    )
+    # Six evaluations, 10 s apart, within one refresh period: each topic is tried once.
+    for n in range(6):
+        clock.now = 10.0 * n
+        assert all(expected.standing(t) == {"c"} for t in topics)
+    assert lister.calls == topics
+    assert expected.list_errors == 6
+
+    clock.now = 60.0
+    assert expected.for_topic("t0", {"seen"}) == {"c", "seen"}
+    assert lister.calls == [*topics, "t0"]
+    assert expected.list_errors == 7
+
+
+def test_a_listing_in_flight_holds_no_lock_and_is_not_repeated() -> None:
+    started, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def slow(topic: str) -> list[str]:
+        calls.append(topic)
+        if topic == "slow":
+            started.set()
+            assert release.wait(timeout=30)
+        return [f"{topic}-listed"]
+
+    expected = ExpectedSubscriptions({}, set(), slow, refresh_seconds=60, clock=Clock())
+    results: list[set[str]] = []
+    worker = threading.Thread(target=lambda: results.append(expected.standing("slow")))
+    worker.start()
+    try:
+        assert started.wait(timeout=30)
+        # Another topic is listed meanwhile; the same topic is not listed twice at once (its
+        # last listing, here none, stands in).
+        assert expected.standing("fast") == {"fast-listed"}
+        assert expected.standing("slow") == set()
+    finally:
+        release.set()
+        worker.join(timeout=30)
+    assert results == [{"slow-listed"}]
+    assert calls == ["slow", "fast"]
+    assert expected.standing("slow") == {"slow-listed"}
+    assert calls == ["slow", "fast"]
 
 
 def test_lose_fraction_is_stable_and_close_to_the_fraction() -> None:
