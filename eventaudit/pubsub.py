@@ -24,14 +24,23 @@ _KEEPALIVE_MS = 30_000
 _MAX_METADATA_BYTES = 4 * 1024 * 1024
 
 
-def channel_options(max_message_bytes: int = UNLIMITED) -> list[tuple[str, int]]:
-    """gRPC channel options allowing messages of `max_message_bytes` (-1: no limit)."""
-    return [
+def channel_options(
+    max_message_bytes: int = UNLIMITED, keepalive: bool = False
+) -> list[tuple[str, int]]:
+    """gRPC channel options allowing messages of `max_message_bytes` (-1: no limit).
+
+    `keepalive` pings every 30 s as the library does for real Pub/Sub; never on the emulator,
+    whose gRPC server allows a ping every 5 minutes and answers more with GOAWAY
+    "too_many_pings", breaking every stream of the connection.
+    """
+    options = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_metadata_size", _MAX_METADATA_BYTES),
-        ("grpc.keepalive_time_ms", _KEEPALIVE_MS),
     ]
+    if keepalive:
+        options.append(("grpc.keepalive_time_ms", _KEEPALIVE_MS))
+    return options
 
 
 def _emulator_channel(
@@ -60,7 +69,7 @@ def subscriber_client(
 
     def channel_factory(*args: Any, **kwargs: Any) -> grpc.Channel:
         # The library's own channel (credentials, endpoint), with our options and interceptors.
-        kwargs["options"] = channel_options(max_message_bytes)
+        kwargs["options"] = channel_options(max_message_bytes, keepalive=True)
         channel = SubscriberGrpcTransport.create_channel(*args, **kwargs)
         return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
 

@@ -17,6 +17,7 @@ from pymongo.errors import PyMongoError
 
 from eventaudit.http import BackgroundServer
 from eventaudit.pubsub import subscriber_client
+from eventaudit.serving import call_within
 from eventaudit.settings import configure_logging, load_settings
 from eventaudit.store import MongoStore, StoreError
 from eventaudit.subscriber.audited import AuditedSubscriber, Faults, SubscriberMetrics
@@ -90,7 +91,9 @@ class Service:
             self.audited.stop(timeout=max(0.0, deadline - time.monotonic() - 1))
             self.server.stop(timeout=max(0.0, deadline - time.monotonic()))
             self.store.close()
-            self.client.close()
+            # With Pub/Sub unreachable the client's channel can take long to close (it keeps
+            # reopening the stream meanwhile): bounded, so SIGTERM always ends the process.
+            call_within(max(1.0, deadline - time.monotonic()), self.client.close, "client close")
             log.info("subscriber stopped")
 
 

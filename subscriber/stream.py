@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 STREAMING_PULL = "/google.pubsub.v1.Subscriber/StreamingPull"
 NOT_FOUND = "subscription not found"
 RESTART_REASONS = ("not_found", "error")
+# Stream errors that mean "not receiving" by themselves (see StreamHealth).
+_FAILING_AT_ONCE = frozenset({"RESOURCE_EXHAUSTED"})
 
 
 class StreamMetrics:
@@ -97,11 +99,12 @@ class StreamHealth:
     """Decides whether the stream is delivering, from stream errors and deliveries.
 
     Failing: `failures` stream errors within `window` seconds, with no message delivered
-    since the first of them. One error is not failing: the client reopens the stream, and
-    Pub/Sub closes long-lived streams now and then. A message the channel cannot take fails
-    the stream again each time it is redelivered (after the stream's ack deadline, 60 s by
-    default), so it shows within about a minute; an unreachable broker within seconds. An
-    idle healthy subscription has no stream errors and stays healthy however quiet it is.
+    since the first of them. One error is routine: Pub/Sub ends every stream with a non-OK
+    status (UNAVAILABLE, about every 30 minutes) and the client reopens it; an unreachable
+    broker fails reopened streams within seconds. RESOURCE_EXHAUSTED is failing at once,
+    until a message is delivered or `window` passes without another: it is a message larger
+    than the channel takes (which fails the stream again on every redelivery) or a quota.
+    An idle healthy subscription stays healthy however quiet it is.
     """
 
     def __init__(
@@ -149,10 +152,18 @@ class StreamHealth:
             return Health(False, self._stopped)
         with self._lock:
             errors = list(self._errors)
+        now = self._clock()
+        if errors:
+            last_time, last_deliveries, last_code = errors[-1]
+            if (
+                last_code in _FAILING_AT_ONCE
+                and last_deliveries == self.deliveries
+                and now - last_time <= self._window
+            ):
+                return Health(False, f"stream failing: {last_code}")
         if len(errors) == self._failures:
             first_time, first_deliveries, _ = errors[0]
-            recent = self._clock() - first_time <= self._window
-            if recent and first_deliveries == self.deliveries:
+            if now - first_time <= self._window and first_deliveries == self.deliveries:
                 return Health(False, f"stream failing: {errors[-1][2]}")
         return Health(True)
 

@@ -316,12 +316,18 @@ def test_health_says_so_when_the_stream_keeps_failing(
     ).test_client()  # fmt: skip
     stop = threading.Event()
     limit = 64 * 1024
+
+    def errors() -> float:
+        value = registry.get_sample_value(
+            "eventaudit_subscriber_stream_errors_total",
+            {"subscription": sub, "code": "RESOURCE_EXHAUSTED"},
+        )
+        return value or 0.0
+
     with subscriber_client([StreamEndCounter(health.stream_error)], limit) as client:
-        # A 10 s stream ack deadline (60 s by default): the emulator redelivers the message
-        # that breaks the stream, and so fails it again, every 10 s.
-        flow = pubsub_v1.types.FlowControl(max_duration_per_lease_extension=10)
-        path = client.subscription_path(PROJECT, sub)
-        session = StreamSession(client, path, audited, health, stream_metrics, flow)
+        session = StreamSession(
+            client, client.subscription_path(PROJECT, sub), audited, health, stream_metrics
+        )
         audited.start()
         runner = threading.Thread(target=session.run, args=(stop,), daemon=True)
         runner.start()
@@ -331,16 +337,13 @@ def test_health_says_so_when_the_stream_keeps_failing(
             raw.publish(topic_path, b"{}", eventID="small-1").result(timeout=30)
             wait_for(lambda: received_count(store, sub) == 1, 30, "the small message recorded")
             assert app.get("/healthz").status_code == 200
+            # A message over the limit breaks the stream it arrives on, on every redelivery.
             raw.publish(topic_path, b"x" * (2 * limit), eventID="too-big-1").result(timeout=30)
             wait_for(lambda: app.get("/healthz").status_code == 503, 60, "/healthz 503")
             body = app.get("/healthz").get_json()
             assert body["error"] == "stream failing: RESOURCE_EXHAUSTED"
             assert (body["status"], body["pulling"]) == (503, False)
-            errors = registry.get_sample_value(
-                "eventaudit_subscriber_stream_errors_total",
-                {"subscription": sub, "code": "RESOURCE_EXHAUSTED"},
-            )
-            assert errors is not None and errors >= 2
+            assert errors() >= 1
             assert (
                 registry.get_sample_value(
                     "eventaudit_subscriber_stream_healthy", {"subscription": sub}
@@ -451,3 +454,69 @@ def test_unreachable_pubsub_at_start_up_is_one_line(ferret: Ferret) -> None:
         f"{PROG}: cannot read subscription projects/{PROJECT}/subscriptions/some-sub from Pub/Sub"
     )
     assert "Traceback" not in lines[0]
+
+
+def test_emulator_killed_and_restarted_under_a_running_process(
+    store: MongoStore, ferret: Ferret, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broker gone: 503 'stream failing: UNAVAILABLE'. Back empty (in-memory): 503
+    'subscription not found'. Subscription recreated: receipts again, same pid, clean stop."""
+    port = stack.free_port()
+    host = f"127.0.0.1:{port}"
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", host)
+    emulator = stack.pubsub_emulator(port, tmp_path / "emulator").start()
+    service: stack.Service | None = None
+    try:
+        topic, sub = "restart-topic", "restart-sub"
+        stack.create_topic(PROJECT, topic, [sub])
+        listen = stack.free_port()
+        url = f"http://127.0.0.1:{listen}"
+        service = stack.python_service(
+            "subscriber",
+            "subscriber",
+            ["--subscription", sub, "--listen-address", f"127.0.0.1:{listen}"],
+            tmp_path,
+            service_env(ferret, host, store.published.database.name),
+            f"{url}/healthz",
+        ).start()
+        assert service.proc is not None
+        pid = service.proc.pid
+        raw = publisher_client()
+        path = raw.topic_path(PROJECT, topic)
+        for n in range(5):
+            raw.publish(path, b"{}", eventID=f"before-{n}").result(timeout=30)
+        wait_for(lambda: received_count(store, sub) == 5, 60, "5 receipts")
+
+        emulator.kill()
+        wait_for(lambda: _health(url)[0] == 503, 60, "/healthz 503 with the broker gone")
+        assert _health(url)[1]["error"] == "stream failing: UNAVAILABLE"
+        errors = _metric(
+            f"{url}/metrics",
+            "eventaudit_subscriber_stream_errors_total",
+            subscription=sub,
+            code="UNAVAILABLE",
+        )
+        assert errors >= 2
+
+        emulator = stack.pubsub_emulator(port, tmp_path / "emulator").start()
+        wait_for(
+            lambda: _health(url)[1].get("error") == "subscription not found",
+            90,
+            "'subscription not found' from the empty emulator",
+        )
+        stack.create_topic(PROJECT, topic, [sub])
+        raw = publisher_client()
+        for n in range(5):
+            raw.publish(path, b"{}", eventID=f"after-{n}").result(timeout=30)
+        wait_for(lambda: received_count(store, sub) == 10, 90, "10 receipts after the restart")
+        wait_for(lambda: _health(url)[0] == 200, 30, "/healthz 200 again")
+        assert service.running() and service.proc.pid == pid
+        service.stop(timeout=30)
+        assert service.proc.returncode == 0
+        assert set(_receipts(store, sub)) == {f"before-{n}" for n in range(5)} | {
+            f"after-{n}" for n in range(5)
+        }
+    finally:
+        if service is not None:
+            service.stop()
+        emulator.stop()

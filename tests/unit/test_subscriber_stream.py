@@ -64,18 +64,34 @@ def test_one_stream_error_is_not_failing() -> None:
     )
 
 
-def test_repeated_errors_without_a_delivery_are_failing_until_one_arrives() -> None:
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL])
+def test_repeated_errors_without_a_delivery_are_failing_until_one_arrives(
+    code: grpc.StatusCode,
+) -> None:
     clock = Clock()
     health, registry = _health(clock)
-    health.stream_error(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    health.stream_error(code)
+    assert health.state().ok
     clock.now += 60
-    health.stream_error(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    health.stream_error(code)
     state = health.state()
-    assert (state.ok, state.reason) == (False, "stream failing: RESOURCE_EXHAUSTED")
-    assert (
-        registry.get_sample_value("eventaudit_subscriber_stream_healthy", {"subscription": SUB})
-        == 0
-    )
+    assert (state.ok, state.reason) == (False, f"stream failing: {code.name}")
+    healthy = {"subscription": SUB}
+    assert registry.get_sample_value("eventaudit_subscriber_stream_healthy", healthy) == 0
+    health.delivered()
+    assert health.state().ok
+
+
+def test_a_message_too_large_for_the_channel_is_failing_at_once() -> None:
+    clock = Clock()
+    health, _ = _health(clock)
+    health.stream_error(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert health.state() == type(health.state())(False, "stream failing: RESOURCE_EXHAUSTED")
+    clock.now += 299
+    assert not health.state().ok
+    clock.now += 2  # the window passed with no other error: the stream reopened quietly
+    assert health.state().ok
+    health.stream_error(grpc.StatusCode.RESOURCE_EXHAUSTED)
     health.delivered()
     assert health.state().ok
 
@@ -92,7 +108,7 @@ def test_errors_further_apart_than_the_window_are_not_failing() -> None:
     clock = Clock()
     health, _ = _health(clock)
     health.stream_error(grpc.StatusCode.UNAVAILABLE)
-    clock.now += 301
+    clock.now += 301  # e.g. Pub/Sub's routine stream ends on an idle subscription
     health.stream_error(grpc.StatusCode.UNAVAILABLE)
     assert health.state().ok
 
@@ -299,11 +315,13 @@ def test_subscriber_client_keeps_the_library_channel_for_real_pubsub(monkeypatch
     assert len(created) == 1
     assert ("grpc.max_receive_message_length", -1) in created[0]["options"]
     assert ("grpc.max_send_message_length", -1) in created[0]["options"]
+    assert ("grpc.keepalive_time_ms", 30_000) in created[0]["options"]
     client.close()
 
 
-def test_emulator_channel_options_lift_the_receive_limit() -> None:
+def test_emulator_channel_options_lift_the_receive_limit_and_never_ping() -> None:
     options = dict(pubsub.channel_options())
     assert options["grpc.max_receive_message_length"] == -1
     assert options["grpc.max_send_message_length"] == -1
+    assert "grpc.keepalive_time_ms" not in options
     assert dict(pubsub.channel_options(1024))["grpc.max_receive_message_length"] == 1024
