@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from bson.codec_options import CodecOptions
 from pymongo import ASCENDING, DESCENDING, MongoClient, UpdateOne
@@ -66,10 +66,10 @@ class PublishRecordStore(Protocol):
 
     def insert_publish_records(
         self, records: Sequence[PublishRecord], now: datetime
-    ) -> list[PublishRecord]:
-        """Write a batch of publish records, one per (topic, eventID); return the conflicts
-        (records whose key holds a different event; not written). StoreError when the batch
-        must be retried."""
+    ) -> DuplicatePublishes:
+        """Write a batch of publish records, one per (topic, eventID); return those not written
+        because their key holds another publish, classified (see `duplicate_kind`). StoreError
+        when the batch must be retried."""
         ...
 
 
@@ -168,16 +168,56 @@ def publish_key(topic: str, event_id: str) -> str:
     return f"{topic}|{event_id}"
 
 
-def is_same_publish(stored: dict[str, Any] | None, record: PublishRecord) -> bool:
-    """True when the stored document is this very publish (a batch retried after its write
-    landed): same Pub/Sub message, payload and publishTime (compared in BSON's milliseconds)."""
-    return (
-        stored is not None
-        and stored.get("messageId") == record.message_id
-        and stored.get("payload") == record.payload
+DuplicateKind = Literal["same", "retried", "conflict"]
+# What `insert_publish_records` reads back of a stored record whose key a batch hit.
+_DUPLICATE_FIELDS = {"messageId": 1, "payload": 1, "payloadTruncated": 1, "publishTime": 1}
+
+
+@dataclass(frozen=True, slots=True)
+class DuplicatePublishes:
+    """Records of a batch not written because their (topic, eventID) holds another publish;
+    the stored record stands in both cases."""
+
+    retried: tuple[PublishRecord, ...] = ()
+    """The same event published again as another message (a caller retrying after a timeout)."""
+    conflicts: tuple[PublishRecord, ...] = ()
+    """A different event under a key already used (a reused eventID)."""
+
+
+def duplicate_kind(stored: dict[str, Any] | None, record: PublishRecord) -> DuplicateKind:
+    """How `record` relates to the document stored under its key.
+
+    `same`: this very publish (a batch retried after its write landed; it counts written):
+    same Pub/Sub message, payload and publishTime (compared in BSON's milliseconds).
+    `retried`: the same payload as another message, the caller publishing the same event
+    again (after a 504 or a 502 its first publish may well have gone through). The trace id
+    is not compared: a caller that sends no trace header gets a fresh trace per request.
+    `conflict`: a different payload, or nothing stored any more.
+    """
+    if stored is None:
+        return "conflict"
+    same_payload = stored.get("payload") == record.payload and bool(
+        stored.get("payloadTruncated", False)
+    ) == bool(record.payload_truncated)
+    if not same_payload:
+        return "conflict"
+    if (
+        stored.get("messageId") == record.message_id
         and isinstance(stored.get("publishTime"), datetime)
         and epoch_ms(stored["publishTime"]) == epoch_ms(record.publish_time)
-    )
+    ):
+        return "same"
+    return "retried"
+
+
+def classify_duplicates(
+    pairs: Iterable[tuple[dict[str, Any] | None, PublishRecord]],
+) -> DuplicatePublishes:
+    """Sort records whose key was taken, each with the stored document, by `duplicate_kind`."""
+    kinds: dict[DuplicateKind, list[PublishRecord]] = {"same": [], "retried": [], "conflict": []}
+    for stored, record in pairs:
+        kinds[duplicate_kind(stored, record)].append(record)
+    return DuplicatePublishes(tuple(kinds["retried"]), tuple(kinds["conflict"]))
 
 
 def _new_or_changed(
@@ -313,20 +353,21 @@ class MongoStore:
 
     def insert_publish_records(
         self, records: Sequence[PublishRecord], now: datetime
-    ) -> list[PublishRecord]:
-        """Insert a batch keyed by `_id = "topic|eventID"`; return the conflicts.
+    ) -> DuplicatePublishes:
+        """Insert a batch keyed by `_id = "topic|eventID"`; return the duplicates not written.
 
         A key already stored with the same publish (a batch retried after a write that did
-        land) counts as written. A key stored with a different one (a caller reusing an
-        eventID on the same topic for another event) is a conflict: returned, not written,
-        and the stored record is left as it was.
+        land) counts as written. A key stored with another message of the same payload (the
+        caller published the event again) is returned as retried; with a different payload (a
+        caller reusing an eventID on the same topic for another event) as a conflict. Either
+        way the stored record is left as it was.
         """
         if not records:
-            return []
+            return DuplicatePublishes()
         docs = [{"_id": publish_key(r.topic, r.event_id), **r.to_document(now)} for r in records]
         try:
             self.published.insert_many(docs, ordered=False)
-            return []
+            return DuplicatePublishes()
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])
             if any(e.get("code") != _DUPLICATE_KEY for e in errors) or exc.details.get(
@@ -337,15 +378,16 @@ class MongoStore:
         except PyMongoError as exc:
             raise StoreError(f"publish records not written: {exc}") from exc
         # One read by `_id` per duplicate: what FerretDB's SQLite backend serves without a scan.
-        fields = {"messageId": 1, "payload": 1, "publishTime": 1}
         try:
-            return [
-                r
-                for r in duplicates
-                if not is_same_publish(
-                    self.published.find_one({"_id": publish_key(r.topic, r.event_id)}, fields), r
+            return classify_duplicates(
+                (
+                    self.published.find_one(
+                        {"_id": publish_key(r.topic, r.event_id)}, _DUPLICATE_FIELDS
+                    ),
+                    r,
                 )
-            ]
+                for r in duplicates
+            )
         except PyMongoError as exc:
             raise StoreError(f"could not read back duplicate publish records: {exc}") from exc
 

@@ -5,7 +5,8 @@ Records wait in a bounded in-memory buffer that a background thread writes in ba
 the store is unavailable they stay there and are retried, and what does not fit is counted
 (`eventaudit_publisher_records_total{outcome="dropped"}`) and logged, never silently lost.
 A publish record is identified by (topic, eventID): an event fanned out to several topics has
-one on each, and a second, different event under a key already stored is counted `conflict`.
+one on each. The same event published again under a stored key (same payload, another
+message: a caller retrying) is counted `retried`; a different payload there, `conflict`.
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ from eventaudit.contract import (
     validate_event_id,
 )
 from eventaudit.records import PublishRecord
-from eventaudit.store import PublishRecordStore, StoreError
+from eventaudit.store import DuplicatePublishes, PublishRecordStore, StoreError
 
 log = logging.getLogger(__name__)
 
 EVENT_OUTCOMES = ("published", "error", "timeout")
-RECORD_OUTCOMES = ("written", "conflict", "dropped", "write_error")
+RECORD_OUTCOMES = ("written", "retried", "conflict", "dropped", "write_error")
 # How a publish future fails when Pub/Sub did not answer in time: the client's own deadline,
 # its retry budget running out, or a wait on the future timing out.
 PUBLISH_TIMEOUTS = (gexc.DeadlineExceeded, gexc.RetryError, TimeoutError)
@@ -83,10 +84,12 @@ class PublisherMetrics:
         )
         self.records = Counter(
             "eventaudit_publisher_records_total",
-            "Publish records by outcome: written to the store; conflict (the store holds a "
-            "different event under the same topic and eventID; not written); dropped (buffer "
-            "full, or still unwritten at stop); write_error (failed write attempts: the "
-            "records stay buffered and are retried).",
+            "Publish records by outcome: written to the store; retried (the same event, same "
+            "payload, published again as another message, e.g. a client retrying after a "
+            "timeout; the first record stands); conflict (the store holds a different payload "
+            "under the same topic and eventID; not written); dropped (buffer full, or still "
+            "unwritten at stop); write_error (failed write attempts: the records stay buffered "
+            "and are retried).",
             ["outcome"],
             registry=registry,
         )
@@ -242,7 +245,7 @@ class RecordBuffer:
                         return
                 continue
             try:
-                conflicts = self._store.insert_publish_records(batch, utc_now_ms())
+                duplicates = self._store.insert_publish_records(batch, utc_now_ms())
             except StoreError as exc:
                 self._metrics.records.labels("write_error").inc()
                 self._metrics.store_up.set(0)
@@ -270,25 +273,37 @@ class RecordBuffer:
                 backoff = min(backoff * 2, self._max_backoff)
                 continue
             backoff = 0.1
-            self._count_written(batch, conflicts)
+            self._count_written(batch, duplicates)
             self._metrics.store_up.set(1)
             with self._cond:
                 self._in_flight = 0
                 self._show_depth()
                 self._cond.notify_all()
 
-    def _count_written(self, batch: list[PublishRecord], conflicts: list[PublishRecord]) -> None:
-        self._metrics.records.labels("written").inc(len(batch) - len(conflicts))
+    def _count_written(self, batch: list[PublishRecord], duplicates: DuplicatePublishes) -> None:
+        retried, conflicts = duplicates.retried, duplicates.conflicts
+        self._metrics.records.labels("written").inc(len(batch) - len(retried) - len(conflicts))
+        if retried:
+            self._metrics.records.labels("retried").inc(len(retried))
+            log.info(
+                "%d events published again with the same payload (a caller retrying); the "
+                "first publish record stands: %s",
+                len(retried),
+                _keys(retried),
+            )
         if conflicts:
             self._metrics.records.labels("conflict").inc(len(conflicts))
             log.error(
                 "%d publish records not written: their topic and eventID already hold a "
-                "different event (a reused eventID?): %s",
+                "different payload (a reused eventID?): %s",
                 len(conflicts),
-                ", ".join(
-                    f"{r.topic}|{r.event_id} (message {r.message_id})" for r in conflicts[:5]
-                ),
+                _keys(conflicts),
             )
+
+
+def _keys(records: tuple[PublishRecord, ...]) -> str:
+    """The first few records' keys and messages, for a log line."""
+    return ", ".join(f"{r.topic}|{r.event_id} (message {r.message_id})" for r in records[:5])
 
 
 class PublishClient(Protocol):

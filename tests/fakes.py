@@ -15,10 +15,11 @@ from eventaudit.contract import PUBLISH_TIME_TOLERANCE
 from eventaudit.records import BucketResult, PublishRecord, Receipt
 from eventaudit.store import (
     AuditStore,
+    DuplicatePublishes,
     PublishedEvent,
     ReceiptSummary,
     StoreError,
-    is_same_publish,
+    classify_duplicates,
     publish_key,
     receipt_key,
 )
@@ -48,18 +49,18 @@ class MemoryStore:
 
     def insert_publish_records(
         self, records: Sequence[PublishRecord], now: datetime
-    ) -> list[PublishRecord]:
+    ) -> DuplicatePublishes:
         with self._lock:
             self._check()
-            conflicts = []
+            duplicates = []
             for r in records:
                 key = publish_key(r.topic, r.event_id)
                 stored = self.published.get(key)
                 if stored is None:
                     self.published[key] = r.to_document(now)
-                elif not is_same_publish(stored, r):
-                    conflicts.append(r)
-            return conflicts
+                else:
+                    duplicates.append((stored, r))
+            return classify_duplicates(duplicates)
 
     def record_receipts(self, receipts: Sequence[Receipt], now: datetime) -> None:
         with self._lock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import replace
@@ -28,7 +29,7 @@ from eventaudit.publisher.audited import (
 )
 from eventaudit.publisher.config import PublisherSettings
 from eventaudit.records import PublishRecord
-from eventaudit.store import MongoStore, StoreError
+from eventaudit.store import DuplicatePublishes, MongoStore, StoreError
 from tests.conftest import PROJECT, wait_for
 from tests.integration.harness import BUCKET, audited_publisher, audited_subscriber, exporter_kit
 
@@ -240,6 +241,32 @@ def test_one_event_id_fanned_out_to_two_topics_gets_a_record_on_each(
     assert _records(deps.registry, "conflict") == 0
 
 
+def test_a_client_retry_of_the_same_event_is_counted_retried_not_conflict(
+    api, store, caplog
+) -> None:
+    caplog.set_level(logging.INFO)
+    client, topic = api
+    deps = client.application.config["DEPS"]
+    answers = []
+    for trace in ("a" * 32, "b" * 32):  # a retry after a 504: same event, a fresh request
+        resp = client.post(
+            f"/api/v1/topics/{topic}/events",
+            json={"n": 1},
+            headers={"X-Event-ID": "retry-1", "X-Cloud-Trace-Context": f"{trace}/1;o=1"},
+        )
+        assert resp.status_code == 201, resp.get_json()
+        answers.append(resp.get_json()["messageId"])
+        assert deps.publisher.flush(timeout=30)
+    assert answers[0] != answers[1]
+    (doc,) = store.published.find({"eventID": "retry-1"})
+    assert (doc["messageId"], doc["traceID"]) == (answers[0], "a" * 32)
+    assert _records(deps.registry, "written") == 1
+    assert _records(deps.registry, "retried") == 1
+    assert _records(deps.registry, "conflict") == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert f"{topic}|retry-1 (message {answers[1]})" in caplog.text
+
+
 def test_a_reused_event_id_on_one_topic_is_a_counted_conflict(api, store, caplog) -> None:
     client, topic = api
     deps = client.application.config["DEPS"]
@@ -254,6 +281,7 @@ def test_a_reused_event_id_on_one_topic_is_a_counted_conflict(api, store, caplog
     (doc,) = store.published.find({"eventID": "dup-1"})
     assert (doc["messageId"], json.loads(doc["payload"])) == (answers[0], {"n": 1})
     assert _records(deps.registry, "written") == 1
+    assert _records(deps.registry, "retried") == 0
     assert _records(deps.registry, "conflict") == 1
     assert f"{topic}|dup-1 (message {answers[1]})" in caplog.text
 
@@ -267,12 +295,12 @@ class LandsThenFails:
 
     def insert_publish_records(
         self, records: Sequence[PublishRecord], now: datetime
-    ) -> list[PublishRecord]:
-        conflicts = self.store.insert_publish_records(records, now)
+    ) -> DuplicatePublishes:
+        duplicates = self.store.insert_publish_records(records, now)
         if self.lost_answers:
             self.lost_answers -= 1
             raise StoreError("timed out after the write")
-        return conflicts
+        return duplicates
 
 
 def test_a_retried_identical_batch_is_written_once(store) -> None:
@@ -291,13 +319,18 @@ def test_a_retried_identical_batch_is_written_once(store) -> None:
     assert _records(registry, "written") == 5
     assert _records(registry, "write_error") == 1
     assert _records(registry, "conflict") == 0
-    # Straight to the store: the same batch again is no conflict; another event under a
-    # stored key is, and leaves the stored record as it was.
-    assert store.insert_publish_records(batch, utc_now_ms()) == []
-    reused = replace(batch[0], message_id="m-other")
+    # Straight to the store: the same batch again is written; the same payload as another
+    # message is a retry, another payload a conflict, and both leave the stored record as it was.
+    assert store.insert_publish_records(batch, utc_now_ms()) == DuplicatePublishes()
+    retry = replace(batch[0], message_id="m-other", trace_id="b" * 32, publish_time=utc_now_ms())
+    reused = replace(batch[1], message_id="m-other", payload='{"n":2}')
+    truncated = replace(batch[2], message_id="m-other", payload_truncated=True)
     fanned = replace(batch[0], topic="topic-s")
-    assert store.insert_publish_records([reused, fanned], utc_now_ms()) == [reused]
-    assert store.published.find_one({"_id": "topic-r|r-0"})["messageId"] == "m-0"
+    assert store.insert_publish_records(
+        [retry, reused, truncated, fanned], utc_now_ms()
+    ) == DuplicatePublishes(retried=(retry,), conflicts=(reused, truncated))
+    for i in range(3):
+        assert store.published.find_one({"_id": f"topic-r|r-{i}"})["messageId"] == f"m-{i}"
     assert store.published.count_documents({}) == 6
 
 

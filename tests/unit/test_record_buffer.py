@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from eventaudit.publisher.audited import PublisherMetrics, RecordBuffer
 from eventaudit.records import PublishRecord
-from eventaudit.store import StoreError, publish_key
+from eventaudit.store import DuplicatePublishes, StoreError, duplicate_kind, publish_key
 from tests.conftest import wait_for
 from tests.fakes import MemoryStore
 
@@ -26,13 +29,13 @@ class FlakyStore:
 
     def insert_publish_records(
         self, records: Sequence[PublishRecord], now: datetime
-    ) -> list[PublishRecord]:
+    ) -> DuplicatePublishes:
         with self.lock:
             if self.failures:
                 self.failures -= 1
                 raise StoreError("down")
             self.batches.append([r.event_id for r in records])
-            return []
+            return DuplicatePublishes()
 
 
 def _record(i: int) -> PublishRecord:
@@ -99,13 +102,13 @@ class GatedStore:
 
     def insert_publish_records(
         self, records: Sequence[PublishRecord], now: datetime
-    ) -> list[PublishRecord]:
+    ) -> DuplicatePublishes:
         self.entered.set()
         assert self.gate.wait(30), "the test never opened the gate"
         if self.fail:
             raise StoreError("slow, then down")
         self.batches.append([r.event_id for r in records])
-        return []
+        return DuplicatePublishes()
 
 
 def _depth(registry: CollectorRegistry) -> float | None:
@@ -189,16 +192,24 @@ def test_close_counts_a_slow_write_that_then_fails_as_dropped(caplog) -> None:
     assert buffer.depth() == 0
 
 
-def test_same_event_id_on_two_topics_is_two_records_and_a_reused_key_a_conflict(
+def test_same_event_id_on_two_topics_is_two_records_a_retry_retried_and_a_reuse_a_conflict(
     caplog,
 ) -> None:
+    caplog.set_level(logging.INFO)
     registry = CollectorRegistry()
     store = MemoryStore()
     buffer = RecordBuffer(store, PublisherMetrics(registry), batch_size=10)
     first = _record(1)
     fanned_out = replace(first, topic="other-topic")
+    # A client retrying after a 504: the same payload again, another message, a new trace.
+    retry = replace(
+        first,
+        message_id="retry-message",
+        trace_id="a" * 32,
+        publish_time=first.publish_time + timedelta(seconds=10),
+    )
     reused = replace(first, message_id="another-message", payload='{"n":2}')
-    for record in (first, fanned_out, reused):
+    for record in (first, fanned_out, retry, reused):
         assert buffer.add(record)
     buffer.start()
     assert buffer.flush(timeout=30)
@@ -206,8 +217,66 @@ def test_same_event_id_on_two_topics_is_two_records_and_a_reused_key_a_conflict(
     assert sorted(store.published) == [publish_key("other-topic", "e1"), publish_key("topic", "e1")]
     assert store.published[publish_key("topic", "e1")]["messageId"] == first.message_id
     assert _sample(registry, "written") == 2
+    assert _sample(registry, "retried") == 1
     assert _sample(registry, "conflict") == 1
-    assert "topic|e1" in caplog.text
+    (retried_line,) = [r for r in caplog.records if "retry-message" in r.getMessage()]
+    assert retried_line.levelno == logging.INFO
+    assert "published again with the same payload" in retried_line.getMessage()
+    (conflict_line,) = [r for r in caplog.records if "another-message" in r.getMessage()]
+    assert conflict_line.levelno == logging.ERROR
+    assert "topic|e1" in conflict_line.getMessage()
+
+
+_STORED = _record(1)
+_MS = timedelta(milliseconds=1)
+
+
+# (what the record offered for a stored key changes, kind): the specification of a duplicate.
+@pytest.mark.parametrize(
+    ("changes", "kind"),
+    [
+        ({}, "same"),  # the batch again, after a write that landed
+        ({"publish_time": _STORED.publish_time + _MS / 2}, "same"),  # BSON keeps milliseconds
+        ({"trace_id": "b" * 32}, "same"),
+        ({"message_id": "m-2"}, "retried"),
+        ({"message_id": "m-2", "publish_time": _STORED.publish_time + 10 * _MS}, "retried"),
+        ({"message_id": "m-2", "trace_id": "b" * 32}, "retried"),  # no trace header sent
+        ({"publish_time": _STORED.publish_time + _MS}, "retried"),
+        ({"payload": '{"n":2}'}, "conflict"),
+        ({"payload": '{"n":2}', "message_id": "m-2"}, "conflict"),
+        ({"payload": "{ }", "message_id": "m-2"}, "conflict"),  # equal JSON, other text
+        ({"payload_truncated": True, "message_id": "m-2"}, "conflict"),
+        ({"payload": '{"\u00e9":1}', "message_id": "m-2"}, "conflict"),
+    ],
+)
+def test_a_duplicate_key_is_the_same_publish_a_retry_or_a_conflict(
+    changes: dict[str, Any], kind: str
+) -> None:
+    stored = _STORED.to_document(datetime(2026, 1, 2, tzinfo=UTC))
+    assert duplicate_kind(stored, replace(_STORED, **changes)) == kind
+
+
+@pytest.mark.parametrize(
+    ("stored", "kind"),
+    [
+        (None, "conflict"),  # gone since the insert failed: not written
+        ({"messageId": _STORED.message_id, "payload": _STORED.payload}, "retried"),  # no time
+        (
+            {"messageId": "m-0", "payload": _STORED.payload, "publishTime": "yesterday"},
+            "retried",
+        ),
+        (  # written before payloadTruncated existed
+            {
+                "messageId": _STORED.message_id,
+                "payload": _STORED.payload,
+                "publishTime": _STORED.publish_time,
+            },
+            "same",
+        ),
+    ],
+)
+def test_odd_stored_documents_are_classified_safely(stored: dict[str, Any] | None, kind) -> None:
+    assert duplicate_kind(stored, _STORED) == kind
 
 
 class LandsThenFails(MemoryStore):
@@ -219,12 +288,12 @@ class LandsThenFails(MemoryStore):
 
     def insert_publish_records(
         self, records: Sequence[PublishRecord], now: datetime
-    ) -> list[PublishRecord]:
-        conflicts = super().insert_publish_records(records, now)
+    ) -> DuplicatePublishes:
+        duplicates = super().insert_publish_records(records, now)
         if self.lost_answers:
             self.lost_answers -= 1
             raise StoreError("timed out after the write")
-        return conflicts
+        return duplicates
 
 
 def test_a_retried_batch_that_had_landed_counts_written_once() -> None:
