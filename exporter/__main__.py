@@ -13,6 +13,7 @@ from eventaudit.exporter.collector import CompletionCollector, EvaluationState
 from eventaudit.exporter.config import ExporterSettings
 from eventaudit.exporter.evaluator import Evaluator
 from eventaudit.exporter.loop import EvaluationLoop
+from eventaudit.exporter.missed import MissedAnswers
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions, pubsub_lister
 from eventaudit.serving import (
     BackgroundServer,
@@ -55,10 +56,12 @@ def main(argv: list[str] | None = None) -> None:
         state = EvaluationState(settle_seconds=settings.settle_delta.total_seconds())
         registry = CollectorRegistry()
         registry.register(CompletionCollector(state, expected))
+        missed = MissedAnswers(settings.missed_concurrency)
+        registry.register(missed)
         loop = EvaluationLoop(
             evaluator, state, store, settings.bucket_delta, settings.retention_delta
         )
-        app = create_app(ExporterDeps(store, state, registry))
+        app = create_app(ExporterDeps(store, state, registry, missed))
         server = BackgroundServer(
             app, settings.listen_address, settings.server_limits(settings.threads)
         )

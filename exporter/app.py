@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from eventaudit.contract import is_pubsub_id, parse_ascii_int
 from eventaudit.exporter.collector import EvaluationState
 from eventaudit.exporter.evaluator import missed_as_evaluated
+from eventaudit.exporter.missed import MissedAnswers
 from eventaudit.http import json_error, metrics_view, register_json_errors
 from eventaudit.store import ExporterStore, StoreError
 
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 _MISSED_PARAMS = {"topic", "subscription", "window", "limit"}
 MAX_LIMIT = 10_000
+BUSY_RETRY_AFTER_SECONDS = 5
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class ExporterDeps:
     store: ExporterStore
     state: EvaluationState
     registry: CollectorRegistry
+    missed: MissedAnswers = field(default_factory=MissedAnswers)
 
 
 bp = Blueprint("exporter", __name__)
@@ -47,7 +50,9 @@ def missed() -> Any:
     400 for a malformed query, 503 while the numbers are not served (eventaudit_up 0), 404 for
     a topic or subscription the latest evaluation does not report in that window. `missed` is
     always the gauge's value, and `events` lists those very events (the records the evaluation
-    compared: nothing written after it).
+    compared: nothing written after it). Each answer is computed once per evaluation and then
+    served from memory; 429 with Retry-After while the allowed number of listings is being
+    computed, so callers cannot take every HTTP thread.
     """
     unknown = sorted(set(request.args) - _MISSED_PARAMS)
     if unknown:
@@ -79,21 +84,35 @@ def missed() -> Any:
             404, f"subscription {subscription} of topic {topic} is not reported in window {label}"
         )
     start, end = snapshot.frontier - window.length, snapshot.frontier
-    try:
-        events, receipts = deps.store.window_records(
-            topic, subscription, start, end, snapshot.evaluated_at
-        )
-    except StoreError as exc:
-        log.error("missed events of %s/%s: %s", topic, subscription, exc)
-        return json_error(503, "audit store unavailable")
-    listed = missed_as_evaluated(snapshot, topic, subscription, window, events, receipts)
-    if listed is None:
-        log.info(
-            "missed events of %s/%s/%s: records changed during the last evaluation",
-            topic,
-            subscription,
-            label,
-        )
+    key = (topic, subscription, label)
+    answer = deps.missed.cached(snapshot, key)
+    if answer is None:
+        if not deps.missed.try_acquire():
+            resp, status = json_error(
+                429, "too many missed-event listings in progress; retry later"
+            )
+            resp.headers["Retry-After"] = str(BUSY_RETRY_AFTER_SECONDS)
+            return resp, status
+        try:
+            events, receipts = deps.store.window_records(
+                topic, subscription, start, end, snapshot.evaluated_at
+            )
+            listed = missed_as_evaluated(snapshot, topic, subscription, window, events, receipts)
+        except StoreError as exc:
+            deps.missed.failed()
+            log.error("missed events of %s/%s: %s", topic, subscription, exc)
+            return json_error(503, "audit store unavailable")
+        finally:
+            deps.missed.release()
+        answer = deps.missed.store(snapshot, key, listed)
+        if answer.events is None:
+            log.info(
+                "missed events of %s/%s/%s: records changed during the last evaluation",
+                topic,
+                subscription,
+                label,
+            )
+    if answer.events is None:
         return json_error(
             503, "records of this window changed during the last evaluation; retry after the next"
         )
@@ -103,15 +122,15 @@ def missed() -> Any:
         window=label,
         start=start.isoformat(),
         end=end.isoformat(),
-        missed=len(listed),
-        truncated=len(listed) > limit,
+        missed=answer.missed,
+        truncated=answer.missed > limit,
         events=[
             {
                 "eventID": e.event_id,
                 "traceID": e.trace_id,
                 "publishTime": e.publish_time.isoformat(),
             }
-            for e in listed[:limit]
+            for e in answer.events[:limit]
         ],
     )
 

@@ -59,6 +59,13 @@ class ExporterSettings(CommonSettings):
         "(6 x --store-timeout-seconds) plus the writers' clock skew",
     )
     threads: int = Field(8, ge=1, le=64, description="HTTP worker threads")
+    missed_concurrency: int = Field(
+        2,
+        ge=1,
+        le=63,
+        description="/api/v1/missed listings computed at once (more are answered 429); less "
+        "than --threads, so health and metrics always have a thread",
+    )
 
     @field_validator("bucket", "settle_delay", "retention", "late_lookback")
     @classmethod
@@ -93,6 +100,11 @@ class ExporterSettings(CommonSettings):
             raise ValueError(
                 "retention must cover the longest window plus the settle delay plus one bucket"
                 f" ({needed.total_seconds():g}s)"
+            )
+        if self.missed_concurrency >= self.threads:
+            raise ValueError(
+                f"--missed-concurrency must be less than --threads ({self.threads}), got "
+                f"{self.missed_concurrency}"
             )
         return self
 

@@ -7,6 +7,10 @@ clock: records carry the createdTime and receive time the test gives them.
 
 from __future__ import annotations
 
+import json
+import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,9 +24,12 @@ from eventaudit.exporter.buckets import Window
 from eventaudit.exporter.collector import CompletionCollector, EvaluationState
 from eventaudit.exporter.evaluator import Evaluator
 from eventaudit.exporter.loop import EvaluationLoop
+from eventaudit.exporter.missed import MissedAnswers
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 from eventaudit.records import PublishRecord, Receipt
-from eventaudit.store import AuditStore, MongoStore
+from eventaudit.serving import BackgroundServer, ServerLimits
+from eventaudit.store import AuditStore, MongoStore, PublishedEvent, ReceiptSummary
+from tests.conftest import wait_for
 from tests.fakes import MemoryStore
 from tools import stack
 
@@ -66,9 +73,12 @@ class Exporter:
         self.registry = CollectorRegistry()
         self.registry.register(CompletionCollector(self.state, expected))
         self.store = store
-        self.client: FlaskClient = create_app(
-            ExporterDeps(api_store or store, self.state, self.registry)
-        ).test_client()
+        self.answers = MissedAnswers(concurrency=2)
+        self.registry.register(self.answers)
+        self.app = create_app(
+            ExporterDeps(api_store or store, self.state, self.registry, self.answers)
+        )
+        self.client: FlaskClient = self.app.test_client()
 
     def evaluate(self, now: datetime) -> bool:
         loop = EvaluationLoop(
@@ -230,3 +240,157 @@ def test_store_error_while_listing_is_a_short_503(store: MongoStore) -> None:
     for body in _bodies(exporter.client):
         assert [leak for leak in LEAKS if leak in body] == []
     dead.close()
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch, store: AuditStore) -> list[str]:
+    """Record every window_records call of `store` (its subscription)."""
+    calls: list[str] = []
+    real = store.window_records
+
+    def counted(
+        topic: str, subscription: str, start: datetime, end: datetime, written_before: datetime
+    ) -> tuple[list[PublishedEvent], list[ReceiptSummary]]:
+        calls.append(subscription)
+        return real(topic, subscription, start, end, written_before)
+
+    monkeypatch.setattr(store, "window_records", counted)
+    return calls
+
+
+def _api_requests(exporter: Exporter, outcome: str) -> float | None:
+    return exporter.registry.get_sample_value(
+        "eventaudit_missed_api_requests_total", {"outcome": outcome}
+    )
+
+
+def test_a_repeated_call_is_served_from_the_cache_until_the_next_evaluation(
+    audit_store: AuditStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _seeded(audit_store)
+    exporter = Exporter(audit_store)
+    reads = _count_reads(monkeypatch, audit_store)
+    assert exporter.evaluate(at(12, 0, 45))
+    for _ in range(3):
+        status, body = exporter.missed(SUB)
+        assert (status, body["missed"], _ids(body)) == (200, 3, ["e7", "e8", "e9"])
+    assert reads == [SUB]
+    # Another limit is the same answer, cut differently.
+    resp = exporter.client.get(f"/api/v1/missed?topic={TOPIC}&subscription={SUB}&limit=2")
+    body = resp.get_json()
+    assert (body["missed"], body["truncated"], _ids(body)) == (3, True, ["e7", "e8"])
+    # Another window or subscription is another answer.
+    assert exporter.missed(SUB, "5m")[1]["missed"] == 4
+    assert exporter.missed(OTHER)[1]["missed"] == 0
+    assert reads == [SUB, SUB, OTHER]
+    assert (_api_requests(exporter, "computed"), _api_requests(exporter, "cached")) == (3, 3)
+
+    # Written after the evaluation: the cached answer stays what the gauge counts.
+    receive(audit_store, SUB, "e7", at(12, 0, 7), at(12, 0, 50))
+    assert exporter.missed(SUB)[1]["missed"] == exporter.gauge(SUB) == 3
+    assert reads == [SUB, SUB, OTHER]
+
+    # A new evaluation drops every cached answer.
+    assert exporter.evaluate(at(12, 0, 55))
+    status, body = exporter.missed(SUB)
+    assert (status, body["missed"], _ids(body)) == (200, 2, ["e8", "e9"])
+    assert exporter.missed(SUB)[1]["missed"] == exporter.gauge(SUB) == 2
+    assert reads == [SUB, SUB, OTHER, SUB]
+
+
+def test_records_changed_during_the_evaluation_answer_503_from_the_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = MemoryStore()
+    _seeded(store)
+    exporter = Exporter(store)
+    reads = _count_reads(monkeypatch, store)
+    assert exporter.evaluate(at(12, 0, 55))
+    receive(store, SUB, "e9", at(12, 0, 9), at(12, 0, 54))
+    assert [exporter.missed(SUB)[0] for _ in range(3)] == [503, 503, 503]
+    assert reads == [SUB]
+
+
+def test_a_store_error_is_not_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = MemoryStore()
+    _seeded(store)
+    exporter = Exporter(store)
+    assert exporter.evaluate(at(12, 0, 45))
+    store.fail_next = 1
+    assert exporter.missed(SUB) == (503, {"error": "audit store unavailable", "status": 503})
+    assert exporter.missed(SUB)[1]["missed"] == 3
+
+
+def _get(url: str) -> tuple[int, dict[str, Any], str | None]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return resp.status, json.load(resp), resp.headers.get("Retry-After")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc), exc.headers.get("Retry-After")
+
+
+class SlowReads:
+    """window_records that wait until released: a slow full scan, as on FerretDB."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, store: AuditStore) -> None:
+        self.release = threading.Event()
+        self.waiting = threading.Semaphore(0)
+        self.calls = 0
+        real = store.window_records
+
+        def slow(
+            topic: str, subscription: str, start: datetime, end: datetime, before: datetime
+        ) -> tuple[list[PublishedEvent], list[ReceiptSummary]]:
+            self.calls += 1
+            self.waiting.release()
+            assert self.release.wait(timeout=60)
+            return real(topic, subscription, start, end, before)
+
+        monkeypatch.setattr(store, "window_records", slow)
+
+
+def test_calls_beyond_the_concurrency_limit_get_429_while_healthz_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = MemoryStore()
+    _seeded(store)
+    exporter = Exporter(store)
+    assert exporter.evaluate(at(12, 0, 45))
+    assert exporter.missed(OTHER)[0] == 200  # cached before the reads turn slow
+    slow = SlowReads(monkeypatch, store)
+    server = BackgroundServer(exporter.app, f"127.0.0.1:{stack.free_port()}", ServerLimits(4))
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        server.start()
+        answers: list[tuple[int, dict[str, Any], str | None]] = []
+        url = f"{base}/api/v1/missed?topic={TOPIC}&subscription={SUB}"
+        calls = [threading.Thread(target=lambda: answers.append(_get(url))) for _ in range(8)]
+        for call in calls:
+            call.start()
+        # Two computations hold their slot; the six others are refused at once.
+        assert slow.waiting.acquire(timeout=30) and slow.waiting.acquire(timeout=30)
+        wait_for(lambda: len(answers) == 6, 30, "six calls refused")
+        busy = {
+            "error": "too many missed-event listings in progress; retry later",
+            "status": 429,
+        }
+        assert answers == [(429, busy, "5")] * 6
+        # The server's threads are not all taken: health, metrics and cached answers answer.
+        status, health, _ = _get(f"{base}/healthz")
+        assert (status, health["status"]) == (200, "ok")
+        status, body, _ = _get(f"{base}/api/v1/missed?topic={TOPIC}&subscription={OTHER}")
+        assert (status, body["missed"]) == (200, 0)
+        assert slow.calls == 2
+
+        slow.release.set()
+        for call in calls:
+            call.join(timeout=60)
+        done = sorted((status, body.get("missed")) for status, body, _ in answers[6:])
+        assert done == [(200, 3), (200, 3)]
+        assert _api_requests(exporter, "busy") == 6
+        # The same call again is now answered from the cache.
+        status, body, _ = _get(url)
+        assert (status, body["missed"]) == (200, 3)
+        assert slow.calls == 2
+    finally:
+        slow.release.set()
+        server.stop(timeout=5)

@@ -17,6 +17,8 @@ def test_exporter_defaults() -> None:
     assert [w.label for w in s.window_list] == ["1m", "5m", "1h"]
     assert s.settle_delta.total_seconds() == 30 and s.bucket_delta.total_seconds() == 10
     assert s.expected_map == {"create-user": set()}
+    assert (s.missed_concurrency, s.threads) == (2, 8)
+    assert load_settings(ExporterSettings, ["--missed-concurrency", "7"]).missed_concurrency == 7
 
 
 def test_exporter_pairs_and_flags() -> None:
@@ -76,6 +78,12 @@ def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--subscription-refresh-seconds", "1e12"], "subscription-refresh-seconds"),
         (["--listen-address", "9800"], "HOST:PORT"),
         (["--listen-address", "127.0.0.1:99999"], "HOST:PORT"),
+        # Listings of missed events may never take every HTTP thread.
+        (["--missed-concurrency", "0"], "missed-concurrency"),
+        (["--missed-concurrency", "\u0662"], "missed-concurrency"),
+        (["--missed-concurrency", "8"], "missed-concurrency must be less than --threads"),
+        (["--threads", "2", "--missed-concurrency", "2"], "less than --threads (2)"),
+        (["--threads", "1"], "missed-concurrency must be less than --threads"),
     ],
 )
 def test_exporter_invalid_values_exit_1(argv, reported, capsys) -> None:
