@@ -182,12 +182,18 @@ def publish_event(topic: str) -> Any:
 
 @bp.get("/healthz")
 def healthz() -> Any:
-    """Healthy while it can publish; the store's state is reported, not fatal."""
+    """Healthy while it can publish and record; the store's state is reported, not fatal (the
+    buffer holds records through an outage), but a stopped record writer is: 503."""
     deps = _deps()
     up = deps.registry.get_sample_value("eventaudit_publisher_store_up")
-    return jsonify(
-        status="ok", store="ok" if up == 1 else "unavailable", recordBuffer=deps.buffer.depth()
-    )
+    body = {"store": "ok" if up == 1 else "unavailable", "recordBuffer": deps.buffer.depth()}
+    if not deps.buffer.writer_alive():
+        return json_error(
+            503,
+            "publish record writer is not running: publish records are not being written",
+            **body,
+        )
+    return jsonify(status="ok", **body)
 
 
 def create_app(settings: PublisherSettings, deps: PublisherDeps) -> Flask:

@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 EVENT_OUTCOMES = ("published", "error", "timeout")
 RECORD_OUTCOMES = ("written", "retried", "conflict", "dropped", "write_error")
+# Unexpected write failures (not StoreError) of one batch before its records are written one
+# at a time, and of one record alone before it is dropped: a record that can never be written
+# is lost alone, counted and logged, and never retried forever.
+_UNEXPECTED_ATTEMPTS = 3
 # How a publish future fails when Pub/Sub did not answer in time: the client's own deadline,
 # its retry budget running out, or a wait on the future timing out.
 PUBLISH_TIMEOUTS = (gexc.DeadlineExceeded, gexc.RetryError, TimeoutError)
@@ -224,21 +228,37 @@ class RecordBuffer:
         # Called with the lock held.
         self._metrics.buffer_depth.set(len(self._records) + self._in_flight)
 
-    def _take_batch(self) -> list[PublishRecord]:
+    def _take_batch(self, size: int) -> list[PublishRecord]:
         with self._cond:
             if not self._records and not self._closing:
                 self._cond.wait(self._flush_interval)
             if self._closing and time.monotonic() >= self._close_deadline:
                 return []
-            n = min(self._batch_size, len(self._records))
+            n = min(size, len(self._records))
             batch = [self._records.popleft() for _ in range(n)]
             self._in_flight = n
             return batch
 
+    def writer_alive(self) -> bool:
+        """True while the writer thread runs (started and not stopped)."""
+        return self._thread.is_alive()
+
     def _run(self) -> None:
+        try:
+            self._write_until_closed()
+        except BaseException:  # the thread ends either way; say so (/healthz now answers 503)
+            log.critical(
+                "publish record writer stopped unexpectedly: %d publish records wait unwritten",
+                self.depth(),
+                exc_info=True,
+            )
+
+    def _write_until_closed(self) -> None:
         backoff = 0.1
+        attempts = 0  # unexpected failures in a row of the batch at the front of the queue
+        singles = 0  # records still to write one at a time, to isolate one that never writes
         while True:
-            batch = self._take_batch()
+            batch = self._take_batch(1 if singles else self._batch_size)
             if not batch:
                 with self._cond:
                     if self._closing:
@@ -249,36 +269,82 @@ class RecordBuffer:
             except StoreError as exc:
                 self._metrics.records.labels("write_error").inc()
                 self._metrics.store_up.set(0)
-                with self._cond:
-                    self._in_flight = 0
-                    if self._closing:
-                        self._metrics.records.labels("dropped").inc(len(batch))
-                        self._show_depth()
-                        self._cond.notify_all()
-                        log.error(
-                            "%d publish records not written before stop (dropped): %s",
-                            len(batch),
-                            exc,
-                        )
-                        return
+                if not self._closing:  # when stopping, _keep counts and logs it dropped
                     log.warning(
                         "could not write %d publish records, keeping them buffered: %s",
                         len(batch),
                         exc,
                     )
-                    # Back to the front, in order: these records were already accepted.
-                    self._records.extendleft(reversed(batch))
-                    self._show_depth()
-                    self._cond.wait(backoff)
+                if not self._keep(batch, backoff, exc):
+                    return
                 backoff = min(backoff * 2, self._max_backoff)
                 continue
-            backoff = 0.1
+            except Exception as exc:  # a bug, or a record bson cannot encode: not an outage
+                self._metrics.records.labels("write_error").inc()
+                self._metrics.store_up.set(0)
+                attempts += 1
+                log.exception(
+                    "unexpected error writing %d publish records (attempt %d of %d); they stay "
+                    "buffered",
+                    len(batch),
+                    attempts,
+                    _UNEXPECTED_ATTEMPTS,
+                )
+                if attempts < _UNEXPECTED_ATTEMPTS:
+                    if not self._keep(batch, backoff, exc):
+                        return
+                elif len(batch) > 1:
+                    # Somewhere in the batch a record may never be writable: find it alone.
+                    attempts, singles = 0, len(batch)
+                    if not self._keep(batch, backoff, exc):
+                        return
+                else:
+                    attempts, singles = 0, singles - 1
+                    self._drop_unwritable(batch[0], exc)
+                backoff = min(backoff * 2, self._max_backoff)
+                continue
+            attempts, backoff = 0, 0.1
+            singles = max(0, singles - 1)
             self._count_written(batch, duplicates)
             self._metrics.store_up.set(1)
             with self._cond:
                 self._in_flight = 0
                 self._show_depth()
                 self._cond.notify_all()
+
+    def _keep(self, batch: list[PublishRecord], backoff: float, exc: Exception) -> bool:
+        """Put a failed batch back at the front and wait `backoff`; when stopping, count it
+        dropped instead and return False (the writer ends)."""
+        with self._cond:
+            self._in_flight = 0
+            if self._closing:
+                self._metrics.records.labels("dropped").inc(len(batch))
+                self._show_depth()
+                self._cond.notify_all()
+                log.error(
+                    "%d publish records not written before stop (dropped): %s", len(batch), exc
+                )
+                return False
+            # Back to the front, in order: these records were already accepted.
+            self._records.extendleft(reversed(batch))
+            self._show_depth()
+            self._cond.wait(backoff)
+        return True
+
+    def _drop_unwritable(self, record: PublishRecord, exc: Exception) -> None:
+        self._metrics.records.labels("dropped").inc()
+        log.error(
+            "publish record of event %s on topic %s cannot be written (failed %d times alone; "
+            "dropped)",
+            record.event_id,
+            record.topic,
+            _UNEXPECTED_ATTEMPTS,
+            exc_info=exc,
+        )
+        with self._cond:
+            self._in_flight = 0
+            self._show_depth()
+            self._cond.notify_all()
 
     def _count_written(self, batch: list[PublishRecord], duplicates: DuplicatePublishes) -> None:
         retried, conflicts = duplicates.retried, duplicates.conflicts

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+from collections.abc import Sequence
 from concurrent.futures import Future
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -29,6 +31,9 @@ from eventaudit.publisher.audited import (
     TopicNotFoundError,
 )
 from eventaudit.publisher.config import PublisherSettings
+from eventaudit.records import PublishRecord
+from eventaudit.store import DuplicatePublishes
+from tests.conftest import wait_for
 from tests.fakes import MemoryStore
 
 PROJECT = "p"
@@ -79,11 +84,16 @@ class Clock:
 
 
 class Kit:
-    def __init__(self, topics: KnownTopics | None = None, client: FakeClient | None = None):
+    def __init__(
+        self,
+        topics: KnownTopics | None = None,
+        client: FakeClient | None = None,
+        store: MemoryStore | None = None,
+    ):
         self.client = client or FakeClient({"orders"})
         self.registry = CollectorRegistry()
         metrics = PublisherMetrics(self.registry)
-        self.store = MemoryStore()
+        self.store = store or MemoryStore()
         self.buffer = RecordBuffer(self.store, metrics)
         self.publisher = AuditedPublisher(self.client, PROJECT, self.buffer, metrics, topics=topics)
 
@@ -310,3 +320,45 @@ def test_the_api_answers_503_when_the_client_is_stopped() -> None:
     assert resp.get_json() == {"error": "publish refused: RuntimeError", "status": 503}
     assert kit.events("error") == 1
     assert kit.publisher.flush(timeout=0)
+
+
+class FatalStore(MemoryStore):
+    """Once `fatal`, a write raises what no handler in the writer catches."""
+
+    fatal = False
+
+    def insert_publish_records(
+        self, records: Sequence[PublishRecord], now: datetime
+    ) -> DuplicatePublishes:
+        if self.fatal:
+            raise SystemExit("nothing in the writer catches this")
+        return super().insert_publish_records(records, now)
+
+
+def test_healthz_is_503_while_the_record_writer_is_not_running(caplog) -> None:
+    store = FatalStore()
+    kit = Kit(store=store)
+    settings = PublisherSettings(users_topic="orders", project=PROJECT)
+    client = create_app(
+        settings, PublisherDeps(kit.publisher, kit.buffer, kit.registry)
+    ).test_client()
+    down = {
+        "error": "publish record writer is not running: publish records are not being written",
+        "status": 503,
+        "store": "ok",
+        "recordBuffer": 0,
+    }
+    assert (client.get("/healthz").status_code, client.get("/healthz").get_json()) == (503, down)
+    kit.buffer.start()
+    resp = client.get("/healthz")
+    assert (resp.status_code, resp.get_json()) == (
+        200,
+        {"status": "ok", "store": "ok", "recordBuffer": 0},
+    )
+    store.fatal = True
+    kit.publisher.publish("orders", {"n": 1})
+    kit.client.futures[0].set_result("m-1")
+    wait_for(lambda: not kit.buffer.writer_alive(), 30, "the writer thread to end")
+    resp = client.get("/healthz")
+    assert (resp.status_code, resp.get_json()) == (503, {**down, "recordBuffer": 1})
+    assert "publish record writer stopped unexpectedly" in caplog.text

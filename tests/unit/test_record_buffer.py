@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from bson.errors import InvalidDocument
 from prometheus_client import CollectorRegistry
 
 from eventaudit.publisher.audited import PublisherMetrics, RecordBuffer
@@ -309,3 +310,108 @@ def test_a_retried_batch_that_had_landed_counts_written_once() -> None:
     assert _sample(registry, "written") == 5
     assert _sample(registry, "write_error") == 1
     assert _sample(registry, "conflict") == 0
+
+
+class BrokenStore(MemoryStore):
+    """Raises `error` (not a StoreError: a bug, a document bson cannot encode) on the first
+    `failures` writes, and on every write that includes an event in `poison`."""
+
+    def __init__(self, error: Exception, failures: int = 0, poison: frozenset[str] = frozenset()):
+        super().__init__()
+        self.error = error
+        self.failures = failures
+        self.poison = poison
+        self.calls: list[list[str]] = []
+
+    def insert_publish_records(
+        self, records: Sequence[PublishRecord], now: datetime
+    ) -> DuplicatePublishes:
+        self.calls.append([r.event_id for r in records])
+        if self.failures or self.poison & {r.event_id for r in records}:
+            self.failures = max(0, self.failures - 1)
+            raise self.error
+        return super().insert_publish_records(records, now)
+
+
+UNEXPECTED_ERRORS = [
+    TypeError("unsupported operand type(s)"),
+    InvalidDocument("cannot encode object: <object object>"),
+    KeyError("writeErrors"),
+    ValueError("bad value"),
+    ZeroDivisionError("division by zero"),
+    RecursionError("maximum recursion depth exceeded"),
+]
+
+
+@pytest.mark.parametrize("error", UNEXPECTED_ERRORS, ids=lambda e: type(e).__name__)
+def test_an_unexpected_write_error_keeps_the_writer_and_the_records(error, caplog) -> None:
+    registry = CollectorRegistry()
+    store = BrokenStore(error, failures=2)
+    buffer = RecordBuffer(store, PublisherMetrics(registry), batch_size=4, max_backoff=0.01)
+    for i in range(10):
+        assert buffer.add(_record(i))
+    buffer.start()
+    assert buffer.flush(timeout=30)
+    assert buffer.writer_alive()
+    assert sorted(store.published) == sorted(publish_key("topic", f"e{i}") for i in range(10))
+    assert store.calls[:3] == [["e0", "e1", "e2", "e3"]] * 3  # the same batch, in order
+    assert _sample(registry, "write_error") == 2
+    assert _sample(registry, "written") == 10
+    assert _sample(registry, "dropped") == 0
+    assert registry.get_sample_value("eventaudit_publisher_store_up") == 1
+    assert _depth(registry) == 0
+    failures = [r for r in caplog.records if "unexpected error writing" in r.getMessage()]
+    assert len(failures) == 2 and all(r.exc_info for r in failures)  # with the traceback
+    buffer.close(timeout=5)
+
+
+@pytest.mark.parametrize("error", UNEXPECTED_ERRORS, ids=lambda e: type(e).__name__)
+def test_a_record_that_can_never_be_written_is_dropped_alone_never_retried_forever(
+    error, caplog
+) -> None:
+    registry = CollectorRegistry()
+    store = BrokenStore(error, poison=frozenset({"e5"}))
+    buffer = RecordBuffer(store, PublisherMetrics(registry), batch_size=4, max_backoff=0.01)
+    for i in range(10):
+        assert buffer.add(_record(i))
+    buffer.start()
+    assert buffer.flush(timeout=30)
+    assert buffer.writer_alive()
+    # The batch holding e5 failed 3 times, then its records went one by one; e5 alone failed
+    # 3 more times and is the only one lost.
+    assert sorted(store.published) == sorted(
+        publish_key("topic", f"e{i}") for i in range(10) if i != 5
+    )
+    assert store.calls == (
+        [["e0", "e1", "e2", "e3"]]
+        + [["e4", "e5", "e6", "e7"]] * 3
+        + [["e4"]]
+        + [["e5"]] * 3
+        + [["e6"], ["e7"], ["e8", "e9"]]
+    )
+    assert _sample(registry, "write_error") == 6
+    assert _sample(registry, "written") == 9
+    assert _sample(registry, "dropped") == 1
+    assert _depth(registry) == 0
+    (dropped,) = [r for r in caplog.records if "cannot be written" in r.getMessage()]
+    assert dropped.levelno == logging.ERROR and dropped.exc_info
+    assert "event e5 on topic topic" in dropped.getMessage()
+    # Later records are written in batches again.
+    assert buffer.add(_record(20))
+    assert buffer.flush(timeout=30)
+    assert store.calls[-1] == ["e20"]
+    buffer.close(timeout=5)
+
+
+def test_an_unexpected_error_at_stop_counts_the_batch_dropped() -> None:
+    registry = CollectorRegistry()
+    store = BrokenStore(TypeError("bug"), failures=10**6)
+    buffer = RecordBuffer(store, PublisherMetrics(registry), batch_size=4, max_backoff=0.01)
+    for i in range(6):
+        buffer.add(_record(i))
+    buffer.start()
+    buffer.close(timeout=0.3)
+    wait_for(lambda: _sample(registry, "dropped") == 6, 30, "every record counted dropped")
+    assert _sample(registry, "written") == 0
+    wait_for(lambda: not buffer.writer_alive(), 30, "the writer to end: it was closed")
+    assert buffer.depth() == 0
