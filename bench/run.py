@@ -38,6 +38,7 @@ from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 from eventaudit.publisher.app import PublisherDeps, create_app
 from eventaudit.publisher.audited import AuditedPublisher, PublisherMetrics, RecordBuffer
 from eventaudit.publisher.config import PublisherSettings
+from eventaudit.pubsub import publisher_client
 from eventaudit.records import PublishRecord, Receipt
 from eventaudit.store import MongoStore
 from eventaudit.subscriber.audited import AuditedSubscriber, SubscriberMetrics
@@ -48,7 +49,7 @@ PROJECT = "eventaudit-bench"
 
 def _bare_app(topic: str) -> Flask:
     """The same route without auditing: publish with the bare client and wait for the id."""
-    client = pubsub_v1.PublisherClient()
+    client = publisher_client()
     path = client.topic_path(PROJECT, topic)
     app = Flask("bare")
 
@@ -84,7 +85,7 @@ def bench_publisher(store: MongoStore, n: int) -> None:
     metrics = PublisherMetrics(registry)
     buffer = RecordBuffer(store, metrics)
     buffer.start()
-    audited = AuditedPublisher(pubsub_v1.PublisherClient(), PROJECT, buffer, metrics)
+    audited = AuditedPublisher(publisher_client(), PROJECT, buffer, metrics)
     app = create_app(PublisherSettings(project=PROJECT), PublisherDeps(audited, buffer, registry))
     bare = _bare_app(topic)
     _drive(bare, topic, 200, 16)  # warm both paths
@@ -108,7 +109,7 @@ def bench_subscriber(store: MongoStore, n: int) -> None:
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     subs = [f"{topic}-bare", f"{topic}-audited"]
     stack.create_topic(PROJECT, topic, subs)
-    client = pubsub_v1.PublisherClient()
+    client = publisher_client()
     path = client.topic_path(PROJECT, topic)
     now_ms = str(int(time.time() * 1000))
     futures = [

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from google.cloud import pubsub_v1
 from prometheus_client import CollectorRegistry
 
 from eventaudit.contract import from_epoch_ms
@@ -23,7 +22,7 @@ from eventaudit.publisher.audited import (
     PublisherMetrics,
     RecordBuffer,
 )
-from eventaudit.pubsub import subscriber_client
+from eventaudit.pubsub import publisher_client, subscriber_client
 from eventaudit.store import MongoStore
 from eventaudit.subscriber.audited import AuditedSubscriber, Faults, SubscriberMetrics
 from tests.conftest import PROJECT
@@ -46,7 +45,7 @@ def audited_publisher(store: MongoStore, capacity: int = 100_000) -> Iterator[Pu
     metrics = PublisherMetrics(registry)
     buffer = RecordBuffer(store, metrics, capacity=capacity, max_backoff=0.5)
     buffer.start()
-    publisher = AuditedPublisher(pubsub_v1.PublisherClient(), PROJECT, buffer, metrics)
+    publisher = AuditedPublisher(publisher_client(), PROJECT, buffer, metrics)
     try:
         yield PublisherKit(publisher, buffer, registry)
     finally:
