@@ -32,6 +32,7 @@ from eventaudit.publisher.audited import (
     PublishedEvent,
     RecordBuffer,
     TopicNotFoundError,
+    TopicUnverifiedError,
 )
 from eventaudit.publisher.config import PublisherSettings
 
@@ -106,6 +107,8 @@ def _publish(topic: str, payload: dict[str, Any]) -> PublishedEvent | tuple[Resp
         return json_error(400, str(exc))
     except TopicNotFoundError:
         return json_error(404, f"topic {topic!r} does not exist")
+    except TopicUnverifiedError as exc:  # counted and logged by the publisher
+        return json_error(503, f"{exc}: set --topics")
     except MessageTooLargeError:
         return json_error(413, "the message exceeds Pub/Sub's limit of 10 MB")
     except RuntimeError as exc:  # a stopped client refuses publishes; logged by publish()
@@ -200,6 +203,9 @@ def create_app(settings: PublisherSettings, deps: PublisherDeps) -> Flask:
     """The publisher API."""
     app = Flask("publisher")
     app.config.update(SETTINGS=settings, DEPS=deps, MAX_CONTENT_LENGTH=settings.max_body_bytes)
+    # Topics this API is configured to publish to are published even when a least-privilege
+    # service account cannot check that they exist; any other name is then refused (503).
+    deps.publisher.topics.trust({settings.users_topic, *settings.topic_allow_list})
     app.register_blueprint(bp)
     app.add_url_rule("/metrics", "metrics", metrics_view(deps.registry))
     register_json_errors(app)

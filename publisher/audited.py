@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 EVENT_OUTCOMES = ("published", "error", "timeout")
 RECORD_OUTCOMES = ("written", "retried", "conflict", "dropped", "write_error")
+REFUSAL_REASONS = ("topic_unverified", "busy")
 # Unexpected write failures (not StoreError) of one batch before its records are written one
 # at a time, and of one record alone before it is dropped: a record that can never be written
 # is lost alone, counted and logged, and never retried forever.
@@ -76,6 +77,14 @@ class TopicNotFoundError(LookupError):
         self.topic = topic
 
 
+class TopicUnverifiedError(LookupError):
+    """Whether the topic exists cannot be checked and it is not trusted: nothing was published."""
+
+    def __init__(self, topic: str) -> None:
+        super().__init__(f"cannot verify topic {topic!r} exists")
+        self.topic = topic
+
+
 class PublisherMetrics:
     """The publisher's own metrics, registered on the registry given."""
 
@@ -95,6 +104,14 @@ class PublisherMetrics:
             "unwritten at stop); write_error (failed write attempts: the records stay buffered "
             "and are retried).",
             ["outcome"],
+            registry=registry,
+        )
+        self.refused = Counter(
+            "eventaudit_publisher_refused_total",
+            "Publishes refused before anything reached Pub/Sub, by reason: topic_unverified "
+            "(the topic's existence cannot be checked and it is not in --topics); busy (too "
+            "many publishes in flight in the API).",
+            ["reason"],
             registry=registry,
         )
         self.buffer_depth = Gauge(
@@ -123,6 +140,8 @@ class PublisherMetrics:
             self.events.labels(outcome)
         for outcome in RECORD_OUTCOMES:
             self.records.labels(outcome)
+        for reason in REFUSAL_REASONS:
+            self.refused.labels(reason)
         self.store_up.set(1)
 
 
@@ -383,13 +402,17 @@ class PublishClient(Protocol):
 
 
 class KnownTopics:
-    """A bounded, expiring cache of which topics exist, asked before anything is published.
+    """Bounded, expiring caches of which topics exist, asked before anything is published.
 
     The PublisherClient keeps state per topic name it ever published to, for good; checking
-    with the publisher API (`get_topic`) first, and remembering the answers in a map of at
-    most `size` names, makes memory independent of the names callers send. A check that
-    fails (unavailable, permission denied) does not block publishing: the topic is treated
-    as existing and asked again after `missing_ttl`.
+    with the publisher API (`get_topic`) first, and remembering the answers in maps of at most
+    `size` names each, makes memory independent of the names callers send. Topics found and
+    answers for other names are kept apart, so invented names never evict a topic in use.
+
+    A check that fails (permission denied to a least-privilege publisher, Pub/Sub unavailable)
+    proves nothing: a `trusted` name (the API's users topic and `--topics`) is published
+    anyway, any other raises TopicUnverifiedError, so names callers invent still never reach
+    the client. Those refusals are logged once per `missing_ttl` with their count.
     """
 
     def __init__(
@@ -401,6 +424,7 @@ class KnownTopics:
         missing_ttl: float = 10.0,
         timeout: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        trusted: Iterable[str] = (),
     ) -> None:
         self._client = client
         self._project = project
@@ -409,45 +433,86 @@ class KnownTopics:
         self._missing_ttl = missing_ttl
         self._timeout = timeout
         self._clock = clock
-        self._answers: OrderedDict[str, tuple[bool, float]] = OrderedDict()
+        self._trusted = frozenset(trusted)
+        self._found: OrderedDict[str, float] = OrderedDict()  # topic -> expiry
+        # Every other answer: "missing" (NotFound) or "unknown" (the check failed), and expiry.
+        self._others: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._refused = 0
+        self._refusals_logged_at: float | None = None
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._answers)
+            return len(self._found) + len(self._others)
+
+    def trust(self, topics: Iterable[str]) -> None:
+        """Publish these even when their existence cannot be checked."""
+        with self._lock:
+            self._trusted |= frozenset(topics)
 
     def exists(self, topic: str) -> bool:
-        """Whether `topic` exists, from the cache or from one `get_topic` call."""
+        """Whether `topic` exists, from the caches or from one `get_topic` call.
+
+        TopicUnverifiedError when that cannot be checked and `topic` is not trusted.
+        """
         now = self._clock()
         with self._lock:
-            answer = self._answers.get(topic)
+            expiry = self._found.get(topic)
+            if expiry is not None and expiry > now:
+                self._found.move_to_end(topic)
+                return True
+            answer = self._others.get(topic)
             if answer is not None and answer[1] > now:
-                self._answers.move_to_end(topic)
-                return answer[0]
+                self._others.move_to_end(topic)
+                return answer[0] != "missing" and self._unchecked(topic, now)
         try:
             self._client.get_topic(
                 topic=self._client.topic_path(self._project, topic), timeout=self._timeout
             )
         except gexc.NotFound:
-            found, ttl = False, self._missing_ttl
-        except Exception as exc:  # the business path must not depend on this check
-            log.warning(
-                "could not check whether topic %s exists, publishing anyway: %s", topic, exc
-            )
-            found, ttl = True, self._missing_ttl
-        else:
-            found, ttl = True, self._found_ttl
-        with self._lock:
-            self._answers[topic] = (found, now + ttl)
-            self._answers.move_to_end(topic)
-            while len(self._answers) > self._size:
-                self._answers.popitem(last=False)
-        return found
+            self._remember(self._others, topic, ("missing", now + self._missing_ttl))
+            return False
+        except Exception as exc:  # proves nothing either way
+            self._remember(self._others, topic, ("unknown", now + self._missing_ttl))
+            if topic in self._trusted:
+                log.warning(
+                    "could not check whether topic %s exists, publishing anyway: %s", topic, exc
+                )
+            with self._lock:
+                return self._unchecked(topic, now, exc)
+        self._remember(self._found, topic, now + self._found_ttl)
+        return True
 
     def forget(self, topic: str) -> None:
         """Drop the cached answer (the topic was deleted since it was checked)."""
         with self._lock:
-            self._answers.pop(topic, None)
+            self._found.pop(topic, None)
+            self._others.pop(topic, None)
+
+    def _remember(self, cache: OrderedDict[str, Any], topic: str, answer: Any) -> None:
+        with self._lock:
+            cache[topic] = answer
+            cache.move_to_end(topic)
+            while len(cache) > self._size:
+                cache.popitem(last=False)
+
+    def _unchecked(self, topic: str, now: float, exc: Exception | None = None) -> bool:
+        # Called with the lock held: the answer for a topic whose existence is unknown.
+        if topic in self._trusted:
+            return True
+        self._refused += 1
+        if self._refusals_logged_at is None or now - self._refusals_logged_at >= self._missing_ttl:
+            log.warning(
+                "cannot verify that topics exist (%s): refusing publishes to topics not in "
+                "--topics (or the users topic); %d publishes refused since the last line, the "
+                "latest to %s; set --topics",
+                exc if exc is not None else "the last check failed",
+                self._refused,
+                topic,
+            )
+            self._refusals_logged_at = now
+            self._refused = 0
+        raise TopicUnverifiedError(topic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,7 +553,8 @@ class AuditedPublisher:
 
     `publish` raises before anything reaches Pub/Sub when the event cannot be published
     (InvalidMessageError for the event id; InvalidOptionsError, InvalidPayloadError or
-    InvalidEventError for an invalid topic id; TopicNotFoundError; the client's own errors,
+    InvalidEventError for an invalid topic id; TopicNotFoundError; TopicUnverifiedError, counted
+    `eventaudit_publisher_refused_total{reason="topic_unverified"}`; the client's own errors,
     such as MessageTooLargeError); only what the client accepted is counted in flight, so
     `flush` never waits on a publish that never started.
     """
@@ -510,6 +576,11 @@ class AuditedPublisher:
         self._topics = topics if topics is not None else KnownTopics(client, project)
         self._pending = 0
         self._pending_cond = threading.Condition()
+
+    @property
+    def metrics(self) -> PublisherMetrics:
+        """The metrics this publisher counts in."""
+        return self._metrics
 
     @property
     def topics(self) -> KnownTopics:
@@ -543,8 +614,12 @@ class AuditedPublisher:
         data = encode_payload(payload)
         if not is_pubsub_id(topic):
             raise InvalidEventError(f"invalid topic id {topic!r}")
-        if not self._topics.exists(topic):
-            raise TopicNotFoundError(topic)
+        try:
+            if not self._topics.exists(topic):
+                raise TopicNotFoundError(topic)
+        except TopicUnverifiedError:
+            self._metrics.refused.labels("topic_unverified").inc()
+            raise
         publish_time = utc_now_ms()
         attributes = build_attributes(event_id, publish_time, trace, options_text)
         started = time.perf_counter()

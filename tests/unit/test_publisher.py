@@ -29,6 +29,7 @@ from eventaudit.publisher.audited import (
     PublisherMetrics,
     RecordBuffer,
     TopicNotFoundError,
+    TopicUnverifiedError,
 )
 from eventaudit.publisher.config import PublisherSettings
 from eventaudit.records import PublishRecord
@@ -96,6 +97,11 @@ class Kit:
         self.store = store or MemoryStore()
         self.buffer = RecordBuffer(self.store, metrics)
         self.publisher = AuditedPublisher(self.client, PROJECT, self.buffer, metrics, topics=topics)
+
+    def refused(self, reason: str) -> float | None:
+        return self.registry.get_sample_value(
+            "eventaudit_publisher_refused_total", {"reason": reason}
+        )
 
     def events(self, outcome: str) -> float | None:
         return self.registry.get_sample_value(
@@ -239,19 +245,88 @@ def test_a_topic_deleted_after_it_was_seen_is_checked_again() -> None:
     assert client.checks == ["projects/p/topics/orders"] * 2
 
 
-def test_an_existence_check_that_fails_does_not_block_publishing(caplog) -> None:
+CHECK_FAILURES = [
+    gexc.PermissionDenied("pubsub.topics.get denied"),  # a least-privilege publisher
+    gexc.Forbidden("forbidden"),
+    gexc.Unauthenticated("no credentials"),
+    gexc.ServiceUnavailable("unavailable"),
+    gexc.DeadlineExceeded("deadline"),
+    gexc.RetryError("Timeout of 10.0s exceeded", cause=None),
+    RuntimeError("channel closed"),
+]
+
+
+@pytest.mark.parametrize("failure", CHECK_FAILURES, ids=lambda e: type(e).__name__)
+def test_a_topic_that_cannot_be_checked_is_published_only_when_trusted(failure, caplog) -> None:
     clock = Clock()
     client = FakeClient(set())
-    client.check_raises = gexc.PermissionDenied("pubsub.topics.get denied")
-    kit = Kit(KnownTopics(client, PROJECT, missing_ttl=10, clock=clock), client)
+    client.check_raises = failure
+    topics = KnownTopics(client, PROJECT, missing_ttl=10, clock=clock, trusted={"orders"})
+    kit = Kit(topics, client)
     kit.publisher.publish("orders", {"n": 1})
     kit.publisher.publish("orders", {"n": 2})
     assert len(client.published) == 2
     assert len(client.checks) == 1  # the unknown answer is remembered, not asked per publish
-    assert "could not check whether topic orders exists" in caplog.text
+    assert "could not check whether topic orders exists, publishing anyway" in caplog.text
     clock.now += 11
     kit.publisher.publish("orders", {"n": 3})
     assert len(client.checks) == 2
+    # Any other name, however many, never reaches the client.
+    for i in range(3000):
+        with pytest.raises(TopicUnverifiedError, match=f"cannot verify topic 'invented-{i}'"):
+            kit.publisher.publish(f"invented-{i}", {"n": i})
+    assert len(client.published) == 3
+    assert kit.refused("topic_unverified") == 3000
+    assert kit.publisher.flush(timeout=0) is False  # the 3 real publishes are still unsettled
+    assert len(topics) <= 4096 + 1
+    refusals = [r for r in caplog.records if "refusing publishes" in r.getMessage()]
+    assert len(refusals) == 1  # logged once per interval, not per request
+    assert "set --topics" in refusals[0].getMessage()
+    clock.now += 11
+    with pytest.raises(TopicUnverifiedError):
+        kit.publisher.publish("invented-0", {"n": 0})
+    assert len([r for r in caplog.records if "refusing publishes" in r.getMessage()]) == 2
+    assert "3000 publishes refused" in caplog.records[-1].getMessage()
+
+
+def test_invented_names_never_evict_topics_that_exist() -> None:
+    clock = Clock()
+    client = FakeClient({f"real-{i}" for i in range(10)})
+    topics = KnownTopics(client, PROJECT, size=10, clock=clock)
+    for i in range(10):
+        assert topics.exists(f"real-{i}")
+    for i in range(1000):
+        assert not topics.exists(f"invented-{i}")
+    client.checks.clear()
+    for i in range(10):
+        assert topics.exists(f"real-{i}")
+    assert client.checks == []  # all ten still cached
+    assert len(topics) == 20
+
+
+def test_the_api_answers_503_for_a_topic_it_cannot_verify_and_publishes_trusted_ones() -> None:
+    client = FakeClient(set())
+    client.check_raises = gexc.PermissionDenied("pubsub.topics.get denied")
+    client.settle = "m-1"
+    kit = Kit(KnownTopics(client, PROJECT, clock=Clock()), client)
+    deps = PublisherDeps(kit.publisher, kit.buffer, kit.registry)
+    settings = PublisherSettings(users_topic="users", project=PROJECT)
+    api = create_app(settings, deps).test_client()
+    resp = api.post("/api/v1/topics/invented/events", json={"n": 1})
+    assert resp.status_code == 503
+    assert resp.get_json() == {
+        "error": "cannot verify topic 'invented' exists: set --topics",
+        "status": 503,
+    }
+    assert api.post("/api/v1/users").status_code == 200  # the users topic is trusted
+    assert [p[0] for p in client.published] == ["projects/p/topics/users"]
+    # Naming the topics in --topics makes them publishable without the check.
+    allowed = PublisherSettings(users_topic="users", topics="invented,other", project=PROJECT)
+    api = create_app(allowed, deps).test_client()
+    assert api.post("/api/v1/topics/invented/events", json={"n": 1}).status_code == 201
+    assert api.post("/api/v1/topics/other/events", json={"n": 1}).status_code == 201
+    assert len(client.published) == 3
+    assert kit.refused("topic_unverified") == 1
 
 
 def test_a_published_event_is_recorded_with_its_payload() -> None:
