@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from google.api_core import exceptions as gexc
 from google.cloud.pubsub_v1.publisher.exceptions import MessageTooLargeError
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from eventaudit.contract import (
@@ -38,6 +41,7 @@ from eventaudit.publisher.config import PublisherSettings
 
 log = logging.getLogger(__name__)
 
+BUSY_RETRY_AFTER_SECONDS = 1
 _NAMES = ("Zakk Wylde", "Ada Lovelace", "Grace Hopper", "Alan Turing", "Edsger Dijkstra")
 
 
@@ -89,8 +93,69 @@ def _json_body(required: bool) -> dict[str, Any] | tuple[Response, int]:
     return body
 
 
+class PublishSlots:
+    """At most `size` publishes in progress at once, a slot taken without waiting.
+
+    A publish holds its request thread while the topic check (up to 10 s) and Pub/Sub's
+    acknowledgement (up to --publish-timeout-seconds) take; when Pub/Sub hangs, publishes
+    must not take every thread from /healthz and /metrics. A publish beyond the bound is
+    refused at once (503), counted `eventaudit_publisher_refused_total{reason="busy"}` and
+    logged at most once per `log_interval` seconds with the count since the last line.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        refused: Counter,
+        log_interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.size = size
+        self._slots = threading.BoundedSemaphore(size)
+        self._refused = refused
+        self._log_interval = log_interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._unlogged = 0
+        self._logged_at: float | None = None
+
+    def try_acquire(self) -> bool:
+        """Take a slot; False (counted, logged now and then) when all are taken."""
+        if self._slots.acquire(blocking=False):
+            return True
+        self._refused.labels("busy").inc()
+        now = self._clock()
+        with self._lock:
+            self._unlogged += 1
+            if self._logged_at is not None and now - self._logged_at < self._log_interval:
+                return False
+            count, self._unlogged, self._logged_at = self._unlogged, 0, now
+        log.warning(
+            "%d publishes refused (503): all %d publish slots are waiting on Pub/Sub",
+            count,
+            self.size,
+        )
+        return False
+
+    def release(self) -> None:
+        """Give back a slot taken by try_acquire()."""
+        self._slots.release()
+
+
 def _publish(topic: str, payload: dict[str, Any]) -> PublishedEvent | tuple[Response, int]:
-    """Publish and wait for Pub/Sub, mapping failures to HTTP answers."""
+    """Publish and wait for Pub/Sub within a publish slot, mapping failures to HTTP answers."""
+    slots: PublishSlots = current_app.config["PUBLISH_SLOTS"]
+    if not slots.try_acquire():
+        resp, status = json_error(503, "too many publishes in flight; retry later")
+        resp.headers["Retry-After"] = str(BUSY_RETRY_AFTER_SECONDS)
+        return resp, status
+    try:
+        return _publish_in_slot(topic, payload)
+    finally:
+        slots.release()
+
+
+def _publish_in_slot(topic: str, payload: dict[str, Any]) -> PublishedEvent | tuple[Response, int]:
     try:
         event = _deps().publisher.publish(
             topic,
@@ -206,6 +271,9 @@ def create_app(settings: PublisherSettings, deps: PublisherDeps) -> Flask:
     # Topics this API is configured to publish to are published even when a least-privilege
     # service account cannot check that they exist; any other name is then refused (503).
     deps.publisher.topics.trust({settings.users_topic, *settings.topic_allow_list})
+    app.config["PUBLISH_SLOTS"] = PublishSlots(
+        settings.publish_slots, deps.publisher.metrics.refused
+    )
     app.register_blueprint(bp)
     app.add_url_rule("/metrics", "metrics", metrics_view(deps.registry))
     register_json_errors(app)

@@ -31,9 +31,17 @@ class PublisherSettings(CommonSettings):
     topics: str = Field(
         "",
         description="if set, the only topics POST /api/v1/topics/<topic>/events publishes to "
-        "(comma-separated); others answer 404",
+        "(comma-separated); others answer 404. These and the users topic are published even "
+        "when their existence cannot be checked (no pubsub.topics.get permission); any other "
+        "topic then answers 503",
     )
-    threads: int = Field(16, ge=1, le=256, description="HTTP worker threads")
+    threads: int = Field(
+        16,
+        ge=2,
+        le=256,
+        description="HTTP worker threads; publishes in progress take at most threads - 2 "
+        "(at least 1), so /healthz and /metrics always have one (more publishes answer 503)",
+    )
     max_body_bytes: int = Field(
         1_048_576, ge=1024, le=10_000_000, description="largest request body"
     )
@@ -56,6 +64,11 @@ class PublisherSettings(CommonSettings):
         for topic in _split(value):
             _topic_id(topic)
         return value
+
+    @property
+    def publish_slots(self) -> int:
+        """Publishes in progress at once: every thread but two (at least one is left free)."""
+        return max(1, self.threads - 2)
 
     @property
     def topic_allow_list(self) -> frozenset[str]:

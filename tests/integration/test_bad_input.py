@@ -5,6 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import replace
@@ -30,8 +36,9 @@ from eventaudit.publisher.audited import (
 from eventaudit.publisher.config import PublisherSettings
 from eventaudit.records import PublishRecord
 from eventaudit.store import DuplicatePublishes, MongoStore, StoreError
-from tests.conftest import PROJECT, wait_for
+from tests.conftest import PROJECT, service_env, unique, wait_for
 from tests.integration.harness import BUCKET, audited_publisher, audited_subscriber, exporter_kit
+from tools import stack
 
 
 @pytest.fixture
@@ -522,3 +529,115 @@ def test_message_without_event_id_is_counted_invalid_and_acked(store, topic_fact
     assert len(left.received_messages) == 0
     with contextlib.suppress(Exception):
         client.transport.close()
+
+
+def _http(method: str, url: str, body: bytes | None = None, timeout: float = 120.0):
+    """(status, headers, JSON body or None, seconds taken); status 0 when nothing answered."""
+    started = time.monotonic()
+    req = urllib.request.Request(url, data=body, method=method)
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, headers, raw = resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, headers, raw = exc.code, exc.headers, exc.read()
+    except OSError as exc:
+        return 0, {}, repr(exc), time.monotonic() - started
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        parsed = None
+    return status, headers, parsed, time.monotonic() - started
+
+
+def test_publishes_hanging_on_pubsub_never_take_health_and_metrics_down(
+    ferret, tmp_path, monkeypatch
+) -> None:
+    # A private emulator: this test freezes it (SIGSTOP), which the shared one must never be.
+    emulator_port = stack.free_port()
+    emulator = stack.pubsub_emulator(emulator_port, tmp_path / "emulator").start()
+    assert emulator.proc is not None
+    emulator_pid = emulator.proc.pid  # its own process group (the launcher script and Java)
+    host = f"127.0.0.1:{emulator_port}"
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", host)
+    topic = unique("topic")
+    stack.create_topic(PROJECT, topic, [])
+    database = unique("db").replace("-", "_")
+    port = stack.free_port()
+    base = f"http://127.0.0.1:{port}"
+    publisher = stack.python_service(
+        "publisher",
+        "publisher",
+        # Default 16 threads: 14 publish slots. Publishes wait for Pub/Sub up to 120 s.
+        [
+            "--listen-address",
+            f"127.0.0.1:{port}",
+            "--users-topic",
+            topic,
+            "--publish-timeout-seconds",
+            "120",
+        ],
+        tmp_path,
+        service_env(ferret, host, database),
+        f"{base}/healthz",
+    ).start()
+    frozen = False
+    store = MongoStore(ferret.uri, database, timeout_seconds=5)
+    try:
+        events = f"{base}/api/v1/topics/{topic}/events"
+        assert _http("POST", events, b'{"warm": 1}')[0] == 201  # the topic check is cached
+        os.killpg(emulator_pid, signal.SIGSTOP)
+        frozen = True
+        # 20 publishes at once, as many as the threads and more; 4 to names never checked
+        # (their topic check, up to 10 s, also waits inside a publish slot).
+        urls = [events] * 16 + [f"{base}/api/v1/topics/never-checked-{i}/events" for i in range(4)]
+        answers: dict[int, tuple] = {}
+
+        def post(i: int) -> None:
+            answers[i] = _http("POST", urls[i], b'{"n": 1}')
+
+        posts = [threading.Thread(target=post, args=(i,)) for i in range(len(urls))]
+        for thread in posts:
+            thread.start()
+        busy_body = {"error": "too many publishes in flight; retry later", "status": 503}
+        wait_for(lambda: len(answers) >= 6, 60, "the 6 publishes beyond the 14 slots answered")
+        busy = [i for i, a in list(answers.items()) if a[2] == busy_body]
+        assert len(busy) == 6, answers
+        assert all(answers[i][1]["Retry-After"] == "1" for i in busy)
+        # 14 publishes hang on Pub/Sub; health and metrics answer at once.
+        for _ in range(5):
+            status, _, health, took = _http("GET", f"{base}/healthz", timeout=5)
+            assert (status, health["status"]) == (200, "ok")
+            assert took < 1.0, took
+            status, _, _, took = _http("GET", f"{base}/metrics", timeout=5)
+            assert status == 200 and took < 1.0, took
+        # Still hanging: every publish to the real topic that holds a slot.
+        assert [i for i in answers if urls[i] == events and i not in busy] == []
+        status, _, body, _ = _http("POST", events, b'{"n": 2}', timeout=5)
+        assert (status, body) == (503, busy_body)
+        os.killpg(emulator_pid, signal.SIGCONT)
+        frozen = False
+        for thread in posts:
+            thread.join(150)
+        slotted = [i for i in answers if i not in busy]
+        assert len(slotted) == 14
+        for i in slotted:
+            status, _, body, _ = answers[i]
+            if urls[i] == events:
+                assert status == 201, body
+            else:  # NotFound once the emulator answers; unverifiable if its check timed out
+                assert status == 404 or body["error"].startswith("cannot verify topic"), body
+        assert _http("POST", events, b'{"n": 3}')[0] == 201  # recovered
+        published = 2 + sum(1 for i in slotted if urls[i] == events)
+        wait_for(
+            lambda: store.published.count_documents({}) == published, 60, "every record written"
+        )
+        with urllib.request.urlopen(f"{base}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        assert 'eventaudit_publisher_refused_total{reason="busy"} 7.0' in text
+    finally:
+        if frozen:
+            os.killpg(emulator_pid, signal.SIGCONT)
+        store.close()
+        publisher.stop()
+        emulator.stop()

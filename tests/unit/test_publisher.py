@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
 from datetime import datetime
@@ -437,3 +438,53 @@ def test_healthz_is_503_while_the_record_writer_is_not_running(caplog) -> None:
     resp = client.get("/healthz")
     assert (resp.status_code, resp.get_json()) == (503, {**down, "recordBuffer": 1})
     assert "publish record writer stopped unexpectedly" in caplog.text
+
+
+def test_publishes_beyond_the_slots_answer_503_and_health_and_metrics_still_answer(
+    caplog,
+) -> None:
+    kit = Kit()  # futures settle only when the test says: Pub/Sub hangs
+    settings = PublisherSettings(
+        users_topic="orders", project=PROJECT, threads=4, publish_timeout_seconds=600
+    )
+    assert settings.publish_slots == 2
+    app = create_app(settings, PublisherDeps(kit.publisher, kit.buffer, kit.registry))
+    kit.buffer.start()
+    answers: list[tuple[int, Any]] = []
+
+    def post() -> None:
+        resp = app.test_client().post("/api/v1/topics/orders/events", json={"n": 1})
+        answers.append((resp.status_code, resp.get_json()))
+
+    hanging = [threading.Thread(target=post) for _ in range(2)]
+    for thread in hanging:
+        thread.start()
+    wait_for(lambda: len(kit.client.futures) == 2, 30, "two publishes waiting on Pub/Sub")
+    api = app.test_client()
+    for _ in range(3):
+        resp = api.post("/api/v1/topics/orders/events", json={"n": 1})
+        assert resp.status_code == 503
+        assert resp.get_json() == {
+            "error": "too many publishes in flight; retry later",
+            "status": 503,
+        }
+        assert resp.headers["Retry-After"] == "1"
+    assert api.post("/api/v1/users").status_code == 503  # the demo route shares the bound
+    assert api.get("/healthz").status_code == 200
+    assert api.get("/metrics").status_code == 200
+    assert kit.refused("busy") == 4
+    assert len(kit.client.published) == 2  # nothing refused reached the client
+    busy_lines = [r for r in caplog.records if "publish slots" in r.getMessage()]
+    assert len(busy_lines) == 1  # once per interval, not per request
+    for i, future in enumerate(kit.client.futures):
+        future.set_result(f"m-{i}")
+    for thread in hanging:
+        thread.join(30)
+    assert sorted(status for status, _ in answers) == [201, 201]
+    kit.client.settle = "m-3"
+    assert api.post("/api/v1/topics/orders/events", json={"n": 3}).status_code == 201
+
+
+@pytest.mark.parametrize(("threads", "slots"), [(2, 1), (3, 1), (4, 2), (16, 14), (256, 254)])
+def test_publish_slots_leave_two_threads_and_at_least_one(threads: int, slots: int) -> None:
+    assert PublisherSettings(threads=threads).publish_slots == slots

@@ -152,6 +152,15 @@ def test_publisher_topics_must_be_pubsub_ids(argv, reported, capsys) -> None:
     assert "not a Pub/Sub topic id" in err
 
 
+@pytest.mark.parametrize("threads", ["1", "0", "257", "\u0661\u0666", "\u00b2", "1e1"])
+def test_publisher_threads_leave_one_for_health(threads: str, capsys) -> None:
+    # Publishes take at most threads - 2 (at least 1): one thread must stay for /healthz.
+    with pytest.raises(SystemExit) as exc:
+        load_settings(PublisherSettings, ["--threads", threads])
+    assert exc.value.code == 1
+    assert "--threads" in capsys.readouterr().err
+
+
 def test_publisher_topic_allow_list() -> None:
     assert load_settings(PublisherSettings, []).topic_allow_list == frozenset()
     s = load_settings(
