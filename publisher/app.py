@@ -270,7 +270,7 @@ def create_app(settings: PublisherSettings, deps: PublisherDeps) -> Flask:
     app.config.update(SETTINGS=settings, DEPS=deps, MAX_CONTENT_LENGTH=settings.max_body_bytes)
     # Topics this API is configured to publish to are published even when a least-privilege
     # service account cannot check that they exist; any other name is then refused (503).
-    deps.publisher.topics.trust({settings.users_topic, *settings.topic_allow_list})
+    deps.publisher.topics.trust_only({settings.users_topic, *settings.topic_allow_list})
     app.config["PUBLISH_SLOTS"] = PublishSlots(
         settings.publish_slots, deps.publisher.metrics.refused
     )

@@ -409,10 +409,12 @@ class KnownTopics:
     `size` names each, makes memory independent of the names callers send. Topics found and
     answers for other names are kept apart, so invented names never evict a topic in use.
 
-    A check that fails (permission denied to a least-privilege publisher, Pub/Sub unavailable)
-    proves nothing: a `trusted` name (the API's users topic and `--topics`) is published
-    anyway, any other raises TopicUnverifiedError, so names callers invent still never reach
-    the client. Those refusals are logged once per `missing_ttl` with their count.
+    A check that fails (permission denied: Pub/Sub's publisher role does not include
+    `pubsub.topics.get`; Pub/Sub unavailable) proves nothing. With `trusted` names (the API
+    trusts its users topic and `--topics`), those are published anyway and any other raises
+    TopicUnverifiedError, so names callers invent never reach the client; the refusals are
+    logged once per `missing_ttl` with their count. With `trusted=None` (a library's default:
+    its topic names come from its own code) every name is published anyway.
     """
 
     def __init__(
@@ -424,7 +426,7 @@ class KnownTopics:
         missing_ttl: float = 10.0,
         timeout: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
-        trusted: Iterable[str] = (),
+        trusted: Iterable[str] | None = None,
     ) -> None:
         self._client = client
         self._project = project
@@ -433,7 +435,7 @@ class KnownTopics:
         self._missing_ttl = missing_ttl
         self._timeout = timeout
         self._clock = clock
-        self._trusted = frozenset(trusted)
+        self._trusted = frozenset(trusted) if trusted is not None else None
         self._found: OrderedDict[str, float] = OrderedDict()  # topic -> expiry
         # Every other answer: "missing" (NotFound) or "unknown" (the check failed), and expiry.
         self._others: OrderedDict[str, tuple[str, float]] = OrderedDict()
@@ -445,10 +447,10 @@ class KnownTopics:
         with self._lock:
             return len(self._found) + len(self._others)
 
-    def trust(self, topics: Iterable[str]) -> None:
-        """Publish these even when their existence cannot be checked."""
+    def trust_only(self, topics: Iterable[str]) -> None:
+        """When existence cannot be checked, publish these topics and refuse any other."""
         with self._lock:
-            self._trusted |= frozenset(topics)
+            self._trusted = frozenset(topics)
 
     def exists(self, topic: str) -> bool:
         """Whether `topic` exists, from the caches or from one `get_topic` call.
@@ -474,7 +476,7 @@ class KnownTopics:
             return False
         except Exception as exc:  # proves nothing either way
             self._remember(self._others, topic, ("unknown", now + self._missing_ttl))
-            if topic in self._trusted:
+            if self._is_trusted(topic):
                 log.warning(
                     "could not check whether topic %s exists, publishing anyway: %s", topic, exc
                 )
@@ -489,8 +491,12 @@ class KnownTopics:
             self._found.pop(topic, None)
             self._others.pop(topic, None)
 
+    def _is_trusted(self, topic: str) -> bool:
+        return self._trusted is None or topic in self._trusted
+
     def _remember(self, cache: OrderedDict[str, Any], topic: str, answer: Any) -> None:
         with self._lock:
+            (self._others if cache is self._found else self._found).pop(topic, None)
             cache[topic] = answer
             cache.move_to_end(topic)
             while len(cache) > self._size:
@@ -498,7 +504,7 @@ class KnownTopics:
 
     def _unchecked(self, topic: str, now: float, exc: Exception | None = None) -> bool:
         # Called with the lock held: the answer for a topic whose existence is unknown.
-        if topic in self._trusted:
+        if self._is_trusted(topic):
             return True
         self._refused += 1
         if self._refusals_logged_at is None or now - self._refusals_logged_at >= self._missing_ttl:

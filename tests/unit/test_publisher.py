@@ -290,6 +290,22 @@ def test_a_topic_that_cannot_be_checked_is_published_only_when_trusted(failure, 
     assert "3000 publishes refused" in caplog.records[-1].getMessage()
 
 
+def test_a_library_publisher_without_trusted_names_publishes_when_it_cannot_check() -> None:
+    # Library callers name their topics in code; the API narrows it with trust_only().
+    client = FakeClient(set())
+    client.check_raises = gexc.PermissionDenied("pubsub.topics.get denied")
+    topics = KnownTopics(client, PROJECT, clock=Clock())
+    kit = Kit(topics, client)
+    kit.publisher.publish("orders", {"n": 1})
+    kit.publisher.publish("payments", {"n": 1})
+    assert len(client.published) == 2
+    topics.trust_only({"orders"})
+    kit.publisher.publish("orders", {"n": 2})
+    with pytest.raises(TopicUnverifiedError):
+        kit.publisher.publish("payments", {"n": 2})
+    assert len(client.published) == 3
+
+
 def test_invented_names_never_evict_topics_that_exist() -> None:
     clock = Clock()
     client = FakeClient({f"real-{i}" for i in range(10)})
