@@ -80,10 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     dropped = _count(registry, "dropped") + unsure
     log.log(
         logging.ERROR if dropped else logging.INFO,
-        "publisher stopped: %d publish records written, %d dropped, %d conflicting%s",
+        "publisher stopped: %d publish records written, %d dropped, %d conflicting, %d retried%s",
         _count(registry, "written"),
         dropped,
         _count(registry, "conflict"),
+        _count(registry, "retried"),
         f" ({unsure} of the dropped were still being written when time ran out: they may be "
         "in the store)"
         if unsure
