@@ -134,7 +134,10 @@ def start(settings: SubscriberSettings) -> Service:
         store.close()
         client.close()
         raise
-    flow = pubsub_v1.types.FlowControl(max_messages=settings.max_outstanding_messages)
+    flow = pubsub_v1.types.FlowControl(
+        max_messages=settings.max_outstanding_messages,
+        max_duration_per_lease_extension=settings.lease_extension_seconds,
+    )
     session = StreamSession(client, path, audited, health, stream_metrics, flow)
     log.info("subscriber on %s (topic %s), metrics on %s", path, topic, settings.listen_address)
     return Service(settings, client, store, audited, server, session)

@@ -24,6 +24,14 @@ class SubscriberSettings(CommonSettings):
         0.05, gt=0, le=10, description="longest wait to fill a batch"
     )
     max_outstanding_messages: int = Field(1000, ge=1, description="streaming-pull flow control")
+    lease_extension_seconds: int = Field(
+        10,
+        ge=10,
+        le=600,
+        description="ack deadline the streaming pull asks for, and extends by while a message "
+        "is being handled: messages a crashed subscriber held come back after about this long "
+        "(the client library's default is 60)",
+    )
     lose_fraction: float = Field(
         0.0, ge=0, le=1, description="FAULT KNOB for demos: ack this fraction of events unrecorded"
     )

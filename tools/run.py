@@ -26,7 +26,9 @@ import urllib.request
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from tools import stack
 
@@ -47,11 +49,12 @@ PORTS = {
 ACKED_OUTCOMES = ("recorded", "invalid", "internal_error_dropped", "fault_lost")
 # The publisher flushes its record buffer on SIGTERM within its own shutdown budget.
 PUBLISHER_STOP_SECONDS = 40.0
-# A subscriber that dies holding messages leaves them leased for the streaming pull's stream
-# ack deadline (60 s in google-cloud-pubsub) before the emulator redelivers them.
-REDELIVERY_SECONDS = 65.0
-# Quiet time that means "drained" for a subscriber restarted long enough ago.
-QUIET_SECONDS = 3.0
+# A subscriber that dies holding messages leaves them leased for its stream ack deadline (the
+# subscriber's --lease-extension-seconds, 10 s) before the emulator redelivers them; the
+# emulator may go on handing messages to the dead stream for a few seconds after it died.
+REDELIVERY_SECONDS = 25.0
+# The second subscriber acks this fraction of events unrecorded, on purpose (the demo's loss).
+LOSE_FRACTION = 0.02
 
 
 def traffic(url: str, rate: float, stop: threading.Event, counts: dict[str, int]) -> None:
@@ -173,6 +176,7 @@ class Stack:
         self.drain_seconds = drain_seconds
         self.children: dict[str, Child] = {}
         self.restarted: dict[str, float] = {}  # name -> monotonic time of the last restart
+        self.started_at = datetime.now(UTC) - timedelta(seconds=1)
         self.env = {
             "PUBSUB_EMULATOR_HOST": f"127.0.0.1:{ports['pubsub-emulator']}",
             "EVENTAUDIT_PROJECT": PROJECT,
@@ -222,7 +226,7 @@ class Stack:
             )
         )
         for i, (sub, extra) in enumerate(
-            zip(SUBSCRIPTIONS, ([], ["--lose-fraction", "0.02"]), strict=True), start=1
+            zip(SUBSCRIPTIONS, ([], ["--lose-fraction", str(LOSE_FRACTION)]), strict=True), start=1
         ):
             name = f"subscriber-{i}"
             self._start(
@@ -319,42 +323,35 @@ class Stack:
     def drain_after_publisher(self) -> None:
         """Wait, bounded, until each subscriber has handled every published event.
 
-        A subscriber restarted during the run counts only what it handled since (and after a
-        publisher restart, the publisher's count is partial); then
-        drained means nothing pending and nothing new for a quiet time that lasts at least
-        until its predecessor's leases ran out (REDELIVERY_SECONDS after the restart), since
-        the emulator redelivers what the dead process held only then.
+        Normally from the metrics: a subscriber has acked at least what the publisher
+        published. A subscriber restarted during the run counts only what it handled since
+        (and after a publisher restart the publisher's count is partial), and the emulator may
+        go on handing messages to a dead stream for a while; then from the records: every
+        event published during this run has a receipt on the subscription, except those its
+        fault knob drops on purpose.
         """
         published = getattr(self, "_published", 0.0)
         subscribers = [n for n in self.children if n.startswith("subscriber-")]
-        last: dict[str, tuple[float, float]] = {}  # name -> (acked, when it last changed)
+        by_records = {
+            n for n in subscribers if n in self.restarted or "publisher" in self.restarted
+        }
+        expected = self._expected_receipts() if by_records else {}
         start = time.monotonic()
-        deadline = start + self.drain_seconds
-        for name in subscribers:
-            if name in self.restarted:
-                redelivered_by = self.restarted[name] + REDELIVERY_SECONDS
-                deadline = max(deadline, redelivered_by + QUIET_SECONDS + 5)
+        deadline = start + self.drain_seconds + (REDELIVERY_SECONDS if by_records else 0)
         waiting = subscribers
         while True:
-            now = time.monotonic()
             still = []
             for name in waiting:
-                acked, pending = handled(scrape(f"{self.url(name)}/metrics"))
-                if name not in last or acked != last[name][0]:
-                    last[name] = (acked, now)
-                if name in self.restarted or "publisher" in self.restarted:
-                    # Counters that do not cover the whole run: wait for quiet instead.
-                    leases_end = self.restarted.get(name, -REDELIVERY_SECONDS) + REDELIVERY_SECONDS
-                    quiet_since = max(last[name][1], leases_end)
-                    done = pending == 0 and now - quiet_since >= QUIET_SECONDS
+                if name in by_records:
+                    done = self._receipts(name) >= expected.get(name, 0)
                 else:
-                    done = drained(published, acked, pending)
+                    done = drained(published, *handled(scrape(f"{self.url(name)}/metrics")))
                 if not done:
                     still.append(name)
             waiting = still
-            if not waiting or now > deadline:
+            if not waiting or time.monotonic() > deadline:
                 break
-            time.sleep(0.2)
+            time.sleep(0.5)
         if waiting:
             print(
                 f"[run] {', '.join(waiting)} had not handled all {published:.0f} published "
@@ -362,6 +359,47 @@ class Stack:
             )
         else:
             print(f"[run] every subscription drained ({published:.0f} events published)")
+
+    def _store(self) -> Any:
+        from eventaudit.store import MongoStore
+
+        return MongoStore(self.env["EVENTAUDIT_MONGO_URI"], "eventaudit", timeout_seconds=5)
+
+    def _expected_receipts(self) -> dict[str, int]:
+        """Per subscriber, the receipts this run's published events should leave."""
+        from eventaudit.subscriber.audited import Faults
+
+        store = self._store()
+        try:
+            ids = [
+                d["eventID"]
+                for d in store.published.find(
+                    {"topic": TOPIC, "publishTime": {"$gte": self.started_at}}, {"eventID": 1}
+                )
+            ]
+        finally:
+            store.close()
+        lossy = Faults.lose_fraction(LOSE_FRACTION).lose
+        return {
+            "subscriber-1": len(ids),
+            "subscriber-2": sum(1 for event_id in ids if not lossy(event_id)),
+        }
+
+    def _receipts(self, name: str) -> int:
+        """Receipts stored for a subscriber's subscription, of events published this run."""
+        subscription = SUBSCRIPTIONS[int(name.rsplit("-", 1)[1]) - 1]
+        store = self._store()
+        try:
+            return int(
+                store.received.count_documents(
+                    {"subscription": subscription, "publishTime": {"$gte": self.started_at}}
+                )
+            )
+        except Exception as exc:  # the store is the one thing that must still answer
+            print(f"[run] cannot count receipts of {subscription}: {exc}", file=sys.stderr)
+            return -1
+        finally:
+            store.close()
 
 
 def state_path(data: Path) -> Path:
