@@ -118,6 +118,24 @@ def test_subscriber_requires_subscription_and_valid_fraction(capsys) -> None:
     assert s.lose_fraction == 0.02
 
 
+@pytest.mark.parametrize("value", ["9", "601", "\u0661\u0660", "10.5", "-10", ""])
+def test_subscriber_lease_extension_is_within_pubsubs_range(value: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        load_settings(
+            SubscriberSettings, ["--subscription", "abc", "--lease-extension-seconds", value]
+        )
+    assert "--lease-extension-seconds" in capsys.readouterr().err
+
+
+def test_subscriber_lease_extension_default_and_bounds() -> None:
+    assert (
+        load_settings(SubscriberSettings, ["--subscription", "abc"]).lease_extension_seconds == 10
+    )
+    for value in (10, 600):
+        args = ["--subscription", "abc", "--lease-extension-seconds", str(value)]
+        assert load_settings(SubscriberSettings, args).lease_extension_seconds == value
+
+
 def test_unknown_flag_is_rejected() -> None:
     with pytest.raises(SystemExit) as exc:
         load_settings(ExporterSettings, ["--bogus", "1"])
