@@ -86,7 +86,11 @@ def bench_publisher(store: MongoStore, n: int) -> None:
     buffer = RecordBuffer(store, metrics)
     buffer.start()
     audited = AuditedPublisher(publisher_client(), PROJECT, buffer, metrics)
-    app = create_app(PublisherSettings(project=PROJECT), PublisherDeps(audited, buffer, registry))
+    app = create_app(
+        # 16 clients need 16 publish slots: threads - 2 (two stay free for /healthz, /metrics).
+        PublisherSettings(project=PROJECT, threads=18),
+        PublisherDeps(audited, buffer, registry),
+    )
     bare = _bare_app(topic)
     _drive(bare, topic, 200, 16)  # warm both paths
     _drive(app, topic, 200, 16)
