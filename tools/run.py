@@ -594,6 +594,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: stop the rest at once
         for child in run.children.values():
             child.service.kill()
+        print("[run] killed what was left")
+        return 130
+    print("[run] stopped; nothing left running")
     return code
 
 

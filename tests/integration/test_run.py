@@ -95,6 +95,7 @@ def test_ctrl_c_during_traffic_loses_nothing(tmp_path: Path) -> None:
             proc.kill()
     output = (tmp_path / "run.log").read_text()
     assert "every subscription drained" in output, output[-3000:]
+    assert "[run] stopped; nothing left running" in output
     assert not any(stack.port_open(port) for port in ports.values()), "a service outlived make run"
 
     port = stack.free_port()
