@@ -291,6 +291,21 @@ def _drop_index(collection: Collection[dict[str, Any]], name: str) -> None:
             raise
 
 
+# FerretDB 1.24 (SQLite) never answers an update command of 100 or more operations, and stays
+# hung for every client after it: bulk updates go in chunks well below that.
+_UPDATES_PER_COMMAND = 50
+
+
+def _bulk_write_in_chunks(collection: Collection[dict[str, Any]], ops: Sequence[UpdateOne]) -> int:
+    """Unordered bulk updates, `_UPDATES_PER_COMMAND` per command; documents matched or
+    upserted. Raises what pymongo raises."""
+    done = 0
+    for i in range(0, len(ops), _UPDATES_PER_COMMAND):
+        result = collection.bulk_write(list(ops[i : i + _UPDATES_PER_COMMAND]), ordered=False)
+        done += result.matched_count + result.upserted_count
+    return done
+
+
 class MongoStore:
     """Reads and writes the audit collections of one database."""
 
@@ -452,9 +467,15 @@ class MongoStore:
             for key, (_, n, _, last_seen) in existing
         ]
         try:
-            self.received.bulk_write(updates, ordered=False)
+            matched = _bulk_write_in_chunks(self.received, updates)
         except PyMongoError as exc:
             raise StoreError(f"redeliveries not written: {exc}") from exc
+        if matched < len(updates):
+            # A receipt deleted between the insert and its update (retention, an operator):
+            # acking now would leave a delivered event without a receipt, so fail the batch.
+            raise StoreError(
+                f"redeliveries not written: {len(updates) - matched} receipt(s) vanished"
+            )
 
     # -- exporter queries ------------------------------------------------------------------
 
@@ -535,7 +556,7 @@ class MongoStore:
         if not ops:
             return
         try:
-            self.buckets.bulk_write(ops, ordered=False)
+            _bulk_write_in_chunks(self.buckets, ops)
         except PyMongoError as exc:
             raise StoreError(f"could not save bucket results: {exc}") from exc
 
