@@ -195,10 +195,21 @@ class AuditedSubscriber:
         """Start the writer thread (before subscribing)."""
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Write what is queued, then stop the writer."""
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Write what is queued, then stop the writer; False (logged) when it did not finish
+        within `timeout`: what it still held is unacked, so Pub/Sub redelivers it."""
         self._queue.put(None)
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            return True
+        log.error(
+            "receipt writer of %s did not finish within %.1fs: about %d queued messages (and "
+            "any batch being written) are not recorded; unacked, so Pub/Sub redelivers them",
+            self._subscription,
+            timeout,
+            max(0, self._queue.qsize() - 1),
+        )
+        return False
 
     def __call__(self, message: Message) -> None:
         """The streaming-pull callback: parse and enqueue; never raises."""

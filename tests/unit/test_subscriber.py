@@ -7,6 +7,8 @@ exception in our code is counted, nacked a bounded number of times, then acked u
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -314,3 +316,36 @@ def test_writer_internal_errors_are_bounded_too() -> None:
     assert [m.acks for m in booms] == [["nack"]] * (MAX_INTERNAL_ERROR_ATTEMPTS - 1) + [["ack"]]
     assert sub.count("internal_error_dropped") == 1
     assert sub.store.received == {}
+
+
+class BlockingStore(MemoryStore):
+    """A store whose writes wait until released (a hung store)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def record_receipts(self, receipts: Sequence[Receipt], now: datetime) -> None:
+        self.release.wait(30)
+        super().record_receipts(receipts, now)
+
+
+def test_a_writer_that_misses_its_stop_deadline_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    store = BlockingStore()
+    sub = Subscriber(store)
+    held = [FakeMessage({"eventID": f"held-{i}"}, message_id=f"m-{i}") for i in range(3)]
+    for message in held:
+        sub.audited(message)
+    with caplog.at_level(logging.ERROR):
+        assert sub.audited.stop(timeout=0.2) is False
+    assert "did not finish within 0.2s" in caplog.text
+    assert [m.acks for m in held] == [[], [], []]  # nothing acked: Pub/Sub redelivers them
+    store.release.set()
+    sub.audited.stop(timeout=10)
+    assert [m.acks for m in held] == [["ack"]] * 3  # written, then acked, once the store answers
+
+
+def test_a_writer_that_finishes_in_time_reports_it() -> None:
+    sub = Subscriber()
+    sub.deliver(FakeMessage({"eventID": "e-1"}))
+    assert sub.audited.stop(timeout=10) is True
