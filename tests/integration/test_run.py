@@ -83,6 +83,18 @@ def _start_run(tmp_path: Path, rate: int) -> tuple[subprocess.Popen[bytes], dict
     return proc, ports, data
 
 
+def _leave_nothing_running(proc: subprocess.Popen[bytes], data: Path) -> None:
+    """Whatever happened in the test, stop the stack and every child it started."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    run.stop_running(data, timeout=30)  # children a killed make run left behind
+
+
 def test_ctrl_c_during_traffic_loses_nothing(tmp_path: Path) -> None:
     proc, ports, data = _start_run(tmp_path, rate=40)
     publisher = f"http://127.0.0.1:{ports['publisher']}"
@@ -91,8 +103,7 @@ def test_ctrl_c_during_traffic_loses_nothing(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)  # Ctrl-C, during traffic
         assert proc.wait(timeout=180) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _leave_nothing_running(proc, data)
     output = (tmp_path / "run.log").read_text()
     assert "every subscription drained" in output, output[-3000:]
     assert "[run] stopped; nothing left running" in output
@@ -166,8 +177,7 @@ def test_a_dead_subscriber_is_restarted_and_make_stop_leaves_nothing_running(
         assert "nothing left running" in stop.stdout
         assert proc.wait(timeout=10) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _leave_nothing_running(proc, data)
     output = (tmp_path / "run.log").read_text()
     assert "subscriber-1 exited with -9" in output, output[-3000:]
     assert "restarting subscriber-1" in output
