@@ -70,7 +70,7 @@ def traffic(url: str, rate: float, stop: threading.Event, counts: dict[str, int]
             print(f"[run] traffic: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
-def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]] | None:
+def scrape(url: str) -> Samples | None:
     """Samples by metric name from a /metrics page; None when unreachable."""
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -79,11 +79,23 @@ def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]] | None:
             text = resp.read().decode()
     except OSError:
         return None
-    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    samples: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             samples.setdefault(sample.name, []).append((sample.labels, sample.value))
     return samples
+
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def sample_sum(samples: Samples | None, name: str, **labels: str | tuple[str, ...]) -> float:
+    """Sum of the samples of `name` whose labels match (a tuple: any of its values)."""
+
+    def match(have: dict[str, str]) -> bool:
+        return all(have.get(k) in (v if isinstance(v, tuple) else (v,)) for k, v in labels.items())
+
+    return sum(value for have, value in (samples or {}).get(name, []) if match(have))
 
 
 def summary(exporter_url: str, window: str = "5m") -> str:
@@ -109,17 +121,12 @@ def summary(exporter_url: str, window: str = "5m") -> str:
     )
 
 
-def handled(samples: dict[str, list[tuple[dict[str, str], float]]] | None) -> tuple[float, float]:
+def handled(samples: Samples | None) -> tuple[float, float]:
     """(messages acked, receipts pending) from one subscriber's metrics."""
     if samples is None:
         return 0.0, float("inf")
-    acked = sum(
-        value
-        for labels, value in samples.get("eventaudit_subscriber_messages_total", [])
-        if labels.get("outcome") in ACKED_OUTCOMES
-    )
-    pending = sum(value for _, value in samples.get("eventaudit_subscriber_pending_receipts", []))
-    return acked, pending
+    acked = sample_sum(samples, "eventaudit_subscriber_messages_total", outcome=ACKED_OUTCOMES)
+    return acked, sample_sum(samples, "eventaudit_subscriber_pending_receipts")
 
 
 def drained(published: float, acked: float, pending: float) -> bool:
@@ -291,36 +298,24 @@ class Stack:
 
     def stop(self) -> None:
         """Stop in data-flow order (see the module docstring)."""
-        order = ["publisher", "drain", "subscriber-1", "subscriber-2", "exporter"]
-        order += ["prometheus", "alertmanager", "pubsub-emulator", "ferretdb"]
-        publisher_stopped = False
-        for name in order:
-            if name == "drain":
-                if publisher_stopped:
-                    self.drain_after_publisher()
-                continue
+        publisher = self.children.pop("publisher", None)
+        if publisher is not None:
+            # Read its count first: its /metrics goes away with it.
+            samples = scrape(f"{self.url('publisher')}/metrics")
+            published = sample_sum(
+                samples, "eventaudit_publisher_events_total", outcome="published"
+            )
+            publisher.service.stop()
+            self.drain_after_publisher(published)
+        order = ["subscriber-1", "subscriber-2", "exporter", "prometheus", "alertmanager"]
+        order += ["pubsub-emulator", "ferretdb"]
+        for name in [*order, *(n for n in self.children if n not in order)]:
             child = self.children.pop(name, None)
-            if child is None:
-                continue
-            if name == "publisher":
-                # Read its count first: its /metrics goes away with it.
-                self._published = self._published_count()
-                publisher_stopped = True
-            child.service.stop()
-        for child in self.children.values():  # anything not named above
-            child.service.stop()
-        self.children.clear()
+            if child is not None:
+                child.service.stop()
         state_path(self.data).unlink(missing_ok=True)
 
-    def _published_count(self) -> float:
-        samples = scrape(f"{self.url('publisher')}/metrics")
-        return sum(
-            value
-            for labels, value in (samples or {}).get("eventaudit_publisher_events_total", [])
-            if labels.get("outcome") == "published"
-        )
-
-    def drain_after_publisher(self) -> None:
+    def drain_after_publisher(self, published: float) -> None:
         """Wait, bounded, until each subscriber has handled every published event.
 
         Normally from the metrics: a subscriber has acked at least what the publisher
@@ -330,20 +325,20 @@ class Stack:
         event published during this run has a receipt on the subscription, except those its
         fault knob drops on purpose.
         """
-        published = getattr(self, "_published", 0.0)
         subscribers = [n for n in self.children if n.startswith("subscriber-")]
         by_records = {
             n for n in subscribers if n in self.restarted or "publisher" in self.restarted
         }
-        expected = self._expected_receipts() if by_records else {}
+        store = self._store() if by_records else None  # one connection for the whole drain
+        expected = self._expected_receipts(store) if store is not None else {}
         start = time.monotonic()
         deadline = start + self.drain_seconds + (REDELIVERY_SECONDS if by_records else 0)
         waiting = subscribers
         while True:
             still = []
             for name in waiting:
-                if name in by_records:
-                    done = self._receipts(name) >= expected.get(name, 0)
+                if store is not None and name in by_records:
+                    done = self._receipts(store, name) >= expected.get(name, 0)
                 else:
                     done = drained(published, *handled(scrape(f"{self.url(name)}/metrics")))
                 if not done:
@@ -352,6 +347,8 @@ class Stack:
             if not waiting or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
+        if store is not None:
+            store.close()
         if waiting:
             print(
                 f"[run] {', '.join(waiting)} had not handled all {published:.0f} published "
@@ -365,30 +362,21 @@ class Stack:
 
         return MongoStore(self.env["EVENTAUDIT_MONGO_URI"], "eventaudit", timeout_seconds=5)
 
-    def _expected_receipts(self) -> dict[str, int]:
+    def _expected_receipts(self, store: Any) -> dict[str, int]:
         """Per subscriber, the receipts this run's published events should leave."""
         from eventaudit.subscriber.audited import Faults
 
-        store = self._store()
-        try:
-            ids = [
-                d["eventID"]
-                for d in store.published.find(
-                    {"topic": TOPIC, "publishTime": {"$gte": self.started_at}}, {"eventID": 1}
-                )
-            ]
-        finally:
-            store.close()
+        query = {"topic": TOPIC, "publishTime": {"$gte": self.started_at}}
+        ids = [d["eventID"] for d in store.published.find(query, {"eventID": 1})]
         lossy = Faults.lose_fraction(LOSE_FRACTION).lose
         return {
             "subscriber-1": len(ids),
             "subscriber-2": sum(1 for event_id in ids if not lossy(event_id)),
         }
 
-    def _receipts(self, name: str) -> int:
+    def _receipts(self, store: Any, name: str) -> int:
         """Receipts stored for a subscriber's subscription, of events published this run."""
         subscription = SUBSCRIPTIONS[int(name.rsplit("-", 1)[1]) - 1]
-        store = self._store()
         try:
             return int(
                 store.received.count_documents(
@@ -398,8 +386,6 @@ class Stack:
         except Exception as exc:  # the store is the one thing that must still answer
             print(f"[run] cannot count receipts of {subscription}: {exc}", file=sys.stderr)
             return -1
-        finally:
-            store.close()
 
 
 def state_path(data: Path) -> Path:

@@ -53,12 +53,8 @@ def _pid_listening(port: int) -> int:
 
 
 def _published_count(url: str) -> float:
-    samples = run.scrape(f"{url}/metrics") or {}
-    return sum(
-        v
-        for labels, v in samples.get("eventaudit_publisher_events_total", [])
-        if labels.get("outcome") == "published"
-    )
+    samples = run.scrape(f"{url}/metrics")
+    return run.sample_sum(samples, "eventaudit_publisher_events_total", outcome="published")
 
 
 def _start_run(tmp_path: Path, rate: int) -> tuple[subprocess.Popen[bytes], dict[str, int], Path]:
@@ -129,12 +125,8 @@ def test_ctrl_c_during_traffic_loses_nothing(tmp_path: Path) -> None:
 
 
 def _recorded(url: str) -> float:
-    samples = run.scrape(f"{url}/metrics") or {}
-    return sum(
-        v
-        for labels, v in samples.get("eventaudit_subscriber_messages_total", [])
-        if labels.get("outcome") == "recorded"
-    )
+    samples = run.scrape(f"{url}/metrics")
+    return run.sample_sum(samples, "eventaudit_subscriber_messages_total", outcome="recorded")
 
 
 def test_a_dead_subscriber_is_restarted_and_make_stop_leaves_nothing_running(

@@ -15,6 +15,7 @@ from tools.run import (
     handled,
     offset_prometheus_config,
     process_start,
+    sample_sum,
     state_path,
     stop_running,
     write_state,
@@ -129,3 +130,14 @@ def test_a_message_given_up_after_internal_errors_counts_as_handled() -> None:
         ],
     }
     assert handled(samples) == (10.0, 0.0)
+
+
+def test_sample_sum_matches_labels_and_any_of_a_tuple() -> None:
+    samples = {
+        "m": [({"outcome": "a", "s": "x"}, 1.0), ({"outcome": "b", "s": "x"}, 2.0), ({}, 4.0)]
+    }
+    assert sample_sum(samples, "m") == 7.0
+    assert sample_sum(samples, "m", outcome="a") == 1.0
+    assert sample_sum(samples, "m", outcome=("a", "b"), s="x") == 3.0
+    assert sample_sum(samples, "other") == 0.0
+    assert sample_sum(None, "m") == 0.0
