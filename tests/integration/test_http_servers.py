@@ -16,17 +16,17 @@ import socket
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from eventaudit.store import MongoStore
 from tests.conftest import Ferret, service_env, unique, wait_for
+from tests.integration.http_client import metric as _metric
+from tests.integration.http_client import post as _post
+from tests.integration.http_client import timed_get as _get
 from tools import stack
 
 SERVICES = ("publisher", "subscriber", "exporter")
@@ -43,37 +43,6 @@ def _start(
         env,
         f"http://127.0.0.1:{port}/healthz",
     ).start()
-
-
-def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes, float]:
-    """Status, body and seconds taken."""
-    started = time.monotonic()
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read(), time.monotonic() - started
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read(), time.monotonic() - started
-    except OSError as exc:  # timed out or refused: the point of these tests
-        return 0, repr(exc).encode(), time.monotonic() - started
-
-
-def _post(url: str, body: bytes = b"") -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
-
-
-def _metric(url: str, name: str, labels: dict[str, str]) -> float | None:
-    status, body, _ = _get(url)
-    assert status == 200, body
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return None
 
 
 def _threads(pid: int) -> int:

@@ -3,43 +3,17 @@
 from __future__ import annotations
 
 import json
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from eventaudit.store import MongoStore
 from tests.conftest import Ferret, service_env, unique, wait_for
+from tests.integration.http_client import get as _get
+from tests.integration.http_client import metric as _metric
+from tests.integration.http_client import post as _post
 from tools import stack
-
-
-def _get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def _post(url: str, body: bytes = b"") -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
-
-
-def _metric(url: str, name: str, labels: dict[str, str]) -> float | None:
-    status, body = _get(url)
-    assert status == 200
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return None
 
 
 @pytest.fixture

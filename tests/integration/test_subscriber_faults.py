@@ -8,8 +8,6 @@ import socket
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -44,6 +42,7 @@ from tests.integration.harness import (
     received_count,
     settled_time,
 )
+from tests.integration.http_client import get as _get
 from tests.unit.test_subscriber import Hostile, hostile_cases
 from tools import stack
 
@@ -51,14 +50,6 @@ TopicFactory = Callable[[int], tuple[str, list[str]]]
 # Far enough past the tolerance that the broker's clock, a few seconds after ours, cannot
 # move a case across it.
 MARGIN_MS = 5 * 60_000
-
-
-def _get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
 
 
 def _samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
