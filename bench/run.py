@@ -212,10 +212,11 @@ def bench_exporter(store: MongoStore, n: int) -> None:
         timedelta(seconds=10),
         timedelta(seconds=30),
     )
-    # Evaluate as if the records were written a while ago (two buckets before the first
-    # evaluation): otherwise the next evaluation would take every one of them for a late
-    # record and re-read the whole window, which is not the steady state being measured.
-    now = datetime.now(UTC) + timedelta(seconds=20)
+    # Evaluate as if the records were written a while ago (two buckets more than the late
+    # lookback before the first evaluation): otherwise the next evaluation would take every
+    # one of them for a late record and re-read the whole window, which is not the steady
+    # state being measured.
+    now = datetime.now(UTC) + evaluator.late_lookback + timedelta(seconds=20)
     started = time.perf_counter()
     snapshot = evaluator.evaluate(now)
     first = time.perf_counter() - started

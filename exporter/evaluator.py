@@ -103,6 +103,11 @@ class Evaluator:
         self._until: datetime | None = None
         self._watermark: datetime | None = None
 
+    @property
+    def late_lookback(self) -> timedelta:
+        """How far before the previous evaluation late records are looked for."""
+        return self._late_lookback
+
     def evaluate(self, now: datetime) -> Snapshot:
         """Evaluate everything that settled by `now`; raises StoreError (state unchanged)."""
         frontier = settled_frontier(now, self._settle, self._bucket)
@@ -124,10 +129,14 @@ class Evaluator:
 
         # One read per collection: the newly settled buckets, plus anything written since the
         # last evaluation (less the lookback, for writes in flight and clock skew) whose bucket
-        # was already evaluated: a late receipt or a late publish record.
+        # was already evaluated: a late receipt or a late publish record. Most records written
+        # since then were published just before: the buckets from `since` on are read whole
+        # and recomputed in this same read, so only records published before them (really
+        # late ones) cost the extra re-read below.
         since = watermark - self._late_lookback
-        published, late_published = self._store.published_scan(until, frontier, since, oldest)
-        receipts, late_receipts = self._store.receipts_scan(until, frontier, since, oldest)
+        start = max(oldest, min(until, floor_to_bucket(since, self._bucket)))
+        published, late_published = self._store.published_scan(start, frontier, since, oldest)
+        receipts, late_receipts = self._store.receipts_scan(start, frontier, since, oldest)
         changed = evaluate_buckets(published, receipts, self._bucket)
         dirty = sorted({floor_to_bucket(t, self._bucket) for t in late_published | late_receipts})
         if dirty:
