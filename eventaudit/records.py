@@ -10,6 +10,8 @@ PUBLISH_COLLECTION = "PublishRecord"
 RECEIVED_COLLECTION = "ReceivedRecord"
 BUCKET_COLLECTION = "BucketResult"
 STATE_COLLECTION = "EvaluatorState"
+JOURNAL_COLLECTION = "EventJournal"
+DIGEST_COLLECTION = "BucketDigest"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,8 @@ class BucketResult:
     start: datetime
     published: int
     subscriptions: dict[str, BucketCounts]
+    parts: int = 1
+    """How many `BucketDigest` documents hold this bucket's event ids."""
 
     @property
     def key(self) -> str:
@@ -91,6 +95,7 @@ class BucketResult:
                 }
                 for name, c in sorted(self.subscriptions.items())
             ],
+            "parts": self.parts,
             "evaluatedTime": evaluated_time,
         }
 
@@ -107,4 +112,5 @@ class BucketResult:
                 )
                 for s in doc.get("subscriptions", [])
             },
+            parts=max(1, int(doc.get("parts", 1))),
         )

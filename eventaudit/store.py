@@ -8,22 +8,32 @@ accumulators beyond counting (sets are compared in Python, one bucket range at a
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol
 
 from bson.codec_options import CodecOptions
-from pymongo import ASCENDING, DESCENDING, MongoClient, UpdateOne
+from pymongo import ASCENDING, DESCENDING, DeleteOne, MongoClient, ReturnDocument, UpdateOne
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
 from eventaudit.contract import PUBLISH_TIME_TOLERANCE, epoch_ms
+from eventaudit.journal import (
+    BucketDigest,
+    JournalBatch,
+    JournalEntry,
+    digest_key,
+    journal_document,
+    parse_journal_document,
+)
 from eventaudit.records import (
     BUCKET_COLLECTION,
+    DIGEST_COLLECTION,
+    JOURNAL_COLLECTION,
     PUBLISH_COLLECTION,
     RECEIVED_COLLECTION,
-    STATE_COLLECTION,
     BucketResult,
     PublishRecord,
     Receipt,
@@ -33,32 +43,10 @@ log = logging.getLogger(__name__)
 
 _DUPLICATE_KEY = 11000
 _INDEX_NOT_FOUND = 27
-T = TypeVar("T")
 
 
 class StoreError(RuntimeError):
     """The audit store could not complete an operation; the caller keeps its data and retries."""
-
-
-@dataclass(frozen=True, slots=True)
-class PublishedEvent:
-    """The slice of a publish record the evaluator needs."""
-
-    topic: str
-    event_id: str
-    trace_id: str
-    publish_time: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class ReceiptSummary:
-    """The slice of a receipt the evaluator needs."""
-
-    topic: str
-    subscription: str
-    event_id: str
-    deliveries: int
-    publish_time: datetime
 
 
 class PublishRecordStore(Protocol):
@@ -84,24 +72,20 @@ class ReceiptStore(Protocol):
 class EvaluatorStore(Protocol):
     """What the exporter's evaluator reads and keeps its results in."""
 
-    def published_scan(
-        self, start: datetime, end: datetime, changed_since: datetime | None, changed_from: datetime
-    ) -> tuple[list[PublishedEvent], set[datetime]]:
-        """Publish records in [start, end), and publishTimes of late ones (see MongoStore)."""
+    def read_journal(self, max_batches: int) -> list[JournalBatch]:
+        """Up to `max_batches` journal documents not yet deleted (any order)."""
         ...
 
-    def receipts_scan(
-        self, start: datetime, end: datetime, changed_since: datetime | None, changed_from: datetime
-    ) -> tuple[list[ReceiptSummary], set[datetime]]:
-        """Receipts in [start, end), and publishTimes of late ones (see MongoStore)."""
+    def delete_journal(self, ids: Sequence[Any]) -> None:
+        """Delete journal documents once what they say is stored in digests."""
         ...
 
-    def published_between(self, start: datetime, end: datetime) -> list[PublishedEvent]:
-        """Publish records with publishTime in [start, end)."""
+    def load_digest(self, topic: str, start: datetime, parts: int) -> BucketDigest:
+        """The digest of one (topic, bucket), stored over `parts` documents (empty if none)."""
         ...
 
-    def receipts_between(self, start: datetime, end: datetime) -> list[ReceiptSummary]:
-        """Receipts of events whose publishTime is in [start, end)."""
+    def save_digests(self, digests: Iterable[BucketDigest]) -> None:
+        """Replace the stored digests of these buckets (every part of each)."""
         ...
 
     def save_bucket_results(self, results: Iterable[BucketResult], now: datetime) -> None:
@@ -112,36 +96,22 @@ class EvaluatorStore(Protocol):
         """Stored bucket evaluations with bucketStart >= since."""
         ...
 
-    def load_evaluator_state(self) -> tuple[datetime | None, datetime | None]:
-        """(end of the settled range evaluated, time of the last late-record scan)."""
-        ...
-
-    def save_evaluator_state(self, until: datetime, scanned_at: datetime) -> None:
-        """Remember how far buckets were evaluated and late records scanned."""
-        ...
-
 
 class ExporterStore(EvaluatorStore, Protocol):
     """Everything the exporter process uses: the evaluator's reads, the API, retention."""
 
-    def window_records(
-        self,
-        topic: str,
-        subscription: str,
-        start: datetime,
-        end: datetime,
-        written_before: datetime,
-    ) -> tuple[list[PublishedEvent], list[ReceiptSummary]]:
-        """Publish records of `topic` and receipts of (`topic`, `subscription`) with publishTime
-        in [start, end) and createdTime before `written_before`: what an evaluation at that
-        time compared (the missed-events API lists the same events the gauges count)."""
+    def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
+        """Retention, in proportion to what expires: for each bucket result before `cutoff`,
+        the records its digest names (by `_id`), the digest, then the result; counts per
+        collection."""
         ...
 
-    def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
-        """Retention: delete records published before `cutoff`, records written before
-        `cutoff - PUBLISH_TIME_TOLERANCE` (whatever their publishTime), and bucket results
-        before `cutoff`; counts per collection. Nothing published at or after `cutoff` is
-        deleted unless its publishTime is further ahead of its write than the tolerance."""
+    def sweep_older_than(self, cutoff: datetime) -> dict[str, int]:
+        """The slow net under retention (reads whole collections on FerretDB): records
+        published before `cutoff` or written before `cutoff - PUBLISH_TIME_TOLERANCE` that no
+        digest named (never journaled), and digests before `cutoff`; counts per collection.
+        Nothing published at or after `cutoff` is deleted unless its publishTime is further
+        ahead of its write than the tolerance."""
         ...
 
 
@@ -220,66 +190,17 @@ def classify_duplicates(
     return DuplicatePublishes(tuple(kinds["retried"]), tuple(kinds["conflict"]))
 
 
-def _new_or_changed(
-    start: datetime,
-    end: datetime,
-    changed_field: str,
-    changed_since: datetime | None,
-    changed_from: datetime,
-) -> dict[str, Any]:
-    """Records published in [start, end), or written (`changed_field`) since `changed_since`
-    with a publishTime in [changed_from, start): one `$or`, one read per collection."""
-    query: dict[str, Any] = {"publishTime": {"$gte": start, "$lt": end}}
-    if changed_since is None or changed_from >= start:
-        return query
-    late = {
-        changed_field: {"$gte": changed_since},
-        "publishTime": {"$gte": changed_from, "$lt": start},
-    }
-    return {"$or": [query, late]}
-
-
-_PUBLISHED_FIELDS = {"_id": 0, "topic": 1, "eventID": 1, "traceID": 1, "publishTime": 1}
-_RECEIPT_FIELDS = {
-    "_id": 0,
-    "topic": 1,
-    "subscription": 1,
-    "eventID": 1,
-    "deliveries": 1,
-    "publishTime": 1,
-}
-
-
-def _published_event(d: dict[str, Any]) -> PublishedEvent:
-    return PublishedEvent(d["topic"], d["eventID"], d.get("traceID") or "", d["publishTime"])
-
-
-def _receipt_summary(d: dict[str, Any]) -> ReceiptSummary:
-    return ReceiptSummary(
-        d["topic"], d["subscription"], d["eventID"], int(d["deliveries"]), d["publishTime"]
-    )
-
-
-def _split_read(
-    collection: Collection[dict[str, Any]],
-    query: dict[str, Any],
-    fields: dict[str, int],
-    start: datetime,
-    convert: Callable[[dict[str, Any]], T],
-) -> tuple[list[T], set[datetime]]:
-    """Run `query`; records published at or after `start` are converted, the publishTimes of
-    the earlier (late) ones are collected."""
-    records: list[T] = []
-    late: set[datetime] = set()
-    try:
-        for d in collection.find(query, fields):
-            if d["publishTime"] >= start:
-                records.append(convert(d))
-            else:
-                late.add(d["publishTime"])
-    except PyMongoError as exc:
-        raise StoreError(f"could not read {collection.name}: {exc}") from exc
-    return records, late
+def publish_entries(
+    records: Sequence[PublishRecord], refused: DuplicatePublishes
+) -> list[JournalEntry]:
+    """Journal entries of a publish batch: every record but those refused (their key holds
+    another publish, journaled when that one was written)."""
+    skip = {id(r) for r in (*refused.retried, *refused.conflicts)}
+    return [
+        JournalEntry(r.topic, r.event_id, epoch_ms(r.publish_time), None, r.trace_id)
+        for r in records
+        if id(r) not in skip
+    ]
 
 
 def _drop_index(collection: Collection[dict[str, Any]], name: str) -> None:
@@ -324,7 +245,8 @@ class MongoStore:
         self.published: Collection[dict[str, Any]] = db[PUBLISH_COLLECTION]
         self.received: Collection[dict[str, Any]] = db[RECEIVED_COLLECTION]
         self.buckets: Collection[dict[str, Any]] = db[BUCKET_COLLECTION]
-        self.state: Collection[dict[str, Any]] = db[STATE_COLLECTION]
+        self.journal: Collection[dict[str, Any]] = db[JOURNAL_COLLECTION]
+        self.digests: Collection[dict[str, Any]] = db[DIGEST_COLLECTION]
         self.database = database
 
     def close(self) -> None:
@@ -382,7 +304,7 @@ class MongoStore:
         docs = [{"_id": publish_key(r.topic, r.event_id), **r.to_document(now)} for r in records]
         try:
             self.published.insert_many(docs, ordered=False)
-            return DuplicatePublishes()
+            duplicates: list[PublishRecord] = []
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])
             if any(e.get("code") != _DUPLICATE_KEY for e in errors) or exc.details.get(
@@ -394,7 +316,7 @@ class MongoStore:
             raise StoreError(f"publish records not written: {exc}") from exc
         # One read by `_id` per duplicate: what FerretDB's SQLite backend serves without a scan.
         try:
-            return classify_duplicates(
+            refused = classify_duplicates(
                 (
                     self.published.find_one(
                         {"_id": publish_key(r.topic, r.event_id)}, _DUPLICATE_FIELDS
@@ -405,6 +327,8 @@ class MongoStore:
             )
         except PyMongoError as exc:
             raise StoreError(f"could not read back duplicate publish records: {exc}") from exc
+        self._journal(publish_entries(records, refused), now)
+        return refused
 
     def record_receipts(self, receipts: Sequence[Receipt], now: datetime) -> None:
         """Store one receipt per (subscription, eventID), counting every delivery.
@@ -446,7 +370,7 @@ class MongoStore:
         ]
         try:
             self.received.insert_many(docs, ordered=False)
-            return
+            existing = []
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])
             if any(e.get("code") != _DUPLICATE_KEY for e in errors) or exc.details.get(
@@ -456,97 +380,98 @@ class MongoStore:
             existing = [items[e["index"]] for e in errors]
         except PyMongoError as exc:
             raise StoreError(f"receipts not written: {exc}") from exc
-        updates = [
-            UpdateOne(
-                {"_id": key},
-                {
-                    "$inc": {"deliveries": n},
-                    "$max": {"lastReceiveTime": last_seen, "writtenTime": now},
-                },
-            )
-            for key, (_, n, _, last_seen) in existing
+        redelivered = {key for key, _ in existing}
+        entries = [
+            JournalEntry(r.topic, r.event_id, epoch_ms(r.publish_time), r.subscription, "", n)
+            for key, (r, n, _, _) in items
+            if key not in redelivered
         ]
+        # A redelivery is one update per receipt that returns the stored document (whole:
+        # FerretDB 1.24's findAndModify takes no projection), so the
+        # journal says how many deliveries are stored (a total, not an increment: folding it
+        # twice changes nothing). Redeliveries are the rare path.
+        vanished = 0
         try:
-            matched = _bulk_write_in_chunks(self.received, updates)
+            for key, (_, n, _, last_seen) in existing:
+                stored = self.received.find_one_and_update(
+                    {"_id": key},
+                    {
+                        "$inc": {"deliveries": n},
+                        "$max": {"lastReceiveTime": last_seen, "writtenTime": now},
+                    },
+                    return_document=ReturnDocument.AFTER,
+                )
+                if stored is None:
+                    vanished += 1
+                    continue
+                entries.append(
+                    JournalEntry(
+                        stored["topic"],
+                        stored["eventID"],
+                        epoch_ms(stored["publishTime"]),
+                        stored["subscription"],
+                        "",
+                        int(stored["deliveries"]),
+                    )
+                )
         except PyMongoError as exc:
             raise StoreError(f"redeliveries not written: {exc}") from exc
-        if matched < len(updates):
+        self._journal(entries, now)
+        if vanished:
             # A receipt deleted between the insert and its update (retention, an operator):
             # acking now would leave a delivered event without a receipt, so fail the batch.
-            raise StoreError(
-                f"redeliveries not written: {len(updates) - matched} receipt(s) vanished"
-            )
+            raise StoreError(f"redeliveries not written: {vanished} receipt(s) vanished")
 
-    # -- exporter queries ------------------------------------------------------------------
-
-    def published_between(self, start: datetime, end: datetime) -> list[PublishedEvent]:
-        """Publish records with publishTime in [start, end)."""
-        events, _ = self.published_scan(start, end, None, start)
-        return events
-
-    def published_scan(
-        self, start: datetime, end: datetime, changed_since: datetime | None, changed_from: datetime
-    ) -> tuple[list[PublishedEvent], set[datetime]]:
-        """One read for an evaluation: publish records with publishTime in [start, end), and
-        the publishTimes in [changed_from, start) of records created at or after
-        `changed_since` (late records whose bucket was already evaluated).
-        """
-        query = _new_or_changed(start, end, "createdTime", changed_since, changed_from)
-        return _split_read(self.published, query, _PUBLISHED_FIELDS, start, _published_event)
-
-    def receipts_between(self, start: datetime, end: datetime) -> list[ReceiptSummary]:
-        """Receipts of events whose publishTime is in [start, end)."""
-        receipts, _ = self.receipts_scan(start, end, None, start)
-        return receipts
-
-    def receipts_scan(
-        self, start: datetime, end: datetime, changed_since: datetime | None, changed_from: datetime
-    ) -> tuple[list[ReceiptSummary], set[datetime]]:
-        """Like published_scan, for receipts: those of events published in [start, end), and
-        the publishTimes in [changed_from, start) of receipts written at or after
-        `changed_since` (late receipts and redeliveries). `writtenTime` is stamped when the
-        batch is written, after the consumer's handler ran, not when the message arrived.
-        """
-        query = _new_or_changed(start, end, "writtenTime", changed_since, changed_from)
-        return _split_read(self.received, query, _RECEIPT_FIELDS, start, _receipt_summary)
-
-    def window_records(
-        self,
-        topic: str,
-        subscription: str,
-        start: datetime,
-        end: datetime,
-        written_before: datetime,
-    ) -> tuple[list[PublishedEvent], list[ReceiptSummary]]:
-        """Publish records of `topic` and receipts of (`topic`, `subscription`) with publishTime
-        in [start, end) and createdTime before `written_before` (served by the
-        topic_publishTime and subscription_publishTime indexes)."""
-        span = {"$gte": start, "$lt": end}
-        written = {"$lt": written_before}
+    def _journal(self, entries: Sequence[JournalEntry], now: datetime) -> None:
+        """Append what a batch made durable to the journal, after the batch's records (a
+        journal entry always names a stored record). When this fails the caller's batch fails
+        and is retried or redelivered: its records are rewritten as duplicates, the journal
+        again."""
+        if not entries:
+            return
         try:
-            events = [
-                _published_event(d)
-                for d in self.published.find(
-                    {"topic": topic, "publishTime": span, "createdTime": written}, _PUBLISHED_FIELDS
-                )
-            ]
-            receipts = [
-                _receipt_summary(d)
-                for d in self.received.find(
-                    {
-                        "subscription": subscription,
-                        "publishTime": span,
-                        "topic": topic,
-                        "createdTime": written,
-                    },
-                    _RECEIPT_FIELDS,
-                )
+            self.journal.insert_one(journal_document(uuid.uuid4().hex, entries, now))
+        except PyMongoError as exc:
+            raise StoreError(f"journal not written: {exc}") from exc
+
+    # -- exporter: journal, digests, results ------------------------------------------------
+
+    def read_journal(self, max_batches: int) -> list[JournalBatch]:
+        """Up to `max_batches` journal documents. The journal holds only what the exporter has
+        not folded in yet, so this full scan (all FerretDB does for any filter) costs what was
+        written since the previous evaluation."""
+        try:
+            return [parse_journal_document(d) for d in self.journal.find({}, limit=max_batches)]
+        except PyMongoError as exc:
+            raise StoreError(f"could not read the journal: {exc}") from exc
+
+    def delete_journal(self, ids: Sequence[Any]) -> None:
+        """Delete folded journal documents ({_id: {$in}} reads only the small journal)."""
+        try:
+            for i in range(0, len(ids), _IDS_PER_DELETE):
+                self.journal.delete_many({"_id": {"$in": list(ids[i : i + _IDS_PER_DELETE])}})
+        except PyMongoError as exc:
+            raise StoreError(f"could not delete folded journal documents: {exc}") from exc
+
+    def load_digest(self, topic: str, start: datetime, parts: int) -> BucketDigest:
+        """One read by `_id` per part: what FerretDB serves without a scan."""
+        try:
+            docs = [
+                self.digests.find_one({"_id": digest_key(topic, start, part)})
+                for part in range(parts)
             ]
         except PyMongoError as exc:
-            raise StoreError(f"could not read the records of a window: {exc}") from exc
-        return events, receipts
+            raise StoreError(f"could not load a bucket digest: {exc}") from exc
+        return BucketDigest.from_documents(topic, start, parts, docs)
 
-    # -- evaluator state -------------------------------------------------------------------
+    def save_digests(self, digests: Iterable[BucketDigest]) -> None:
+        """Replace every part of each digest, one document per command (parts are large)."""
+        try:
+            for digest in digests:
+                for doc in digest.to_documents():
+                    self.digests.replace_one({"_id": doc["_id"]}, doc, upsert=True)
+        except PyMongoError as exc:
+            raise StoreError(f"could not save bucket digests: {exc}") from exc
 
     def save_bucket_results(self, results: Iterable[BucketResult], now: datetime) -> None:
         """Replace the stored evaluation of each bucket."""
@@ -561,7 +486,8 @@ class MongoStore:
             raise StoreError(f"could not save bucket results: {exc}") from exc
 
     def load_bucket_results(self, since: datetime) -> list[BucketResult]:
-        """Stored bucket evaluations with bucketStart >= since."""
+        """Stored bucket evaluations with bucketStart >= since (small documents, a few per
+        topic and bucket of the retention)."""
         try:
             return [
                 BucketResult.from_document(d)
@@ -570,41 +496,50 @@ class MongoStore:
         except PyMongoError as exc:
             raise StoreError(f"could not load bucket results: {exc}") from exc
 
-    def load_evaluated_until(self) -> datetime | None:
-        """End of the last settled bucket range evaluated, if any."""
-        return self.load_evaluator_state()[0]
-
-    def load_evaluator_state(self) -> tuple[datetime | None, datetime | None]:
-        """(end of the settled range evaluated, time of the last late-record scan), if any."""
-        try:
-            doc = self.state.find_one({"_id": "evaluator"})
-        except PyMongoError as exc:
-            raise StoreError(f"could not load evaluator state: {exc}") from exc
-        if not doc:
-            return None, None
-        return doc["evaluatedUntil"], doc.get("scannedAt")
-
-    def save_evaluator_state(self, until: datetime, scanned_at: datetime) -> None:
-        """Remember how far buckets were evaluated and late records scanned, so a restart
-        resumes there instead of re-reading the whole window."""
-        try:
-            self.state.update_one(
-                {"_id": "evaluator"},
-                {"$set": {"evaluatedUntil": until, "scannedAt": scanned_at}},
-                upsert=True,
-            )
-        except PyMongoError as exc:
-            raise StoreError(f"could not save evaluator state: {exc}") from exc
+    # -- retention -------------------------------------------------------------------------
 
     def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
-        """Retention by periodic delete (FerretDB has no TTL indexes): records published before
-        `cutoff`, and records written before `cutoff - PUBLISH_TIME_TOLERANCE` whatever their
-        publishTime (one carrying a far-future publishTime would otherwise stay for good).
+        """Retention in proportion to what expires. For each bucket result before `cutoff`
+        (the result collection is small: one document per topic and bucket): delete the
+        records its digest names, by `_id` (what FerretDB serves without a scan), then the
+        digest, then the result. Interrupted, it resumes where it stopped on the next run."""
+        counts = {PUBLISH_COLLECTION: 0, RECEIVED_COLLECTION: 0, BUCKET_COLLECTION: 0}
+        try:
+            expired = list(
+                self.buckets.find(
+                    {"bucketStart": {"$lt": cutoff}}, {"topic": 1, "bucketStart": 1, "parts": 1}
+                )
+            )
+            for doc in expired:
+                result_id = doc["_id"]
+                parts = max(1, int(doc.get("parts", 1)))
+                digest = self.load_digest(doc["topic"], doc["bucketStart"], parts)
+                counts[PUBLISH_COLLECTION] += _delete_by_ids(
+                    self.published, [publish_key(digest.topic, e) for e in digest.published]
+                )
+                counts[RECEIVED_COLLECTION] += _delete_by_ids(
+                    self.received,
+                    [receipt_key(sub, e) for sub, got in digest.receipts.items() for e in got],
+                )
+                _delete_by_ids(
+                    self.digests,
+                    [digest_key(digest.topic, digest.start, p) for p in range(parts)],
+                )
+                counts[BUCKET_COLLECTION] += self.buckets.delete_one(
+                    {"_id": result_id}
+                ).deleted_count
+        except PyMongoError as exc:
+            raise StoreError(f"retention delete failed: {exc}") from exc
+        return counts
+
+    def sweep_older_than(self, cutoff: datetime) -> dict[str, int]:
+        """The slow net under retention: whole-collection deletes (indexed on MongoDB, a scan
+        on FerretDB) of records no digest named, and of digests left without a result.
 
         A stored publishTime may be up to the tolerance after its record's write (a subscriber
         keeps the attribute when it is within that of the broker's publish time), so deleting
         by write time only that much earlier never reaches a record published at or after
-        `cutoff`, still inside a window. One indexed delete per field."""
+        `cutoff`, still inside a window."""
         before = {"$lt": cutoff}
         written_before = {"$lt": cutoff - PUBLISH_TIME_TOLERANCE}
         try:
@@ -616,9 +551,22 @@ class MongoStore:
                     (RECEIVED_COLLECTION, self.received),
                 )
             }
-            counts[BUCKET_COLLECTION] = self.buckets.delete_many(
+            counts[DIGEST_COLLECTION] = self.digests.delete_many(
                 {"bucketStart": before}
             ).deleted_count
         except PyMongoError as exc:
-            raise StoreError(f"retention delete failed: {exc}") from exc
+            raise StoreError(f"retention sweep failed: {exc}") from exc
         return counts
+
+
+_IDS_PER_DELETE = 1000
+
+
+def _delete_by_ids(collection: Collection[dict[str, Any]], ids: Sequence[str]) -> int:
+    """Delete documents by `_id`, one equality per statement (FerretDB pushes each down to
+    SQLite), `_UPDATES_PER_COMMAND` statements per command. Raises what pymongo raises."""
+    deleted = 0
+    for i in range(0, len(ids), _UPDATES_PER_COMMAND):
+        ops = [DeleteOne({"_id": key}) for key in ids[i : i + _UPDATES_PER_COMMAND]]
+        deleted += collection.bulk_write(ops, ordered=False).deleted_count
+    return deleted

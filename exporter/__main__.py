@@ -51,11 +51,11 @@ def main(argv: list[str] | None = None) -> None:
             settings.window_list,
             settings.bucket_delta,
             settings.settle_delta,
-            settings.late_lookback_delta,
         )
         state = EvaluationState(settle_seconds=settings.settle_delta.total_seconds())
         registry = CollectorRegistry()
         registry.register(CompletionCollector(state, expected))
+        registry.register(evaluator)
         missed = MissedAnswers(settings.missed_concurrency)
         registry.register(missed)
         loop = EvaluationLoop(

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from eventaudit.contract import is_pubsub_id, parse_ascii_int
 from eventaudit.exporter.collector import EvaluationState
-from eventaudit.exporter.evaluator import missed_as_evaluated
+from eventaudit.exporter.evaluator import list_missed
 from eventaudit.exporter.missed import MissedAnswers
 from eventaudit.http import json_error, metrics_view, register_json_errors
 from eventaudit.store import ExporterStore, StoreError
@@ -50,7 +50,7 @@ def missed() -> Any:
     400 for a malformed query, 503 while the numbers are not served (eventaudit_up 0), 404 for
     a topic or subscription the latest evaluation does not report in that window. `missed` is
     always the gauge's value, and `events` lists those very events (the records the evaluation
-    compared: nothing written after it). Each answer is computed once per evaluation and then
+    counted: nothing folded in after it). Each answer is computed once per evaluation and then
     served from memory; 429 with Retry-After while the allowed number of listings is being
     computed, so callers cannot take every HTTP thread.
     """
@@ -94,27 +94,27 @@ def missed() -> Any:
             resp.headers["Retry-After"] = str(BUSY_RETRY_AFTER_SECONDS)
             return resp, status
         try:
-            events, receipts = deps.store.window_records(
-                topic, subscription, start, end, snapshot.evaluated_at
+            listed = list_missed(
+                snapshot, deps.store, topic, subscription, window, deps.missed.keep_events
             )
-            listed = missed_as_evaluated(snapshot, topic, subscription, window, events, receipts)
         except StoreError as exc:
             deps.missed.failed()
             log.error("missed events of %s/%s: %s", topic, subscription, exc)
             return json_error(503, "audit store unavailable")
         finally:
             deps.missed.release()
-        answer = deps.missed.store(snapshot, key, listed)
+        stats = snapshot.subscriptions[(topic, subscription)][label]
+        answer = deps.missed.store(snapshot, key, stats.missed, listed)
         if answer.events is None:
             log.info(
-                "missed events of %s/%s/%s: records changed during the last evaluation",
+                "missed events of %s/%s/%s: digests disagree with the evaluation",
                 topic,
                 subscription,
                 label,
             )
     if answer.events is None:
         return json_error(
-            503, "records of this window changed during the last evaluation; retry after the next"
+            503, "the stored digests disagree with the last evaluation; retry after the next"
         )
     return jsonify(
         topic=topic,

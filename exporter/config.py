@@ -48,15 +48,10 @@ class ExporterSettings(CommonSettings):
     )
     retention: str = Field(
         "7d",
-        description="records published longer ago than this are deleted, and those written "
-        "longer ago than this plus the 1h publishTime tolerance whatever their publishTime; at "
-        "least the longest window + settle delay + one bucket",
-    )
-    late_lookback: str = Field(
-        "60s",
-        description="records written up to this long before the previous evaluation are "
-        "checked for lateness; more than the longest a store write takes to become visible "
-        "(6 x --store-timeout-seconds) plus the writers' clock skew",
+        description="buckets (their results, digests and the records they name) published "
+        "longer ago than this are deleted hourly; a daily sweep deletes the records no digest "
+        "names, written longer ago than this plus the 1h publishTime tolerance; at least the "
+        "longest window + settle delay + one bucket",
     )
     threads: int = Field(8, ge=1, le=64, description="HTTP worker threads")
     missed_concurrency: int = Field(
@@ -67,7 +62,7 @@ class ExporterSettings(CommonSettings):
         "than --threads, so health and metrics always have a thread",
     )
 
-    @field_validator("bucket", "settle_delay", "retention", "late_lookback")
+    @field_validator("bucket", "settle_delay", "retention")
     @classmethod
     def _duration(cls, value: str) -> str:
         parse_duration(value)
@@ -122,11 +117,6 @@ class ExporterSettings(CommonSettings):
     def retention_delta(self) -> timedelta:
         """Record retention."""
         return parse_duration(self.retention)
-
-    @property
-    def late_lookback_delta(self) -> timedelta:
-        """How far before the previous evaluation late records are looked for."""
-        return parse_duration(self.late_lookback)
 
     @property
     def window_list(self) -> list[Window]:

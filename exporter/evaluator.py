@@ -1,20 +1,30 @@
-"""Settled-bucket completion evaluation.
+"""Settled-bucket completion evaluation, folded from the writers' journal.
 
-Events are bucketed by publishTime. A bucket is evaluated once it has settled (its end is at
-least the settle delay in the past), its result is stored, and windows sum stored buckets; so
-an evaluation reads only the newly settled buckets plus any bucket a late record touched. A
-late receipt (or a publish record the publisher flushed after an outage) re-evaluates its
-bucket: it is counted late, not lost.
+Events are bucketed by publishTime. Writers append to a journal what each batch made durable;
+every evaluation folds the journal into per-bucket digests (event ids, read and written by
+`_id`), recomputes the result of every bucket it touched, stores digests and results, and
+only then deletes the journal documents it read. So an evaluation costs what was written since
+the previous one, whatever the history; a receipt written late, however late (within the
+longest window), corrects its bucket on the next evaluation: it is counted late, not lost.
+
+A bucket is reported once it has settled (its end is at least the settle delay in the past);
+windows sum the stored results of settled buckets.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from eventaudit.contract import epoch_ms, from_epoch_ms
 from eventaudit.exporter.buckets import (
     Window,
     completion_rate,
@@ -22,10 +32,19 @@ from eventaudit.exporter.buckets import (
     settled_frontier,
 )
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
+from eventaudit.journal import BucketDigest, JournalBatch, MissedEvent
 from eventaudit.records import BucketCounts, BucketResult
-from eventaudit.store import EvaluatorStore, PublishedEvent, ReceiptSummary
+from eventaudit.store import EvaluatorStore
 
 log = logging.getLogger(__name__)
+
+# Journal documents read per round (each holds one writer batch, up to a few hundred entries);
+# digests are stored and the round's journal deleted before the next round, so memory follows
+# a round, not a burst.
+JOURNAL_BATCHES_PER_ROUND = 200
+# Digests kept in memory between evaluations: the buckets most new records fall in.
+CACHE_EVENTS = 200_000
+JOURNAL_OUTCOMES = ("folded", "too_old", "malformed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,14 +88,23 @@ class Snapshot:
         default_factory=dict
     )
     buckets: Mapping[BucketKey, BucketResult] = field(default_factory=dict)
+    merged: int = 0
+    """The digests' merge stamp of this evaluation: entries folded later are not counted."""
 
     def window(self, label: str) -> Window | None:
         """The configured window with this label."""
         return next((w for w in self.windows if w.label == label), None)
 
 
-class Evaluator:
-    """Evaluates settled buckets against the store and keeps results for the longest window."""
+class Evaluator(Collector):
+    """Folds the journal into digests and keeps bucket results for the longest window.
+
+    eventaudit_journal_entries_total{outcome="folded"} 91234.0
+    eventaudit_journal_entries_total{outcome="too_old"} 0.0
+    eventaudit_journal_entries_total{outcome="malformed"} 0.0
+    eventaudit_journal_backlog 0.0
+    eventaudit_digest_cache_events 5210.0
+    """
 
     def __init__(
         self,
@@ -85,11 +113,13 @@ class Evaluator:
         windows: list[Window],
         bucket: timedelta,
         settle: timedelta,
-        late_lookback: timedelta = timedelta(seconds=60),
+        round_batches: int = JOURNAL_BATCHES_PER_ROUND,
+        budget: timedelta | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`late_lookback`: how far before the previous evaluation records written since are
-        looked for; it must exceed the longest a writer's store write takes to become visible
-        (a record is stamped just before its write) plus the writers' clock skew."""
+        """`budget`: how long one evaluation may keep reading a journal that does not run dry
+        (a burst) before it publishes what it has; the rest is folded by the next ones.
+        Defaults to half a bucket."""
         if not windows:
             raise ValueError("at least one window is required")
         self._store = store
@@ -97,75 +127,144 @@ class Evaluator:
         self._windows = tuple(sorted(windows, key=lambda w: w.length))
         self._bucket = bucket
         self._settle = settle
-        self._late_lookback = max(late_lookback, bucket)
         self._span = self._windows[-1].length
-        self._results: dict[tuple[str, datetime], BucketResult] = {}
-        self._until: datetime | None = None
-        self._watermark: datetime | None = None
-
-    @property
-    def late_lookback(self) -> timedelta:
-        """How far before the previous evaluation late records are looked for."""
-        return self._late_lookback
+        self._round = round_batches
+        self._budget = (budget if budget is not None else bucket / 2).total_seconds()
+        self._monotonic = monotonic
+        self._results: dict[BucketKey, BucketResult] | None = None
+        self._digests: dict[BucketKey, BucketDigest] = {}
+        self._merged = 0
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(JOURNAL_OUTCOMES, 0)
+        self._backlog = False
 
     def evaluate(self, now: datetime) -> Snapshot:
-        """Evaluate everything that settled by `now`; raises StoreError (state unchanged)."""
+        """Fold the journal and report everything settled by `now`. Raises StoreError; what
+        was stored before the failure stands, the rest of the journal is folded next time."""
         frontier = settled_frontier(now, self._settle, self._bucket)
         oldest = frontier - self._span
-        results = dict(self._results)
-        until, watermark = self._until, self._watermark
-        if until is None:
-            # First evaluation of this process: resume from what an earlier one stored.
-            stored, scanned_at = self._store.load_evaluator_state()
-            results = {(r.topic, r.start): r for r in self._store.load_bucket_results(oldest)}
-            if stored is not None and stored >= oldest:
-                # Stored results are current up to the last scan: only what was written since
-                # then can correct them, so the window is not read again.
-                until, watermark = stored, scanned_at or oldest
-            else:
-                until, watermark = oldest, oldest
-        assert watermark is not None
-        until = min(until, frontier)
+        if self._results is None:
+            # First evaluation of this process: resume from the stored results; the journal
+            # holds whatever the previous process had not folded.
+            self._results = {(r.topic, r.start): r for r in self._store.load_bucket_results(oldest)}
+        merged = max(epoch_ms(now), self._merged + 1)
+        deadline = self._monotonic() + self._budget
+        try:
+            while True:
+                batches = self._store.read_journal(self._round)
+                if batches:
+                    self._fold(batches, oldest, merged, now)
+                if len(batches) < self._round or self._monotonic() > deadline:
+                    break
+        except BaseException:
+            self._digests.clear()  # may hold folds that were not stored
+            raise
+        self._backlog = len(batches) >= self._round
+        self._results = {k: v for k, v in self._results.items() if k[1] >= oldest}
+        self._evict(frontier)
+        return self._snapshot(now, frontier, merged)
 
-        # One read per collection: the newly settled buckets, plus anything written since the
-        # last evaluation (less the lookback, for writes in flight and clock skew) whose bucket
-        # was already evaluated: a late receipt or a late publish record. Most records written
-        # since then were published just before: the buckets from `since` on are read whole
-        # and recomputed in this same read, so only records published before them (really
-        # late ones) cost the extra re-read below.
-        since = watermark - self._late_lookback
-        start = max(oldest, min(until, floor_to_bucket(since, self._bucket)))
-        published, late_published = self._store.published_scan(start, frontier, since, oldest)
-        receipts, late_receipts = self._store.receipts_scan(start, frontier, since, oldest)
-        changed = evaluate_buckets(published, receipts, self._bucket)
-        dirty = sorted({floor_to_bucket(t, self._bucket) for t in late_published | late_receipts})
-        if dirty:
-            # Late records are rare: re-read just the span of the buckets they touched.
-            end = dirty[-1] + self._bucket
-            recomputed = evaluate_buckets(
-                self._store.published_between(dirty[0], end),
-                self._store.receipts_between(dirty[0], end),
-                self._bucket,
+    def _fold(
+        self, batches: list[JournalBatch], oldest: datetime, merged: int, now: datetime
+    ) -> None:
+        """Fold one round of journal documents, store what changed, then delete them."""
+        assert self._results is not None
+        touched: dict[BucketKey, BucketDigest] = {}
+        changed: set[BucketKey] = set()
+        counts = dict.fromkeys(JOURNAL_OUTCOMES, 0)
+        for batch in batches:
+            counts["malformed"] += batch.malformed
+            for entry in batch.entries:
+                start = floor_to_bucket(from_epoch_ms(entry.publish_ms), self._bucket)
+                if start < oldest:
+                    counts["too_old"] += 1  # no window reaches its bucket any more
+                    continue
+                key = (entry.topic, start)
+                digest = touched.get(key) or self._digests.get(key)
+                if digest is None:
+                    known = self._results.get(key)
+                    digest = self._store.load_digest(
+                        entry.topic, start, known.parts if known else 1
+                    )
+                touched[key] = digest
+                if digest.merge(entry, merged):
+                    changed.add(key)
+                counts["folded"] += 1
+        grown = []
+        for key in changed:
+            parts = touched[key].parts
+            touched[key].fit_parts()
+            if touched[key].parts != parts:
+                grown.append(touched[key].result())
+        # A result names how many digest documents to read: one that grew is stored first,
+        # since reading more parts than exist is harmless and fewer would lose events.
+        self._store.save_bucket_results(grown, now)
+        self._store.save_digests(touched[k] for k in sorted(changed))
+        results = [d.result() for d in touched.values()]
+        # Every touched bucket, changed or not: a previous process may have stored its digest
+        # and stopped before its result.
+        fresh = [r for r in results if self._results.get((r.topic, r.start)) != r]
+        self._store.save_bucket_results(fresh, now)
+        self._store.delete_journal([b.id for b in batches])
+        # Commit in memory only once everything is stored.
+        self._digests.update(touched)
+        self._results.update(((r.topic, r.start), r) for r in fresh)
+        self._merged = merged
+        with self._lock:
+            for outcome, n in counts.items():
+                self._counts[outcome] += n
+        if counts["too_old"] or counts["malformed"]:
+            log.warning(
+                "journal: %d entries older than the longest window, %d malformed (not counted)",
+                counts["too_old"],
+                counts["malformed"],
             )
-            wanted = set(dirty)
-            changed.extend(r for r in recomputed if r.start in wanted)
 
-        for result in changed:
-            results[(result.topic, result.start)] = result
-        if changed:
-            self._store.save_bucket_results(changed, now)
-        if frontier != self._until:
-            self._store.save_evaluator_state(frontier, now)
-        # Commit in-memory state only after every store call succeeded.
-        self._results = {k: v for k, v in results.items() if k[1] >= oldest}
-        self._until, self._watermark = frontier, now
-        if dirty:
-            log.info("re-evaluated %d bucket(s) touched by late records", len(dirty))
-        return self._snapshot(now, frontier)
+    def _evict(self, frontier: datetime) -> None:
+        """Keep the digests of the buckets new records still fall in, within CACHE_EVENTS."""
+        keep = frontier - self._bucket
+        recent = sorted(
+            ((k, d) for k, d in self._digests.items() if k[1] >= keep),
+            key=lambda kd: kd[0][1],
+            reverse=True,
+        )
+        kept: dict[BucketKey, BucketDigest] = {}
+        size = 0
+        for key, digest in recent:
+            size += _events(digest)
+            if size > CACHE_EVENTS:
+                break
+            kept[key] = digest
+        self._digests = kept
 
-    def _snapshot(self, now: datetime, frontier: datetime) -> Snapshot:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """Journal outcomes, whether a backlog is left, and the digest cache's size."""
+        family = CounterMetricFamily(
+            "eventaudit_journal_entries",
+            "Journal entries read by outcome: folded into a bucket digest, too old for any "
+            "window (their records are kept until retention), or malformed (logged).",
+            labels=["outcome"],
+        )
+        with self._lock:
+            for outcome in JOURNAL_OUTCOMES:
+                family.add_metric([outcome], self._counts[outcome])
+            backlog, cached = self._backlog, sum(_events(d) for d in list(self._digests.values()))
+        yield family
+        yield GaugeMetricFamily(
+            "eventaudit_journal_backlog",
+            "1 when the last evaluation left journal documents to the next (a burst).",
+            value=int(backlog),
+        )
+        yield GaugeMetricFamily(
+            "eventaudit_digest_cache_events",
+            "Event ids held in memory in the digests of recent buckets.",
+            value=cached,
+        )
+
+    def _snapshot(self, now: datetime, frontier: datetime, merged: int) -> Snapshot:
         # Buckets at or after the frontier exist when it moved back (a restart with a longer
         # settle delay, a clock stepped back): kept for later, never counted now.
+        assert self._results is not None
         counted = {k: r for k, r in self._results.items() if k[1] < frontier}
         by_topic: dict[str, list[BucketResult]] = defaultdict(list)
         for (topic, _), result in counted.items():
@@ -195,99 +294,44 @@ class Evaluator:
                         duplicates=sum(c.duplicates for c in counts),
                         unmatched=sum(c.unmatched for c in counts),
                     )
-        return Snapshot(now, frontier, self._bucket, self._windows, published, subs_out, counted)
-
-
-def _group(
-    events: Iterable[PublishedEvent], receipts: Iterable[ReceiptSummary], bucket: timedelta
-) -> tuple[
-    dict[BucketKey, dict[str, PublishedEvent]],
-    dict[BucketKey, dict[str, list[ReceiptSummary]]],
-]:
-    """Publish records by (topic, bucket) and eventID; receipts by (topic, bucket), subscription."""
-    published: dict[BucketKey, dict[str, PublishedEvent]] = defaultdict(dict)
-    for event in events:
-        published[(event.topic, floor_to_bucket(event.publish_time, bucket))][event.event_id] = (
-            event
+        return Snapshot(
+            now, frontier, self._bucket, self._windows, published, subs_out, counted, merged
         )
-    received: dict[BucketKey, dict[str, list[ReceiptSummary]]] = defaultdict(
-        lambda: defaultdict(list)
-    )
-    for receipt in receipts:
-        key = (receipt.topic, floor_to_bucket(receipt.publish_time, bucket))
-        received[key][receipt.subscription].append(receipt)
-    return published, received
 
 
-def evaluate_buckets(
-    events: Iterable[PublishedEvent], receipts: Iterable[ReceiptSummary], bucket: timedelta
-) -> list[BucketResult]:
-    """Bucket results from the records of whole buckets, comparing id sets per bucket."""
-    published, received = _group(events, receipts, bucket)
-    out = []
-    for key in sorted(set(published) | set(received)):
-        ids = published.get(key, {})
-        counts = {}
-        for sub, items in received.get(key, {}).items():
-            matched = sum(1 for r in items if r.event_id in ids)
-            counts[sub] = BucketCounts(
-                received=matched,
-                duplicates=sum(max(0, r.deliveries - 1) for r in items),
-                unmatched=len(items) - matched,
-            )
-        out.append(BucketResult(key[0], key[1], len(ids), counts))
-    return out
+def _events(digest: BucketDigest) -> int:
+    return len(digest.published) + sum(len(got) for got in digest.receipts.values())
 
 
-def missed_as_evaluated(
+def list_missed(
     snapshot: Snapshot,
+    store: EvaluatorStore,
     topic: str,
     subscription: str,
     window: Window,
-    events: Iterable[PublishedEvent],
-    receipts: Iterable[ReceiptSummary],
-) -> list[PublishedEvent] | None:
-    """The missed events behind the snapshot's `missed` gauge, oldest first.
+    keep: int,
+) -> list[MissedEvent] | None:
+    """The missed events behind the snapshot's `missed` gauge, oldest first, at most `keep`.
 
-    `events` and `receipts` are the window's records written before the evaluation
-    (`ExporterStore.window_records`). Records only accumulate, so when they reproduce the
-    evaluation's published and received count of every bucket, they are exactly the records
-    it compared. When they do not (a record stamped before the evaluation but stored after it
-    read that bucket), None: the next evaluation re-reads that bucket.
+    Reads the digests of the window's buckets that have misses, oldest first, until `keep`
+    events are listed: the cost follows the missed events, not the history. Each digest is
+    read as the evaluation saw it (entries folded later are left out); None when one does not
+    reproduce the evaluation's counts (which would be a defect: the caller answers 503).
     """
-    frontier = snapshot.frontier
-    start = frontier - window.length
-    stats = snapshot.subscriptions.get((topic, subscription), {}).get(window.label)
-    if stats is None:
-        return None
-    published, received = _group(
-        (e for e in events if e.topic == topic and start <= e.publish_time < frontier),
-        (
-            r
-            for r in receipts
-            if r.topic == topic
-            and r.subscription == subscription
-            and start <= r.publish_time < frontier
-        ),
-        snapshot.bucket,
-    )
-    stored = {k: r for k, r in snapshot.buckets.items() if k[0] == topic and k[1] >= start}
-    missed: list[PublishedEvent] = []
-    for key in set(published) | set(stored):
-        ids = published.get(key, {})
-        got = {r.event_id for r in received.get(key, {}).get(subscription, ()) if r.event_id in ids}
-        result = stored.get(key)
-        evaluated = (
-            (result.published, result.subscriptions.get(subscription, BucketCounts()).received)
-            if result
-            else (0, 0)
-        )
-        if (len(ids), len(got)) != evaluated:
+    start = snapshot.frontier - window.length
+    listed: list[MissedEvent] = []
+    for key in sorted(k for k in snapshot.buckets if k[0] == topic and k[1] >= start):
+        result = snapshot.buckets[key]
+        received = result.subscriptions.get(subscription, BucketCounts()).received
+        if result.published == received:
+            continue
+        digest = store.load_digest(topic, key[1], result.parts)
+        if digest.counts_as_of(subscription, snapshot.merged) != (result.published, received):
             return None
-        missed.extend(e for event_id, e in ids.items() if event_id not in got)
-    if len(missed) != stats.missed:
-        return None
-    return sorted(missed, key=lambda e: (e.publish_time, e.event_id))
+        listed.extend(digest.missed(subscription, snapshot.merged))
+        if len(listed) >= keep:
+            break
+    return listed[:keep]
 
 
 def log_snapshot(snapshot: Snapshot) -> None:

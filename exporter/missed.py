@@ -1,7 +1,8 @@
 """What bounds /api/v1/missed: a few computations at once, and answers kept per evaluation.
 
-Listing missed events reads the window's records (on FerretDB, whole collections): callers
-must not be able to take every HTTP thread or slow the evaluation down by asking repeatedly.
+Listing missed events reads the digests of the window's buckets with misses (by `_id`, in
+proportion to the misses listed): still store reads, so callers must not be able to take every
+HTTP thread or slow the evaluation down by asking repeatedly.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from eventaudit.exporter.evaluator import Snapshot
-from eventaudit.store import PublishedEvent
+from eventaudit.journal import MissedEvent
 
 # (topic, subscription, window label) within one snapshot.
 AnswerKey = tuple[str, str, str]
@@ -31,7 +32,7 @@ class MissedList:
     """
 
     missed: int
-    events: tuple[PublishedEvent, ...] | None
+    events: tuple[MissedEvent, ...] | None
 
 
 class MissedAnswers(Collector):
@@ -47,7 +48,7 @@ class MissedAnswers(Collector):
     def __init__(self, concurrency: int = 2, entries: int = 32, keep_events: int = 10_000):
         self._slots = threading.BoundedSemaphore(concurrency)
         self._entries = entries
-        self._keep = keep_events
+        self.keep_events = keep_events
         self._lock = threading.Lock()
         self._snapshot: Snapshot | None = None
         self._answers: dict[AnswerKey, MissedList] = {}
@@ -79,12 +80,11 @@ class MissedAnswers(Collector):
         self._slots.release()
 
     def store(
-        self, snapshot: Snapshot, key: AnswerKey, listed: list[PublishedEvent] | None
+        self, snapshot: Snapshot, key: AnswerKey, missed: int, listed: list[MissedEvent] | None
     ) -> MissedList:
         """Keep the answer computed from `snapshot` (the oldest goes past `entries`)."""
         answer = MissedList(
-            len(listed) if listed is not None else 0,
-            tuple(listed[: self._keep]) if listed is not None else None,
+            missed, tuple(listed[: self.keep_events]) if listed is not None else None
         )
         with self._lock:
             self._counts["computed"] += 1

@@ -6,28 +6,36 @@ the real store goes. Integration tests then prove MongoStore on FerretDB agrees.
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from eventaudit.contract import PUBLISH_TIME_TOLERANCE
+from eventaudit.contract import PUBLISH_TIME_TOLERANCE, epoch_ms
+from eventaudit.journal import (
+    BucketDigest,
+    JournalBatch,
+    JournalEntry,
+    digest_key,
+    journal_document,
+    parse_journal_document,
+)
 from eventaudit.records import BucketResult, PublishRecord, Receipt
 from eventaudit.store import (
     AuditStore,
     DuplicatePublishes,
-    PublishedEvent,
-    ReceiptSummary,
     StoreError,
     classify_duplicates,
+    publish_entries,
     publish_key,
     receipt_key,
 )
 
 
 class MemoryStore:
-    """Publish records keyed by (topic, eventID), receipts by (subscription, eventID), like
-    MongoStore.
+    """Publish records keyed by (topic, eventID), receipts by (subscription, eventID), a
+    journal appended after each batch and digests stored as documents, like MongoStore.
 
     `fail_next` makes the next N operations raise StoreError (an outage).
     """
@@ -36,7 +44,10 @@ class MemoryStore:
         self.published: dict[str, dict[str, Any]] = {}
         self.received: dict[str, dict[str, Any]] = {}
         self.buckets: dict[str, BucketResult] = {}
-        self.state: tuple[datetime | None, datetime | None] = (None, None)
+        self.journal: dict[str, dict[str, Any]] = {}
+        self.journal_written: list[dict[str, Any]] = []  # every journal document ever appended
+        self.digests: dict[str, dict[str, Any]] = {}
+        self.digest_reads = 0
         self.fail_next = 0
         self._lock = threading.Lock()
 
@@ -60,16 +71,19 @@ class MemoryStore:
                     self.published[key] = r.to_document(now)
                 else:
                     duplicates.append((stored, r))
-            return classify_duplicates(duplicates)
+            refused = classify_duplicates(duplicates)
+            self._append_journal(publish_entries(records, refused), now)
+            return refused
 
     def record_receipts(self, receipts: Sequence[Receipt], now: datetime) -> None:
         with self._lock:
             self._check()
+            entries: dict[str, JournalEntry] = {}
             for r in receipts:
                 key = receipt_key(r.subscription, r.event_id)
                 doc = self.received.get(key)
                 if doc is None:
-                    self.received[key] = {
+                    doc = self.received[key] = {
                         "subscription": r.subscription,
                         "eventID": r.event_id,
                         "topic": r.topic,
@@ -85,86 +99,52 @@ class MemoryStore:
                     doc["deliveries"] += 1
                     doc["lastReceiveTime"] = max(doc["lastReceiveTime"], r.receive_time)
                     doc["writtenTime"] = max(doc["writtenTime"], now)
+                entries[key] = JournalEntry(
+                    doc["topic"],
+                    doc["eventID"],
+                    epoch_ms(doc["publishTime"]),
+                    doc["subscription"],
+                    "",
+                    doc["deliveries"],
+                )
+            self._append_journal(list(entries.values()), now)
 
-    # -- exporter reads ----------------------------------------------------------------------
+    def _append_journal(self, entries: Sequence[JournalEntry], now: datetime) -> None:
+        if entries:
+            batch_id = f"j{len(self.journal_written)}"
+            doc = journal_document(batch_id, entries, now)
+            self.journal[batch_id] = doc
+            self.journal_written.append(doc)
 
-    @staticmethod
-    def _split(
-        docs: Iterable[dict[str, Any]],
-        start: datetime,
-        end: datetime,
-        changed_field: str,
-        changed_since: datetime | None,
-        changed_from: datetime,
-    ) -> tuple[list[dict[str, Any]], set[datetime]]:
-        new: list[dict[str, Any]] = []
-        late: set[datetime] = set()
-        for d in docs:
-            t = d["publishTime"]
-            if start <= t < end:
-                new.append(d)
-            elif (
-                changed_since is not None
-                and changed_from <= t < start
-                and d[changed_field] >= changed_since
-            ):
-                late.add(t)
-        return new, late
+    # -- exporter ----------------------------------------------------------------------------
 
-    def published_scan(
-        self, start: datetime, end: datetime, changed_since: datetime | None, changed_from: datetime
-    ) -> tuple[list[PublishedEvent], set[datetime]]:
+    def read_journal(self, max_batches: int) -> list[JournalBatch]:
         with self._lock:
             self._check()
-            docs, late = self._split(
-                self.published.values(), start, end, "createdTime", changed_since, changed_from
-            )
-        return [_event(d) for d in docs], late
+            docs = list(self.journal.values())[:max_batches]
+        return [parse_journal_document(d) for d in docs]
 
-    def receipts_scan(
-        self, start: datetime, end: datetime, changed_since: datetime | None, changed_from: datetime
-    ) -> tuple[list[ReceiptSummary], set[datetime]]:
+    def delete_journal(self, ids: Sequence[Any]) -> None:
         with self._lock:
             self._check()
-            docs, late = self._split(
-                self.received.values(), start, end, "writtenTime", changed_since, changed_from
-            )
-        return [_summary(d) for d in docs], late
+            for i in ids:
+                self.journal.pop(i, None)
 
-    def published_between(self, start: datetime, end: datetime) -> list[PublishedEvent]:
-        return self.published_scan(start, end, None, start)[0]
-
-    def receipts_between(self, start: datetime, end: datetime) -> list[ReceiptSummary]:
-        return self.receipts_scan(start, end, None, start)[0]
-
-    def window_records(
-        self,
-        topic: str,
-        subscription: str,
-        start: datetime,
-        end: datetime,
-        written_before: datetime,
-    ) -> tuple[list[PublishedEvent], list[ReceiptSummary]]:
+    def load_digest(self, topic: str, start: datetime, parts: int) -> BucketDigest:
         with self._lock:
             self._check()
-            events = [
-                _event(d)
-                for d in self.published.values()
-                if d["topic"] == topic
-                and start <= d["publishTime"] < end
-                and d["createdTime"] < written_before
+            self.digest_reads += parts
+            docs = [
+                copy.deepcopy(self.digests.get(digest_key(topic, start, p))) for p in range(parts)
             ]
-            receipts = [
-                _summary(d)
-                for d in self.received.values()
-                if d["subscription"] == subscription
-                and d["topic"] == topic
-                and start <= d["publishTime"] < end
-                and d["createdTime"] < written_before
-            ]
-        return events, receipts
+        return BucketDigest.from_documents(topic, start, parts, docs)
 
-    # -- evaluator state ---------------------------------------------------------------------
+    def save_digests(self, digests: Iterable[BucketDigest]) -> None:
+        with self._lock:
+            self._check()
+            for digest in digests:
+                for doc in digest.to_documents():
+                    self.digests[doc["_id"]] = doc
 
     def save_bucket_results(self, results: Iterable[BucketResult], now: datetime) -> None:
         with self._lock:
@@ -177,17 +157,29 @@ class MemoryStore:
             self._check()
             return [r for r in self.buckets.values() if r.start >= since]
 
-    def load_evaluator_state(self) -> tuple[datetime | None, datetime | None]:
-        with self._lock:
-            self._check()
-            return self.state
-
-    def save_evaluator_state(self, until: datetime, scanned_at: datetime) -> None:
-        with self._lock:
-            self._check()
-            self.state = (until, scanned_at)
-
     def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
+        counts = {"PublishRecord": 0, "ReceivedRecord": 0, "BucketResult": 0}
+        with self._lock:
+            self._check()
+            expired = [r for r in self.buckets.values() if r.start < cutoff]
+        for result in expired:
+            digest = self.load_digest(result.topic, result.start, result.parts)
+            with self._lock:
+                for event_id in digest.published:
+                    counts["PublishRecord"] += (
+                        self.published.pop(publish_key(result.topic, event_id), None) is not None
+                    )
+                for sub, got in digest.receipts.items():
+                    for event_id in got:
+                        counts["ReceivedRecord"] += (
+                            self.received.pop(receipt_key(sub, event_id), None) is not None
+                        )
+                for part in range(result.parts):
+                    self.digests.pop(digest_key(result.topic, result.start, part), None)
+                counts["BucketResult"] += self.buckets.pop(result.key, None) is not None
+        return counts
+
+    def sweep_older_than(self, cutoff: datetime) -> dict[str, int]:
         with self._lock:
             self._check()
             counts = {}
@@ -202,10 +194,10 @@ class MemoryStore:
                 for k in old:
                     del table[k]
                 counts[name] = len(old)
-            old_buckets = [k for k, r in self.buckets.items() if r.start < cutoff]
-            for k in old_buckets:
-                del self.buckets[k]
-            counts["BucketResult"] = len(old_buckets)
+            old_digests = [k for k, d in self.digests.items() if d["bucketStart"] < cutoff]
+            for k in old_digests:
+                del self.digests[k]
+            counts["BucketDigest"] = len(old_digests)
             return counts
 
     def ensure_indexes(self) -> None:
@@ -213,16 +205,6 @@ class MemoryStore:
 
     def close(self) -> None:
         """Nothing to release."""
-
-
-def _event(d: dict[str, Any]) -> PublishedEvent:
-    return PublishedEvent(d["topic"], d["eventID"], d.get("traceID") or "", d["publishTime"])
-
-
-def _summary(d: dict[str, Any]) -> ReceiptSummary:
-    return ReceiptSummary(
-        d["topic"], d["subscription"], d["eventID"], int(d["deliveries"]), d["publishTime"]
-    )
 
 
 def _implements_protocol(store: MemoryStore) -> AuditStore:

@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from eventaudit.contract import PUBLISH_TIME_TOLERANCE, utc_now_ms
-from eventaudit.exporter.buckets import Window
+from eventaudit.exporter.buckets import Window, floor_to_bucket
 from eventaudit.exporter.evaluator import Evaluator
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
-from eventaudit.records import BucketCounts, BucketResult, PublishRecord, Receipt
+from eventaudit.records import PublishRecord, Receipt
 from eventaudit.store import AuditStore, MongoStore
 from tests.conftest import unique, wait_for
 from tests.fakes import MemoryStore
@@ -55,7 +55,7 @@ def test_restarted_evaluator_resumes_from_stored_results(store) -> None:
     first = _evaluator(store, topic, sub).evaluate(now)
     stats = first.subscriptions[(topic, sub)]["5m"]
     assert (stats.published, stats.received, stats.missed) == (200, 197, 3)
-    assert store.load_evaluated_until() == first.frontier
+    assert store.journal.count_documents({}) == 0  # folded, then deleted
 
     # A new process: same numbers from the stored buckets, and new buckets evaluated on top.
     _seed(store, topic, sub, first.frontier + timedelta(milliseconds=1), 5, lose={0}, prefix="late")
@@ -65,19 +65,26 @@ def test_restarted_evaluator_resumes_from_stored_results(store) -> None:
     assert (stats.published, stats.received, stats.missed) == (205, 201, 4)
 
 
-def test_retention_deletes_only_old_records(store) -> None:
+def test_retention_deletes_the_records_of_old_buckets_by_id(store) -> None:
     topic, sub = "topic-retention", "topic-retention-sub"
     now = datetime.now(UTC)
-    _seed(store, topic, sub, now - timedelta(days=8), 10, lose=set())
+    old = floor_to_bucket(now - timedelta(days=8), BUCKET)
+    _seed(store, topic, sub, old, 10, lose={4})
+    _evaluator(store, topic, sub).evaluate(old + timedelta(minutes=1))  # folded back then
     store.insert_publish_records(
         [PublishRecord("fresh", "t" * 32, topic, "{}", "x", utc_now_ms())], utc_now_ms()
     )
+    _evaluator(store, topic, sub).evaluate(now)
+    assert store.digests.count_documents({}) == 3  # the 10 old events span two 1 s buckets
     deleted = store.delete_older_than(now - timedelta(days=7))
-    assert deleted == {"PublishRecord": 10, "ReceivedRecord": 10, "BucketResult": 0}
+    assert deleted == {"PublishRecord": 10, "ReceivedRecord": 9, "BucketResult": 2}
     assert [d["eventID"] for d in store.published.find({})] == ["fresh"]
+    assert store.received.count_documents({}) == 0
+    assert [d["topic"] for d in store.digests.find({})] == [topic]  # the fresh bucket's
+    assert store.delete_older_than(now - timedelta(days=7)) == dict.fromkeys(deleted, 0)
 
 
-def test_retention_reaches_records_by_write_time(store) -> None:
+def test_the_sweep_reaches_records_by_write_time(store) -> None:
     """A record with a far-future publishTime, written long ago, is deleted like any other."""
     topic, sub = "topic-far-future", "topic-far-future-sub"
     now = datetime.now(UTC).replace(microsecond=0)
@@ -91,8 +98,8 @@ def test_retention_reaches_records_by_write_time(store) -> None:
             store.record_receipts(
                 [Receipt(sub, event, topic, None, "m", when, now, written)], written
             )
-    deleted = store.delete_older_than(now - timedelta(days=7))
-    assert deleted == {"PublishRecord": 2, "ReceivedRecord": 2, "BucketResult": 0}
+    deleted = store.sweep_older_than(now - timedelta(days=7))
+    assert deleted == {"PublishRecord": 2, "ReceivedRecord": 2, "BucketDigest": 0}
     assert sorted(d["eventID"] for d in store.published.find({})) == ["kept-0", "kept-1"]
     assert sorted(d["eventID"] for d in store.received.find({})) == ["kept-0", "kept-1"]
 
@@ -110,7 +117,8 @@ MS = timedelta(milliseconds=1)
 TOLERANCE = PUBLISH_TIME_TOLERANCE
 FAR = datetime(2100, 1, 1, tzinfo=UTC)
 LAST = datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)
-# (eventID, publishTime, createdTime, deleted by delete_older_than(CUTOFF))
+# (eventID, publishTime, createdTime, deleted by delete_older_than(CUTOFF) then
+# sweep_older_than(CUTOFF))
 RETENTION_BOUNDARIES = [
     ("published-before-cutoff", CUTOFF - MS, CUTOFF + timedelta(minutes=5), True),
     ("published-at-cutoff", CUTOFF, CUTOFF, False),
@@ -125,11 +133,23 @@ RETENTION_BOUNDARIES = [
 ]  # fmt: skip
 
 
+def _event_ids(store: AuditStore) -> tuple[list[str], list[str]]:
+    if isinstance(store, MongoStore):
+        published = [d["eventID"] for d in store.published.find({})]
+        received = [d["eventID"] for d in store.received.find({})]
+    else:
+        assert isinstance(store, MemoryStore)
+        published = [d["eventID"] for d in store.published.values()]
+        received = [d["eventID"] for d in store.received.values()]
+    return sorted(published), sorted(received)
+
+
 def test_retention_never_deletes_a_record_published_after_the_cutoff(
     audit_store: AuditStore,
 ) -> None:
-    """Records go by publishTime; by write time only past the tolerance a publishTime may run
-    ahead of its write, so a far-future publishTime is deleted and nothing in a window is."""
+    """Retention deletes the buckets published before the cutoff, with every record their
+    digests name; the sweep deletes by write time only past the tolerance a publishTime may
+    run ahead of its write, so a far-future publishTime is deleted and nothing in a window is."""
     topic, sub = "topic-retention-bounds", "topic-retention-bounds-sub"
     for event, published, written, _ in RETENTION_BOUNDARIES:
         audit_store.insert_publish_records(
@@ -138,24 +158,27 @@ def test_retention_never_deletes_a_record_published_after_the_cutoff(
         audit_store.record_receipts(
             [Receipt(sub, event, topic, None, "m", published, written, written)], written
         )
-    audit_store.save_bucket_results(
-        [
-            BucketResult(topic, start, 1, {sub: BucketCounts(1, 0, 0)})
-            for start in (CUTOFF - timedelta(seconds=10), CUTOFF)
-        ],
-        CUTOFF,
-    )
-    deleted = audit_store.delete_older_than(CUTOFF)
-    gone = [event for event, *_, is_deleted in RETENTION_BOUNDARIES if is_deleted]
+    expected = ExpectedSubscriptions({topic: {sub}}, set(), None)
+    evaluator = Evaluator(audit_store, expected, [Window.parse("1h", BUCKET)], BUCKET, SETTLE)
+    evaluator.evaluate(CUTOFF + timedelta(minutes=10))
+    assert audit_store.delete_older_than(CUTOFF) == {
+        "PublishRecord": 1,
+        "ReceivedRecord": 1,
+        "BucketResult": 1,
+    }
+    assert audit_store.sweep_older_than(CUTOFF) == {
+        "PublishRecord": 2,
+        "ReceivedRecord": 2,
+        "BucketDigest": 0,
+    }
     kept = sorted(event for event, *_, is_deleted in RETENTION_BOUNDARIES if not is_deleted)
-    assert deleted == {"PublishRecord": len(gone), "ReceivedRecord": len(gone), "BucketResult": 1}
-    assert sorted(e.event_id for e in audit_store.published_between(CUTOFF, LAST)) == kept
-    assert sorted(r.event_id for r in audit_store.receipts_between(CUTOFF, LAST)) == kept
-    assert [r.start for r in audit_store.load_bucket_results(CUTOFF - timedelta(days=1))] == [
-        CUTOFF
+    assert _event_ids(audit_store) == (kept, kept)
+    assert sorted(r.start for r in audit_store.load_bucket_results(CUTOFF - timedelta(days=1))) == [
+        CUTOFF,
+        CUTOFF + timedelta(seconds=1),  # 1 s buckets
+        CUTOFF + TOLERANCE - timedelta(seconds=1),
+        FAR,
     ]
-    # Nothing published before the cutoff is left.
-    assert audit_store.published_between(CUTOFF - timedelta(days=365), CUTOFF) == []
 
 
 def test_publisher_buffer_overflow_is_counted_and_the_rest_recovers(

@@ -2,7 +2,9 @@
 the numbers are served; driver errors never reach an HTTP body.
 
 Each agreement test runs on FerretDB (MongoStore) and on the in-memory fake, with an explicit
-clock: records carry the createdTime and receive time the test gives them.
+clock: records carry the createdTime and receive time the test gives them. Records written
+after an evaluation are folded in by the next one: until then the API lists what the gauge
+counts.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from eventaudit.exporter.evaluator import Evaluator
 from eventaudit.exporter.loop import EvaluationLoop
 from eventaudit.exporter.missed import MissedAnswers
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
+from eventaudit.journal import BucketDigest
 from eventaudit.records import PublishRecord, Receipt
 from eventaudit.serving import BackgroundServer, ServerLimits
-from eventaudit.store import AuditStore, MongoStore, PublishedEvent, ReceiptSummary
+from eventaudit.store import AuditStore, MongoStore
 from tests.conftest import wait_for
 from tests.fakes import MemoryStore
 from tools import stack
@@ -144,25 +147,48 @@ def test_api_and_gauge_agree_across_late_records(audit_store: AuditStore) -> Non
     assert (status, body["missed"], _ids(body)) == (200, 1, ["e10"])
 
 
-def test_a_record_stored_during_the_evaluation_answers_503_until_the_next(
+def test_a_record_stored_right_after_the_evaluation_is_listed_by_the_next(
     audit_store: AuditStore,
 ) -> None:
     _seeded(audit_store)
     exporter = Exporter(audit_store)
     assert exporter.evaluate(at(12, 0, 55))
-    # Stamped before the evaluation's time but stored after it read the bucket (a batch in
-    # flight): the evaluation did not count it, so the API cannot list what the gauge counts.
+    # Stamped before the evaluation's time, stored after it read the journal (a batch in
+    # flight): the journal holds it for the next evaluation, and the API keeps agreeing.
     receive(audit_store, SUB, "e9", at(12, 0, 9), at(12, 0, 54))
     assert exporter.gauge(SUB) == 3
     status, body = exporter.missed(SUB)
-    assert status == 503
-    assert body["error"] == (
-        "records of this window changed during the last evaluation; retry after the next"
-    )
+    assert (status, body["missed"], _ids(body)) == (200, 3, ["e7", "e8", "e9"])
     assert exporter.evaluate(at(12, 1, 5))
     assert exporter.gauge(SUB) == 2
     status, body = exporter.missed(SUB)
     assert (status, body["missed"], _ids(body)) == (200, 2, ["e7", "e8"])
+
+
+def _drop_digests(store: AuditStore) -> None:
+    if isinstance(store, MongoStore):
+        store.digests.delete_many({})
+    else:
+        assert isinstance(store, MemoryStore)
+        store.digests.clear()
+
+
+def test_digests_that_disagree_with_the_gauge_answer_503_never_a_wrong_list(
+    audit_store: AuditStore,
+) -> None:
+    _seeded(audit_store)
+    exporter = Exporter(audit_store)
+    assert exporter.evaluate(at(12, 0, 45))
+    _drop_digests(audit_store)  # an operator's mistake, a restore from another backup
+    status, body = exporter.missed(SUB)
+    assert (status, body) == (
+        503,
+        {
+            "error": "the stored digests disagree with the last evaluation; retry after the next",
+            "status": 503,
+        },
+    )
+    assert exporter.gauge(SUB) == 3
 
 
 @pytest.mark.parametrize(
@@ -242,18 +268,16 @@ def test_store_error_while_listing_is_a_short_503(store: MongoStore) -> None:
     dead.close()
 
 
-def _count_reads(monkeypatch: pytest.MonkeyPatch, store: AuditStore) -> list[str]:
-    """Record every window_records call of `store` (its subscription)."""
-    calls: list[str] = []
-    real = store.window_records
+def _count_reads(monkeypatch: pytest.MonkeyPatch, store: AuditStore) -> list[datetime]:
+    """Record every digest `store` loads (its bucket)."""
+    calls: list[datetime] = []
+    real = store.load_digest
 
-    def counted(
-        topic: str, subscription: str, start: datetime, end: datetime, written_before: datetime
-    ) -> tuple[list[PublishedEvent], list[ReceiptSummary]]:
-        calls.append(subscription)
-        return real(topic, subscription, start, end, written_before)
+    def counted(topic: str, start: datetime, parts: int) -> BucketDigest:
+        calls.append(start)
+        return real(topic, start, parts)
 
-    monkeypatch.setattr(store, "window_records", counted)
+    monkeypatch.setattr(store, "load_digest", counted)
     return calls
 
 
@@ -268,12 +292,12 @@ def test_a_repeated_call_is_served_from_the_cache_until_the_next_evaluation(
 ) -> None:
     _seeded(audit_store)
     exporter = Exporter(audit_store)
-    reads = _count_reads(monkeypatch, audit_store)
     assert exporter.evaluate(at(12, 0, 45))
+    reads = _count_reads(monkeypatch, audit_store)
     for _ in range(3):
         status, body = exporter.missed(SUB)
         assert (status, body["missed"], _ids(body)) == (200, 3, ["e7", "e8", "e9"])
-    assert reads == [SUB]
+    assert reads == [at(12, 0, 0)]  # the one bucket with misses
     # Another limit is the same answer, cut differently.
     resp = exporter.client.get(f"/api/v1/missed?topic={TOPIC}&subscription={SUB}&limit=2")
     body = resp.get_json()
@@ -281,33 +305,35 @@ def test_a_repeated_call_is_served_from_the_cache_until_the_next_evaluation(
     # Another window or subscription is another answer.
     assert exporter.missed(SUB, "5m")[1]["missed"] == 4
     assert exporter.missed(OTHER)[1]["missed"] == 0
-    assert reads == [SUB, SUB, OTHER]
+    # 5m has two buckets with misses (w1 is missed too); OTHER has none: nothing read.
+    assert reads == [at(12, 0, 0), at(11, 56, 0), at(12, 0, 0)]
     assert (_api_requests(exporter, "computed"), _api_requests(exporter, "cached")) == (3, 3)
 
     # Written after the evaluation: the cached answer stays what the gauge counts.
     receive(audit_store, SUB, "e7", at(12, 0, 7), at(12, 0, 50))
     assert exporter.missed(SUB)[1]["missed"] == exporter.gauge(SUB) == 3
-    assert reads == [SUB, SUB, OTHER]
+    assert len(reads) == 3
 
     # A new evaluation drops every cached answer.
     assert exporter.evaluate(at(12, 0, 55))
+    reads.clear()
     status, body = exporter.missed(SUB)
     assert (status, body["missed"], _ids(body)) == (200, 2, ["e8", "e9"])
     assert exporter.missed(SUB)[1]["missed"] == exporter.gauge(SUB) == 2
-    assert reads == [SUB, SUB, OTHER, SUB]
+    assert reads == [at(12, 0, 0)]
 
 
-def test_records_changed_during_the_evaluation_answer_503_from_the_cache(
+def test_a_disagreeing_digest_is_answered_503_from_the_cache(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     store = MemoryStore()
     _seeded(store)
     exporter = Exporter(store)
-    reads = _count_reads(monkeypatch, store)
     assert exporter.evaluate(at(12, 0, 55))
-    receive(store, SUB, "e9", at(12, 0, 9), at(12, 0, 54))
+    _drop_digests(store)
+    reads = _count_reads(monkeypatch, store)
     assert [exporter.missed(SUB)[0] for _ in range(3)] == [503, 503, 503]
-    assert reads == [SUB]
+    assert len(reads) == 1
 
 
 def test_a_store_error_is_not_cached(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -329,23 +355,21 @@ def _get(url: str) -> tuple[int, dict[str, Any], str | None]:
 
 
 class SlowReads:
-    """window_records that wait until released: a slow full scan, as on FerretDB."""
+    """Digest reads that wait until released: a slow store."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, store: AuditStore) -> None:
         self.release = threading.Event()
         self.waiting = threading.Semaphore(0)
         self.calls = 0
-        real = store.window_records
+        real = store.load_digest
 
-        def slow(
-            topic: str, subscription: str, start: datetime, end: datetime, before: datetime
-        ) -> tuple[list[PublishedEvent], list[ReceiptSummary]]:
+        def slow(topic: str, start: datetime, parts: int) -> BucketDigest:
             self.calls += 1
             self.waiting.release()
             assert self.release.wait(timeout=60)
-            return real(topic, subscription, start, end, before)
+            return real(topic, start, parts)
 
-        monkeypatch.setattr(store, "window_records", slow)
+        monkeypatch.setattr(store, "load_digest", slow)
 
 
 def test_calls_beyond_the_concurrency_limit_get_429_while_healthz_answers(

@@ -1,5 +1,5 @@
-"""MongoStore's receipt writes against a real FerretDB: large redelivery batches, and a
-redelivery whose receipt disappeared before its update."""
+"""MongoStore's writes against a real FerretDB: large redelivery batches, a redelivery whose
+receipt disappeared before its update, and the journal (the same as MemoryStore's)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from pymongo.errors import AutoReconnect
 
-from eventaudit.records import Receipt
-from eventaudit.store import MongoStore, StoreError
+from eventaudit.contract import epoch_ms
+from eventaudit.records import PublishRecord, Receipt
+from eventaudit.store import AuditStore, MongoStore, StoreError
 from tests.conftest import Ferret
+from tests.fakes import MemoryStore
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
@@ -63,3 +66,85 @@ def test_a_redelivery_whose_receipt_vanished_is_an_error_not_a_silent_ack(
     monkeypatch.setattr(store, "received", _VanishingReceipts(store.received))
     with pytest.raises(StoreError, match="redeliveries not written"):
         store.record_receipts(_receipts(3, T0), T0)  # the caller nacks: Pub/Sub redelivers
+
+
+# -- the journal: MongoStore on FerretDB writes what MemoryStore writes ----------------------
+
+
+def _writes(store: AuditStore) -> None:
+    """A publish batch, the same batch retried, the event published again as another
+    message, a reused eventID, receipts, redeliveries within and across batches."""
+    records = [PublishRecord(f"e{i}", "t" * 32, "topic-a", "{}", f"m{i}", T0) for i in range(3)]
+    store.insert_publish_records(records, T0)
+    store.insert_publish_records(records[:1], T0)  # a retried batch whose write landed
+    store.insert_publish_records(
+        [
+            PublishRecord("e1", "u" * 32, "topic-a", "{}", "m9", T0),  # published again
+            PublishRecord("e2", "t" * 32, "topic-a", "{other}", "m2", T0),  # eventID reused
+            PublishRecord("e3", "v" * 32, "topic-a", "{}", "m3", T0 + timedelta(seconds=10)),
+        ],
+        T0,
+    )
+    store.record_receipts([*_receipts(2, T0), _receipts(1, T0)[0]], T0)  # e0 twice in one
+    store.record_receipts(_receipts(3, T0), T0 + timedelta(seconds=5))  # e0, e1 redelivered
+
+
+def _journal(store: AuditStore) -> list[list[str]]:
+    if isinstance(store, MongoStore):
+        docs = list(store.journal.find({}))
+    else:
+        assert isinstance(store, MemoryStore)
+        docs = list(store.journal.values())
+    return [sorted(d["entries"]) for d in docs]
+
+
+def test_mongo_store_journals_exactly_what_the_memory_store_journals(store: MongoStore) -> None:
+    memory = MemoryStore()
+    _writes(store)
+    _writes(memory)
+    ms = epoch_ms(T0)
+    t, v = "t" * 32, "v" * 32
+    expected = [
+        [f"p|topic-a|e{i}|{t}|{ms}" for i in range(3)],
+        [f"p|topic-a|e0|{t}|{ms}"],  # the same publish: journaled again, harmless
+        [f"p|topic-a|e3|{v}|{ms + 10_000}"],  # e1 and e2 refused: not journaled
+        [f"r|topic-a|sub-a|e0|{ms}|2", f"r|topic-a|sub-a|e1|{ms}|1"],
+        # Redeliveries journal the total stored, not the increment.
+        [f"r|topic-a|sub-a|e0|{ms}|3", f"r|topic-a|sub-a|e1|{ms}|2", f"r|topic-a|sub-a|e2|{ms}|1"],
+    ]
+    assert sorted(_journal(store)) == sorted(_journal(memory)) == sorted(expected)
+
+
+class _FailingJournal:
+    """The journal collection, refusing inserts (the store gone between two writes)."""
+
+    def __init__(self, collection: Any) -> None:
+        self._collection = collection
+
+    def insert_one(self, doc: Any, **kwargs: Any) -> Any:
+        raise AutoReconnect("connection closed")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._collection, name)
+
+
+def test_a_batch_whose_journal_is_not_written_fails_and_its_retry_journals_it(
+    store: MongoStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records = [PublishRecord("e0", "t" * 32, "topic-a", "{}", "m0", T0)]
+    real = store.journal
+    monkeypatch.setattr(store, "journal", _FailingJournal(real))
+    with pytest.raises(StoreError, match="journal not written"):
+        store.insert_publish_records(records, T0)
+    with pytest.raises(StoreError, match="journal not written"):
+        store.record_receipts(_receipts(1, T0), T0)  # the subscriber nacks
+    assert real.count_documents({}) == 0
+    monkeypatch.setattr(store, "journal", real)
+    # The publisher retries the batch; Pub/Sub redelivers the message.
+    store.insert_publish_records(records, T0)
+    store.record_receipts(_receipts(1, T0), T0)
+    ms = epoch_ms(T0)
+    assert sorted(_journal(store)) == [
+        [f"p|topic-a|e0|{'t' * 32}|{ms}"],
+        [f"r|topic-a|sub-a|e0|{ms}|2"],
+    ]

@@ -18,8 +18,9 @@ from eventaudit.exporter.collector import CompletionCollector, EvaluationState
 from eventaudit.exporter.evaluator import Evaluator, Snapshot
 from eventaudit.exporter.loop import EvaluationLoop
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
+from eventaudit.journal import BucketDigest, JournalBatch
 from eventaudit.records import PublishRecord, Receipt
-from eventaudit.store import PublishedEvent, ReceiptSummary, StoreError
+from eventaudit.store import StoreError
 from tests.fakes import MemoryStore
 
 NOW = datetime(2026, 11, 27, 12, 0, 35, tzinfo=UTC)
@@ -47,26 +48,17 @@ class FaultyStore(MemoryStore):
         if queued:
             raise queued.pop(0)
 
-    def published_scan(
-        self, start: datetime, end: datetime, changed_since: datetime | None, changed_from: datetime
-    ) -> tuple[list[PublishedEvent], set[datetime]]:
-        self._fault("published_scan")
-        return super().published_scan(start, end, changed_since, changed_from)
+    def read_journal(self, max_batches: int) -> list[JournalBatch]:
+        self._fault("read_journal")
+        return super().read_journal(max_batches)
 
     def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
         self._fault("delete_older_than")
         return super().delete_older_than(cutoff)
 
-    def window_records(
-        self,
-        topic: str,
-        subscription: str,
-        start: datetime,
-        end: datetime,
-        written_before: datetime,
-    ) -> tuple[list[PublishedEvent], list[ReceiptSummary]]:
-        self._fault("window_records")
-        return super().window_records(topic, subscription, start, end, written_before)
+    def load_digest(self, topic: str, start: datetime, parts: int) -> BucketDigest:
+        self._fault("load_digest")
+        return super().load_digest(topic, start, parts)
 
 
 class Clock:
@@ -122,11 +114,16 @@ class Exporter:
 
 
 def _seeded() -> FaultyStore:
+    """`old`, published two days ago and evaluated then (retention deletes its bucket), and
+    `e1`, published 50 s ago, not yet evaluated."""
     store = FaultyStore()
-    when = NOW - timedelta(seconds=50)
-    store.insert_publish_records([PublishRecord("e1", "t" * 32, TOPIC, "{}", "m", when)], when)
     old = NOW - timedelta(days=2)
     store.insert_publish_records([PublishRecord("old", "t" * 32, TOPIC, "{}", "m", old)], old)
+    expected = ExpectedSubscriptions({TOPIC: {SUB}}, set(), None)
+    then = Evaluator(store, expected, [Window("1m", timedelta(minutes=1))], BUCKET, BUCKET)
+    then.evaluate(old + timedelta(seconds=30))
+    when = NOW - timedelta(seconds=50)
+    store.insert_publish_records([PublishRecord("e1", "t" * 32, TOPIC, "{}", "m", when)], when)
     return store
 
 
@@ -146,9 +143,9 @@ def _fail_logging(monkeypatch: pytest.MonkeyPatch, exc: Exception) -> None:
 @pytest.mark.parametrize(
     ("where", "exc", "reason"),
     [
-        ("published_scan", StoreError(HOST_ERROR), "evaluation failed: audit store unavailable"),
-        ("published_scan", RuntimeError(HOST_ERROR), "evaluation failed: internal error"),
-        ("published_scan", OverflowError(OUT_OF_RANGE), "evaluation failed: internal error"),
+        ("read_journal", StoreError(HOST_ERROR), "evaluation failed: audit store unavailable"),
+        ("read_journal", RuntimeError(HOST_ERROR), "evaluation failed: internal error"),
+        ("read_journal", OverflowError(OUT_OF_RANGE), "evaluation failed: internal error"),
         ("log", ValueError(HOST_ERROR), "logging failed: internal error"),
     ],
 )  # fmt: skip
@@ -269,7 +266,7 @@ def test_numbers_go_stale_when_no_evaluation_succeeds(
     assert exporter.sample("eventaudit_up") == 1
 
 
-def test_retention_reaches_records_by_write_time() -> None:
+def test_the_sweep_reaches_records_no_digest_names_by_write_time() -> None:
     store = FaultyStore()
     far = [datetime(2100, 1, 1, tzinfo=UTC), datetime(9999, 12, 31, tzinfo=UTC)]
     for age, prefix in ((timedelta(days=8), "stale"), (timedelta(hours=1), "kept")):
@@ -284,8 +281,26 @@ def test_retention_reaches_records_by_write_time() -> None:
             )
     exporter = Exporter(store, retention=timedelta(days=7))
     assert exporter.loop.run_once()
+    # Retention by bucket does not reach them: their buckets are in 2100, or unreadable.
+    assert len(store.published) == len(store.received) == 4
+    exporter.loop.sweep(NOW - timedelta(days=7))
     assert sorted(d["eventID"] for d in store.published.values()) == ["kept-0", "kept-1"]
     assert sorted(d["eventID"] for d in store.received.values()) == ["kept-0", "kept-1"]
+    assert exporter.state.sweeps == {"success": 1, "error": 0}
+
+
+def test_the_sweep_runs_daily_on_its_own_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = _seeded()
+    exporter = Exporter(store)
+    started: list[datetime] = []
+    monkeypatch.setattr(exporter.loop, "sweep", started.append)
+    assert exporter.loop.run_once()
+    assert started == []  # not at start: a scan of history on FerretDB
+    exporter.monotonic.now += loop_module.SWEEP_EVERY_SECONDS
+    exporter.loop.run_once()  # retention is due again after an hour, long past
+    assert exporter.loop._sweeper is not None
+    exporter.loop._sweeper.join(timeout=5)
+    assert started == [NOW - timedelta(days=1)]
 
 
 def _retention_runs(exporter: Exporter) -> tuple[float | None, float | None]:

@@ -58,8 +58,8 @@ def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--windows", "1m,9999999d"], "duration"),
         (["--retention", "7d\n"], "duration"),
         (["--retention", "\u0667d"], "duration"),
-        (["--late-lookback", "1 m"], "duration"),
-        (["--late-lookback", "60s\n"], "duration"),
+        (["--settle-delay", "1 m"], "duration"),
+        (["--bucket", "10s\n"], "duration"),
         (["--settle-delay", "\u00b2s"], "duration"),
         (["--windows", "1m,\uff15m"], "duration"),
         # Retention covers the longest window, the settle delay and one more bucket.
@@ -91,6 +91,14 @@ def test_exporter_invalid_values_exit_1(argv, reported, capsys) -> None:
         load_settings(ExporterSettings, argv)
     assert exc.value.code == 1
     assert reported in capsys.readouterr().err
+
+
+def test_the_removed_late_lookback_is_refused_not_ignored(capsys) -> None:
+    # Gone with the journal: late records are folded whenever they are written.
+    with pytest.raises(SystemExit) as exc:
+        load_settings(ExporterSettings, ["--late-lookback", "60s"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --late-lookback" in capsys.readouterr().err
 
 
 def test_exporter_retention_boundary_is_window_plus_settle_plus_one_bucket() -> None:

@@ -1,0 +1,291 @@
+"""The journal writers append to, and the per-bucket digests the exporter folds it into.
+
+Every batch a publisher or subscriber writes is followed, once the records are durable, by one
+journal document listing what the batch made true ("publish record of (topic, eventID) exists",
+"receipt of (subscription, eventID) exists with N deliveries"). The exporter reads the whole
+journal (it holds only what is not yet folded in: a small collection whose full scan is the
+cost of the new records), folds each entry into the digest of its (topic, bucket), stores the
+digests by `_id`, and only then deletes the journal documents it read.
+
+Folding is idempotent (a set union; deliveries keep their maximum, and a writer journals the
+total stored after its write), so a journal document read twice, written twice, or folded by
+an evaluation that failed half-way changes nothing the second time. Nothing depends on a clock:
+a receipt written an hour late is folded into its bucket by the next evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from eventaudit.contract import epoch_ms, from_epoch_ms, parse_ascii_int
+from eventaudit.records import BucketCounts, BucketResult
+
+log = logging.getLogger(__name__)
+
+# Event ids per digest document before a bucket is split over more of them (a BSON document
+# holds at most 16 MiB; at about 150 bytes per event and subscription this stays under 4 MiB).
+PART_EVENTS = 20_000
+_MAX_PARTS = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """One fact a writer made durable. `subscription` None: a publish record."""
+
+    topic: str
+    event_id: str
+    publish_ms: int
+    subscription: str | None = None
+    trace_id: str = ""
+    deliveries: int = 0
+
+    def to_document(self) -> str:
+        """Compact string form (FerretDB stores no nested arrays, and none of these fields can
+        hold a '|'): `p|topic|eventID|traceID|publishMs` or
+        `r|topic|subscription|eventID|publishMs|deliveries`."""
+        if self.subscription is None:
+            return f"p|{self.topic}|{self.event_id}|{self.trace_id}|{self.publish_ms}"
+        return (
+            f"r|{self.topic}|{self.subscription}|{self.event_id}|{self.publish_ms}|"
+            f"{self.deliveries}"
+        )
+
+    @classmethod
+    def from_document(cls, doc: Any) -> JournalEntry | None:
+        """Inverse of to_document; None for anything else (counted `malformed`, never raised:
+        the journal is a shared collection anyone with write access can put things in)."""
+        if not isinstance(doc, str) or len(doc) > _MAX_ENTRY:
+            return None
+        fields = doc.split("|")
+        if fields[0] == "p" and len(fields) == 5:
+            _, topic, event_id, trace_id, ms = fields
+            millis = _millis(ms)
+            if topic and event_id and millis is not None:
+                return cls(topic, event_id, millis, None, trace_id)
+        elif fields[0] == "r" and len(fields) == 6:
+            _, topic, sub, event_id, ms, deliveries = fields
+            millis, count = _millis(ms), parse_ascii_int(deliveries, max_digits=10)
+            if topic and sub and event_id and millis is not None and count and count < 2**31:
+                return cls(topic, event_id, millis, sub, "", count)
+        return None
+
+
+_MAX_ENTRY = 1024
+# Publish times BSON dates and Python datetimes can both hold (years 1..9999).
+_MIN_MS = epoch_ms(datetime(1, 1, 2, tzinfo=UTC))
+_MAX_MS = epoch_ms(datetime(9999, 12, 30, tzinfo=UTC))
+
+
+def _millis(text: str) -> int | None:
+    """Epoch milliseconds, ASCII digits with an optional minus sign, within datetime's range."""
+    negative = text.startswith("-")
+    value = parse_ascii_int(text[1:] if negative else text, max_digits=15)
+    if value is None:
+        return None
+    value = -value if negative else value
+    return value if _MIN_MS <= value <= _MAX_MS else None
+
+
+@dataclass(frozen=True, slots=True)
+class JournalBatch:
+    """One journal document as read: its `_id`, the entries it holds, and how many of its
+    entries were malformed."""
+
+    id: Any
+    entries: tuple[JournalEntry, ...]
+    malformed: int = 0
+
+
+def journal_document(batch_id: str, entries: Iterable[JournalEntry], now: datetime) -> dict:
+    """The journal document a writer inserts after a batch."""
+    return {"_id": batch_id, "writtenTime": now, "entries": [e.to_document() for e in entries]}
+
+
+def parse_journal_document(doc: dict[str, Any]) -> JournalBatch:
+    """A journal document as read; never raises on content."""
+    raw = doc.get("entries")
+    items = raw if isinstance(raw, list) else []
+    entries = [JournalEntry.from_document(item) for item in items]
+    good = tuple(e for e in entries if e is not None)
+    malformed = len(entries) - len(good) + (0 if isinstance(raw, list) else 1)
+    return JournalBatch(doc.get("_id"), good, malformed)
+
+
+def part_of(event_id: str, parts: int) -> int:
+    """Which digest document of a bucket holds `event_id` (stable across processes)."""
+    return zlib.crc32(event_id.encode("utf-8", "surrogatepass")) % parts
+
+
+def digest_key(topic: str, start: datetime, part: int) -> str:
+    """`_id` of one digest document; topic ids never contain '|'."""
+    return f"{topic}|{epoch_ms(start)}|{part}"
+
+
+@dataclass(frozen=True, slots=True)
+class MissedEvent:
+    """A published event without a receipt on the subscription asked about."""
+
+    event_id: str
+    trace_id: str
+    publish_time: datetime
+
+
+@dataclass
+class BucketDigest:
+    """Every event id of one (topic, bucket): published ones with their trace id and publish
+    time, received ones per subscription with their deliveries. Each entry also keeps when it
+    was folded in (`merged`, the evaluation's clock in ms), so the API can list exactly what a
+    given evaluation counted.
+    """
+
+    topic: str
+    start: datetime
+    parts: int = 1
+    published: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    """eventID -> (traceID, publishMs, merged)"""
+    receipts: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+    """subscription -> eventID -> (deliveries, merged)"""
+
+    def merge(self, entry: JournalEntry, merged: int) -> bool:
+        """Fold one entry in; True when it changed the digest."""
+        if entry.subscription is None:
+            if entry.event_id in self.published:
+                return False
+            self.published[entry.event_id] = (entry.trace_id, entry.publish_ms, merged)
+            return True
+        got = self.receipts.setdefault(entry.subscription, {})
+        before = got.get(entry.event_id)
+        if before is None:
+            got[entry.event_id] = (entry.deliveries, merged)
+            return True
+        if entry.deliveries > before[0]:
+            got[entry.event_id] = (entry.deliveries, before[1])
+            return True
+        return False
+
+    def result(self) -> BucketResult:
+        """The bucket's counts: received = receipts whose event has a publish record."""
+        counts = {}
+        for sub, got in self.receipts.items():
+            matched = sum(1 for event_id in got if event_id in self.published)
+            counts[sub] = BucketCounts(
+                received=matched,
+                duplicates=sum(d - 1 for d, _ in got.values()),
+                unmatched=len(got) - matched,
+            )
+        return BucketResult(self.topic, self.start, len(self.published), counts, self.parts)
+
+    def missed(self, subscription: str, merged_by: int) -> list[MissedEvent]:
+        """Published events without a receipt on `subscription`, as an evaluation whose merge
+        time was `merged_by` saw them, oldest first."""
+        got = {
+            e
+            for e, (_, merged) in self.receipts.get(subscription, {}).items()
+            if merged <= merged_by
+        }
+        return sorted(
+            (
+                MissedEvent(event_id, trace, from_epoch_ms(ms))
+                for event_id, (trace, ms, merged) in self.published.items()
+                if merged <= merged_by and event_id not in got
+            ),
+            key=lambda e: (e.publish_time, e.event_id),
+        )
+
+    def counts_as_of(self, subscription: str, merged_by: int) -> tuple[int, int]:
+        """(published, received on `subscription`) as the evaluation at `merged_by` saw them."""
+        published = {e for e, (_, _, m) in self.published.items() if m <= merged_by}
+        got = self.receipts.get(subscription, {})
+        return len(published), sum(
+            1 for e, (_, m) in got.items() if m <= merged_by and e in published
+        )
+
+    def fit_parts(self) -> None:
+        """Spread over enough documents that none holds more than PART_EVENTS event ids."""
+        ids = set(self.published).union(*self.receipts.values())
+        while self.parts < _MAX_PARTS and len(ids) > self.parts * PART_EVENTS:
+            self.parts *= 2
+
+    def to_documents(self) -> Iterator[dict[str, Any]]:
+        """One document per part (every part, empty ones included: they replace older ones)."""
+        # Strings, like the journal's entries: `eventID|traceID|publishMs|merged` and
+        # `subscription|eventID|deliveries|merged`.
+        published: list[list[str]] = [[] for _ in range(self.parts)]
+        receipts: list[list[str]] = [[] for _ in range(self.parts)]
+        for event_id, (trace, ms, merged) in self.published.items():
+            published[part_of(event_id, self.parts)].append(f"{event_id}|{trace}|{ms}|{merged}")
+        for sub, got in self.receipts.items():
+            for event_id, (deliveries, merged) in got.items():
+                receipts[part_of(event_id, self.parts)].append(
+                    f"{sub}|{event_id}|{deliveries}|{merged}"
+                )
+        docs = [
+            {
+                "_id": digest_key(self.topic, self.start, part),
+                "topic": self.topic,
+                "bucketStart": self.start,
+                "part": part,
+                "published": published[part],
+                "receipts": receipts[part],
+            }
+            for part in range(self.parts)
+        ]
+        return iter(docs)
+
+    @classmethod
+    def from_documents(
+        cls, topic: str, start: datetime, parts: int, docs: Iterable[dict[str, Any] | None]
+    ) -> BucketDigest:
+        """Inverse of to_documents; missing parts are empty."""
+        digest = cls(topic, start, parts)
+        for doc in docs:
+            if doc is None:
+                continue
+            bad = 0
+            for item in _strings_in(doc, "published"):
+                fields = _ints(item, 4, first_ints=2)
+                if fields is None:
+                    bad += 1
+                    continue
+                event_id, trace, ms, merged = fields
+                digest.published[str(event_id)] = (str(trace), int(ms), int(merged))
+            for item in _strings_in(doc, "receipts"):
+                fields = _ints(item, 4, first_ints=2)
+                if fields is None:
+                    bad += 1
+                    continue
+                sub, event_id, deliveries, merged = fields
+                got = digest.receipts.setdefault(str(sub), {})
+                got[str(event_id)] = (int(deliveries), int(merged))
+            if bad:
+                # Only the exporter writes digests: someone else did. Logged, never raised (it
+                # would stop every evaluation); the next fold rewrites the document.
+                log.error("digest %s: %d unreadable entries skipped", doc.get("_id"), bad)
+        return digest
+
+
+def _strings_in(doc: dict[str, Any], name: str) -> list[Any]:
+    items = doc.get(name)
+    return items if isinstance(items, list) else []
+
+
+def _ints(item: Any, n: int, first_ints: int) -> list[str | int] | None:
+    """`item` split on '|' into `n` fields, the last `n - first_ints` as integers; None if it
+    is not that."""
+    if not isinstance(item, str):
+        return None
+    fields: list[str | int] = list(item.split("|"))
+    if len(fields) != n:
+        return None
+    for i in range(first_ints, n):
+        text = str(fields[i])
+        value = parse_ascii_int(text.removeprefix("-"), max_digits=15)
+        if value is None:
+            return None
+        fields[i] = -value if text.startswith("-") else value
+    return fields

@@ -1,0 +1,521 @@
+"""The journal and the digests it is folded into: hostile entries, idempotent folding, faults
+half-way, restarts, parts, and /api/v1/missed listing exactly what an evaluation counted.
+
+All on MemoryStore, which journals exactly like MongoStore (tests/integration/test_store.py
+proves the real store on FerretDB agrees).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from eventaudit import journal as journal_module
+from eventaudit.contract import epoch_ms
+from eventaudit.exporter.buckets import Window
+from eventaudit.exporter.evaluator import Evaluator, Snapshot, list_missed
+from eventaudit.exporter.subscriptions import ExpectedSubscriptions
+from eventaudit.journal import (
+    BucketDigest,
+    JournalEntry,
+    parse_journal_document,
+    part_of,
+)
+from eventaudit.records import BucketResult, PublishRecord, Receipt
+from eventaudit.store import StoreError
+from tests.fakes import MemoryStore
+
+BUCKET = timedelta(seconds=10)
+SETTLE = timedelta(seconds=30)
+WINDOW = Window("1m", timedelta(minutes=1))
+HOUR = Window("1h", timedelta(hours=1))
+TOPIC, SUB, OTHER = "orders", "orders-audit", "orders-billing"
+MS = epoch_ms(datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC))
+
+
+def at(m: int, s: float) -> datetime:
+    return datetime(2026, 11, 27, 12, m, 0, tzinfo=UTC) + timedelta(seconds=s)
+
+
+def publish(store: MemoryStore, event_id: str, when: datetime, written: datetime | None = None):
+    store.insert_publish_records(
+        [PublishRecord(event_id, "t" * 32, TOPIC, "{}", "m", when)], written or when
+    )
+
+
+def receive(
+    store: MemoryStore, event_id: str, published: datetime, sub: str = SUB, n: int = 1
+) -> None:
+    got = published + timedelta(seconds=1)
+    receipt = Receipt(sub, event_id, TOPIC, None, "m", published, published, got)
+    store.record_receipts([receipt] * n, got)
+
+
+def evaluator(store: MemoryStore, windows: list[Window] | None = None, **kw: Any) -> Evaluator:
+    expected = ExpectedSubscriptions({TOPIC: {SUB, OTHER}}, set(), None)
+    return Evaluator(store, expected, windows or [WINDOW], BUCKET, SETTLE, **kw)
+
+
+def counts(snapshot: Snapshot, sub: str = SUB, window: str = "1m") -> tuple[int, int, int, int]:
+    s = snapshot.subscriptions[(TOPIC, sub)][window]
+    return s.published, s.received, s.duplicates, s.unmatched
+
+
+def missed_ids(snapshot: Snapshot, store: MemoryStore, sub: str = SUB) -> list[str] | None:
+    listed = list_missed(snapshot, store, TOPIC, sub, snapshot.windows[0], 10_000)
+    return None if listed is None else [e.event_id for e in listed]
+
+
+# -- journal entries: anything in the collection is read without raising -------------------
+
+GOOD_P = f"p|{TOPIC}|e1|{'t' * 32}|{MS}"
+GOOD_R = f"r|{TOPIC}|{SUB}|e1|{MS}|2"
+
+
+@pytest.mark.parametrize(
+    ("doc", "expected"),
+    [
+        (GOOD_P, JournalEntry(TOPIC, "e1", MS, None, "t" * 32)),
+        (GOOD_R, JournalEntry(TOPIC, "e1", MS, SUB, "", 2)),
+        (f"p|{TOPIC}|e1||{MS}", JournalEntry(TOPIC, "e1", MS, None, "")),  # no trace id
+        (f"r|{TOPIC}|{SUB}|e1|{MS}|0", None),  # zero deliveries
+        (f"r|{TOPIC}|{SUB}|e1|{MS}|-1", None),
+        (f"r|{TOPIC}|{SUB}|e1|{MS}|{2**31}", None),  # overflow
+        (f"r|{TOPIC}|{SUB}|e1|{MS}|99999999999999999999", None),
+        (f"r|{TOPIC}|{SUB}|e1|{MS}|2\n", None),  # trailing newline
+        (f"r|{TOPIC}|{SUB}|e1|{MS}|\u0662", None),  # Arabic-Indic 2
+        (f"r|{TOPIC}|{SUB}|e1|{MS}|\u00b2", None),  # superscript 2
+        (f"r|{TOPIC}|{SUB}|e1|{MS}| 2", None),
+        (f"r|{TOPIC}|{SUB}|e1|{MS}|2.0", None),
+        (f"r|{TOPIC}|{SUB}|e1|{MS}|", None),
+        (f"p|{TOPIC}|e1|t|{10**20}", None),  # past year 9999
+        (f"p|{TOPIC}|e1|t|-{10**15}", None),  # before year 1
+        (f"p|{TOPIC}|e1|t|-0", JournalEntry(TOPIC, "e1", 0, None, "t")),
+        (f"p|{TOPIC}|e1|t|nan", None),
+        (f"p|{TOPIC}||t|{MS}", None),
+        (f"p||e1|t|{MS}", None),
+        (f"p|{TOPIC}|e1|t|{MS}|extra", None),
+        (f"r|{TOPIC}|{SUB}|e1|{MS}", None),
+        (f"x|{TOPIC}|e1|t|{MS}", None),
+        ("p|" + "x" * 5000 + f"|e1|t|{MS}", None),  # huge
+        ("", None),
+        (["p", TOPIC, "e1", "t", MS], None),  # the array form FerretDB cannot store
+        ({"p": 1}, None),
+        (None, None),
+        (7, None),
+        (f"p|{TOPIC}|e\u0661|t|{MS}", JournalEntry(TOPIC, "e\u0661", MS, None, "t")),
+    ],
+)
+def test_journal_entries_hostile_table(doc: Any, expected: JournalEntry | None) -> None:
+    assert JournalEntry.from_document(doc) == expected
+    if expected is not None and expected.publish_ms:
+        assert expected.to_document() == doc
+
+
+@pytest.mark.parametrize(
+    ("doc", "good", "malformed"),
+    [
+        ({"_id": "j", "entries": [GOOD_P, GOOD_R]}, 2, 0),
+        ({"_id": "j", "entries": [GOOD_P, ["p"], 7, "p|x", GOOD_R]}, 2, 3),
+        ({"_id": "j", "entries": "nope"}, 0, 1),
+        ({"_id": "j"}, 0, 1),
+        ({"_id": "j", "entries": []}, 0, 0),
+    ],
+)
+def test_journal_documents_count_what_they_cannot_read(
+    doc: dict[str, Any], good: int, malformed: int
+) -> None:
+    batch = parse_journal_document(doc)
+    assert (batch.id, len(batch.entries), batch.malformed) == ("j", good, malformed)
+
+
+def test_malformed_entries_are_counted_and_the_rest_is_folded() -> None:
+    store = MemoryStore()
+    publish(store, "e1", at(0, 1))
+    store.journal["bad"] = {"_id": "bad", "entries": [f"p|{TOPIC}", "junk", None]}
+    ev = evaluator(store)
+    snapshot = ev.evaluate(at(0, 50))
+    assert counts(snapshot) == (1, 0, 0, 0)
+    assert _journal_counts(ev) == {"folded": 1, "too_old": 0, "malformed": 3}
+    assert store.journal == {}  # read, counted, deleted: it cannot block the journal
+
+
+def _journal_counts(ev: Evaluator) -> dict[str, float]:
+    return {
+        s.labels["outcome"]: s.value
+        for family in ev.collect()
+        if family.name == "eventaudit_journal_entries"
+        for s in family.samples
+        if s.name.endswith("_total")
+    }
+
+
+# -- digests: folding is idempotent ---------------------------------------------------------
+
+ENTRIES = [
+    JournalEntry(TOPIC, "e1", MS, None, "a" * 32),
+    JournalEntry(TOPIC, "e2", MS + 5, None, "b" * 32),
+    JournalEntry(TOPIC, "e1", MS, SUB, "", 1),
+    JournalEntry(TOPIC, "e1", MS, SUB, "", 3),  # a redelivery: total stored after the write
+    JournalEntry(TOPIC, "e9", MS, SUB, "", 1),  # no publish record: unmatched
+    JournalEntry(TOPIC, "e2", MS, OTHER, "", 2),
+]
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        ENTRIES,
+        list(reversed(ENTRIES)),
+        ENTRIES + ENTRIES,  # a journal document folded twice (a failure before its delete)
+        ENTRIES[3:] + ENTRIES,  # the redelivery's total first, then the first delivery
+    ],
+)
+def test_folding_any_order_any_number_of_times_gives_one_result(
+    order: list[JournalEntry],
+) -> None:
+    digest = BucketDigest(TOPIC, at(0, 0))
+    for entry in order:
+        digest.merge(entry, merged=1)
+    assert digest.result() == BucketResult(
+        TOPIC,
+        at(0, 0),
+        2,
+        {
+            SUB: journal_module.BucketCounts(received=1, duplicates=2, unmatched=1),
+            OTHER: journal_module.BucketCounts(received=1, duplicates=1, unmatched=0),
+        },
+    )
+    assert all(not digest.merge(e, merged=2) for e in order)  # nothing left to change
+
+
+@pytest.mark.parametrize("parts", [1, 2, 8])
+def test_digest_documents_round_trip_over_any_number_of_parts(parts: int) -> None:
+    digest = BucketDigest(TOPIC, at(0, 0), parts)
+    for i, entry in enumerate(ENTRIES):
+        digest.merge(entry, merged=i)
+    docs = list(digest.to_documents())
+    assert len(docs) == parts
+    for doc in docs:
+        ids = [e.split("|")[0] for e in doc["published"]]
+        ids += [e.split("|")[1] for e in doc["receipts"]]
+        assert {part_of(i, parts) for i in ids} <= {doc["part"]}
+    # Reading more documents than were written (a result saved before its grown digest) is
+    # harmless; the entries are the same.
+    back = BucketDigest.from_documents(TOPIC, at(0, 0), parts * 2, [*docs, None, None])
+    assert (back.published, back.receipts) == (digest.published, digest.receipts)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["e9|t|1", "e9|t|x|1", "e9|t|1|\u0661", 7, None, ["e9", "t", 1, 1]],
+)
+def test_unreadable_digest_entries_are_skipped_never_raised(bad: Any) -> None:
+    doc = {
+        "_id": "d",
+        "published": [f"e1|t|{MS}|1", bad],
+        "receipts": [f"{SUB}|e1|2|1", bad],
+    }
+    digest = BucketDigest.from_documents(TOPIC, at(0, 0), 1, [doc, {"published": "junk"}])
+    assert digest.published == {"e1": ("t", MS, 1)}
+    assert digest.receipts == {SUB: {"e1": (2, 1)}}
+
+
+def test_missed_as_of_leaves_out_what_was_folded_later() -> None:
+    digest = BucketDigest(TOPIC, at(0, 0))
+    digest.merge(JournalEntry(TOPIC, "e1", MS, None, "t"), merged=10)
+    digest.merge(JournalEntry(TOPIC, "e2", MS + 1, None, "t"), merged=10)
+    digest.merge(JournalEntry(TOPIC, "e1", MS, SUB, "", 1), merged=20)
+    digest.merge(JournalEntry(TOPIC, "e3", MS + 2, None, "t"), merged=20)
+    assert [e.event_id for e in digest.missed(SUB, 10)] == ["e1", "e2"]
+    assert digest.counts_as_of(SUB, 10) == (2, 0)
+    assert [e.event_id for e in digest.missed(SUB, 20)] == ["e2", "e3"]
+    assert digest.counts_as_of(SUB, 20) == (3, 1)
+
+
+# -- the evaluator: every record once, after it is durable ----------------------------------
+
+
+class FaultyStore(MemoryStore):
+    """A MemoryStore whose named operation fails once, on its n-th call from now."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail: tuple[str, int] | None = None
+        self.calls: dict[str, int] = {}
+
+    def fail_on(self, name: str, nth: int = 1) -> None:
+        self.fail, self.calls = (name, nth), {}
+
+    def _maybe_fail(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if self.fail and self.fail[0] == name and self.calls[name] == self.fail[1]:
+            self.fail = None
+            raise StoreError(f"injected: {name}")
+
+    def load_digest(self, topic: str, start: datetime, parts: int) -> BucketDigest:
+        self._maybe_fail("load_digest")
+        return super().load_digest(topic, start, parts)
+
+    def save_digests(self, digests: Iterable[BucketDigest]) -> None:
+        self._maybe_fail("save_digests")
+        super().save_digests(digests)
+
+    def save_bucket_results(self, results: Iterable[BucketResult], now: datetime) -> None:
+        self._maybe_fail("save_bucket_results")
+        super().save_bucket_results(results, now)
+
+    def delete_journal(self, ids: Sequence[Any]) -> None:
+        self._maybe_fail("delete_journal")
+        super().delete_journal(ids)
+
+
+def _traffic(store: MemoryStore) -> None:
+    """10 events in [12:00:00, 12:00:20): all received on SUB, e3 twice; e7 lost on SUB; OTHER
+    gets the even ones; plus a receipt without publish record."""
+    for i in range(10):
+        when = at(0, 2 * i)
+        publish(store, f"e{i}", when)
+        if i != 7:
+            receive(store, f"e{i}", when, n=2 if i == 3 else 1)
+        if i % 2 == 0:
+            receive(store, f"e{i}", when, sub=OTHER)
+    receive(store, "stranger", at(0, 5))
+
+
+EXPECTED_SUB = (10, 9, 1, 1)
+EXPECTED_OTHER = (10, 5, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "fail",
+    [
+        ("load_digest", 1),
+        ("save_digests", 1),
+        ("save_bucket_results", 1),  # grown results (none here): the first save of a round
+        ("save_bucket_results", 2),  # after the digests were stored
+        ("delete_journal", 1),  # everything stored, the journal kept: folded again
+    ],
+)
+def test_an_evaluation_failing_half_way_counts_every_record_once_next_time(
+    fail: tuple[str, int],
+) -> None:
+    store = FaultyStore()
+    _traffic(store)
+    store.fail_on(*fail)
+    ev = evaluator(store)
+    with pytest.raises(StoreError):
+        ev.evaluate(at(0, 50))
+    snapshot = ev.evaluate(at(0, 51))
+    assert (counts(snapshot), counts(snapshot, OTHER)) == (EXPECTED_SUB, EXPECTED_OTHER)
+    assert store.journal == {}
+    assert missed_ids(snapshot, store) == ["e7"]
+    # And a new process over the same store agrees, reading nothing again.
+    again = evaluator(store).evaluate(at(0, 52))
+    assert (counts(again), counts(again, OTHER)) == (EXPECTED_SUB, EXPECTED_OTHER)
+
+
+@pytest.mark.parametrize("fail_at", ["load_digest", "save_digests", "save_bucket_results"])
+def test_a_process_that_stops_half_way_leaves_nothing_a_new_one_counts_twice(
+    fail_at: str,
+) -> None:
+    store = FaultyStore()
+    _traffic(store)
+    store.fail_on(fail_at)
+    with pytest.raises(StoreError):
+        evaluator(store).evaluate(at(0, 50))  # this process dies here
+    snapshot = evaluator(store).evaluate(at(0, 51))
+    assert (counts(snapshot), counts(snapshot, OTHER)) == (EXPECTED_SUB, EXPECTED_OTHER)
+
+
+def test_a_failed_store_of_cached_digests_is_stored_by_the_next_evaluation() -> None:
+    store = FaultyStore()
+    publish(store, "e1", at(0, 11))
+    ev = evaluator(store)
+    ev.evaluate(at(0, 40))  # the bucket of 12:00:10 is not settled: its digest stays cached
+    publish(store, "e2", at(0, 12))
+    store.fail_on("save_digests")
+    with pytest.raises(StoreError):
+        ev.evaluate(at(0, 45))
+    snapshot = ev.evaluate(at(0, 50))
+    assert counts(snapshot)[0] == 2
+    assert missed_ids(snapshot, store) == ["e1", "e2"]  # read from the stored digest
+    assert counts(evaluator(store).evaluate(at(0, 51)))[0] == 2
+
+
+def test_a_journal_document_written_twice_counts_once() -> None:
+    store = MemoryStore()
+    _traffic(store)
+    for i, doc in enumerate(list(store.journal.values())):
+        store.journal[f"copy{i}"] = {**doc, "_id": f"copy{i}"}  # a retried insert that landed
+    snapshot = evaluator(store).evaluate(at(0, 50))
+    assert (counts(snapshot), counts(snapshot, OTHER)) == (EXPECTED_SUB, EXPECTED_OTHER)
+
+
+def test_an_evaluation_with_nothing_new_reads_no_digest_and_recounts_nothing() -> None:
+    store = MemoryStore()
+    _traffic(store)
+    ev = evaluator(store)
+    first = ev.evaluate(at(0, 50))
+    reads = store.digest_reads
+    for now in (at(1, 0), at(1, 10)):
+        later = ev.evaluate(now)
+        assert counts(later) == counts(first)
+    assert store.digest_reads == reads
+
+
+def test_new_records_read_the_digests_of_their_buckets_only() -> None:
+    store = MemoryStore()
+    _traffic(store)
+    ev = evaluator(store, windows=[HOUR])
+    ev.evaluate(at(0, 50))
+    # 40 minutes of history evaluated and dropped from memory, then one late receipt.
+    for minute in range(1, 40):
+        publish(store, f"h{minute}", at(minute, 0))
+        ev.evaluate(at(minute, 45))
+    reads = store.digest_reads
+    receive(store, "e7", at(0, 14))  # e7's bucket is 40 minutes old
+    snapshot = ev.evaluate(at(40, 45))
+    assert store.digest_reads - reads == 1  # the one bucket it fell in
+    assert counts(snapshot, window="1h")[:2] == (49, 10)
+
+
+@pytest.mark.parametrize(
+    ("published", "now", "reported"),
+    [
+        # The window is [frontier - 1m, frontier); frontier = floor(now - settle, 10 s).
+        (at(0, 9.999), at(0, 40), True),  # bucket 12:00:00 ended at 12:00:10, settled 12:00:40
+        (at(0, 10), at(0, 40), False),  # bucket 12:00:10 settles at 12:00:50
+        (at(0, 10), at(0, 50), True),
+        (at(0, 0), at(1, 30), True),  # first bucket of the window [12:00:00, 12:01:00)
+        (at(0, 0), at(1, 40), False),  # out of the window now
+    ],
+)
+def test_records_on_bucket_and_window_edges(
+    published: datetime, now: datetime, reported: bool
+) -> None:
+    store = MemoryStore()
+    publish(store, "e1", published)
+    snapshot = evaluator(store).evaluate(now)
+    assert counts(snapshot)[0] == int(reported)
+    assert missed_ids(snapshot, store) == (["e1"] if reported else [])
+
+
+@pytest.mark.parametrize(
+    "written", [at(0, 1), at(0, 1) - timedelta(hours=1), at(0, 1) + timedelta(hours=1)]
+)
+def test_writer_clocks_do_not_decide_what_is_counted(written: datetime) -> None:
+    # Only the publishTime places an event; when (by any writer's clock) it was written is
+    # irrelevant: the journal is read whole, whatever its stamps.
+    store = MemoryStore()
+    publish(store, "e1", at(0, 1), written=written)
+    receipt = Receipt(SUB, "e1", TOPIC, None, "m", at(0, 1), at(0, 1), written)
+    store.record_receipts([receipt], written)
+    assert counts(evaluator(store).evaluate(at(0, 45))) == (1, 1, 0, 0)
+
+
+def test_records_too_old_for_any_window_are_counted_apart() -> None:
+    store = MemoryStore()
+    publish(store, "ancient", at(0, 0) - timedelta(hours=2))
+    publish(store, "e1", at(0, 1))
+    ev = evaluator(store)
+    assert counts(ev.evaluate(at(0, 45))) == (1, 0, 0, 0)
+    assert _journal_counts(ev) == {"folded": 1, "too_old": 1, "malformed": 0}
+
+
+# -- a late receipt: missed, then received; the API agrees with the gauge at every step ----
+
+
+def test_a_late_receipt_is_listed_missed_by_the_evaluation_that_missed_it() -> None:
+    store = MemoryStore()
+    for i in range(3):
+        publish(store, f"e{i}", at(0, i))
+    receive(store, "e0", at(0, 0))
+    ev = evaluator(store)
+    first = ev.evaluate(at(0, 45))
+    assert counts(first)[:2] == (3, 1)
+    assert missed_ids(first, store) == ["e1", "e2"]
+    # e1's consumer handler took 40 s: its receipt is written now.
+    receive(store, "e1", at(0, 1))
+    second = ev.evaluate(at(0, 55))
+    assert counts(second)[:2] == (3, 2)
+    assert missed_ids(second, store) == ["e2"]
+    # The API asked about the first evaluation still lists what that one counted.
+    assert missed_ids(first, store) == ["e1", "e2"]
+
+
+# -- parts: a bucket too large for one document ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fail_at", "nth"),
+    [
+        ("save_digests", 1),  # the grown result is stored, its digest is not
+        ("save_bucket_results", 2),  # the grown digest is stored, the final results are not
+    ],
+)
+def test_a_bucket_grows_over_parts_and_a_failure_half_way_loses_nothing(
+    monkeypatch: pytest.MonkeyPatch, fail_at: str, nth: int
+) -> None:
+    monkeypatch.setattr(journal_module, "PART_EVENTS", 4)
+    store = FaultyStore()
+    for i in range(3):
+        publish(store, f"e{i}", at(0, 1))
+    ev = evaluator(store)
+    ev.evaluate(at(0, 45))
+    for i in range(3, 30):
+        publish(store, f"e{i}", at(0, 1))
+        if i % 3:
+            receive(store, f"e{i}", at(0, 1))
+    store.fail_on(fail_at, nth)
+    with pytest.raises(StoreError):
+        ev.evaluate(at(0, 46))
+    snapshot = evaluator(store).evaluate(at(0, 47))
+    assert counts(snapshot)[:2] == (30, 18)
+    [result] = snapshot.buckets.values()
+    assert result.parts == 8
+    assert len(store.digests) == 8
+    missed = missed_ids(snapshot, store)
+    assert missed is not None and sorted(missed) == sorted(
+        f"e{i}" for i in range(30) if i < 3 or i % 3 == 0
+    )
+
+
+def test_the_digest_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from eventaudit.exporter import evaluator as evaluator_module
+
+    monkeypatch.setattr(evaluator_module, "CACHE_EVENTS", 5)
+    store = MemoryStore()
+    for i in range(20):
+        publish(store, f"e{i}", at(0, 35))
+    ev = evaluator(store)
+    ev.evaluate(at(0, 45))
+    cached = {
+        f.name: f.samples[0].value
+        for f in ev.collect()
+        if f.name == "eventaudit_digest_cache_events"
+    }
+    assert cached == {"eventaudit_digest_cache_events": 0}  # 20 events > 5: not kept
+
+
+def test_a_burst_is_folded_over_several_evaluations_within_the_budget() -> None:
+    store = MemoryStore()
+    for i in range(50):
+        publish(store, f"e{i}", at(0, 1))
+    ticks = iter(range(1000))
+    clock: Callable[[], float] = lambda: float(next(ticks))  # noqa: E731
+    # Two documents per round, and the budget is spent after the first round.
+    ev = evaluator(store, round_batches=2, budget=timedelta(seconds=0.5), monotonic=clock)
+    first = ev.evaluate(at(0, 45))
+    assert counts(first)[0] == 2
+    assert _backlog(ev) == 1
+    ev2 = evaluator(store, round_batches=100)
+    assert counts(ev2.evaluate(at(0, 46)))[0] == 50
+    assert _backlog(ev2) == 0
+
+
+def _backlog(ev: Evaluator) -> float:
+    return next(f.samples[0].value for f in ev.collect() if f.name == "eventaudit_journal_backlog")
