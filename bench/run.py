@@ -7,9 +7,10 @@
   buffer into FerretDB) against the same Flask route publishing with the bare PublisherClient.
 - subscriber: messages/s through one streaming-pull subscriber that records then acks, against
   a callback that only acks, on two subscriptions of one topic holding the same messages.
-- exporter: time of the first evaluation with 100,000 events (100,000 publish records and
-  100,000 receipts) stored, against reading those 200,000 documents once with a bare find(),
-  and the steady-state evaluation that follows.
+- exporter: with 10,000 and with 1,000,000 events stored (a publish record and receipts on two
+  subscriptions each), the steady evaluation (100 new events per 10 s bucket), the first
+  evaluation after a restart, a /metrics scrape and an /api/v1/missed listing, as ratios of
+  much history to little; then a burst of 100,000 events folded at once (events/s, RSS).
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from typing import Any
 
 from flask import Flask, jsonify, request
 from google.cloud import pubsub_v1
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from eventaudit.contract import utc_now_ms
 from eventaudit.exporter.buckets import Window
-from eventaudit.exporter.evaluator import Evaluator
+from eventaudit.exporter.collector import CompletionCollector, EvaluationState
+from eventaudit.exporter.evaluator import Evaluator, list_missed
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 from eventaudit.publisher.app import PublisherDeps, create_app
 from eventaudit.publisher.audited import AuditedPublisher, PublisherMetrics, RecordBuffer
@@ -169,67 +171,159 @@ def bench_subscriber(store: MongoStore, n: int) -> None:
     )
 
 
-def bench_exporter(store: MongoStore, n: int) -> None:
-    topic, sub = "bench-exporter", "bench-exporter-sub"
-    base = datetime.now(UTC) - timedelta(minutes=50)
-    step = timedelta(minutes=45) / n
-    for start in range(0, n, 5000):
-        batch = range(start, min(n, start + 5000))
-        when = [
-            (base + step * i).replace(microsecond=(base + step * i).microsecond // 1000 * 1000)
-            for i in batch
-        ]
-        store.insert_publish_records(
-            [
-                PublishRecord(f"evt-{i}", "t" * 32, topic, "{}", str(i), w)
-                for i, w in zip(batch, when, strict=False)
-            ],
-            utc_now_ms(),
-        )
-        # 1 in 100 receipts is missing, 1 in 50 redelivered.
-        store.record_receipts(
-            [
-                Receipt(sub, f"evt-{i}", topic, "t" * 32, str(i), w, w, w)
-                for i, w in zip(batch, when, strict=False)
-                if i % 100
-            ]
-            + [
-                Receipt(sub, f"evt-{i}", topic, "t" * 32, str(i), w, w, w)
-                for i, w in zip(batch, when, strict=False)
-                if i % 50 == 1
-            ],
-            utc_now_ms(),
-        )
-    started = time.perf_counter()
-    docs = sum(1 for _ in store.published.find({})) + sum(1 for _ in store.received.find({}))
-    scan = time.perf_counter() - started
+TOPIC, SUBS = "bench-exporter", ("bench-exporter-a", "bench-exporter-b")
+WRITE_BATCH = 5000
 
-    expected = ExpectedSubscriptions({topic: {sub}}, set(), None)
-    evaluator = Evaluator(
+
+def _ms(moment: datetime) -> datetime:
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def _write_events(store: MongoStore, times: list[datetime], prefix: str) -> None:
+    """Publish records and receipts on two subscriptions through the writers (so the journal
+    is written as in production): 1 in 100 missed on the first subscription, 1 in 50
+    redelivered on the second."""
+    for start in range(0, len(times), WRITE_BATCH):
+        batch = list(enumerate(times[start : start + WRITE_BATCH], start))
+        store.insert_publish_records(
+            [PublishRecord(f"{prefix}{i}", "t" * 32, TOPIC, "{}", str(i), w) for i, w in batch],
+            utc_now_ms(),
+        )
+        for sub, keep, twice in ((SUBS[0], 100, 0), (SUBS[1], 1, 50)):
+            receipts = [
+                Receipt(sub, f"{prefix}{i}", TOPIC, None, str(i), w, w, w)
+                for i, w in batch
+                if keep == 1 or i % keep
+            ]
+            receipts += [r for i, r in enumerate(receipts) if twice and i % twice == 1]
+            store.record_receipts(receipts, utc_now_ms())
+
+
+def _evaluator(store: MongoStore, monotonic: Callable[[], float] = time.monotonic) -> Evaluator:
+    expected = ExpectedSubscriptions({TOPIC: set(SUBS)}, set(), None)
+    return Evaluator(
         store,
         expected,
-        [Window.parse("1h", timedelta(seconds=10))],
+        [Window.parse(w, timedelta(seconds=10)) for w in ("1m", "5m", "1h")],
         timedelta(seconds=10),
         timedelta(seconds=30),
+        budget=timedelta(hours=1),  # fold the whole history in one call
+        monotonic=monotonic,
     )
-    # Evaluate as if the records were written a while ago (two buckets more than the late
-    # lookback before the first evaluation): otherwise the next evaluation would take every
-    # one of them for a late record and re-read the whole window, which is not the steady
-    # state being measured.
-    now = datetime.now(UTC) + timedelta(seconds=80)
+
+
+def _p99(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _exporter_case(store: MongoStore, stored: int, now: datetime) -> dict[str, float]:
+    """`stored` events of history spread over the three hours before `now - 2 min` (a third
+    inside the longest window), folded; then the steady state: 100 new events every 10 s."""
+    history = [
+        _ms(now - timedelta(minutes=2) - timedelta(hours=3) * (i / stored)) for i in range(stored)
+    ]
     started = time.perf_counter()
-    snapshot = evaluator.evaluate(now)
-    first = time.perf_counter() - started
-    stats = snapshot.subscriptions[(topic, sub)]["1h"]
-    assert (stats.published, stats.missed) == (n, n // 100), (stats.published, stats.missed)
+    _write_events(store, history, "h")
+    write = time.perf_counter() - started
+    ev = _evaluator(store)
     started = time.perf_counter()
-    evaluator.evaluate(now + timedelta(seconds=10))
-    steady = time.perf_counter() - started
+    ev.evaluate(now)
+    fold = time.perf_counter() - started
+    # A restart: the first evaluation of a new process reads the stored results only.
+    started = time.perf_counter()
+    ev = _evaluator(store)
+    ev.evaluate(now)
+    restart = time.perf_counter() - started
+    steady = []
+    for k in range(5):
+        tick = now + timedelta(seconds=10 * (k + 1))
+        new = [
+            _ms(tick - timedelta(seconds=35) - timedelta(seconds=10) * (i / 100))
+            for i in range(100)
+        ]
+        _write_events(store, new, f"n{k}-")
+        started = time.perf_counter()
+        snapshot = ev.evaluate(tick)
+        steady.append(time.perf_counter() - started)
+    stats = snapshot.subscriptions[(TOPIC, SUBS[0])]["1h"]
+    in_window = sum(1 for t in history if t >= snapshot.frontier - timedelta(hours=1)) + 500
+    assert stats.published == in_window, (stats.published, in_window)
+    registry = CollectorRegistry()
+    state = EvaluationState(settle_seconds=30)
+    state.succeeded(snapshot, 0.0)
+    registry.register(CompletionCollector(state))
+    scrapes = []
+    for _ in range(1000):
+        started = time.perf_counter()
+        generate_latest(registry)
+        scrapes.append(time.perf_counter() - started)
+    window = snapshot.window("1h")
+    assert window is not None
+    listings = []
+    for _ in range(50):
+        started = time.perf_counter()
+        listed = list_missed(snapshot, store, TOPIC, SUBS[0], window, 100)
+        listings.append(time.perf_counter() - started)
+    assert listed is not None and len(listed) == 100
+    return {
+        "write": write,
+        "fold": fold,
+        "restart": restart,
+        "steady": sorted(steady)[len(steady) // 2],
+        "scrape_p99": _p99(scrapes),
+        "missed_p99": _p99(listings),
+    }
+
+
+def bench_exporter(uri: str, sizes: list[int]) -> None:
+    """Steady evaluation, scrape and /api/v1/missed with little and much history, and a burst."""
+    now = datetime.now(UTC)
+    results = {}
+    for stored in sizes:
+        store = MongoStore(uri, f"bench_exporter_{stored}", timeout_seconds=60)
+        store.ensure_indexes()
+        results[stored] = _exporter_case(store, stored, now)
+        r = results[stored]
+        print(
+            f"exporter {stored:>9} stored: written in {r['write']:.0f} s, folded in "
+            f"{r['fold']:.1f} s ({stored / r['fold']:,.0f} events/s); first evaluation after a "
+            f"restart {r['restart'] * 1000:.0f} ms; steady evaluation {r['steady'] * 1000:.0f} "
+            f"ms; /metrics p99 {r['scrape_p99'] * 1000:.1f} ms; /api/v1/missed p99 "
+            f"{r['missed_p99'] * 1000:.1f} ms"
+        )
+        store.close()
+    small, large = results[min(sizes)], results[max(sizes)]
     print(
-        f"exporter       {docs} docs: bare find {scan:.2f} s   first evaluation {first:.2f} s "
-        f"(ratio {first / scan:.2f})   next evaluation {steady * 1000:.0f} ms "
-        f"(ratio {steady / scan:.3f})"
+        f"exporter       ratios {max(sizes)} / {min(sizes)} stored: steady evaluation "
+        f"{large['steady'] / small['steady']:.2f}, /metrics p99 "
+        f"{large['scrape_p99'] / small['scrape_p99']:.2f}, /api/v1/missed p99 "
+        f"{large['missed_p99'] / small['missed_p99']:.2f}"
     )
+    # A burst: 100,000 events written at once (a publisher flushing after an outage).
+    store = MongoStore(uri, "bench_exporter_burst", timeout_seconds=60)
+    store.ensure_indexes()
+    burst = [
+        _ms(now - timedelta(seconds=40) - timedelta(minutes=5) * (i / 100_000))
+        for i in range(100_000)
+    ]
+    _write_events(store, burst, "b")
+    ev = _evaluator(store)
+    rss = _rss_mb()
+    started, cpu = time.perf_counter(), time.process_time()
+    ev.evaluate(now)
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    print(
+        f"exporter       burst of 100,000 events (300,000 journal entries): folded in "
+        f"{elapsed:.1f} s, {100_000 / elapsed:,.0f} events/s ({100_000 / cpu:,.0f} per CPU second "
+        f"of the exporter; FerretDB's own CPU not counted); RSS {rss:.0f} -> {_rss_mb():.0f} MB"
+    )
+    store.close()
 
 
 def main() -> None:
@@ -238,8 +332,13 @@ def main() -> None:
     )
     parser.add_argument("which", nargs="*", default=["publisher", "subscriber", "exporter"])
     parser.add_argument("--events", type=int, default=3000, help="events for publisher/subscriber")
-    parser.add_argument("--records", type=int, default=100_000, help="stored events for exporter")
+    parser.add_argument(
+        "--stored",
+        default="10000,1000000",
+        help="exporter: events of history to compare, comma-separated",
+    )
     args = parser.parse_args()
+    sizes = [int(x) for x in args.stored.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="eventaudit-bench-"))
     services = []
     try:
@@ -261,7 +360,7 @@ def main() -> None:
             elif which == "subscriber":
                 bench_subscriber(store, args.events)
             else:
-                bench_exporter(store, args.records)
+                bench_exporter(f"mongodb://127.0.0.1:{fport}/", sizes)
             store.close()
     finally:
         for service in reversed(services):

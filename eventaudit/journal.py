@@ -171,6 +171,7 @@ class BucketDigest:
     def result(self) -> BucketResult:
         """The bucket's counts: received = receipts whose event has a publish record."""
         counts = {}
+        merged = max((m for _, _, m in self.published.values()), default=0)
         for sub, got in self.receipts.items():
             matched = sum(1 for event_id in got if event_id in self.published)
             counts[sub] = BucketCounts(
@@ -178,7 +179,8 @@ class BucketDigest:
                 duplicates=sum(d - 1 for d, _ in got.values()),
                 unmatched=len(got) - matched,
             )
-        return BucketResult(self.topic, self.start, len(self.published), counts, self.parts)
+            merged = max(merged, max((m for _, m in got.values()), default=0))
+        return BucketResult(self.topic, self.start, len(self.published), counts, self.parts, merged)
 
     def missed(self, subscription: str, merged_by: int) -> list[MissedEvent]:
         """Published events without a receipt on `subscription`, as an evaluation whose merge

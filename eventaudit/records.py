@@ -73,6 +73,8 @@ class BucketResult:
     subscriptions: dict[str, BucketCounts]
     parts: int = 1
     """How many `BucketDigest` documents hold this bucket's event ids."""
+    merged: int = 0
+    """The latest fold stamp in its digest (a new exporter process stamps after it)."""
 
     @property
     def key(self) -> str:
@@ -96,6 +98,7 @@ class BucketResult:
                 for name, c in sorted(self.subscriptions.items())
             ],
             "parts": self.parts,
+            "merged": self.merged,
             "evaluatedTime": evaluated_time,
         }
 
@@ -113,4 +116,5 @@ class BucketResult:
                 for s in doc.get("subscriptions", [])
             },
             parts=max(1, int(doc.get("parts", 1))),
+            merged=int(doc.get("merged", 0)),
         )

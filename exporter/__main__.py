@@ -6,7 +6,7 @@ import logging
 import sys
 import time
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 
 from eventaudit.exporter.app import ExporterDeps, create_app
 from eventaudit.exporter.collector import CompletionCollector, EvaluationState
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         registry = CollectorRegistry()
         registry.register(CompletionCollector(state, expected))
         registry.register(evaluator)
+        ProcessCollector(registry=registry)  # RSS among others: the digest cache is bounded
         missed = MissedAnswers(settings.missed_concurrency)
         registry.register(missed)
         loop = EvaluationLoop(

@@ -147,6 +147,9 @@ class Evaluator(Collector):
             # First evaluation of this process: resume from the stored results; the journal
             # holds whatever the previous process had not folded.
             self._results = {(r.topic, r.start): r for r in self._store.load_bucket_results(oldest)}
+            # Stamp folds after any earlier process's, even with a clock stepped back, so the
+            # API never takes an earlier fold for a later one.
+            self._merged = max((r.merged for r in self._results.values()), default=0)
         merged = max(epoch_ms(now), self._merged + 1)
         deadline = self._monotonic() + self._budget
         try:

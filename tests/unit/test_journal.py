@@ -188,6 +188,7 @@ def test_folding_any_order_any_number_of_times_gives_one_result(
             SUB: journal_module.BucketCounts(received=1, duplicates=2, unmatched=1),
             OTHER: journal_module.BucketCounts(received=1, duplicates=1, unmatched=0),
         },
+        merged=1,
     )
     assert all(not digest.merge(e, merged=2) for e in order)  # nothing left to change
 
@@ -519,3 +520,19 @@ def test_a_burst_is_folded_over_several_evaluations_within_the_budget() -> None:
 
 def _backlog(ev: Evaluator) -> float:
     return next(f.samples[0].value for f in ev.collect() if f.name == "eventaudit_journal_backlog")
+
+
+def test_a_new_process_with_its_clock_stepped_back_still_lists_what_it_counts() -> None:
+    store = MemoryStore()
+    _traffic(store)
+    ten = [Window("10m", timedelta(minutes=10))]
+    first = evaluator(store, windows=ten).evaluate(at(5, 0))
+    receive(store, "e7", at(0, 14))  # folded by the second process
+    # The second process's clock is a minute behind the first's: its folds must still be
+    # stamped after the first process's, or the API would take them for earlier ones.
+    snapshot = evaluator(store, windows=ten).evaluate(at(4, 0))
+    assert snapshot.merged > first.merged
+    assert counts(snapshot, window="10m")[:2] == (10, 10)
+    listed = list_missed(snapshot, store, TOPIC, SUB, ten[0], 100)
+    assert listed == []
+    assert [e.event_id for e in list_missed(first, store, TOPIC, SUB, ten[0], 100) or []] == ["e7"]
