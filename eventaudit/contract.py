@@ -128,6 +128,11 @@ def new_event_id() -> str:
     return str(uuid.uuid4())
 
 
+def is_event_id(text: str) -> bool:
+    """True for an eventID the contract accepts."""
+    return 0 < len(text) <= _MAX_EVENT_ID_LEN and _EVENT_ID.fullmatch(text) is not None
+
+
 def validate_event_id(event_id: object) -> str:
     """Return a usable event id or raise InvalidMessageError saying why."""
     if not isinstance(event_id, str) or not event_id:

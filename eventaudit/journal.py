@@ -16,20 +16,28 @@ a receipt written an hour late is folded into its bucket by the next evaluation.
 from __future__ import annotations
 
 import logging
+import re
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from eventaudit.contract import epoch_ms, from_epoch_ms, parse_ascii_int
+from eventaudit.contract import (
+    epoch_ms,
+    from_epoch_ms,
+    is_event_id,
+    is_pubsub_id,
+    parse_ascii_int,
+)
 from eventaudit.records import BucketCounts, BucketResult
 
 log = logging.getLogger(__name__)
 
-# Event ids per digest document before a bucket is split over more of them (a BSON document
-# holds at most 16 MiB; at about 150 bytes per event and subscription this stays under 4 MiB).
-PART_EVENTS = 20_000
+# Bytes per digest document before a bucket is split over more of them (a BSON document holds
+# at most 16 MiB).
+PART_BYTES = 4 * 2**20
+_ENTRY_BYTES = 40  # an entry's BSON overhead, its integers and separators, rounded up
 _MAX_PARTS = 1024
 
 
@@ -65,17 +73,32 @@ class JournalEntry:
         if fields[0] == "p" and len(fields) == 5:
             _, topic, event_id, trace_id, ms = fields
             millis = _millis(ms)
-            if topic and event_id and millis is not None:
+            if _ids(topic, event_id) and _TRACE.fullmatch(trace_id) and millis is not None:
                 return cls(topic, event_id, millis, None, trace_id)
         elif fields[0] == "r" and len(fields) == 6:
             _, topic, sub, event_id, ms, deliveries = fields
-            millis, count = _millis(ms), parse_ascii_int(deliveries, max_digits=10)
-            if topic and sub and event_id and millis is not None and count and count < 2**31:
+            millis, count = _millis(ms), _deliveries(deliveries)
+            if _ids(topic, event_id) and is_pubsub_id(sub) and millis is not None and count:
                 return cls(topic, event_id, millis, sub, "", count)
         return None
 
 
 _MAX_ENTRY = 1024
+_TRACE = re.compile(r"[0-9A-Za-z]{0,64}")  # a trace id: 32 hex digits from our writers
+# Entries a writer puts in one journal document (it splits larger batches): a document with
+# more is not one of ours, and is counted malformed whole rather than held in memory.
+MAX_ENTRIES_PER_DOCUMENT = 5000
+
+
+def _ids(topic: str, event_id: str) -> bool:
+    return is_pubsub_id(topic) and is_event_id(event_id)
+
+
+def _deliveries(text: str) -> int | None:
+    count = parse_ascii_int(text, max_digits=10)
+    return count if count is not None and 1 <= count < 2**31 else None
+
+
 # Publish times BSON dates and Python datetimes can both hold (years 1..9999).
 _MIN_MS = epoch_ms(datetime(1, 1, 2, tzinfo=UTC))
 _MAX_MS = epoch_ms(datetime(9999, 12, 30, tzinfo=UTC))
@@ -101,15 +124,27 @@ class JournalBatch:
     malformed: int = 0
 
 
-def journal_document(batch_id: str, entries: Iterable[JournalEntry], now: datetime) -> dict:
-    """The journal document a writer inserts after a batch."""
-    return {"_id": batch_id, "writtenTime": now, "entries": [e.to_document() for e in entries]}
+def journal_documents(
+    batch_id: str, entries: Sequence[JournalEntry], now: datetime
+) -> list[dict[str, Any]]:
+    """The journal documents a writer inserts after a batch: MAX_ENTRIES_PER_DOCUMENT each."""
+    step = MAX_ENTRIES_PER_DOCUMENT
+    return [
+        {
+            "_id": f"{batch_id}-{i // step}",
+            "writtenTime": now,
+            "entries": [e.to_document() for e in entries[i : i + step]],
+        }
+        for i in range(0, len(entries), step)
+    ]
 
 
 def parse_journal_document(doc: dict[str, Any]) -> JournalBatch:
     """A journal document as read; never raises on content."""
     raw = doc.get("entries")
     items = raw if isinstance(raw, list) else []
+    if len(items) > MAX_ENTRIES_PER_DOCUMENT:
+        return JournalBatch(doc.get("_id"), (), len(items))
     entries = [JournalEntry.from_document(item) for item in items]
     good = tuple(e for e in entries if e is not None)
     malformed = len(entries) - len(good) + (0 if isinstance(raw, list) else 1)
@@ -119,6 +154,18 @@ def parse_journal_document(doc: dict[str, Any]) -> JournalBatch:
 def part_of(event_id: str, parts: int) -> int:
     """Which digest document of a bucket holds `event_id` (stable across processes)."""
     return zlib.crc32(event_id.encode("utf-8", "surrogatepass")) % parts
+
+
+def read_digest(
+    topic: str, start: datetime, parts: int, read: Callable[[str], dict[str, Any] | None]
+) -> BucketDigest:
+    """A digest read one document at a time by `_id`: part 0 first, which says how many parts
+    there are; at least `parts` (what the bucket's result says) are read."""
+    first = read(digest_key(topic, start, 0))
+    stated = first.get("parts") if first is not None else None
+    count = min(_MAX_PARTS, max(parts, stated if type(stated) is int else 1))
+    docs = [first, *(read(digest_key(topic, start, p)) for p in range(1, count))]
+    return BucketDigest.from_documents(topic, start, count, docs)
 
 
 def digest_key(topic: str, start: datetime, part: int) -> str:
@@ -208,13 +255,21 @@ class BucketDigest:
         )
 
     def fit_parts(self) -> None:
-        """Spread over enough documents that none holds more than PART_EVENTS event ids."""
-        ids = set(self.published).union(*self.receipts.values())
-        while self.parts < _MAX_PARTS and len(ids) > self.parts * PART_EVENTS:
+        """Spread over enough documents that none holds more than about PART_BYTES (parts
+        only double, so every part's events come from one part of the layout before)."""
+        size = sum(
+            len(e) + len(trace) + _ENTRY_BYTES for e, (trace, _, _) in self.published.items()
+        )
+        size += sum(
+            (len(sub) + _ENTRY_BYTES) * len(got) + sum(len(e) for e in got)
+            for sub, got in self.receipts.items()
+        )
+        # Twice the average: the hash spreads events unevenly over few parts.
+        while self.parts < _MAX_PARTS and size * 2 > self.parts * PART_BYTES:
             self.parts *= 2
 
     def to_documents(self) -> Iterator[dict[str, Any]]:
-        """One document per part (every part, empty ones included: they replace older ones)."""
+        """One document per part, every part, empty ones included (they replace older ones)."""
         # Strings, like the journal's entries: `eventID|traceID|publishMs|merged` and
         # `subscription|eventID|deliveries|merged`.
         published: list[list[str]] = [[] for _ in range(self.parts)]
@@ -226,16 +281,20 @@ class BucketDigest:
                 receipts[part_of(event_id, self.parts)].append(
                     f"{sub}|{event_id}|{deliveries}|{merged}"
                 )
+        # Highest part first and part 0, which says how many there are, last: a write
+        # interrupted while the parts double leaves every event in its new part or still in
+        # its old one (the stored result names the new count before any part is written).
         docs = [
             {
                 "_id": digest_key(self.topic, self.start, part),
                 "topic": self.topic,
                 "bucketStart": self.start,
                 "part": part,
+                "parts": self.parts,
                 "published": published[part],
                 "receipts": receipts[part],
             }
-            for part in range(self.parts)
+            for part in reversed(range(self.parts))
         ]
         return iter(docs)
 
@@ -251,14 +310,18 @@ class BucketDigest:
             bad = 0
             for item in _strings_in(doc, "published"):
                 fields = _ints(item, 4, first_ints=2)
-                if fields is None:
+                if (
+                    fields is None
+                    or not (_MIN_MS <= int(fields[2]) <= _MAX_MS)
+                    or int(fields[3]) < 0
+                ):
                     bad += 1
                     continue
                 event_id, trace, ms, merged = fields
                 digest.published[str(event_id)] = (str(trace), int(ms), int(merged))
             for item in _strings_in(doc, "receipts"):
                 fields = _ints(item, 4, first_ints=2)
-                if fields is None:
+                if fields is None or not (1 <= int(fields[2]) < 2**31) or int(fields[3]) < 0:
                     bad += 1
                     continue
                 sub, event_id, deliveries, merged = fields

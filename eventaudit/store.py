@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 from bson.codec_options import CodecOptions
+from bson.errors import InvalidDocument
 from pymongo import ASCENDING, DESCENDING, DeleteOne, MongoClient, ReturnDocument, UpdateOne
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
@@ -25,8 +26,9 @@ from eventaudit.journal import (
     JournalBatch,
     JournalEntry,
     digest_key,
-    journal_document,
+    journal_documents,
     parse_journal_document,
+    read_digest,
 )
 from eventaudit.records import (
     BUCKET_COLLECTION,
@@ -34,6 +36,7 @@ from eventaudit.records import (
     JOURNAL_COLLECTION,
     PUBLISH_COLLECTION,
     RECEIVED_COLLECTION,
+    STATE_COLLECTION,
     BucketResult,
     PublishRecord,
     Receipt,
@@ -90,6 +93,14 @@ class EvaluatorStore(Protocol):
 
     def save_bucket_results(self, results: Iterable[BucketResult], now: datetime) -> None:
         """Replace the stored evaluation of each bucket."""
+        ...
+
+    def load_fold_stamp(self) -> int:
+        """The highest fold stamp any evaluation may have stored in a digest (0 if none)."""
+        ...
+
+    def save_fold_stamp(self, stamp: int) -> None:
+        """Remember `stamp` before digests carrying it are stored."""
         ...
 
     def load_bucket_results(self, since: datetime) -> list[BucketResult]:
@@ -247,6 +258,7 @@ class MongoStore:
         self.buckets: Collection[dict[str, Any]] = db[BUCKET_COLLECTION]
         self.journal: Collection[dict[str, Any]] = db[JOURNAL_COLLECTION]
         self.digests: Collection[dict[str, Any]] = db[DIGEST_COLLECTION]
+        self.state: Collection[dict[str, Any]] = db[STATE_COLLECTION]
         self.database = database
 
     def close(self) -> None:
@@ -423,15 +435,16 @@ class MongoStore:
             raise StoreError(f"redeliveries not written: {vanished} receipt(s) vanished")
 
     def _journal(self, entries: Sequence[JournalEntry], now: datetime) -> None:
-        """Append what a batch made durable to the journal, after the batch's records (a
+        """Append what a batch made durable to the journal (one document per
+        MAX_ENTRIES_PER_DOCUMENT entries), after the batch's records (a
         journal entry always names a stored record). When this fails the caller's batch fails
         and is retried or redelivered: its records are rewritten as duplicates, the journal
         again."""
         if not entries:
             return
         try:
-            self.journal.insert_one(journal_document(uuid.uuid4().hex, entries, now))
-        except PyMongoError as exc:
+            self.journal.insert_many(journal_documents(uuid.uuid4().hex, entries, now))
+        except (PyMongoError, InvalidDocument) as exc:
             raise StoreError(f"journal not written: {exc}") from exc
 
     # -- exporter: journal, digests, results ------------------------------------------------
@@ -456,13 +469,9 @@ class MongoStore:
     def load_digest(self, topic: str, start: datetime, parts: int) -> BucketDigest:
         """One read by `_id` per part: what FerretDB serves without a scan."""
         try:
-            docs = [
-                self.digests.find_one({"_id": digest_key(topic, start, part)})
-                for part in range(parts)
-            ]
+            return read_digest(topic, start, parts, lambda key: self.digests.find_one({"_id": key}))
         except PyMongoError as exc:
             raise StoreError(f"could not load a bucket digest: {exc}") from exc
-        return BucketDigest.from_documents(topic, start, parts, docs)
 
     def save_digests(self, digests: Iterable[BucketDigest]) -> None:
         """Replace every part of each digest, one document per command (parts are large)."""
@@ -470,7 +479,7 @@ class MongoStore:
             for digest in digests:
                 for doc in digest.to_documents():
                     self.digests.replace_one({"_id": doc["_id"]}, doc, upsert=True)
-        except PyMongoError as exc:
+        except (PyMongoError, InvalidDocument) as exc:
             raise StoreError(f"could not save bucket digests: {exc}") from exc
 
     def save_bucket_results(self, results: Iterable[BucketResult], now: datetime) -> None:
@@ -495,6 +504,22 @@ class MongoStore:
             ]
         except PyMongoError as exc:
             raise StoreError(f"could not load bucket results: {exc}") from exc
+
+    def load_fold_stamp(self) -> int:
+        """The highest fold stamp stored (one read by `_id`)."""
+        try:
+            doc = self.state.find_one({"_id": "foldStamp"})
+        except PyMongoError as exc:
+            raise StoreError(f"could not load the fold stamp: {exc}") from exc
+        stamp = doc.get("stamp") if doc else None
+        return stamp if type(stamp) is int and stamp > 0 else 0
+
+    def save_fold_stamp(self, stamp: int) -> None:
+        """Remember a fold stamp before digests carrying it are stored."""
+        try:
+            self.state.update_one({"_id": "foldStamp"}, {"$max": {"stamp": stamp}}, upsert=True)
+        except PyMongoError as exc:
+            raise StoreError(f"could not save the fold stamp: {exc}") from exc
 
     # -- retention -------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from eventaudit.contract import epoch_ms, from_epoch_ms
+from eventaudit.contract import PUBLISH_TIME_TOLERANCE, epoch_ms, from_epoch_ms
 from eventaudit.exporter.buckets import (
     Window,
     completion_rate,
@@ -41,10 +41,10 @@ log = logging.getLogger(__name__)
 # Journal documents read per round (each holds one writer batch, up to a few hundred entries);
 # digests are stored and the round's journal deleted before the next round, so memory follows
 # a round, not a burst.
-JOURNAL_BATCHES_PER_ROUND = 200
+JOURNAL_BATCHES_PER_ROUND = 50
 # Digests kept in memory between evaluations: the buckets most new records fall in.
 CACHE_EVENTS = 200_000
-JOURNAL_OUTCOMES = ("folded", "too_old", "malformed")
+JOURNAL_OUTCOMES = ("folded", "too_old", "too_new", "legacy", "malformed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,14 +149,20 @@ class Evaluator(Collector):
             self._results = {(r.topic, r.start): r for r in self._store.load_bucket_results(oldest)}
             # Stamp folds after any earlier process's, even with a clock stepped back, so the
             # API never takes an earlier fold for a later one.
-            self._merged = max((r.merged for r in self._results.values()), default=0)
+            self._merged = self._store.load_fold_stamp()
         merged = max(epoch_ms(now), self._merged + 1)
+        newest = now + PUBLISH_TIME_TOLERANCE
         deadline = self._monotonic() + self._budget
         try:
             while True:
                 batches = self._store.read_journal(self._round)
                 if batches:
-                    self._fold(batches, oldest, merged, now)
+                    if self._merged < merged:
+                        # Before the first fold stamped `merged` is stored anywhere.
+                        self._store.save_fold_stamp(merged)
+                        self._merged = merged
+                    self._fold(batches, (oldest, newest), merged, now)
+                    self._evict(frontier)
                 if len(batches) < self._round or self._monotonic() > deadline:
                     break
         except BaseException:
@@ -164,17 +170,21 @@ class Evaluator(Collector):
             raise
         self._backlog = len(batches) >= self._round
         self._results = {k: v for k, v in self._results.items() if k[1] >= oldest}
-        self._evict(frontier)
         return self._snapshot(now, frontier, merged)
 
     def _fold(
-        self, batches: list[JournalBatch], oldest: datetime, merged: int, now: datetime
+        self,
+        batches: list[JournalBatch],
+        span: tuple[datetime, datetime],
+        merged: int,
+        now: datetime,
     ) -> None:
         """Fold one round of journal documents, store what changed, then delete them."""
         assert self._results is not None
         touched: dict[BucketKey, BucketDigest] = {}
         changed: set[BucketKey] = set()
         counts = dict.fromkeys(JOURNAL_OUTCOMES, 0)
+        oldest, newest = span
         for batch in batches:
             counts["malformed"] += batch.malformed
             for entry in batch.entries:
@@ -182,10 +192,18 @@ class Evaluator(Collector):
                 if start < oldest:
                     counts["too_old"] += 1  # no window reaches its bucket any more
                     continue
+                if start > newest:
+                    counts["too_new"] += 1  # a publisher clock far ahead, or not ours
+                    continue
                 key = (entry.topic, start)
                 digest = touched.get(key) or self._digests.get(key)
                 if digest is None:
                     known = self._results.get(key)
+                    if known is not None and known.merged == 0:
+                        # Evaluated by a release before the journal: no digest to fold into
+                        # (folding would replace its result with this one record's).
+                        counts["legacy"] += 1
+                        continue
                     digest = self._store.load_digest(
                         entry.topic, start, known.parts if known else 1
                     )
@@ -202,6 +220,7 @@ class Evaluator(Collector):
         # A result names how many digest documents to read: one that grew is stored first,
         # since reading more parts than exist is harmless and fewer would lose events.
         self._store.save_bucket_results(grown, now)
+        self._results.update(((r.topic, r.start), r) for r in grown)
         self._store.save_digests(touched[k] for k in sorted(changed))
         results = [d.result() for d in touched.values()]
         # Every touched bucket, changed or not: a previous process may have stored its digest
@@ -216,10 +235,14 @@ class Evaluator(Collector):
         with self._lock:
             for outcome, n in counts.items():
                 self._counts[outcome] += n
-        if counts["too_old"] or counts["malformed"]:
+        if any(n for outcome, n in counts.items() if outcome != "folded"):
             log.warning(
-                "journal: %d entries older than the longest window, %d malformed (not counted)",
+                "journal entries not counted: %d older than the longest window, %d more than "
+                "the publish time tolerance ahead, %d of buckets evaluated before the journal, "
+                "%d malformed",
                 counts["too_old"],
+                counts["too_new"],
+                counts["legacy"],
                 counts["malformed"],
             )
 
@@ -244,8 +267,9 @@ class Evaluator(Collector):
         """Journal outcomes, whether a backlog is left, and the digest cache's size."""
         family = CounterMetricFamily(
             "eventaudit_journal_entries",
-            "Journal entries read by outcome: folded into a bucket digest, too old for any "
-            "window (their records are kept until retention), or malformed (logged).",
+            "Journal entries read by outcome: folded into a bucket digest; or not counted "
+            "(logged): too old for any window, more than the publish time tolerance ahead, "
+            "in a bucket evaluated before the journal existed, malformed.",
             labels=["outcome"],
         )
         with self._lock:

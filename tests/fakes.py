@@ -18,7 +18,7 @@ from eventaudit.journal import (
     JournalBatch,
     JournalEntry,
     digest_key,
-    journal_document,
+    journal_documents,
     parse_journal_document,
 )
 from eventaudit.records import BucketResult, PublishRecord, Receipt
@@ -48,6 +48,7 @@ class MemoryStore:
         self.journal_written: list[dict[str, Any]] = []  # every journal document ever appended
         self.digests: dict[str, dict[str, Any]] = {}
         self.digest_reads = 0
+        self.fold_stamp = 0
         self.fail_next = 0
         self._lock = threading.Lock()
 
@@ -110,10 +111,8 @@ class MemoryStore:
             self._append_journal(list(entries.values()), now)
 
     def _append_journal(self, entries: Sequence[JournalEntry], now: datetime) -> None:
-        if entries:
-            batch_id = f"j{len(self.journal_written)}"
-            doc = journal_document(batch_id, entries, now)
-            self.journal[batch_id] = doc
+        for doc in journal_documents(f"j{len(self.journal_written)}", entries, now):
+            self.journal[doc["_id"]] = doc
             self.journal_written.append(doc)
 
     # -- exporter ----------------------------------------------------------------------------
@@ -140,11 +139,15 @@ class MemoryStore:
         return BucketDigest.from_documents(topic, start, parts, docs)
 
     def save_digests(self, digests: Iterable[BucketDigest]) -> None:
+        for digest in digests:
+            for doc in digest.to_documents():
+                self.save_digest_document(doc)
+
+    def save_digest_document(self, doc: dict[str, Any]) -> None:
+        """One document at a time, like MongoStore (a failure can fall between two parts)."""
         with self._lock:
             self._check()
-            for digest in digests:
-                for doc in digest.to_documents():
-                    self.digests[doc["_id"]] = doc
+            self.digests[doc["_id"]] = doc
 
     def save_bucket_results(self, results: Iterable[BucketResult], now: datetime) -> None:
         with self._lock:
@@ -156,6 +159,16 @@ class MemoryStore:
         with self._lock:
             self._check()
             return [r for r in self.buckets.values() if r.start >= since]
+
+    def load_fold_stamp(self) -> int:
+        with self._lock:
+            self._check()
+            return self.fold_stamp
+
+    def save_fold_stamp(self, stamp: int) -> None:
+        with self._lock:
+            self._check()
+            self.fold_stamp = max(self.fold_stamp, stamp)
 
     def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
         counts = {"PublishRecord": 0, "ReceivedRecord": 0, "BucketResult": 0}

@@ -121,7 +121,7 @@ class _FailingJournal:
     def __init__(self, collection: Any) -> None:
         self._collection = collection
 
-    def insert_one(self, doc: Any, **kwargs: Any) -> Any:
+    def insert_many(self, docs: Any, **kwargs: Any) -> Any:
         raise AutoReconnect("connection closed")
 
     def __getattr__(self, name: str) -> Any:

@@ -21,6 +21,7 @@ from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 from eventaudit.journal import (
     BucketDigest,
     JournalEntry,
+    digest_key,
     parse_journal_document,
     part_of,
 )
@@ -106,7 +107,10 @@ GOOD_R = f"r|{TOPIC}|{SUB}|e1|{MS}|2"
         ({"p": 1}, None),
         (None, None),
         (7, None),
-        (f"p|{TOPIC}|e\u0661|t|{MS}", JournalEntry(TOPIC, "e\u0661", MS, None, "t")),
+        (f"p|{TOPIC}|e\u0661|t|{MS}", None),  # not an eventID the contract accepts
+        (f"p|goog-topic|e1|t|{MS}", None),  # not a Pub/Sub id
+        (f"r|{TOPIC}|a b|e1|{MS}|1", None),
+        (f"p|{TOPIC}|e1|t-t|{MS}", None),  # not a trace id
     ],
 )
 def test_journal_entries_hostile_table(doc: Any, expected: JournalEntry | None) -> None:
@@ -139,8 +143,11 @@ def test_malformed_entries_are_counted_and_the_rest_is_folded() -> None:
     ev = evaluator(store)
     snapshot = ev.evaluate(at(0, 50))
     assert counts(snapshot) == (1, 0, 0, 0)
-    assert _journal_counts(ev) == {"folded": 1, "too_old": 0, "malformed": 3}
+    assert _journal_counts(ev) == {**NONE_COUNTED, "folded": 1, "malformed": 3}
     assert store.journal == {}  # read, counted, deleted: it cannot block the journal
+
+
+NONE_COUNTED = {"folded": 0, "too_old": 0, "too_new": 0, "legacy": 0, "malformed": 0}
 
 
 def _journal_counts(ev: Evaluator) -> dict[str, float]:
@@ -264,6 +271,10 @@ class FaultyStore(MemoryStore):
     def save_digests(self, digests: Iterable[BucketDigest]) -> None:
         self._maybe_fail("save_digests")
         super().save_digests(digests)
+
+    def save_digest_document(self, doc: dict[str, Any]) -> None:
+        self._maybe_fail("save_digest_document")
+        super().save_digest_document(doc)
 
     def save_bucket_results(self, results: Iterable[BucketResult], now: datetime) -> None:
         self._maybe_fail("save_bucket_results")
@@ -424,7 +435,7 @@ def test_records_too_old_for_any_window_are_counted_apart() -> None:
     publish(store, "e1", at(0, 1))
     ev = evaluator(store)
     assert counts(ev.evaluate(at(0, 45))) == (1, 0, 0, 0)
-    assert _journal_counts(ev) == {"folded": 1, "too_old": 1, "malformed": 0}
+    assert _journal_counts(ev) == {**NONE_COUNTED, "folded": 1, "too_old": 1}
 
 
 # -- a late receipt: missed, then received; the API agrees with the gauge at every step ----
@@ -455,18 +466,22 @@ def test_a_late_receipt_is_listed_missed_by_the_evaluation_that_missed_it() -> N
     ("fail_at", "nth"),
     [
         ("save_digests", 1),  # the grown result is stored, its digest is not
+        ("save_digest_document", 1),  # the highest new part is stored, nothing else
+        ("save_digest_document", 9),  # every new part and part 7, not 6..0
         ("save_bucket_results", 2),  # the grown digest is stored, the final results are not
+        ("delete_journal", 1),  # everything is stored, the journal is not deleted
     ],
 )
 def test_a_bucket_grows_over_parts_and_a_failure_half_way_loses_nothing(
     monkeypatch: pytest.MonkeyPatch, fail_at: str, nth: int
 ) -> None:
-    monkeypatch.setattr(journal_module, "PART_EVENTS", 4)
+    monkeypatch.setattr(journal_module, "PART_BYTES", 500)
     store = FaultyStore()
     for i in range(3):
         publish(store, f"e{i}", at(0, 1))
     ev = evaluator(store)
     ev.evaluate(at(0, 45))
+    assert len(store.digests) == 1
     for i in range(3, 30):
         publish(store, f"e{i}", at(0, 1))
         if i % 3:
@@ -474,11 +489,12 @@ def test_a_bucket_grows_over_parts_and_a_failure_half_way_loses_nothing(
     store.fail_on(fail_at, nth)
     with pytest.raises(StoreError):
         ev.evaluate(at(0, 46))
-    snapshot = evaluator(store).evaluate(at(0, 47))
-    assert counts(snapshot)[:2] == (30, 18)
+    for snapshot in (ev.evaluate(at(0, 47)), evaluator(store).evaluate(at(0, 48))):
+        # The same process goes on, and a new one starts: both see every event.
+        assert counts(snapshot)[:2] == (30, 18)
     [result] = snapshot.buckets.values()
-    assert result.parts == 8
-    assert len(store.digests) == 8
+    assert result.parts == 16
+    assert len(store.digests) == 16
     missed = missed_ids(snapshot, store)
     assert missed is not None and sorted(missed) == sorted(
         f"e{i}" for i in range(30) if i < 3 or i % 3 == 0
@@ -536,3 +552,107 @@ def test_a_new_process_with_its_clock_stepped_back_still_lists_what_it_counts() 
     listed = list_missed(snapshot, store, TOPIC, SUB, ten[0], 100)
     assert listed == []
     assert [e.event_id for e in list_missed(first, store, TOPIC, SUB, ten[0], 100) or []] == ["e7"]
+
+
+# -- what a hostile review found ------------------------------------------------------------
+
+
+def test_a_failed_fold_never_lets_a_later_fold_reuse_its_stamp() -> None:
+    store = FaultyStore()
+    publish(store, "e1", at(0, 1))
+    ev = evaluator(store)
+    assert missed_ids(ev.evaluate(at(0, 45)), store) == ["e1"]
+    receive(store, "e1", at(0, 1))
+    publish(store, "e2", at(0, 2))
+    store.fail_on("save_bucket_results", 2)  # digests stored with this evaluation's stamp
+    with pytest.raises(StoreError):
+        ev.evaluate(at(0, 50))
+    for process in (ev, evaluator(store)):  # the same process, or a new one
+        snapshot = process.evaluate(at(0, 49))  # the clock stepped back a second
+        assert counts(snapshot)[:2] == (2, 1)
+        assert missed_ids(snapshot, store) == ["e2"]
+
+
+def test_publish_times_past_the_tolerance_are_counted_apart_not_kept() -> None:
+    store = MemoryStore()
+    y9000 = epoch_ms(datetime(9000, 1, 1, tzinfo=UTC))
+    store.journal["x"] = {
+        "_id": "x",
+        "entries": [f"p|junk{i}|e|t|{y9000 + i * 10_000}" for i in range(1000)],
+    }
+    publish(store, "ahead", at(0, 1) + timedelta(hours=2))  # a publisher clock far ahead
+    ev = evaluator(store)
+    ev.evaluate(at(0, 45))
+    assert _journal_counts(ev) == {**NONE_COUNTED, "too_new": 1001}
+    assert store.buckets == {} and store.digests == {}
+
+
+def _evil_digest(store: MemoryStore, published: list[Any], receipts: list[Any]) -> None:
+    start = at(0, 0)
+    store.digests[digest_key(TOPIC, start, 0)] = {
+        "_id": digest_key(TOPIC, start, 0),
+        "topic": TOPIC,
+        "bucketStart": start,
+        "part": 0,
+        "published": published,
+        "receipts": receipts,
+    }
+
+
+@pytest.mark.parametrize(
+    ("published", "receipts"),
+    [
+        ([], [f"{SUB}|x|-1000|1"]),  # negative deliveries
+        ([], [f"{SUB}|x|0|1"]),
+        ([f"evil|t|{10**15 - 1}|1"], []),  # a publish time past year 9999
+        ([f"evil|t|{MS}|-5"], []),
+    ],
+)
+def test_unreadable_digest_values_never_reach_the_gauges_or_the_api(
+    published: list[Any], receipts: list[Any]
+) -> None:
+    store = MemoryStore()
+    _evil_digest(store, published, receipts)
+    publish(store, "e1", at(0, 1))
+    snapshot = evaluator(store).evaluate(at(0, 45))
+    assert counts(snapshot) == (1, 0, 0, 0)
+    assert missed_ids(snapshot, store) == ["e1"]
+
+
+def test_results_of_the_release_before_the_journal_are_kept_not_replaced() -> None:
+    store = MemoryStore()
+    old = BucketResult(TOPIC, at(0, 0), 100, {SUB: journal_module.BucketCounts(99, 0, 0)})
+    store.buckets[old.key] = old
+    ev = evaluator(store)
+    assert counts(ev.evaluate(at(0, 45)))[:2] == (100, 99)
+    receive(store, "late-one", at(0, 1))
+    assert counts(ev.evaluate(at(0, 46)))[:2] == (100, 99)
+    assert _journal_counts(ev) == {**NONE_COUNTED, "legacy": 1}
+
+
+def test_a_digest_too_large_for_one_document_is_split_by_bytes() -> None:
+    import bson
+
+    digest = BucketDigest(TOPIC, at(0, 0))
+    subs = [f"orders-consumer-number-{i:02d}" for i in range(9)]
+    for i in range(20_000):
+        event_id = f"{i:036d}"
+        digest.merge(JournalEntry(TOPIC, event_id, MS, None, "a" * 32), 1795780800123)
+        for sub in subs:
+            digest.merge(JournalEntry(TOPIC, event_id, MS, sub, "", 1), 1795780800123)
+    digest.fit_parts()
+    sizes = [len(bson.encode(doc)) for doc in digest.to_documents()]
+    assert sum(sizes) > 16 * 2**20  # one document could not hold it
+    assert max(sizes) < journal_module.PART_BYTES
+
+
+def test_a_journal_document_with_more_entries_than_a_writer_writes_is_malformed_whole() -> None:
+    n = journal_module.MAX_ENTRIES_PER_DOCUMENT + 1
+    doc = {"_id": "j", "entries": [f"p|{TOPIC}|e{i}|t|{MS}" for i in range(n)]}
+    batch = parse_journal_document(doc)
+    assert (batch.entries, batch.malformed) == ((), n)
+    # Writers split their batches: a 12,000-receipt batch is three documents.
+    entries = [JournalEntry(TOPIC, f"e{i}", MS, SUB, "", 1) for i in range(12_000)]
+    docs = journal_module.journal_documents("b", entries, at(0, 0))
+    assert [len(d["entries"]) for d in docs] == [5000, 5000, 2000]
+    assert len({d["_id"] for d in docs}) == 3
