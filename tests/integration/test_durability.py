@@ -177,8 +177,7 @@ def test_retention_never_deletes_a_record_published_after_the_cutoff(
         CUTOFF,
         CUTOFF + timedelta(seconds=1),  # 1 s buckets
         CUTOFF + TOLERANCE - timedelta(seconds=1),
-        FAR,
-    ]
+    ]  # far-future publish times are not folded (too_new): only the sweep reaches them
 
 
 def test_publisher_buffer_overflow_is_counted_and_the_rest_recovers(
