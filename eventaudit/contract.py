@@ -22,9 +22,11 @@ OPTIONS = "Options"
 _CLOUD_TRACE = re.compile(r"([0-9a-fA-F]{32})(?:/([0-9]+))?(?:;o=([01]))?")
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _MAX_EVENT_ID_LEN = 128
-_EVENT_ID = re.compile(r"[A-Za-z0-9._:\-]+")
+EVENT_ID_PATTERN = r"[A-Za-z0-9._:\-]{1,128}"
+_EVENT_ID = re.compile(EVENT_ID_PATTERN)
 # Pub/Sub's rule for topic and subscription ids: a letter, then 2..254 of these characters.
-_PUBSUB_ID = re.compile(r"[A-Za-z][A-Za-z0-9\-_.~+%]{2,254}")
+PUBSUB_ID_PATTERN = r"[A-Za-z][A-Za-z0-9\-_.~+%]{2,254}"  # and not starting with goog
+_PUBSUB_ID = re.compile(PUBSUB_ID_PATTERN)
 _ASCII_DIGITS = re.compile(r"[0-9]+")
 _MAX_SPAN_DIGITS = 20
 
@@ -126,11 +128,6 @@ def parse_traceparent(value: str) -> TraceContext | None:
 def new_event_id() -> str:
     """A fresh event id (UUID4)."""
     return str(uuid.uuid4())
-
-
-def is_event_id(text: str) -> bool:
-    """True for an eventID the contract accepts."""
-    return 0 < len(text) <= _MAX_EVENT_ID_LEN and _EVENT_ID.fullmatch(text) is not None
 
 
 def validate_event_id(event_id: object) -> str:

@@ -28,7 +28,6 @@ from eventaudit.contract import PUBLISH_TIME_TOLERANCE, epoch_ms, from_epoch_ms
 from eventaudit.exporter.buckets import (
     Window,
     completion_rate,
-    floor_to_bucket,
     settled_frontier,
 )
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
@@ -184,17 +183,20 @@ class Evaluator(Collector):
         touched: dict[BucketKey, BucketDigest] = {}
         changed: set[BucketKey] = set()
         counts = dict.fromkeys(JOURNAL_OUTCOMES, 0)
-        oldest, newest = span
+        oldest, newest = (epoch_ms(t) for t in span)
+        bucket_ms = self._bucket // timedelta(milliseconds=1)
+        starts: dict[int, datetime] = {}  # bucket start in ms -> as a datetime, made once
         for batch in batches:
             counts["malformed"] += batch.malformed
             for entry in batch.entries:
-                start = floor_to_bucket(from_epoch_ms(entry.publish_ms), self._bucket)
-                if start < oldest:
+                start_ms = entry.publish_ms - entry.publish_ms % bucket_ms
+                if start_ms < oldest:
                     counts["too_old"] += 1  # no window reaches its bucket any more
                     continue
-                if start > newest:
+                if start_ms > newest:
                     counts["too_new"] += 1  # a publisher clock far ahead, or not ours
                     continue
+                start = starts.get(start_ms) or starts.setdefault(start_ms, from_epoch_ms(start_ms))
                 key = (entry.topic, start)
                 digest = touched.get(key) or self._digests.get(key)
                 if digest is None:
