@@ -15,6 +15,7 @@ a receipt written an hour late is folded into its bucket by the next evaluation.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import zlib
@@ -30,7 +31,7 @@ from eventaudit.contract import (
     from_epoch_ms,
     parse_ascii_int,
 )
-from eventaudit.records import BucketCounts, BucketResult
+from eventaudit.records import MISSED_KEPT, BucketCounts, BucketResult
 
 log = logging.getLogger(__name__)
 
@@ -209,9 +210,12 @@ class BucketDigest:
         return False
 
     def result(self) -> BucketResult:
-        """The bucket's counts: received = receipts whose event has a publish record."""
+        """The bucket's counts (received = receipts whose event has a publish record), and the
+        oldest MISSED_KEPT events each subscription missed."""
         counts = {}
         merged = max((m for _, _, m in self.published.values()), default=0)
+        by_age = sorted(self.published.items(), key=lambda kv: (kv[1][1], kv[0]))
+        missed = {}
         for sub, got in self.receipts.items():
             matched = sum(1 for event_id in got if event_id in self.published)
             counts[sub] = BucketCounts(
@@ -220,7 +224,17 @@ class BucketDigest:
                 unmatched=len(got) - matched,
             )
             merged = max(merged, max((m for _, m in got.values()), default=0))
-        return BucketResult(self.topic, self.start, len(self.published), counts, self.parts, merged)
+            missed[sub] = _listed(kv for kv in by_age if kv[0] not in got)
+        return BucketResult(
+            self.topic,
+            self.start,
+            len(self.published),
+            counts,
+            self.parts,
+            merged,
+            missed,
+            _listed(by_age),
+        )
 
     def missed(self, subscription: str, merged_by: int) -> list[MissedEvent]:
         """Published events without a receipt on `subscription`, as an evaluation whose merge
@@ -325,6 +339,19 @@ class BucketDigest:
                 # would stop every evaluation); the next fold rewrites the document.
                 log.error("digest %s: %d unreadable entries skipped", doc.get("_id"), bad)
         return digest
+
+
+def _listed(events: Iterable[tuple[str, tuple[str, int, int]]]) -> tuple[str, ...]:
+    """The first MISSED_KEPT of (eventID, (traceID, publishMs, merged)), as result strings."""
+    return tuple(f"{e}|{trace}|{ms}" for e, (trace, ms, _) in itertools.islice(events, MISSED_KEPT))
+
+
+def parse_listed(item: str) -> MissedEvent | None:
+    """A missed event as a bucket result lists it; None if it is not one."""
+    fields = _ints(item, 3, first_ints=2)
+    if fields is None or not _MIN_MS <= int(fields[2]) <= _MAX_MS:
+        return None
+    return MissedEvent(str(fields[0]), str(fields[1]), from_epoch_ms(int(fields[2])))
 
 
 def _strings_in(doc: dict[str, Any], name: str) -> list[Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -10,6 +10,8 @@ PUBLISH_COLLECTION = "PublishRecord"
 RECEIVED_COLLECTION = "ReceivedRecord"
 BUCKET_COLLECTION = "BucketResult"
 STATE_COLLECTION = "EvaluatorState"
+# Missed events a bucket result lists per subscription (the API's default page).
+MISSED_KEPT = 100
 JOURNAL_COLLECTION = "EventJournal"
 DIGEST_COLLECTION = "BucketDigest"
 
@@ -75,6 +77,12 @@ class BucketResult:
     """How many `BucketDigest` documents hold this bucket's event ids."""
     merged: int = 0
     """The latest fold stamp in its digest (a new exporter process stamps after it)."""
+    missed: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Per subscription with receipts here, its oldest MISSED_KEPT missed events, each
+    `eventID|traceID|publishMs`: /api/v1/missed lists them without reading the digest."""
+    oldest: tuple[str, ...] = ()
+    """The oldest MISSED_KEPT published events, the same way: what a subscription with no
+    receipt in this bucket missed."""
 
     @property
     def key(self) -> str:
@@ -94,9 +102,11 @@ class BucketResult:
                     "received": c.received,
                     "duplicates": c.duplicates,
                     "unmatched": c.unmatched,
+                    "missed": list(self.missed.get(name, ())),
                 }
                 for name, c in sorted(self.subscriptions.items())
             ],
+            "oldest": list(self.oldest),
             "parts": self.parts,
             "merged": self.merged,
             "evaluatedTime": evaluated_time,
@@ -117,4 +127,10 @@ class BucketResult:
             },
             parts=max(1, int(doc.get("parts", 1))),
             merged=int(doc.get("merged", 0)),
+            missed={s["name"]: _strings(s.get("missed")) for s in doc.get("subscriptions", [])},
+            oldest=_strings(doc.get("oldest")),
         )
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()

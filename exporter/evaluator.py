@@ -31,7 +31,7 @@ from eventaudit.exporter.buckets import (
     settled_frontier,
 )
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
-from eventaudit.journal import BucketDigest, JournalBatch, MissedEvent
+from eventaudit.journal import BucketDigest, JournalBatch, MissedEvent, parse_listed
 from eventaudit.records import BucketCounts, BucketResult
 from eventaudit.store import EvaluatorStore
 
@@ -342,9 +342,9 @@ def list_missed(
 ) -> list[MissedEvent] | None:
     """The missed events behind the snapshot's `missed` gauge, oldest first, at most `keep`.
 
-    Reads the digests of the window's buckets that have misses, oldest first, until `keep`
-    events are listed: the cost follows the missed events, not the history. Each digest is
-    read as the evaluation saw it (entries folded later are left out); None when one does not
+    Each bucket result lists its oldest missed events (MISSED_KEPT per subscription): most
+    listings read nothing from the store. Past that, the digest of the bucket is read (by
+    `_id`) as the evaluation saw it (entries folded later are left out); None when it does not
     reproduce the evaluation's counts (which would be a defect: the caller answers 503).
     """
     start = snapshot.frontier - window.length
@@ -352,15 +352,27 @@ def list_missed(
     for key in sorted(k for k in snapshot.buckets if k[0] == topic and k[1] >= start):
         result = snapshot.buckets[key]
         received = result.subscriptions.get(subscription, BucketCounts()).received
-        if result.published == received:
+        missing = result.published - received
+        if missing == 0:
             continue
-        digest = store.load_digest(topic, key[1], result.parts)
-        if digest.counts_as_of(subscription, snapshot.merged) != (result.published, received):
-            return None
-        listed.extend(digest.missed(subscription, snapshot.merged))
+        need = keep - len(listed)
+        kept = (
+            result.missed.get(subscription, ())
+            if subscription in result.subscriptions
+            else result.oldest
+        )
+        events = [e for e in map(parse_listed, kept[:need]) if e is not None]
+        if len(events) < min(need, missing) or len(kept) > missing:
+            # More than the result lists are asked for (or it does not read back): the digest,
+            # as the evaluation saw it.
+            digest = store.load_digest(topic, key[1], result.parts)
+            if digest.counts_as_of(subscription, snapshot.merged) != (result.published, received):
+                return None
+            events = digest.missed(subscription, snapshot.merged)
+        listed.extend(events[:need])
         if len(listed) >= keep:
             break
-    return listed[:keep]
+    return listed
 
 
 def log_snapshot(snapshot: Snapshot) -> None:

@@ -21,6 +21,7 @@ import pytest
 from flask.testing import FlaskClient
 from prometheus_client import CollectorRegistry
 
+from eventaudit import journal
 from eventaudit.exporter.app import ExporterDeps, create_app
 from eventaudit.exporter.buckets import Window
 from eventaudit.exporter.collector import CompletionCollector, EvaluationState
@@ -173,9 +174,28 @@ def _drop_digests(store: AuditStore) -> None:
         store.digests.clear()
 
 
-def test_digests_that_disagree_with_the_gauge_answer_503_never_a_wrong_list(
-    audit_store: AuditStore,
+def _digests_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bucket results list no missed event: every listing reads the digests."""
+    monkeypatch.setattr(journal, "MISSED_KEPT", 0)
+
+
+def test_listings_up_to_what_bucket_results_keep_read_nothing_from_the_store(
+    audit_store: AuditStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _seeded(audit_store)
+    exporter = Exporter(audit_store)
+    assert exporter.evaluate(at(12, 0, 45))
+    reads = _count_reads(monkeypatch, audit_store)
+    assert exporter.missed(SUB)[1]["missed"] == 3
+    assert exporter.missed(SUB, "5m")[1]["missed"] == 4
+    assert exporter.missed(OTHER)[1]["missed"] == 0
+    assert reads == []
+
+
+def test_digests_that_disagree_with_the_gauge_answer_503_never_a_wrong_list(
+    audit_store: AuditStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _digests_only(monkeypatch)
     _seeded(audit_store)
     exporter = Exporter(audit_store)
     assert exporter.evaluate(at(12, 0, 45))
@@ -290,6 +310,7 @@ def _api_requests(exporter: Exporter, outcome: str) -> float | None:
 def test_a_repeated_call_is_served_from_the_cache_until_the_next_evaluation(
     audit_store: AuditStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _digests_only(monkeypatch)
     _seeded(audit_store)
     exporter = Exporter(audit_store)
     assert exporter.evaluate(at(12, 0, 45))
@@ -326,6 +347,7 @@ def test_a_repeated_call_is_served_from_the_cache_until_the_next_evaluation(
 def test_a_disagreeing_digest_is_answered_503_from_the_cache(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    _digests_only(monkeypatch)
     store = MemoryStore()
     _seeded(store)
     exporter = Exporter(store)
@@ -375,6 +397,7 @@ class SlowReads:
 def test_calls_beyond_the_concurrency_limit_get_429_while_healthz_answers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    _digests_only(monkeypatch)
     store = MemoryStore()
     _seeded(store)
     exporter = Exporter(store)

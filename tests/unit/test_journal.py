@@ -7,6 +7,7 @@ proves the real store on FerretDB agrees).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -196,6 +197,8 @@ def test_folding_any_order_any_number_of_times_gives_one_result(
             OTHER: journal_module.BucketCounts(received=1, duplicates=1, unmatched=0),
         },
         merged=1,
+        missed={SUB: (f"e2|{'b' * 32}|{MS + 5}",), OTHER: (f"e1|{'a' * 32}|{MS}",)},
+        oldest=(f"e1|{'a' * 32}|{MS}", f"e2|{'b' * 32}|{MS + 5}"),
     )
     assert all(not digest.merge(e, merged=2) for e in order)  # nothing left to change
 
@@ -656,3 +659,40 @@ def test_a_journal_document_with_more_entries_than_a_writer_writes_is_malformed_
     docs = journal_module.journal_documents("b", entries, at(0, 0))
     assert [len(d["entries"]) for d in docs] == [5000, 5000, 2000]
     assert len({d["_id"] for d in docs}) == 3
+
+
+# -- /api/v1/missed from the bucket results -------------------------------------------------
+
+
+def test_a_listing_reads_digests_only_past_what_the_results_keep(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(journal_module, "MISSED_KEPT", 3)
+    store = MemoryStore()
+    for i in range(5):  # bucket 12:00:00: five published, none received on SUB
+        publish(store, f"a{i}", at(0, i))
+    for i in range(2):  # bucket 12:00:10: two published, none received
+        publish(store, f"b{i}", at(0, 10 + i))
+    receive(store, "b0", at(0, 10), sub=OTHER)  # OTHER has receipts there, SUB has none
+    snapshot = evaluator(store).evaluate(at(0, 55))
+    window = snapshot.windows[0]
+    reads = store.digest_reads
+    ids = [e.event_id for e in list_missed(snapshot, store, TOPIC, SUB, window, 3) or []]
+    assert (ids, store.digest_reads - reads) == (["a0", "a1", "a2"], 0)
+    ids = [e.event_id for e in list_missed(snapshot, store, TOPIC, SUB, window, 100) or []]
+    assert ids == ["a0", "a1", "a2", "a3", "a4", "b0", "b1"]
+    assert store.digest_reads - reads == 1  # 12:00:00 holds more than its result lists
+    ids = [e.event_id for e in list_missed(snapshot, store, TOPIC, OTHER, window, 100) or []]
+    assert ids == ["a0", "a1", "a2", "a3", "a4", "b1"]
+
+
+def test_a_result_listing_that_does_not_read_back_falls_back_to_the_digest() -> None:
+    store = MemoryStore()
+    publish(store, "e1", at(0, 1))
+    snapshot = evaluator(store).evaluate(at(0, 45))
+    [(key, result)] = snapshot.buckets.items()
+    broken = dataclasses.replace(result, oldest=("not|a-number|x",))
+    tampered = dataclasses.replace(snapshot, buckets={key: broken})
+    reads = store.digest_reads
+    assert missed_ids(tampered, store) == ["e1"]
+    assert store.digest_reads - reads == 1
