@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -386,6 +387,7 @@ def main() -> None:
     finally:
         for service in reversed(services):
             service.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # gigabytes with a million events stored
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,6 +252,7 @@ def main() -> None:
         if proc.poll() is None:
             proc.kill()
         run.stop_running(data, timeout=30)
+    shutil.rmtree(data, ignore_errors=True)
 
 
 if __name__ == "__main__":
