@@ -245,7 +245,12 @@ def main() -> None:
     )
     proc = _start(data, offset, log)
     try:
-        print(f"[sustained] restarted: eventaudit_up 1 after {_wait_up(exporter, 180):.1f} s")
+        up = _wait_up(exporter, 180)
+        first = _metric(exporter, "eventaudit_evaluation_duration_seconds") or 0.0
+        print(
+            f"[sustained] restarted: eventaudit_up 1 {up:.1f} s after make run started (the "
+            f"stack's start-up included); the exporter's first evaluation took {first:.2f} s"
+        )
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=300)
     finally:
