@@ -273,14 +273,7 @@ class MongoStore:
                 unique=True,
                 name="topic_eventID_unique",
             )
-            # Before publish records were keyed per topic, eventID alone was unique: that index
-            # would refuse an event fanned out to a second topic.
-            if "eventID_unique" in self.published.index_information():
-                _drop_index(self.published, "eventID_unique")
             self.published.create_index([("publishTime", ASCENDING)], name="publishTime")
-            self.published.create_index(
-                [("topic", ASCENDING), ("publishTime", ASCENDING)], name="topic_publishTime"
-            )
             self.published.create_index([("createdTime", ASCENDING)], name="createdTime")
             self.received.create_index(
                 [("subscription", ASCENDING), ("eventID", ASCENDING)],
@@ -288,12 +281,19 @@ class MongoStore:
                 name="subscription_eventID_unique",
             )
             self.received.create_index([("publishTime", ASCENDING)], name="publishTime")
-            self.received.create_index(
-                [("subscription", ASCENDING), ("publishTime", ASCENDING)],
-                name="subscription_publishTime",
-            )
-            self.received.create_index([("writtenTime", ASCENDING)], name="writtenTime")
             self.received.create_index([("createdTime", ASCENDING)], name="createdTime")
+            # Indexes of earlier releases that nothing queries any more (every index is one
+            # more write per record): eventID alone unique (before records were keyed per
+            # topic, it refused an event fanned out to a second topic), and the range indexes
+            # of the read path before the journal.
+            for collection, names in (
+                (self.published, ("eventID_unique", "topic_publishTime")),
+                (self.received, ("subscription_publishTime", "writtenTime")),
+            ):
+                present = collection.index_information()
+                for name in names:
+                    if name in present:
+                        _drop_index(collection, name)
             self.buckets.create_index([("bucketStart", DESCENDING)], name="bucketStart")
         except PyMongoError as exc:
             raise StoreError(f"could not ensure indexes: {exc}") from exc

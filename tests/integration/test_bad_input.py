@@ -341,15 +341,26 @@ def test_a_retried_identical_batch_is_written_once(store) -> None:
     assert store.published.count_documents({}) == 6
 
 
-def test_ensure_indexes_replaces_the_global_event_id_index(store) -> None:
+def test_ensure_indexes_replaces_the_indexes_of_earlier_releases(store) -> None:
     store.published.drop_index("topic_eventID_unique")
     store.published.create_index("eventID", unique=True, name="eventID_unique")
+    store.published.create_index([("topic", 1), ("publishTime", 1)], name="topic_publishTime")
+    store.received.create_index(
+        [("subscription", 1), ("publishTime", 1)], name="subscription_publishTime"
+    )
+    store.received.create_index("writtenTime", name="writtenTime")
     store.ensure_indexes()
     store.ensure_indexes()
     indexes = store.published.index_information()
-    assert "eventID_unique" not in indexes
+    assert sorted(indexes) == ["_id_", "createdTime", "publishTime", "topic_eventID_unique"]
     assert indexes["topic_eventID_unique"]["unique"]
     assert indexes["topic_eventID_unique"]["key"] == [("topic", 1), ("eventID", 1)]
+    assert sorted(store.received.index_information()) == [
+        "_id_",
+        "createdTime",
+        "publishTime",
+        "subscription_eventID_unique",
+    ]
 
 
 class CountingClient:
