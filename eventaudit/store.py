@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 
 from bson.codec_options import CodecOptions
 from bson.errors import InvalidDocument
-from pymongo import ASCENDING, DESCENDING, DeleteOne, MongoClient, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, DESCENDING, MongoClient, ReturnDocument, UpdateOne
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
@@ -25,7 +25,6 @@ from eventaudit.journal import (
     BucketDigest,
     JournalBatch,
     JournalEntry,
-    digest_key,
     journal_documents,
     parse_journal_document,
     read_digest,
@@ -99,6 +98,10 @@ class EvaluatorStore(Protocol):
         """The highest fold stamp any evaluation may have stored in a digest (0 if none)."""
         ...
 
+    def prune_buckets(self, before: datetime) -> dict[str, int]:
+        """Delete digests and results of buckets before `before`; counts per collection."""
+        ...
+
     def save_fold_stamp(self, stamp: int) -> None:
         """Remember `stamp` before digests carrying it are stored."""
         ...
@@ -112,17 +115,10 @@ class ExporterStore(EvaluatorStore, Protocol):
     """Everything the exporter process uses: the evaluator's reads, the API, retention."""
 
     def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
-        """Retention, in proportion to what expires: for each bucket result before `cutoff`,
-        the records its digest names (by `_id`), the digest, then the result; counts per
-        collection."""
-        ...
-
-    def sweep_older_than(self, cutoff: datetime) -> dict[str, int]:
-        """The slow net under retention (reads whole collections on FerretDB): records
-        published before `cutoff` or written before `cutoff - PUBLISH_TIME_TOLERANCE` that no
-        digest named (never journaled), and digests before `cutoff`; counts per collection.
-        Nothing published at or after `cutoff` is deleted unless its publishTime is further
-        ahead of its write than the tolerance."""
+        """Retention: delete records published before `cutoff`, records written before
+        `cutoff - PUBLISH_TIME_TOLERANCE` (whatever their publishTime), and digests and bucket
+        results before `cutoff`; counts per collection. Nothing published at or after `cutoff`
+        is deleted unless its publishTime is further ahead of its write than the tolerance."""
         ...
 
 
@@ -326,7 +322,8 @@ class MongoStore:
             duplicates = [records[e["index"]] for e in errors]
         except PyMongoError as exc:
             raise StoreError(f"publish records not written: {exc}") from exc
-        # One read by `_id` per duplicate: what FerretDB's SQLite backend serves without a scan.
+        # One read by `_id` per duplicate (indexed on MongoDB; a scan on FerretDB 1.24, whose
+        # `_id` filter misses its own index: duplicates are rare).
         try:
             refused = classify_duplicates(
                 (
@@ -347,9 +344,10 @@ class MongoStore:
 
         First deliveries, the common case, are one unordered bulk insert keyed by
         `_id = "subscription|eventID"`; only keys that already exist (redeliveries) become
-        updates, matched on `_id`. Both are what FerretDB's SQLite backend serves without a
-        table scan (it pushes down nothing but `_id` equality), and MongoDB is fast at both.
-        Deliveries of one event within the batch are folded into one write first.
+        updates, matched on `_id`. MongoDB is fast at both; FerretDB 1.24 inserts through its
+        `_id` index but finds an `_id` by scanning (see the README), so a redelivery costs a
+        scan of the receipts there. Deliveries of one event within the batch are folded into
+        one write first.
         """
         if not receipts:
             return
@@ -467,7 +465,8 @@ class MongoStore:
             raise StoreError(f"could not delete folded journal documents: {exc}") from exc
 
     def load_digest(self, topic: str, start: datetime, parts: int) -> BucketDigest:
-        """One read by `_id` per part: what FerretDB serves without a scan."""
+        """One read by `_id` per part (a scan of this collection on FerretDB 1.24, which is
+        why it only ever holds the longest window)."""
         try:
             return read_digest(topic, start, parts, lambda key: self.digests.find_one({"_id": key}))
         except PyMongoError as exc:
@@ -523,48 +522,32 @@ class MongoStore:
 
     # -- retention -------------------------------------------------------------------------
 
-    def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
-        """Retention in proportion to what expires. For each bucket result before `cutoff`
-        (the result collection is small: one document per topic and bucket): delete the
-        records its digest names, by `_id` (what FerretDB serves without a scan), then the
-        digest, then the result. Interrupted, it resumes where it stopped on the next run."""
-        counts = {PUBLISH_COLLECTION: 0, RECEIVED_COLLECTION: 0, BUCKET_COLLECTION: 0}
+    def prune_buckets(self, before: datetime) -> dict[str, int]:
+        """Delete digests and results of buckets before `before` (out of every window): the
+        collections the evaluator reads stay the size of the longest window."""
         try:
-            expired = list(
-                self.buckets.find(
-                    {"bucketStart": {"$lt": cutoff}}, {"topic": 1, "bucketStart": 1, "parts": 1}
-                )
-            )
-            for doc in expired:
-                result_id = doc["_id"]
-                parts = max(1, int(doc.get("parts", 1)))
-                digest = self.load_digest(doc["topic"], doc["bucketStart"], parts)
-                counts[PUBLISH_COLLECTION] += _delete_by_ids(
-                    self.published, [publish_key(digest.topic, e) for e in digest.published]
-                )
-                counts[RECEIVED_COLLECTION] += _delete_by_ids(
-                    self.received,
-                    [receipt_key(sub, e) for sub, got in digest.receipts.items() for e in got],
-                )
-                _delete_by_ids(
-                    self.digests,
-                    [digest_key(digest.topic, digest.start, p) for p in range(parts)],
-                )
-                counts[BUCKET_COLLECTION] += self.buckets.delete_one(
-                    {"_id": result_id}
-                ).deleted_count
+            return {
+                DIGEST_COLLECTION: self.digests.delete_many(
+                    {"bucketStart": {"$lt": before}}
+                ).deleted_count,
+                BUCKET_COLLECTION: self.buckets.delete_many(
+                    {"bucketStart": {"$lt": before}}
+                ).deleted_count,
+            }
         except PyMongoError as exc:
-            raise StoreError(f"retention delete failed: {exc}") from exc
-        return counts
+            raise StoreError(f"could not prune old buckets: {exc}") from exc
 
-    def sweep_older_than(self, cutoff: datetime) -> dict[str, int]:
-        """The slow net under retention: whole-collection deletes (indexed on MongoDB, a scan
-        on FerretDB) of records no digest named, and of digests left without a result.
+    def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
+        """Retention by periodic delete (FerretDB has no TTL indexes): records published before
+        `cutoff`, and records written before `cutoff - PUBLISH_TIME_TOLERANCE` whatever their
+        publishTime (one carrying a far-future publishTime would otherwise stay for good);
+        digests and results before `cutoff` too.
 
         A stored publishTime may be up to the tolerance after its record's write (a subscriber
         keeps the attribute when it is within that of the broker's publish time), so deleting
         by write time only that much earlier never reaches a record published at or after
-        `cutoff`, still inside a window."""
+        `cutoff`, still inside a window. Indexed on MongoDB; on FerretDB each delete reads its
+        collection whole (hourly)."""
         before = {"$lt": cutoff}
         written_before = {"$lt": cutoff - PUBLISH_TIME_TOLERANCE}
         try:
@@ -576,22 +559,10 @@ class MongoStore:
                     (RECEIVED_COLLECTION, self.received),
                 )
             }
-            counts[DIGEST_COLLECTION] = self.digests.delete_many(
-                {"bucketStart": before}
-            ).deleted_count
+            counts.update(self.prune_buckets(cutoff))
         except PyMongoError as exc:
-            raise StoreError(f"retention sweep failed: {exc}") from exc
+            raise StoreError(f"retention delete failed: {exc}") from exc
         return counts
 
 
 _IDS_PER_DELETE = 1000
-
-
-def _delete_by_ids(collection: Collection[dict[str, Any]], ids: Sequence[str]) -> int:
-    """Delete documents by `_id`, one equality per statement (FerretDB pushes each down to
-    SQLite), `_UPDATES_PER_COMMAND` statements per command. Raises what pymongo raises."""
-    deleted = 0
-    for i in range(0, len(ids), _UPDATES_PER_COMMAND):
-        ops = [DeleteOne({"_id": key}) for key in ids[i : i + _UPDATES_PER_COMMAND]]
-        deleted += collection.bulk_write(ops, ordered=False).deleted_count
-    return deleted

@@ -6,7 +6,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -47,7 +47,6 @@ class EvaluationState:
     retention_successes: int = 0
     retention_failures: int = 0
     last_retention: float | None = None
-    sweeps: dict[str, int] = field(default_factory=lambda: {"success": 0, "error": 0})
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -80,11 +79,6 @@ class EvaluationState:
         with self._lock:
             self.retention_successes += 1
             self.last_retention = finished_at
-
-    def sweep_done(self, ok: bool) -> None:
-        """Record the outcome of a retention sweep."""
-        with self._lock:
-            self.sweeps["success" if ok else "error"] += 1
 
     def retention_failed(self) -> None:
         """Record a failed retention delete (the numbers stay served)."""
@@ -167,14 +161,6 @@ class CompletionCollector(Collector):
         retention.add_metric(["success"], state.retention_successes)
         retention.add_metric(["error"], state.retention_failures)
         yield retention
-        sweeps = CounterMetricFamily(
-            "eventaudit_retention_sweeps",
-            "Daily retention sweeps (records no digest names) by outcome.",
-            labels=["outcome"],
-        )
-        for outcome, n in state.sweeps.items():
-            sweeps.add_metric([outcome], n)
-        yield sweeps
         yield GaugeMetricFamily(
             "eventaudit_last_retention_timestamp_seconds",
             "Unix time of the last successful retention delete.",

@@ -33,7 +33,7 @@ from eventaudit.exporter.buckets import (
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 from eventaudit.journal import BucketDigest, JournalBatch, MissedEvent, parse_listed
 from eventaudit.records import BucketCounts, BucketResult
-from eventaudit.store import EvaluatorStore
+from eventaudit.store import EvaluatorStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 JOURNAL_BATCHES_PER_ROUND = 50
 # Digests kept in memory between evaluations: the buckets most new records fall in.
 CACHE_EVENTS = 200_000
+PRUNE_EVERY = timedelta(minutes=5)
 JOURNAL_OUTCOMES = ("folded", "too_old", "too_new", "legacy", "malformed")
 
 
@@ -136,6 +137,7 @@ class Evaluator(Collector):
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(JOURNAL_OUTCOMES, 0)
         self._backlog = False
+        self._pruned: datetime | None = None
 
     def evaluate(self, now: datetime) -> Snapshot:
         """Fold the journal and report everything settled by `now`. Raises StoreError; what
@@ -169,7 +171,24 @@ class Evaluator(Collector):
             raise
         self._backlog = len(batches) >= self._round
         self._results = {k: v for k, v in self._results.items() if k[1] >= oldest}
+        self._evict(frontier)
+        self._prune(oldest)
         return self._snapshot(now, frontier, merged)
+
+    def _prune(self, oldest: datetime) -> None:
+        """Every PRUNE_EVERY of publish time, delete the digests and results no window reaches
+        any more (kept a bucket longer), so the collections the evaluator reads and writes by
+        `_id` stay the size of the longest window. A failure is logged and retried next time."""
+        before = oldest - self._bucket
+        if self._pruned is not None and before - self._pruned < PRUNE_EVERY:
+            return
+        try:
+            pruned = self._store.prune_buckets(before)
+        except StoreError as exc:
+            log.warning("could not prune buckets before %s: %s", before.isoformat(), exc)
+            return
+        self._pruned = before
+        log.info("pruned buckets before %s: %s", before.isoformat(), pruned)
 
     def _fold(
         self,
@@ -201,14 +220,17 @@ class Evaluator(Collector):
                 digest = touched.get(key) or self._digests.get(key)
                 if digest is None:
                     known = self._results.get(key)
-                    if known is not None and known.merged == 0:
+                    if known is None:
+                        # No result, so no digest either, but one a fold stored before failing
+                        # (its entries are still in the journal, being folded again now).
+                        digest = BucketDigest(entry.topic, start)
+                    elif known.merged == 0:
                         # Evaluated by a release before the journal: no digest to fold into
                         # (folding would replace its result with this one record's).
                         counts["legacy"] += 1
                         continue
-                    digest = self._store.load_digest(
-                        entry.topic, start, known.parts if known else 1
-                    )
+                    else:
+                        digest = self._store.load_digest(entry.topic, start, known.parts)
                 touched[key] = digest
                 if digest.merge(entry, merged):
                     changed.add(key)

@@ -15,10 +15,6 @@ from eventaudit.store import ExporterStore, StoreError
 log = logging.getLogger(__name__)
 
 RETENTION_EVERY_SECONDS = 3600.0
-# The sweep deletes what retention by bucket cannot name (records never journaled, or journaled
-# too late for any window): whole-collection deletes, a scan of history on FerretDB, so rare and
-# on a thread of its own, never in the way of an evaluation.
-SWEEP_EVERY_SECONDS = 86400.0
 # A failed retention delete is retried after twice the evaluation interval, doubling with each
 # further failure up to RETENTION_EVERY_SECONDS: a delete that keeps timing out is not re-run
 # (holding the evaluation thread) on every pass.
@@ -61,8 +57,6 @@ class EvaluationLoop:
         self._thread = threading.Thread(target=self.run, name="evaluation-loop", daemon=True)
         self._retention_due = float("-inf")  # run retention with the first evaluation
         self._retention_failures = 0  # in a row
-        self._sweep_due = self._monotonic() + SWEEP_EVERY_SECONDS
-        self._sweeper: threading.Thread | None = None
         state.expect_every(self._interval)
 
     def run_once(self) -> bool:
@@ -115,29 +109,7 @@ class EvaluationLoop:
         self._retention_failures = 0
         self._retention_due = self._monotonic() + RETENTION_EVERY_SECONDS
         self._state.retention_succeeded(finished)
-        log.info("retention: deleted buckets older than %s: %s", cutoff.isoformat(), deleted)
-        self._sweep_if_due(cutoff)
-
-    def _sweep_if_due(self, cutoff: datetime) -> None:
-        """Start the daily sweep on its own thread, unless one still runs."""
-        if self._monotonic() < self._sweep_due or (self._sweeper and self._sweeper.is_alive()):
-            return
-        self._sweep_due = self._monotonic() + SWEEP_EVERY_SECONDS
-        self._sweeper = threading.Thread(
-            target=self.sweep, args=(cutoff,), name="retention-sweep", daemon=True
-        )
-        self._sweeper.start()
-
-    def sweep(self, cutoff: datetime) -> None:
-        """Delete records no digest names that retention has passed; never raises."""
-        try:
-            deleted = self._store.sweep_older_than(cutoff)
-        except Exception as exc:
-            self._state.sweep_done(ok=False)
-            log.error("retention sweep failed (next in a day): %s", exc)
-            return
-        self._state.sweep_done(ok=True)
-        log.info("retention sweep: deleted what was older than %s: %s", cutoff.isoformat(), deleted)
+        log.info("retention: deleted records older than %s: %s", cutoff.isoformat(), deleted)
 
     def start(self) -> None:
         """Run in a daemon thread until stop()."""

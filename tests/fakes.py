@@ -170,29 +170,18 @@ class MemoryStore:
             self._check()
             self.fold_stamp = max(self.fold_stamp, stamp)
 
-    def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
-        counts = {"PublishRecord": 0, "ReceivedRecord": 0, "BucketResult": 0}
+    def prune_buckets(self, before: datetime) -> dict[str, int]:
         with self._lock:
             self._check()
-            expired = [r for r in self.buckets.values() if r.start < cutoff]
-        for result in expired:
-            digest = self.load_digest(result.topic, result.start, result.parts)
-            with self._lock:
-                for event_id in digest.published:
-                    counts["PublishRecord"] += (
-                        self.published.pop(publish_key(result.topic, event_id), None) is not None
-                    )
-                for sub, got in digest.receipts.items():
-                    for event_id in got:
-                        counts["ReceivedRecord"] += (
-                            self.received.pop(receipt_key(sub, event_id), None) is not None
-                        )
-                for part in range(result.parts):
-                    self.digests.pop(digest_key(result.topic, result.start, part), None)
-                counts["BucketResult"] += self.buckets.pop(result.key, None) is not None
-        return counts
+            digests = [k for k, d in self.digests.items() if d["bucketStart"] < before]
+            for k in digests:
+                del self.digests[k]
+            results = [k for k, r in self.buckets.items() if r.start < before]
+            for k in results:
+                del self.buckets[k]
+            return {"BucketDigest": len(digests), "BucketResult": len(results)}
 
-    def sweep_older_than(self, cutoff: datetime) -> dict[str, int]:
+    def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
         with self._lock:
             self._check()
             counts = {}
@@ -207,11 +196,8 @@ class MemoryStore:
                 for k in old:
                     del table[k]
                 counts[name] = len(old)
-            old_digests = [k for k, d in self.digests.items() if d["bucketStart"] < cutoff]
-            for k in old_digests:
-                del self.digests[k]
-            counts["BucketDigest"] = len(old_digests)
-            return counts
+        counts.update(self.prune_buckets(cutoff))
+        return counts
 
     def ensure_indexes(self) -> None:
         """Nothing to index in memory."""

@@ -65,26 +65,33 @@ def test_restarted_evaluator_resumes_from_stored_results(store) -> None:
     assert (stats.published, stats.received, stats.missed) == (205, 201, 4)
 
 
-def test_retention_deletes_the_records_of_old_buckets_by_id(store) -> None:
+def test_retention_deletes_old_records_and_old_buckets_are_pruned(store) -> None:
     topic, sub = "topic-retention", "topic-retention-sub"
     now = datetime.now(UTC)
     old = floor_to_bucket(now - timedelta(days=8), BUCKET)
     _seed(store, topic, sub, old, 10, lose={4})
     _evaluator(store, topic, sub).evaluate(old + timedelta(minutes=1))  # folded back then
+    assert store.digests.count_documents({}) == 2  # the 10 old events span two 1 s buckets
     store.insert_publish_records(
         [PublishRecord("fresh", "t" * 32, topic, "{}", "x", utc_now_ms())], utc_now_ms()
     )
     _evaluator(store, topic, sub).evaluate(now)
-    assert store.digests.count_documents({}) == 3  # the 10 old events span two 1 s buckets
+    # No window reaches the old buckets: their digests and results are pruned at once.
+    assert [d["topic"] for d in store.digests.find({})] == [topic]
+    assert store.buckets.count_documents({}) == 1
     deleted = store.delete_older_than(now - timedelta(days=7))
-    assert deleted == {"PublishRecord": 10, "ReceivedRecord": 9, "BucketResult": 2}
+    assert deleted == {
+        "PublishRecord": 10,
+        "ReceivedRecord": 9,
+        "BucketDigest": 0,
+        "BucketResult": 0,
+    }
     assert [d["eventID"] for d in store.published.find({})] == ["fresh"]
     assert store.received.count_documents({}) == 0
-    assert [d["topic"] for d in store.digests.find({})] == [topic]  # the fresh bucket's
     assert store.delete_older_than(now - timedelta(days=7)) == dict.fromkeys(deleted, 0)
 
 
-def test_the_sweep_reaches_records_by_write_time(store) -> None:
+def test_retention_reaches_records_by_write_time(store) -> None:
     """A record with a far-future publishTime, written long ago, is deleted like any other."""
     topic, sub = "topic-far-future", "topic-far-future-sub"
     now = datetime.now(UTC).replace(microsecond=0)
@@ -98,8 +105,13 @@ def test_the_sweep_reaches_records_by_write_time(store) -> None:
             store.record_receipts(
                 [Receipt(sub, event, topic, None, "m", when, now, written)], written
             )
-    deleted = store.sweep_older_than(now - timedelta(days=7))
-    assert deleted == {"PublishRecord": 2, "ReceivedRecord": 2, "BucketDigest": 0}
+    deleted = store.delete_older_than(now - timedelta(days=7))
+    assert deleted == {
+        "PublishRecord": 2,
+        "ReceivedRecord": 2,
+        "BucketDigest": 0,
+        "BucketResult": 0,
+    }
     assert sorted(d["eventID"] for d in store.published.find({})) == ["kept-0", "kept-1"]
     assert sorted(d["eventID"] for d in store.received.find({})) == ["kept-0", "kept-1"]
 
@@ -117,8 +129,7 @@ MS = timedelta(milliseconds=1)
 TOLERANCE = PUBLISH_TIME_TOLERANCE
 FAR = datetime(2100, 1, 1, tzinfo=UTC)
 LAST = datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)
-# (eventID, publishTime, createdTime, deleted by delete_older_than(CUTOFF) then
-# sweep_older_than(CUTOFF))
+# (eventID, publishTime, createdTime, deleted by delete_older_than(CUTOFF))
 RETENTION_BOUNDARIES = [
     ("published-before-cutoff", CUTOFF - MS, CUTOFF + timedelta(minutes=5), True),
     ("published-at-cutoff", CUTOFF, CUTOFF, False),
@@ -147,9 +158,9 @@ def _event_ids(store: AuditStore) -> tuple[list[str], list[str]]:
 def test_retention_never_deletes_a_record_published_after_the_cutoff(
     audit_store: AuditStore,
 ) -> None:
-    """Retention deletes the buckets published before the cutoff, with every record their
-    digests name; the sweep deletes by write time only past the tolerance a publishTime may
-    run ahead of its write, so a far-future publishTime is deleted and nothing in a window is."""
+    """Records go by publishTime; by write time only past the tolerance a publishTime may run
+    ahead of its write, so a far-future publishTime is deleted and nothing in a window is;
+    digests and results go by their bucket."""
     topic, sub = "topic-retention-bounds", "topic-retention-bounds-sub"
     for event, published, written, _ in RETENTION_BOUNDARIES:
         audit_store.insert_publish_records(
@@ -162,14 +173,10 @@ def test_retention_never_deletes_a_record_published_after_the_cutoff(
     evaluator = Evaluator(audit_store, expected, [Window.parse("1h", BUCKET)], BUCKET, SETTLE)
     evaluator.evaluate(CUTOFF + timedelta(minutes=10))
     assert audit_store.delete_older_than(CUTOFF) == {
-        "PublishRecord": 1,
-        "ReceivedRecord": 1,
+        "PublishRecord": 3,
+        "ReceivedRecord": 3,
+        "BucketDigest": 1,
         "BucketResult": 1,
-    }
-    assert audit_store.sweep_older_than(CUTOFF) == {
-        "PublishRecord": 2,
-        "ReceivedRecord": 2,
-        "BucketDigest": 0,
     }
     kept = sorted(event for event, *_, is_deleted in RETENTION_BOUNDARIES if not is_deleted)
     assert _event_ids(audit_store) == (kept, kept)
@@ -177,7 +184,7 @@ def test_retention_never_deletes_a_record_published_after_the_cutoff(
         CUTOFF,
         CUTOFF + timedelta(seconds=1),  # 1 s buckets
         CUTOFF + TOLERANCE - timedelta(seconds=1),
-    ]  # far-future publish times are not folded (too_new): only the sweep reaches them
+    ]  # far-future publish times are not folded (too_new), their records go by write time
 
 
 def test_publisher_buffer_overflow_is_counted_and_the_rest_recovers(

@@ -21,6 +21,7 @@ from eventaudit.exporter.evaluator import Evaluator, Snapshot, list_missed
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 from eventaudit.journal import (
     BucketDigest,
+    JournalBatch,
     JournalEntry,
     digest_key,
     parse_journal_document,
@@ -271,6 +272,14 @@ class FaultyStore(MemoryStore):
         self._maybe_fail("load_digest")
         return super().load_digest(topic, start, parts)
 
+    def read_journal(self, max_batches: int) -> list[JournalBatch]:
+        self._maybe_fail("read_journal")
+        return super().read_journal(max_batches)
+
+    def save_fold_stamp(self, stamp: int) -> None:
+        self._maybe_fail("save_fold_stamp")
+        super().save_fold_stamp(stamp)
+
     def save_digests(self, digests: Iterable[BucketDigest]) -> None:
         self._maybe_fail("save_digests")
         super().save_digests(digests)
@@ -308,7 +317,8 @@ EXPECTED_OTHER = (10, 5, 0, 0)
 @pytest.mark.parametrize(
     "fail",
     [
-        ("load_digest", 1),
+        ("read_journal", 1),
+        ("save_fold_stamp", 1),
         ("save_digests", 1),
         ("save_bucket_results", 1),  # grown results (none here): the first save of a round
         ("save_bucket_results", 2),  # after the digests were stored
@@ -333,7 +343,9 @@ def test_an_evaluation_failing_half_way_counts_every_record_once_next_time(
     assert (counts(again), counts(again, OTHER)) == (EXPECTED_SUB, EXPECTED_OTHER)
 
 
-@pytest.mark.parametrize("fail_at", ["load_digest", "save_digests", "save_bucket_results"])
+@pytest.mark.parametrize(
+    "fail_at", ["read_journal", "save_fold_stamp", "save_digests", "save_bucket_results"]
+)
 def test_a_process_that_stops_half_way_leaves_nothing_a_new_one_counts_twice(
     fail_at: str,
 ) -> None:
@@ -696,3 +708,18 @@ def test_a_result_listing_that_does_not_read_back_falls_back_to_the_digest() -> 
     reads = store.digest_reads
     assert missed_ids(tampered, store) == ["e1"]
     assert store.digest_reads - reads == 1
+
+
+def test_a_failed_digest_read_for_a_late_record_counts_it_next_time() -> None:
+    store = FaultyStore()
+    _traffic(store)
+    ev = evaluator(store)
+    ev.evaluate(at(0, 50))
+    ev.evaluate(at(1, 30))  # the traffic's buckets are no longer cached
+    receive(store, "e7", at(0, 14))
+    store.fail_on("load_digest")
+    with pytest.raises(StoreError):
+        ev.evaluate(at(1, 31))
+    snapshot = ev.evaluate(at(1, 32))
+    assert counts(snapshot)[:2] == (10, 10)
+    assert store.calls["load_digest"] == 2

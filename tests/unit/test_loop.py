@@ -266,7 +266,7 @@ def test_numbers_go_stale_when_no_evaluation_succeeds(
     assert exporter.sample("eventaudit_up") == 1
 
 
-def test_the_sweep_reaches_records_no_digest_names_by_write_time() -> None:
+def test_retention_reaches_records_by_write_time() -> None:
     store = FaultyStore()
     far = [datetime(2100, 1, 1, tzinfo=UTC), datetime(9999, 12, 31, tzinfo=UTC)]
     for age, prefix in ((timedelta(days=8), "stale"), (timedelta(hours=1), "kept")):
@@ -281,26 +281,20 @@ def test_the_sweep_reaches_records_no_digest_names_by_write_time() -> None:
             )
     exporter = Exporter(store, retention=timedelta(days=7))
     assert exporter.loop.run_once()
-    # Retention by bucket does not reach them: their buckets are in 2100, or unreadable.
-    assert len(store.published) == len(store.received) == 4
-    exporter.loop.sweep(NOW - timedelta(days=7))
     assert sorted(d["eventID"] for d in store.published.values()) == ["kept-0", "kept-1"]
     assert sorted(d["eventID"] for d in store.received.values()) == ["kept-0", "kept-1"]
-    assert exporter.state.sweeps == {"success": 1, "error": 0}
 
 
-def test_the_sweep_runs_daily_on_its_own_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    store = _seeded()
-    exporter = Exporter(store)
-    started: list[datetime] = []
-    monkeypatch.setattr(exporter.loop, "sweep", started.append)
+def test_buckets_no_window_reaches_are_pruned() -> None:
+    store = _seeded()  # `old` was evaluated two days ago: its digest and result are stored
+    assert len(store.buckets) == len(store.digests) == 1
+    exporter = Exporter(store, retention=timedelta(days=7))  # retention does not reach it
     assert exporter.loop.run_once()
-    assert started == []  # not at start: a scan of history on FerretDB
-    exporter.monotonic.now += loop_module.SWEEP_EVERY_SECONDS
-    exporter.loop.run_once()  # retention is due again after an hour, long past
-    assert exporter.loop._sweeper is not None
-    exporter.loop._sweeper.join(timeout=5)
-    assert started == [NOW - timedelta(days=1)]
+    assert [r.start for r in store.buckets.values()] == [
+        datetime(2026, 11, 27, 11, 59, 40, tzinfo=UTC)
+    ]
+    assert len(store.digests) == 1  # e1's, published 50 s ago
+    assert [d["eventID"] for d in store.published.values()] == ["old", "e1"]  # records stay
 
 
 def _retention_runs(exporter: Exporter) -> tuple[float | None, float | None]:
