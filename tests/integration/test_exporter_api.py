@@ -276,7 +276,10 @@ def test_memory_store_outage_answers_503_then_recovers() -> None:
     assert exporter.missed(SUB)[0] == 200
 
 
-def test_store_error_while_listing_is_a_short_503(store: MongoStore) -> None:
+def test_store_error_while_listing_is_a_short_503(
+    store: MongoStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _digests_only(monkeypatch)  # a listing that needs the store
     _seeded(store)
     dead = _dead_store()
     exporter = Exporter(store, api_store=dead)
@@ -359,6 +362,7 @@ def test_a_disagreeing_digest_is_answered_503_from_the_cache(
 
 
 def test_a_store_error_is_not_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    _digests_only(monkeypatch)
     store = MemoryStore()
     _seeded(store)
     exporter = Exporter(store)
