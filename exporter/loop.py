@@ -27,7 +27,7 @@ def served_reason(exc: BaseException) -> str:
 
 
 class EvaluationLoop:
-    """Evaluates once per bucket and applies retention hourly.
+    """Evaluates once per bucket and applies retention hourly, on a thread of its own.
 
     Nothing raised in a pass stops the loop: a failed evaluation is counted
     (`eventaudit_evaluations_total{outcome="error"}`), logged, and served as `eventaudit_up 0`
@@ -57,6 +57,7 @@ class EvaluationLoop:
         self._thread = threading.Thread(target=self.run, name="evaluation-loop", daemon=True)
         self._retention_due = float("-inf")  # run retention with the first evaluation
         self._retention_failures = 0  # in a row
+        self._retainer: threading.Thread | None = None
         state.expect_every(self._interval)
 
     def run_once(self) -> bool:
@@ -87,9 +88,23 @@ class EvaluationLoop:
         return True
 
     def _retain_if_due(self) -> None:
-        """Delete what is older than the retention, hourly; after a failure, with backoff."""
-        if self._monotonic() < self._retention_due:
+        """Start retention on its own thread, hourly (after a failure, with backoff), unless one
+        still runs: on FerretDB its deletes read whole collections, and must not hold the
+        evaluations (and eventaudit_up) back."""
+        if self._monotonic() < self._retention_due or (
+            self._retainer is not None and self._retainer.is_alive()
+        ):
             return
+        self._retainer = threading.Thread(target=self._retain, name="retention", daemon=True)
+        self._retainer.start()
+
+    def join_retention(self, timeout: float = 30.0) -> None:
+        """Wait for a retention in progress (tests, and a clean stop)."""
+        if self._retainer is not None:
+            self._retainer.join(timeout)
+
+    def _retain(self) -> None:
+        """Delete what is older than the retention; never raises."""
         try:
             cutoff = self._clock() - self._retention
             deleted = self._store.delete_older_than(cutoff)

@@ -100,6 +100,12 @@ class Exporter:
             ExporterDeps(store, self.state, self.registry)
         ).test_client()
 
+    def run_once(self) -> bool:
+        """One pass, and the retention it started (on its own thread) finished."""
+        ok = self.loop.run_once()
+        self.loop.join_retention(timeout=10)
+        return ok
+
     def sample(self, name: str, **labels: str) -> float | None:
         return self.registry.get_sample_value(name, labels)
 
@@ -160,7 +166,7 @@ def test_any_failure_is_counted_served_as_down_and_the_next_run_recovers(
     exporter = Exporter(store)
     labels = {"topic": TOPIC, "subscription": SUB, "window": "1m"}
 
-    assert exporter.loop.run_once() is False
+    assert exporter.run_once() is False
     assert exporter.sample("eventaudit_up") == 0
     assert exporter.sample("eventaudit_evaluations_total", outcome="error") == 1
     assert exporter.sample("eventaudit_evaluations_total", outcome="success") == 0
@@ -173,7 +179,7 @@ def test_any_failure_is_counted_served_as_down_and_the_next_run_recovers(
     for body in exporter.bodies():
         assert not [s for s in SECRETS if s in body]
 
-    assert exporter.loop.run_once() is True
+    assert exporter.run_once() is True
     assert exporter.sample("eventaudit_up") == 1
     assert exporter.sample("eventaudit_evaluations_total", outcome="success") == 1
     assert exporter.sample("eventaudit_evaluations_total", outcome="error") == 1
@@ -208,7 +214,7 @@ class _ThreadKiller(BaseException):
 
 def test_a_dead_loop_thread_is_reported_down(monkeypatch: pytest.MonkeyPatch) -> None:
     exporter = Exporter(_seeded())
-    assert exporter.loop.run_once()
+    assert exporter.run_once()
     assert exporter.sample("eventaudit_up") == 1
 
     def die() -> bool:
@@ -243,7 +249,7 @@ def test_numbers_go_stale_when_no_evaluation_succeeds(
 ) -> None:
     exporter = Exporter(_seeded(), interval=interval)
     exporter.monotonic.now = 1000.0
-    assert exporter.loop.run_once()
+    assert exporter.run_once()
 
     exporter.monotonic.now = 1000.0 + fresh_for
     assert exporter.sample("eventaudit_up") == 1
@@ -262,7 +268,7 @@ def test_numbers_go_stale_when_no_evaluation_succeeds(
         exporter.client.get(f"/api/v1/missed?topic={TOPIC}&subscription={SUB}").status_code == 503
     )
 
-    assert exporter.loop.run_once()
+    assert exporter.run_once()
     assert exporter.sample("eventaudit_up") == 1
 
 
@@ -280,7 +286,7 @@ def test_retention_reaches_records_by_write_time() -> None:
                 [Receipt(SUB, event, TOPIC, None, "m", when, written, written)], written
             )
     exporter = Exporter(store, retention=timedelta(days=7))
-    assert exporter.loop.run_once()
+    assert exporter.run_once()
     assert sorted(d["eventID"] for d in store.published.values()) == ["kept-0", "kept-1"]
     assert sorted(d["eventID"] for d in store.received.values()) == ["kept-0", "kept-1"]
 
@@ -289,7 +295,7 @@ def test_buckets_no_window_reaches_are_pruned() -> None:
     store = _seeded()  # `old` was evaluated two days ago: its digest and result are stored
     assert len(store.buckets) == len(store.digests) == 1
     exporter = Exporter(store, retention=timedelta(days=7))  # retention does not reach it
-    assert exporter.loop.run_once()
+    assert exporter.run_once()
     assert [r.start for r in store.buckets.values()] == [
         datetime(2026, 11, 27, 11, 59, 40, tzinfo=UTC)
     ]
@@ -313,7 +319,7 @@ def test_a_failed_retention_is_counted_apart_and_leaves_the_numbers_up(exc: Exce
     exporter = Exporter(store)
     exporter.monotonic.now = 1000.0
 
-    assert exporter.loop.run_once() is True
+    assert exporter.run_once() is True
     assert exporter.sample("eventaudit_up") == 1
     assert exporter.sample("eventaudit_evaluations_total", outcome="success") == 1
     assert exporter.sample("eventaudit_evaluations_total", outcome="error") == 0
@@ -328,10 +334,10 @@ def test_a_failed_retention_is_counted_apart_and_leaves_the_numbers_up(exc: Exce
 
     # Retried after the backoff (two intervals after one failure), not on the next pass.
     exporter.monotonic.now = 1010.0
-    assert exporter.loop.run_once()
+    assert exporter.run_once()
     assert _retention_runs(exporter) == (0, 1)
     exporter.monotonic.now = 1020.0
-    assert exporter.loop.run_once()
+    assert exporter.run_once()
     assert _retention_runs(exporter) == (1, 1)
     assert exporter.sample("eventaudit_last_retention_timestamp_seconds") == NOW.timestamp()
     assert [d["eventID"] for d in store.published.values()] == ["e1"]
@@ -345,7 +351,7 @@ def test_a_retention_that_keeps_failing_backs_off_up_to_an_hour() -> None:
     for i in range(5):
         exporter.monotonic.now = 1000.0 + 10 * i
         before = len(store.faults["delete_older_than"])
-        assert exporter.loop.run_once() is True
+        assert exporter.run_once() is True
         if len(store.faults["delete_older_than"]) < before:
             attempts.append(exporter.monotonic.now)
         assert exporter.sample("eventaudit_up") == 1
@@ -362,7 +368,7 @@ def test_a_retention_that_keeps_failing_backs_off_up_to_an_hour() -> None:
         while len(store.faults["delete_older_than"]) == left:
             now += 10
             exporter.monotonic.now = now
-            exporter.loop.run_once()
+            exporter.run_once()
         waits.append(now - attempts[-1])
         attempts.append(now)
     assert waits == [40, 80, 160, 320, 640, 1280, 2560, 3600, 3600, 3600]
@@ -373,11 +379,39 @@ def test_a_successful_retention_runs_again_an_hour_later() -> None:
     store = _seeded()
     exporter = Exporter(store)
     exporter.monotonic.now = 1000.0
-    assert exporter.loop.run_once()
+    assert exporter.run_once()
     assert _retention_runs(exporter) == (1, 0)
     exporter.monotonic.now = 1000.0 + 3599
-    assert exporter.loop.run_once()
+    assert exporter.run_once()
     assert _retention_runs(exporter) == (1, 0)
     exporter.monotonic.now = 1000.0 + 3600
-    assert exporter.loop.run_once()
+    assert exporter.run_once()
     assert _retention_runs(exporter) == (2, 0)
+
+
+def test_a_slow_retention_never_holds_the_evaluations_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = _seeded()
+    release = threading.Event()
+    started: list[datetime] = []
+    real = store.delete_older_than
+
+    def slow(cutoff: datetime) -> dict[str, int]:
+        started.append(cutoff)
+        assert release.wait(timeout=30)  # a delete reading a large collection on FerretDB
+        return real(cutoff)
+
+    monkeypatch.setattr(store, "delete_older_than", slow)
+    exporter = Exporter(store)
+    try:
+        for i in range(3):
+            exporter.monotonic.now = 1000.0 + 3600.0 * i  # retention due at every pass
+            assert exporter.loop.run_once() is True
+            assert exporter.sample("eventaudit_up") == 1
+        assert len(started) == 1  # one at a time
+        assert _retention_runs(exporter) == (0, 0)
+    finally:
+        release.set()
+        exporter.loop.join_retention(timeout=10)
+    assert _retention_runs(exporter) == (1, 0)
