@@ -138,6 +138,7 @@ class Evaluator(Collector):
         self._counts = dict.fromkeys(JOURNAL_OUTCOMES, 0)
         self._backlog = False
         self._pruned: datetime | None = None
+        self._cached_events = 0
 
     def evaluate(self, now: datetime) -> Snapshot:
         """Fold the journal and report everything settled by `now`. Raises StoreError; what
@@ -167,7 +168,8 @@ class Evaluator(Collector):
                 if len(batches) < self._round or self._monotonic() > deadline:
                     break
         except BaseException:
-            self._digests.clear()  # may hold folds that were not stored
+            # The cache may hold folds that were not stored.
+            self._digests, self._cached_events = {}, 0
             raise
         self._backlog = len(batches) >= self._round
         self._results = {k: v for k, v in self._results.items() if k[1] >= oldest}
@@ -235,27 +237,27 @@ class Evaluator(Collector):
                 if digest.merge(entry, merged):
                     changed.add(key)
                 counts["folded"] += 1
-        grown = []
+        grew = set()
         for key in changed:
             parts = touched[key].parts
             touched[key].fit_parts()
             if touched[key].parts != parts:
-                grown.append(touched[key].result())
+                grew.add(key)
+        results = {key: digest.result() for key, digest in touched.items()}
         # A result names how many digest documents to read: one that grew is stored first,
         # since reading more parts than exist is harmless and fewer would lose events.
+        grown = [results[key] for key in grew]
         self._store.save_bucket_results(grown, now)
         self._results.update(((r.topic, r.start), r) for r in grown)
         self._store.save_digests(touched[k] for k in sorted(changed))
-        results = [d.result() for d in touched.values()]
         # Every touched bucket, changed or not: a previous process may have stored its digest
         # and stopped before its result.
-        fresh = [r for r in results if self._results.get((r.topic, r.start)) != r]
+        fresh = [r for key, r in results.items() if self._results.get(key) != r]
         self._store.save_bucket_results(fresh, now)
         self._store.delete_journal([b.id for b in batches])
         # Commit in memory only once everything is stored.
         self._digests.update(touched)
         self._results.update(((r.topic, r.start), r) for r in fresh)
-        self._merged = merged
         with self._lock:
             for outcome, n in counts.items():
                 self._counts[outcome] += n
@@ -281,11 +283,13 @@ class Evaluator(Collector):
         kept: dict[BucketKey, BucketDigest] = {}
         size = 0
         for key, digest in recent:
-            size += _events(digest)
-            if size > CACHE_EVENTS:
+            events = _events(digest)
+            if size + events > CACHE_EVENTS:
                 break
             kept[key] = digest
-        self._digests = kept
+            size += events
+        # Counted here, on the evaluation thread: a scrape must not walk digests being folded.
+        self._digests, self._cached_events = kept, size
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         """Journal outcomes, whether a backlog is left, and the digest cache's size."""
@@ -299,7 +303,7 @@ class Evaluator(Collector):
         with self._lock:
             for outcome in JOURNAL_OUTCOMES:
                 family.add_metric([outcome], self._counts[outcome])
-            backlog, cached = self._backlog, sum(_events(d) for d in list(self._digests.values()))
+            backlog, cached = self._backlog, self._cached_events
         yield family
         yield GaugeMetricFamily(
             "eventaudit_journal_backlog",
