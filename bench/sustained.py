@@ -231,7 +231,7 @@ def main() -> None:
             {d["eventID"] for d in store.received.find({"subscription": s}, {"eventID": 1})}
             for s in run.SUBSCRIPTIONS
         ]
-        journal = store.journal.count_documents({})
+        journal = store.journal_size()
         store.close()
     finally:
         ferret.stop()

@@ -2,10 +2,10 @@
 
 Every batch a publisher or subscriber writes is followed, once the records are durable, by one
 journal document listing what the batch made true ("publish record of (topic, eventID) exists",
-"receipt of (subscription, eventID) exists with N deliveries"). The exporter reads the whole
-journal (it holds only what is not yet folded in: a small collection whose full scan is the
-cost of the new records), folds each entry into the digest of its (topic, bucket), stores the
-digests by `_id`, and only then deletes the journal documents it read.
+"receipt of (subscription, eventID) exists with N deliveries"). The exporter takes the journal
+collections (eventaudit.partitions), reads each whole (only what is new), folds each entry into
+the digest of its (topic, bucket), inserts what each digest gained as a delta document, and
+drops a taken journal collection only once it is folded.
 
 Folding is idempotent (a set union; deliveries keep their maximum, and a writer journals the
 total stored after its write), so a journal document read twice, written twice, or folded by
@@ -18,8 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
-import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -35,11 +34,10 @@ from eventaudit.records import MISSED_KEPT, BucketCounts, BucketResult
 
 log = logging.getLogger(__name__)
 
-# Bytes per digest document before a bucket is split over more of them (a BSON document holds
-# at most 16 MiB).
+# Bytes of entries per digest delta document before a fold's delta is split over more of them
+# (a BSON document holds at most 16 MiB).
 PART_BYTES = 4 * 2**20
 _ENTRY_BYTES = 40  # an entry's BSON overhead, its integers and separators, rounded up
-_MAX_PARTS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,26 +143,10 @@ def parse_journal_document(doc: dict[str, Any]) -> JournalBatch:
     return JournalBatch(doc.get("_id"), good, malformed)
 
 
-def part_of(event_id: str, parts: int) -> int:
-    """Which digest document of a bucket holds `event_id` (stable across processes)."""
-    return zlib.crc32(event_id.encode("utf-8", "surrogatepass")) % parts
-
-
-def read_digest(
-    topic: str, start: datetime, parts: int, read: Callable[[str], dict[str, Any] | None]
-) -> BucketDigest:
-    """A digest read one document at a time by `_id`: part 0 first, which says how many parts
-    there are; at least `parts` (what the bucket's result says) are read."""
-    first = read(digest_key(topic, start, 0))
-    stated = first.get("parts") if first is not None else None
-    count = min(_MAX_PARTS, max(parts, stated if type(stated) is int else 1))
-    docs = [first, *(read(digest_key(topic, start, p)) for p in range(1, count))]
-    return BucketDigest.from_documents(topic, start, count, docs)
-
-
-def digest_key(topic: str, start: datetime, part: int) -> str:
-    """`_id` of one digest document; topic ids never contain '|'."""
-    return f"{topic}|{epoch_ms(start)}|{part}"
+def digest_key(topic: str, start: datetime) -> str:
+    """What every delta document of one (topic, bucket) digest carries in `digest`; topic ids
+    never contain '|'."""
+    return f"{topic}|{epoch_ms(start)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,15 +164,21 @@ class BucketDigest:
     time, received ones per subscription with their deliveries. Each entry also keeps when it
     was folded in (`merged`, the evaluation's clock in ms), so the API can list exactly what a
     given evaluation counted.
+
+    It is stored as deltas, never rewritten: each fold inserts what it added (`deltas`), and
+    reading a digest is the union of its deltas (`from_documents`). An insert needs no read,
+    even on FerretDB, where every other write by `_id` reads the whole collection.
     """
 
     topic: str
     start: datetime
-    parts: int = 1
     published: dict[str, tuple[str, int, int]] = field(default_factory=dict)
     """eventID -> (traceID, publishMs, merged)"""
     receipts: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
     """subscription -> eventID -> (deliveries, merged)"""
+    unsaved_published: set[str] = field(default_factory=set)
+    unsaved_receipts: set[tuple[str, str]] = field(default_factory=set)
+    """What merges changed since the digest was last stored: the next delta."""
 
     def merge(self, entry: JournalEntry, merged: int) -> bool:
         """Fold one entry in; True when it changed the digest."""
@@ -198,16 +186,23 @@ class BucketDigest:
             if entry.event_id in self.published:
                 return False
             self.published[entry.event_id] = (entry.trace_id, entry.publish_ms, merged)
+            self.unsaved_published.add(entry.event_id)
             return True
         got = self.receipts.setdefault(entry.subscription, {})
         before = got.get(entry.event_id)
         if before is None:
             got[entry.event_id] = (entry.deliveries, merged)
-            return True
-        if entry.deliveries > before[0]:
+        elif entry.deliveries > before[0]:
             got[entry.event_id] = (entry.deliveries, before[1])
-            return True
-        return False
+        else:
+            return False
+        self.unsaved_receipts.add((entry.subscription, entry.event_id))
+        return True
+
+    @property
+    def unsaved(self) -> bool:
+        """Whether merges changed it since it was stored."""
+        return bool(self.unsaved_published or self.unsaved_receipts)
 
     def result(self) -> BucketResult:
         """The bucket's counts (received = receipts whose event has a publish record), and the
@@ -230,7 +225,6 @@ class BucketDigest:
             self.start,
             len(self.published),
             counts,
-            self.parts,
             merged,
             missed,
             _listed(by_age),
@@ -261,56 +255,59 @@ class BucketDigest:
             1 for e, (_, m) in got.items() if m <= merged_by and e in published
         )
 
-    def fit_parts(self) -> None:
-        """Spread over enough documents that none holds more than about PART_BYTES (parts
-        only double, so every part's events come from one part of the layout before)."""
-        size = sum(
-            len(e) + len(trace) + _ENTRY_BYTES for e, (trace, _, _) in self.published.items()
-        )
-        size += sum(
-            (len(sub) + _ENTRY_BYTES) * len(got) + sum(len(e) for e in got)
-            for sub, got in self.receipts.items()
-        )
-        # Twice the average: the hash spreads events unevenly over few parts.
-        while self.parts < _MAX_PARTS and size * 2 > self.parts * PART_BYTES:
-            self.parts *= 2
+    def deltas(self, fold: str) -> list[dict[str, Any]]:
+        """What merges changed since the digest was stored, as documents to insert (`_id`s
+        unique per `fold`), each with at most about PART_BYTES of entries. Strings, like the
+        journal's entries: `eventID|traceID|publishMs|merged` and
+        `subscription|eventID|deliveries|merged` (a receipt's current deliveries)."""
+        key = digest_key(self.topic, self.start)
+        docs: list[dict[str, Any]] = []
+        published: list[str] = []
+        receipts: list[str] = []
+        size = 0
 
-    def to_documents(self) -> Iterator[dict[str, Any]]:
-        """One document per part, every part, empty ones included (they replace older ones)."""
-        # Strings, like the journal's entries: `eventID|traceID|publishMs|merged` and
-        # `subscription|eventID|deliveries|merged`.
-        published: list[list[str]] = [[] for _ in range(self.parts)]
-        receipts: list[list[str]] = [[] for _ in range(self.parts)]
-        for event_id, (trace, ms, merged) in self.published.items():
-            published[part_of(event_id, self.parts)].append(f"{event_id}|{trace}|{ms}|{merged}")
-        for sub, got in self.receipts.items():
-            for event_id, (deliveries, merged) in got.items():
-                receipts[part_of(event_id, self.parts)].append(
-                    f"{sub}|{event_id}|{deliveries}|{merged}"
-                )
-        # Highest part first and part 0, which says how many there are, last: a write
-        # interrupted while the parts double leaves every event in its new part or still in
-        # its old one (the stored result names the new count before any part is written).
-        docs = [
-            {
-                "_id": digest_key(self.topic, self.start, part),
-                "topic": self.topic,
-                "bucketStart": self.start,
-                "part": part,
-                "parts": self.parts,
-                "published": published[part],
-                "receipts": receipts[part],
-            }
-            for part in reversed(range(self.parts))
-        ]
-        return iter(docs)
+        def close() -> None:
+            nonlocal published, receipts, size
+            docs.append(
+                {
+                    "_id": f"{key}|{fold}|{len(docs)}",
+                    "digest": key,
+                    "topic": self.topic,
+                    "bucketStart": self.start,
+                    "published": published,
+                    "receipts": receipts,
+                }
+            )
+            published, receipts, size = [], [], 0
+
+        for event_id in sorted(self.unsaved_published):
+            trace, ms, merged = self.published[event_id]
+            published.append(f"{event_id}|{trace}|{ms}|{merged}")
+            size += len(published[-1]) + _ENTRY_BYTES
+            if size >= PART_BYTES:
+                close()
+        for sub, event_id in sorted(self.unsaved_receipts):
+            deliveries, merged = self.receipts[sub][event_id]
+            receipts.append(f"{sub}|{event_id}|{deliveries}|{merged}")
+            size += len(receipts[-1]) + _ENTRY_BYTES
+            if size >= PART_BYTES:
+                close()
+        if published or receipts:
+            close()
+        return docs
+
+    def stored(self) -> None:
+        """Its deltas are stored: nothing is unsaved any more."""
+        self.unsaved_published.clear()
+        self.unsaved_receipts.clear()
 
     @classmethod
     def from_documents(
-        cls, topic: str, start: datetime, parts: int, docs: Iterable[dict[str, Any] | None]
+        cls, topic: str, start: datetime, docs: Iterable[dict[str, Any] | None]
     ) -> BucketDigest:
-        """Inverse of to_documents; missing parts are empty."""
-        digest = cls(topic, start, parts)
+        """The union of a digest's deltas, in any order: a publish keeps its first fold, a
+        receipt its most deliveries and first fold (a delta stored twice changes nothing)."""
+        digest = cls(topic, start)
         for doc in docs:
             if doc is None:
                 continue
@@ -324,20 +321,29 @@ class BucketDigest:
                 ):
                     bad += 1
                     continue
-                event_id, trace, ms, merged = fields
-                digest.published[str(event_id)] = (str(trace), int(ms), int(merged))
+                event_id, trace, ms, merged = str(fields[0]), str(fields[1]), *map(int, fields[2:])
+                before = digest.published.get(event_id)
+                if before is None or merged < before[2]:
+                    digest.published[event_id] = (trace, ms, merged)
             for item in _strings_in(doc, "receipts"):
                 fields = _ints(item, 4, first_ints=2)
                 if fields is None or not (1 <= int(fields[2]) < 2**31) or int(fields[3]) < 0:
                     bad += 1
                     continue
-                sub, event_id, deliveries, merged = fields
-                got = digest.receipts.setdefault(str(sub), {})
-                got[str(event_id)] = (int(deliveries), int(merged))
+                sub, event_id, deliveries, merged = (
+                    str(fields[0]),
+                    str(fields[1]),
+                    *map(int, fields[2:]),
+                )
+                got = digest.receipts.setdefault(sub, {})
+                had = got.get(event_id)
+                if had is not None:
+                    deliveries, merged = max(deliveries, had[0]), min(merged, had[1])
+                got[event_id] = (deliveries, merged)
             if bad:
                 # Only the exporter writes digests: someone else did. Logged, never raised (it
-                # would stop every evaluation); the next fold rewrites the document.
-                log.error("digest %s: %d unreadable entries skipped", doc.get("_id"), bad)
+                # would stop every evaluation).
+                log.error("digest delta %s: %d unreadable entries skipped", doc.get("_id"), bad)
         return digest
 
 

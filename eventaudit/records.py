@@ -73,8 +73,6 @@ class BucketResult:
     start: datetime
     published: int
     subscriptions: dict[str, BucketCounts]
-    parts: int = 1
-    """How many `BucketDigest` documents hold this bucket's event ids."""
     merged: int = 0
     """The latest fold stamp in its digest (a new exporter process stamps after it)."""
     missed: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -107,7 +105,6 @@ class BucketResult:
                 for name, c in sorted(self.subscriptions.items())
             ],
             "oldest": list(self.oldest),
-            "parts": self.parts,
             "merged": self.merged,
             "evaluatedTime": evaluated_time,
         }
@@ -125,7 +122,6 @@ class BucketResult:
                 )
                 for s in doc.get("subscriptions", [])
             },
-            parts=max(1, int(doc.get("parts", 1))),
             merged=int(doc.get("merged", 0)),
             missed={s["name"]: _strings(s.get("missed")) for s in doc.get("subscriptions", [])},
             oldest=_strings(doc.get("oldest")),

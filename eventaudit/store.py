@@ -7,32 +7,41 @@ accumulators beyond counting (sets are compared in Python, one bucket range at a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 from bson.codec_options import CodecOptions
 from bson.errors import InvalidDocument
-from pymongo import ASCENDING, DESCENDING, MongoClient, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, MongoClient, ReturnDocument, UpdateOne
 from pymongo.collection import Collection
-from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 
 from eventaudit.contract import PUBLISH_TIME_TOLERANCE, epoch_ms
 from eventaudit.journal import (
     BucketDigest,
     JournalBatch,
     JournalEntry,
+    digest_key,
     journal_documents,
     parse_journal_document,
-    read_digest,
+)
+from eventaudit.partitions import (
+    bucket_partition,
+    is_live_journal,
+    is_taken_journal,
+    journal_collection,
+    partitions_before,
+    partitions_since,
+    taken_journal,
 )
 from eventaudit.records import (
     BUCKET_COLLECTION,
     DIGEST_COLLECTION,
-    JOURNAL_COLLECTION,
     PUBLISH_COLLECTION,
     RECEIVED_COLLECTION,
     STATE_COLLECTION,
@@ -45,6 +54,7 @@ log = logging.getLogger(__name__)
 
 _DUPLICATE_KEY = 11000
 _INDEX_NOT_FOUND = 27
+_NAMESPACE_NOT_FOUND = 26
 
 
 class StoreError(RuntimeError):
@@ -74,24 +84,36 @@ class ReceiptStore(Protocol):
 class EvaluatorStore(Protocol):
     """What the exporter's evaluator reads and keeps its results in."""
 
-    def read_journal(self, max_batches: int) -> list[JournalBatch]:
-        """Up to `max_batches` journal documents not yet deleted (any order)."""
+    def take_journal(self, now: datetime) -> list[str]:
+        """Take what writers journaled so far (they go on in a new collection); return every
+        taken journal collection not dropped yet, oldest first."""
         ...
 
-    def delete_journal(self, ids: Sequence[Any]) -> None:
-        """Delete journal documents once what they say is stored in digests."""
+    def read_journal(self, name: str) -> Iterator[JournalBatch]:
+        """Every document of a taken journal collection, in insertion order."""
         ...
 
-    def load_digest(self, topic: str, start: datetime, parts: int) -> BucketDigest:
-        """The digest of one (topic, bucket), stored over `parts` documents (empty if none)."""
+    def count_journal(self, name: str) -> int:
+        """How many documents a taken journal collection holds (writers only ever add)."""
         ...
 
-    def save_digests(self, digests: Iterable[BucketDigest]) -> None:
-        """Replace the stored digests of these buckets (every part of each)."""
+    def drop_journal(self, name: str) -> None:
+        """Drop a folded, taken journal collection."""
         ...
 
-    def save_bucket_results(self, results: Iterable[BucketResult], now: datetime) -> None:
-        """Replace the stored evaluation of each bucket."""
+    def load_digest(self, topic: str, start: datetime) -> BucketDigest:
+        """The stored digest of one bucket (empty when none is)."""
+        ...
+
+    def save_digests(self, digests: Iterable[BucketDigest], fold: str) -> None:
+        """Store what each digest gained since it was stored (deltas named by `fold`, unique
+        per call), then mark the digests stored."""
+        ...
+
+    def save_bucket_results(
+        self, results: Iterable[BucketResult], now: datetime, version: int
+    ) -> None:
+        """Store a new version of each bucket's result; the highest version stands."""
         ...
 
     def load_fold_stamp(self) -> int:
@@ -99,7 +121,8 @@ class EvaluatorStore(Protocol):
         ...
 
     def prune_buckets(self, before: datetime) -> dict[str, int]:
-        """Delete digests and results of buckets before `before`; counts per collection."""
+        """Drop the digests and results of buckets before `before` (whole partitions);
+        counts per kind."""
         ...
 
     def save_fold_stamp(self, stamp: int) -> None:
@@ -107,7 +130,7 @@ class EvaluatorStore(Protocol):
         ...
 
     def load_bucket_results(self, since: datetime) -> list[BucketResult]:
-        """Stored bucket evaluations with bucketStart >= since."""
+        """The latest stored version of each bucket evaluation with bucketStart >= since."""
         ...
 
 
@@ -251,11 +274,11 @@ class MongoStore:
         )
         self.published: Collection[dict[str, Any]] = db[PUBLISH_COLLECTION]
         self.received: Collection[dict[str, Any]] = db[RECEIVED_COLLECTION]
-        self.buckets: Collection[dict[str, Any]] = db[BUCKET_COLLECTION]
-        self.journal: Collection[dict[str, Any]] = db[JOURNAL_COLLECTION]
-        self.digests: Collection[dict[str, Any]] = db[DIGEST_COLLECTION]
         self.state: Collection[dict[str, Any]] = db[STATE_COLLECTION]
         self.database = database
+        self.db = db
+        """The database: the exporter's collections are named by time (eventaudit.partitions)."""
+        self._indexed: set[str] = set()  # digest partitions this process has indexed
 
     def close(self) -> None:
         """Close the client's connections."""
@@ -290,7 +313,6 @@ class MongoStore:
                 for name in names:
                     if name in present:
                         _drop_index(collection, name)
-            self.buckets.create_index([("bucketStart", DESCENDING)], name="bucketStart")
         except PyMongoError as exc:
             raise StoreError(f"could not ensure indexes: {exc}") from exc
 
@@ -441,65 +463,128 @@ class MongoStore:
         if not entries:
             return
         try:
-            self.journal.insert_many(journal_documents(uuid.uuid4().hex, entries, now))
+            self.db[journal_collection(now)].insert_many(
+                journal_documents(uuid.uuid4().hex, entries, now)
+            )
         except (PyMongoError, InvalidDocument) as exc:
             raise StoreError(f"journal not written: {exc}") from exc
 
     # -- exporter: journal, digests, results ------------------------------------------------
 
-    def read_journal(self, max_batches: int) -> list[JournalBatch]:
-        """Up to `max_batches` journal documents. The journal holds only what the exporter has
-        not folded in yet, so this full scan (all FerretDB does for any filter) costs what was
-        written since the previous evaluation."""
+    def take_journal(self, now: datetime) -> list[str]:
+        """Rename every journal collection writers insert into to a taken one (a writer's next
+        insert creates the name afresh); return every taken one, this call's and any earlier
+        one's not yet dropped."""
         try:
-            return [parse_journal_document(d) for d in self.journal.find({}, limit=max_batches)]
+            for name in self._collections(is_live_journal):
+                try:
+                    self.db[name].rename(taken_journal(now, uuid.uuid4().hex[:8]))
+                except OperationFailure as exc:
+                    if exc.code != _NAMESPACE_NOT_FOUND:  # dropped or taken meanwhile
+                        raise
+            return self._collections(is_taken_journal)
+        except PyMongoError as exc:
+            raise StoreError(f"could not take the journal: {exc}") from exc
+
+    def read_journal(self, name: str) -> Iterator[JournalBatch]:
+        """Every document of a taken journal collection, in no particular order (its whole
+        read is what was written since it was taken: new records only)."""
+        try:
+            for doc in self.db[name].find({}):
+                yield parse_journal_document(doc)
         except PyMongoError as exc:
             raise StoreError(f"could not read the journal: {exc}") from exc
 
-    def delete_journal(self, ids: Sequence[Any]) -> None:
-        """Delete folded journal documents ({_id: {$in}} reads only the small journal)."""
+    def count_journal(self, name: str) -> int:
+        """How many documents a taken journal collection holds."""
         try:
-            for i in range(0, len(ids), _IDS_PER_DELETE):
-                self.journal.delete_many({"_id": {"$in": list(ids[i : i + _IDS_PER_DELETE])}})
+            return self.db[name].count_documents({})
         except PyMongoError as exc:
-            raise StoreError(f"could not delete folded journal documents: {exc}") from exc
+            raise StoreError(f"could not count the journal: {exc}") from exc
 
-    def load_digest(self, topic: str, start: datetime, parts: int) -> BucketDigest:
-        """One read by `_id` per part (a scan of this collection on FerretDB 1.24, which is
-        why it only ever holds the longest window)."""
+    def drop_journal(self, name: str) -> None:
+        """Drop a folded, taken journal collection."""
         try:
-            return read_digest(topic, start, parts, lambda key: self.digests.find_one({"_id": key}))
+            self.db.drop_collection(name)
+        except PyMongoError as exc:
+            raise StoreError(f"could not drop a folded journal: {exc}") from exc
+
+    def load_digest(self, topic: str, start: datetime) -> BucketDigest:
+        """The union of one bucket's digest deltas: indexed on MongoDB; on FerretDB a read of
+        the digest collection of its PARTITION_MS, never more."""
+        collection = self.db[bucket_partition(DIGEST_COLLECTION, start)]
+        try:
+            docs = list(collection.find({"digest": digest_key(topic, start)}))
         except PyMongoError as exc:
             raise StoreError(f"could not load a bucket digest: {exc}") from exc
+        return BucketDigest.from_documents(topic, start, docs)
 
-    def save_digests(self, digests: Iterable[BucketDigest]) -> None:
-        """Replace every part of each digest, one document per command (parts are large)."""
+    def save_digests(self, digests: Iterable[BucketDigest], fold: str) -> None:
+        """Insert each digest's delta (what it gained since it was stored): an insert reads
+        nothing, on FerretDB too. Marks the digests stored only once all are."""
+        digests = list(digests)
+        by_partition: dict[str, list[dict[str, Any]]] = {}
+        for digest in digests:
+            docs = digest.deltas(fold)
+            by_partition.setdefault(bucket_partition(DIGEST_COLLECTION, digest.start), []).extend(
+                docs
+            )
         try:
-            for digest in digests:
-                for doc in digest.to_documents():
-                    self.digests.replace_one({"_id": doc["_id"]}, doc, upsert=True)
+            for name, docs in by_partition.items():
+                if name not in self._indexed:
+                    self.db[name].create_index([("digest", ASCENDING)], name="digest")
+                    self._indexed.add(name)
+                for doc in docs:  # one per command: a delta may be megabytes
+                    # A duplicate: stored by an attempt that failed after writing it.
+                    with contextlib.suppress(DuplicateKeyError):
+                        self.db[name].insert_one(doc)
         except (PyMongoError, InvalidDocument) as exc:
             raise StoreError(f"could not save bucket digests: {exc}") from exc
+        for digest in digests:
+            digest.stored()
 
-    def save_bucket_results(self, results: Iterable[BucketResult], now: datetime) -> None:
-        """Replace the stored evaluation of each bucket."""
-        ops = [
-            UpdateOne({"_id": r.key}, {"$set": r.to_document(now)}, upsert=True) for r in results
-        ]
-        if not ops:
-            return
+    def save_bucket_results(
+        self, results: Iterable[BucketResult], now: datetime, version: int
+    ) -> None:
+        """Insert a new version of each bucket's evaluation (`version` grows with every save,
+        across processes too): the latest is the one that counts."""
+        by_partition: dict[str, list[dict[str, Any]]] = {}
+        for r in results:
+            doc = r.to_document(now)
+            doc.update({"_id": f"{r.key}|{version}", "key": r.key, "version": version})
+            by_partition.setdefault(bucket_partition(BUCKET_COLLECTION, r.start), []).append(doc)
         try:
-            _bulk_write_in_chunks(self.buckets, ops)
+            for name, docs in by_partition.items():
+                try:
+                    self.db[name].insert_many(docs, ordered=False)
+                except BulkWriteError as exc:
+                    errors = exc.details.get("writeErrors", [])
+                    if any(e.get("code") != _DUPLICATE_KEY for e in errors):
+                        raise
         except PyMongoError as exc:
             raise StoreError(f"could not save bucket results: {exc}") from exc
 
     def load_bucket_results(self, since: datetime) -> list[BucketResult]:
-        """Stored bucket evaluations with bucketStart >= since (small documents, a few per
-        topic and bucket of the retention)."""
+        """The latest version of every stored bucket evaluation with bucketStart >= since (the
+        result partitions the longest window reaches, read whole once per process)."""
+        latest: dict[str, tuple[int, dict[str, Any]]] = {}
         try:
+            names = partitions_since(self._collections(), BUCKET_COLLECTION, since)
+            for name in names:
+                for doc in self.db[name].find({}):
+                    version = doc.get("version")
+                    key = doc.get("key")
+                    # bson decodes integers past 32 bits as Int64, a subclass of int.
+                    if not isinstance(version, int) or isinstance(version, bool):
+                        continue
+                    if not isinstance(key, str):
+                        continue
+                    if key not in latest or version > latest[key][0]:
+                        latest[key] = (version, doc)
             return [
-                BucketResult.from_document(d)
-                for d in self.buckets.find({"bucketStart": {"$gte": since}})
+                result
+                for _, doc in latest.values()
+                if (result := BucketResult.from_document(doc)).start >= since
             ]
         except PyMongoError as exc:
             raise StoreError(f"could not load bucket results: {exc}") from exc
@@ -511,7 +596,12 @@ class MongoStore:
         except PyMongoError as exc:
             raise StoreError(f"could not load the fold stamp: {exc}") from exc
         stamp = doc.get("stamp") if doc else None
-        return stamp if type(stamp) is int and stamp > 0 else 0
+        # bson reads integers past 32 bits back as Int64, a subclass of int.
+        return (
+            int(stamp)
+            if isinstance(stamp, int) and not isinstance(stamp, bool) and stamp > 0
+            else 0
+        )
 
     def save_fold_stamp(self, stamp: int) -> None:
         """Remember a fold stamp before digests carrying it are stored."""
@@ -523,19 +613,34 @@ class MongoStore:
     # -- retention -------------------------------------------------------------------------
 
     def prune_buckets(self, before: datetime) -> dict[str, int]:
-        """Delete digests and results of buckets before `before` (out of every window): the
-        collections the evaluator reads stay the size of the longest window."""
+        """Drop the digest and result partitions whose every bucket starts before `before`
+        (out of every window), and the unpartitioned collections of earlier releases. Returns
+        how many collections were dropped, per kind."""
         try:
-            return {
-                DIGEST_COLLECTION: self.digests.delete_many(
-                    {"bucketStart": {"$lt": before}}
-                ).deleted_count,
-                BUCKET_COLLECTION: self.buckets.delete_many(
-                    {"bucketStart": {"$lt": before}}
-                ).deleted_count,
-            }
+            names = self._collections()
+            dropped = {}
+            for prefix in (DIGEST_COLLECTION, BUCKET_COLLECTION):
+                old = partitions_before(names, prefix, before)
+                old += [prefix] if prefix in names else []
+                for name in old:
+                    self.db.drop_collection(name)
+                    self._indexed.discard(name)
+                dropped[prefix] = len(old)
+            return dropped
         except PyMongoError as exc:
             raise StoreError(f"could not prune old buckets: {exc}") from exc
+
+    def journal_size(self) -> int:
+        """Documents in every journal collection, live or taken (for operators and benches)."""
+        try:
+            names = self._collections(lambda n: is_live_journal(n) or is_taken_journal(n))
+            return sum(self.count_journal(n) for n in names)
+        except PyMongoError as exc:
+            raise StoreError(f"could not count the journal: {exc}") from exc
+
+    def _collections(self, wanted: Callable[[str], bool] | None = None) -> list[str]:
+        names = self.db.list_collection_names()
+        return sorted(n for n in names if wanted is None or wanted(n))
 
     def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
         """Retention by periodic delete (FerretDB has no TTL indexes): records published before
@@ -563,6 +668,3 @@ class MongoStore:
         except PyMongoError as exc:
             raise StoreError(f"retention delete failed: {exc}") from exc
         return counts
-
-
-_IDS_PER_DELETE = 1000

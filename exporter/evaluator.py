@@ -1,11 +1,12 @@
 """Settled-bucket completion evaluation, folded from the writers' journal.
 
 Events are bucketed by publishTime. Writers append to a journal what each batch made durable;
-every evaluation folds the journal into per-bucket digests (event ids, read and written by
-`_id`), recomputes the result of every bucket it touched, stores digests and results, and
-only then deletes the journal documents it read. So an evaluation costs what was written since
-the previous one, whatever the history; a receipt written late, however late (within the
-longest window), corrects its bucket on the next evaluation: it is counted late, not lost.
+every evaluation takes the journal collections written since the previous one (a rename),
+folds them into per-bucket digests (inserting each digest's delta), recomputes the result of
+every bucket it touched and inserts its new version, and drops a taken journal collection a
+grace after it was folded. So an evaluation costs what was written since the previous one,
+whatever the history; a receipt written late, however late (within the longest window),
+corrects its bucket on the next evaluation: it is counted late, not lost.
 
 A bucket is reported once it has settled (its end is at least the settle delay in the past);
 windows sum the stored results of settled buckets.
@@ -13,6 +14,7 @@ windows sum the stored results of settled buckets.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -45,6 +47,10 @@ JOURNAL_BATCHES_PER_ROUND = 50
 CACHE_EVENTS = 200_000
 PRUNE_EVERY = timedelta(minutes=5)
 JOURNAL_OUTCOMES = ("folded", "too_old", "too_new", "legacy", "malformed")
+# How long a folded journal collection is kept before it is dropped: four times the writers'
+# socket timeout (an insert a writer saw succeed landed within that of the collection's rename).
+JOURNAL_DROP_GRACE = 120.0
+_SAVES = 1_000_000  # result versions per fold stamp
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +145,9 @@ class Evaluator(Collector):
         self._backlog = False
         self._pruned: datetime | None = None
         self._cached_events = 0
+        self._folded: dict[str, tuple[int, float]] = {}
+        """Taken journal collections folded whole: how many documents, when they were read."""
+        self._saves = 0
 
     def evaluate(self, now: datetime) -> Snapshot:
         """Fold the journal and report everything settled by `now`. Raises StoreError; what
@@ -147,35 +156,67 @@ class Evaluator(Collector):
         oldest = frontier - self._span
         if self._results is None:
             # First evaluation of this process: resume from the stored results; the journal
-            # holds whatever the previous process had not folded.
+            # holds whatever the previous process had not folded (and maybe some it had).
             self._results = {(r.topic, r.start): r for r in self._store.load_bucket_results(oldest)}
             # Stamp folds after any earlier process's, even with a clock stepped back, so the
             # API never takes an earlier fold for a later one.
             self._merged = self._store.load_fold_stamp()
         merged = max(epoch_ms(now), self._merged + 1)
-        newest = now + PUBLISH_TIME_TOLERANCE
+        self._saves = 0
+        span = (oldest, now + PUBLISH_TIME_TOLERANCE)
         deadline = self._monotonic() + self._budget
         try:
-            while True:
-                batches = self._store.read_journal(self._round)
-                if batches:
-                    if self._merged < merged:
-                        # Before the first fold stamped `merged` is stored anywhere.
-                        self._store.save_fold_stamp(merged)
-                        self._merged = merged
-                    self._fold(batches, (oldest, newest), merged, now)
-                    self._evict(frontier)
-                if len(batches) < self._round or self._monotonic() > deadline:
-                    break
+            taken = self._store.take_journal(now)
+            self._folded = {n: v for n, v in self._folded.items() if n in taken}
+            unread = [n for n in taken if n not in self._folded]
+            for i, name in enumerate(unread):
+                if i and self._monotonic() > deadline:
+                    break  # a burst: publish what is folded, the rest next time
+                if self._merged < merged:
+                    # Before the first fold stamped `merged` is stored anywhere.
+                    self._store.save_fold_stamp(merged)
+                    self._merged = merged
+                self._fold_collection(name, span, merged, now)
+            self._drop_folded(span, merged, now)
         except BaseException:
             # The cache may hold folds that were not stored.
             self._digests, self._cached_events = {}, 0
             raise
-        self._backlog = len(batches) >= self._round
+        self._backlog = any(n not in self._folded for n in taken)
         self._results = {k: v for k, v in self._results.items() if k[1] >= oldest}
         self._evict(frontier)
         self._prune(oldest)
         return self._snapshot(now, frontier, merged)
+
+    def _fold_collection(
+        self, name: str, span: tuple[datetime, datetime], merged: int, now: datetime
+    ) -> None:
+        """Fold one taken journal collection whole, JOURNAL_BATCHES_PER_ROUND documents at a
+        time (memory follows a round, not a burst); then remember how many documents it
+        held."""
+        read = 0
+        documents = iter(self._store.read_journal(name))
+        while batches := tuple(itertools.islice(documents, self._round)):
+            self._fold(batches, span, merged, now)
+            self._evict(span[0] + self._span)
+            read += len(batches)
+        self._folded[name] = (read, self._monotonic())
+
+    def _drop_folded(self, span: tuple[datetime, datetime], merged: int, now: datetime) -> None:
+        """Drop each folded journal collection once JOURNAL_DROP_GRACE has passed since it was
+        read, and it still holds only the documents read (writers only insert). A writer that
+        looked the collection up before it was renamed can still insert into it for as long as
+        its socket timeout (30 s); such a straggler is folded first (the whole collection
+        again: folding is idempotent), and the collection dropped a grace later."""
+        for name, (read, read_at) in list(self._folded.items()):
+            if self._monotonic() - read_at < JOURNAL_DROP_GRACE:
+                continue
+            if self._store.count_journal(name) == read:
+                self._store.drop_journal(name)
+                del self._folded[name]
+                continue
+            log.warning("journal %s grew after it was taken: folding it again", name)
+            self._fold_collection(name, span, merged, now)
 
     def _prune(self, oldest: datetime) -> None:
         """Every PRUNE_EVERY of publish time, delete the digests and results no window reaches
@@ -194,12 +235,13 @@ class Evaluator(Collector):
 
     def _fold(
         self,
-        batches: list[JournalBatch],
+        batches: tuple[JournalBatch, ...],
         span: tuple[datetime, datetime],
         merged: int,
         now: datetime,
     ) -> None:
-        """Fold one round of journal documents, store what changed, then delete them."""
+        """Fold one round of journal documents; store what changed in digests, then the
+        results that changed."""
         assert self._results is not None
         touched: dict[BucketKey, BucketDigest] = {}
         changed: set[BucketKey] = set()
@@ -232,29 +274,18 @@ class Evaluator(Collector):
                         counts["legacy"] += 1
                         continue
                     else:
-                        digest = self._store.load_digest(entry.topic, start, known.parts)
+                        digest = self._store.load_digest(entry.topic, start)
                 touched[key] = digest
                 if digest.merge(entry, merged):
                     changed.add(key)
                 counts["folded"] += 1
-        grew = set()
-        for key in changed:
-            parts = touched[key].parts
-            touched[key].fit_parts()
-            if touched[key].parts != parts:
-                grew.add(key)
         results = {key: digest.result() for key, digest in touched.items()}
-        # A result names how many digest documents to read: one that grew is stored first,
-        # since reading more parts than exist is harmless and fewer would lose events.
-        grown = [results[key] for key in grew]
-        self._store.save_bucket_results(grown, now)
-        self._results.update(((r.topic, r.start), r) for r in grown)
-        self._store.save_digests(touched[k] for k in sorted(changed))
+        self._store.save_digests((touched[k] for k in sorted(changed)), f"{merged}.{self._saves}")
         # Every touched bucket, changed or not: a previous process may have stored its digest
         # and stopped before its result.
         fresh = [r for key, r in results.items() if self._results.get(key) != r]
-        self._store.save_bucket_results(fresh, now)
-        self._store.delete_journal([b.id for b in batches])
+        self._store.save_bucket_results(fresh, now, merged * _SAVES + self._saves)
+        self._saves += 1
         # Commit in memory only once everything is stored.
         self._digests.update(touched)
         self._results.update(((r.topic, r.start), r) for r in fresh)
@@ -290,6 +321,11 @@ class Evaluator(Collector):
             size += events
         # Counted here, on the evaluation thread: a scrape must not walk digests being folded.
         self._digests, self._cached_events = kept, size
+
+    @property
+    def folded_journals(self) -> frozenset[str]:
+        """Taken journal collections folded whole, waiting for JOURNAL_DROP_GRACE to drop."""
+        return frozenset(self._folded)
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         """Journal outcomes, whether a backlog is left, and the digest cache's size."""
@@ -391,7 +427,7 @@ def list_missed(
         if len(events) < min(need, missing) or len(kept) > missing:
             # More than the result lists are asked for (or it does not read back): the digest,
             # as the evaluation saw it.
-            digest = store.load_digest(topic, key[1], result.parts)
+            digest = store.load_digest(topic, key[1])
             if digest.counts_as_of(subscription, snapshot.merged) != (result.published, received):
                 return None
             events = digest.missed(subscription, snapshot.merged)

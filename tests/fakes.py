@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +20,14 @@ from eventaudit.journal import (
     digest_key,
     journal_documents,
     parse_journal_document,
+)
+from eventaudit.partitions import (
+    bucket_partition,
+    is_live_journal,
+    is_taken_journal,
+    journal_collection,
+    partitions_before,
+    taken_journal,
 )
 from eventaudit.records import BucketResult, PublishRecord, Receipt
 from eventaudit.store import (
@@ -44,9 +52,11 @@ class MemoryStore:
         self.published: dict[str, dict[str, Any]] = {}
         self.received: dict[str, dict[str, Any]] = {}
         self.buckets: dict[str, BucketResult] = {}
-        self.journal: dict[str, dict[str, Any]] = {}
+        self.journals: dict[str, dict[Any, dict[str, Any]]] = {}  # collection -> _id -> doc
+        self._taken = 0
+        self.versions: dict[str, int] = {}  # the stored result's version per bucket
         self.journal_written: list[dict[str, Any]] = []  # every journal document ever appended
-        self.digests: dict[str, dict[str, Any]] = {}
+        self.digests: dict[str, dict[str, Any]] = {}  # digest deltas by _id
         self.digest_reads = 0
         self.fold_stamp = 0
         self.fail_next = 0
@@ -112,48 +122,72 @@ class MemoryStore:
 
     def _append_journal(self, entries: Sequence[JournalEntry], now: datetime) -> None:
         for doc in journal_documents(f"j{len(self.journal_written)}", entries, now):
-            self.journal[doc["_id"]] = doc
+            self.journals.setdefault(journal_collection(now), {})[doc["_id"]] = doc
             self.journal_written.append(doc)
+
+    def inject_journal(self, doc: dict[str, Any], name: str = "EventJournal_0") -> None:
+        """A journal document from elsewhere (hostile, or a straggling insert into a taken
+        collection)."""
+        with self._lock:
+            self.journals.setdefault(name, {})[doc["_id"]] = doc
 
     # -- exporter ----------------------------------------------------------------------------
 
-    def read_journal(self, max_batches: int) -> list[JournalBatch]:
+    def take_journal(self, now: datetime) -> list[str]:
         with self._lock:
             self._check()
-            docs = list(self.journal.values())[:max_batches]
-        return [parse_journal_document(d) for d in docs]
+            for name in [n for n in self.journals if is_live_journal(n)]:
+                self._taken += 1
+                self.journals[taken_journal(now, f"{self._taken:08x}")] = self.journals.pop(name)
+            return sorted(n for n in self.journals if is_taken_journal(n))
 
-    def delete_journal(self, ids: Sequence[Any]) -> None:
+    def read_journal(self, name: str) -> Iterator[JournalBatch]:
         with self._lock:
             self._check()
-            for i in ids:
-                self.journal.pop(i, None)
+            docs = copy.deepcopy(list(self.journals.get(name, {}).values()))
+        for doc in docs:
+            yield parse_journal_document(doc)
 
-    def load_digest(self, topic: str, start: datetime, parts: int) -> BucketDigest:
+    def count_journal(self, name: str) -> int:
         with self._lock:
             self._check()
-            self.digest_reads += parts
-            docs = [
-                copy.deepcopy(self.digests.get(digest_key(topic, start, p))) for p in range(parts)
-            ]
-        return BucketDigest.from_documents(topic, start, parts, docs)
+            return len(self.journals.get(name, {}))
 
-    def save_digests(self, digests: Iterable[BucketDigest]) -> None:
+    def drop_journal(self, name: str) -> None:
+        with self._lock:
+            self._check()
+            self.journals.pop(name, None)
+
+    def load_digest(self, topic: str, start: datetime) -> BucketDigest:
+        with self._lock:
+            self._check()
+            self.digest_reads += 1
+            key = digest_key(topic, start)
+            docs = [copy.deepcopy(d) for d in self.digests.values() if d["digest"] == key]
+        return BucketDigest.from_documents(topic, start, docs)
+
+    def save_digests(self, digests: Iterable[BucketDigest], fold: str) -> None:
+        digests = list(digests)
         for digest in digests:
-            for doc in digest.to_documents():
+            for doc in digest.deltas(fold):
                 self.save_digest_document(doc)
+        for digest in digests:
+            digest.stored()
 
     def save_digest_document(self, doc: dict[str, Any]) -> None:
-        """One document at a time, like MongoStore (a failure can fall between two parts)."""
+        """One document at a time, like MongoStore (a failure can fall between two)."""
         with self._lock:
             self._check()
-            self.digests[doc["_id"]] = doc
+            self.digests.setdefault(doc["_id"], doc)
 
-    def save_bucket_results(self, results: Iterable[BucketResult], now: datetime) -> None:
+    def save_bucket_results(
+        self, results: Iterable[BucketResult], now: datetime, version: int
+    ) -> None:
         with self._lock:
             self._check()
             for r in results:
-                self.buckets[r.key] = r
+                if version > self.versions.get(r.key, -1):
+                    self.buckets[r.key], self.versions[r.key] = r, version
 
     def load_bucket_results(self, since: datetime) -> list[BucketResult]:
         with self._lock:
@@ -171,15 +205,22 @@ class MemoryStore:
             self.fold_stamp = max(self.fold_stamp, stamp)
 
     def prune_buckets(self, before: datetime) -> dict[str, int]:
+        """Drops whole partitions, like MongoStore: counts collections, not documents."""
         with self._lock:
             self._check()
-            digests = [k for k, d in self.digests.items() if d["bucketStart"] < before]
-            for k in digests:
-                del self.digests[k]
-            results = [k for k, r in self.buckets.items() if r.start < before]
-            for k in results:
-                del self.buckets[k]
-            return {"BucketDigest": len(digests), "BucketResult": len(results)}
+            dropped = {}
+            for prefix, stored, start_of in (
+                ("BucketDigest", self.digests, lambda d: d["bucketStart"]),
+                ("BucketResult", self.buckets, lambda r: r.start),
+            ):
+                names = {bucket_partition(prefix, start_of(v)) for v in stored.values()}
+                old = set(partitions_before(names, prefix, before))
+                for key in [
+                    k for k, v in stored.items() if bucket_partition(prefix, start_of(v)) in old
+                ]:
+                    del stored[key]
+                dropped[prefix] = len(old)
+            return dropped
 
     def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
         with self._lock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -47,15 +48,26 @@ def _evaluator(store: MongoStore, topic: str, sub: str) -> Evaluator:
     return Evaluator(store, expected, [Window.parse("5m", BUCKET)], BUCKET, SETTLE)
 
 
+def _collections(store: MongoStore, prefix: str) -> frozenset[str]:
+    return frozenset(n for n in store.db.list_collection_names() if n.startswith(prefix))
+
+
+def _documents(store: MongoStore, prefix: str) -> list[dict[str, Any]]:
+    return [d for n in sorted(_collections(store, prefix)) for d in store.db[n].find({})]
+
+
 def test_restarted_evaluator_resumes_from_stored_results(store) -> None:
     topic, sub = "topic-resume", "topic-resume-sub"
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=60)
     _seed(store, topic, sub, start, 200, lose={3, 50, 150})
     now = datetime.now(UTC)
-    first = _evaluator(store, topic, sub).evaluate(now)
+    evaluator = _evaluator(store, topic, sub)
+    first = evaluator.evaluate(now)
     stats = first.subscriptions[(topic, sub)]["5m"]
     assert (stats.published, stats.received, stats.missed) == (200, 197, 3)
-    assert store.journal.count_documents({}) == 0  # folded, then deleted
+    taken = _collections(store, "EventJournal")
+    assert taken and taken == evaluator.folded_journals  # folded whole, dropped a grace later
+    assert all(n.startswith("EventJournalTaken_") for n in taken)
 
     # A new process: same numbers from the stored buckets, and new buckets evaluated on top.
     _seed(store, topic, sub, first.frontier + timedelta(milliseconds=1), 5, lose={0}, prefix="late")
@@ -71,14 +83,14 @@ def test_retention_deletes_old_records_and_old_buckets_are_pruned(store) -> None
     old = floor_to_bucket(now - timedelta(days=8), BUCKET)
     _seed(store, topic, sub, old, 10, lose={4})
     _evaluator(store, topic, sub).evaluate(old + timedelta(minutes=1))  # folded back then
-    assert store.digests.count_documents({}) == 2  # the 10 old events span two 1 s buckets
+    assert len(_documents(store, "BucketDigest_")) == 2  # 10 old events span two 1 s buckets
     store.insert_publish_records(
         [PublishRecord("fresh", "t" * 32, topic, "{}", "x", utc_now_ms())], utc_now_ms()
     )
     _evaluator(store, topic, sub).evaluate(now)
     # No window reaches the old buckets: their digests and results are pruned at once.
-    assert [d["topic"] for d in store.digests.find({})] == [topic]
-    assert store.buckets.count_documents({}) == 1
+    assert [d["topic"] for d in _documents(store, "BucketDigest_")] == [topic]
+    assert len(_documents(store, "BucketResult_")) == 1
     deleted = store.delete_older_than(now - timedelta(days=7))
     assert deleted == {
         "PublishRecord": 10,

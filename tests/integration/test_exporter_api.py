@@ -168,7 +168,9 @@ def test_a_record_stored_right_after_the_evaluation_is_listed_by_the_next(
 
 def _drop_digests(store: AuditStore) -> None:
     if isinstance(store, MongoStore):
-        store.digests.delete_many({})
+        for name in store.db.list_collection_names():
+            if name.startswith("BucketDigest_"):
+                store.db.drop_collection(name)
     else:
         assert isinstance(store, MemoryStore)
         store.digests.clear()
@@ -296,9 +298,9 @@ def _count_reads(monkeypatch: pytest.MonkeyPatch, store: AuditStore) -> list[dat
     calls: list[datetime] = []
     real = store.load_digest
 
-    def counted(topic: str, start: datetime, parts: int) -> BucketDigest:
+    def counted(topic: str, start: datetime) -> BucketDigest:
         calls.append(start)
-        return real(topic, start, parts)
+        return real(topic, start)
 
     monkeypatch.setattr(store, "load_digest", counted)
     return calls
@@ -389,11 +391,11 @@ class SlowReads:
         self.calls = 0
         real = store.load_digest
 
-        def slow(topic: str, start: datetime, parts: int) -> BucketDigest:
+        def slow(topic: str, start: datetime) -> BucketDigest:
             self.calls += 1
             self.waiting.release()
             assert self.release.wait(timeout=60)
-            return real(topic, start, parts)
+            return real(topic, start)
 
         monkeypatch.setattr(store, "load_digest", slow)
 

@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 
 from eventaudit.exporter.buckets import floor_to_bucket
-from eventaudit.records import BucketResult
 from eventaudit.store import MongoStore
 from eventaudit.subscriber.audited import Faults
 from tests.conftest import wait_for
@@ -152,9 +151,9 @@ def test_a_restart_of_every_process_counts_nothing_twice(tmp_path: Path) -> None
 
         def counted() -> tuple[int, dict[str, int]]:
             results = [
-                BucketResult.from_document(d)
-                for d in store.buckets.find({"topic": run.TOPIC})
-                if d["bucketStart"] in buckets
+                r
+                for r in store.load_bucket_results(min(buckets))
+                if r.topic == run.TOPIC and r.start in buckets
             ]
             return sum(r.published for r in results), {
                 sub: sum(r.subscriptions[sub].received for r in results if sub in r.subscriptions)

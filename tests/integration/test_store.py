@@ -10,7 +10,8 @@ import pytest
 from pymongo.errors import AutoReconnect
 
 from eventaudit.contract import epoch_ms
-from eventaudit.records import PublishRecord, Receipt
+from eventaudit.partitions import is_live_journal
+from eventaudit.records import BucketCounts, BucketResult, PublishRecord, Receipt
 from eventaudit.store import AuditStore, MongoStore, StoreError
 from tests.conftest import Ferret
 from tests.fakes import MemoryStore
@@ -91,10 +92,11 @@ def _writes(store: AuditStore) -> None:
 
 def _journal(store: AuditStore) -> list[list[str]]:
     if isinstance(store, MongoStore):
-        docs = list(store.journal.find({}))
+        names = [n for n in store.db.list_collection_names() if is_live_journal(n)]
+        docs = [d for n in names for d in store.db[n].find({})]
     else:
         assert isinstance(store, MemoryStore)
-        docs = list(store.journal.values())
+        docs = [d for docs in store.journals.values() for d in docs.values()]
     return [sorted(d["entries"]) for d in docs]
 
 
@@ -116,30 +118,42 @@ def test_mongo_store_journals_exactly_what_the_memory_store_journals(store: Mong
 
 
 class _FailingJournal:
-    """The journal collection, refusing inserts (the store gone between two writes)."""
+    """The database, refusing inserts into journal collections (the store gone between two
+    writes)."""
 
-    def __init__(self, collection: Any) -> None:
-        self._collection = collection
+    def __init__(self, db: Any) -> None:
+        self._db = db
 
-    def insert_many(self, docs: Any, **kwargs: Any) -> Any:
-        raise AutoReconnect("connection closed")
+    def __getitem__(self, name: str) -> Any:
+        if not is_live_journal(name):
+            return self._db[name]
+        collection = self._db[name]
+
+        class Refusing:
+            def insert_many(self, docs: Any, **kwargs: Any) -> Any:
+                raise AutoReconnect("connection closed")
+
+            def __getattr__(self, attr: str) -> Any:
+                return getattr(collection, attr)
+
+        return Refusing()
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._collection, name)
+        return getattr(self._db, name)
 
 
 def test_a_batch_whose_journal_is_not_written_fails_and_its_retry_journals_it(
     store: MongoStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     records = [PublishRecord("e0", "t" * 32, "topic-a", "{}", "m0", T0)]
-    real = store.journal
-    monkeypatch.setattr(store, "journal", _FailingJournal(real))
+    real = store.db
+    monkeypatch.setattr(store, "db", _FailingJournal(real))
     with pytest.raises(StoreError, match="journal not written"):
         store.insert_publish_records(records, T0)
     with pytest.raises(StoreError, match="journal not written"):
         store.record_receipts(_receipts(1, T0), T0)  # the subscriber nacks
-    assert real.count_documents({}) == 0
-    monkeypatch.setattr(store, "journal", real)
+    monkeypatch.setattr(store, "db", real)
+    assert store.journal_size() == 0
     # The publisher retries the batch; Pub/Sub redelivers the message.
     store.insert_publish_records(records, T0)
     store.record_receipts(_receipts(1, T0), T0)
@@ -148,3 +162,36 @@ def test_a_batch_whose_journal_is_not_written_fails_and_its_retry_journals_it(
         [f"p|topic-a|e0|{'t' * 32}|{ms}"],
         [f"r|topic-a|sub-a|e0|{ms}|2"],
     ]
+
+
+@pytest.mark.parametrize("stamp", [1, 2**31 - 1, 2**31, 1795780800123, 2**62])
+def test_the_fold_stamp_reads_back_as_stored(store: MongoStore, stamp: int) -> None:
+    # A millisecond stamp is stored as a 64-bit integer, which bson reads back as Int64.
+    memory = MemoryStore()
+    for s in (store, memory):
+        s.save_fold_stamp(stamp)
+        s.save_fold_stamp(stamp - 1)  # never lowers it
+    assert store.load_fold_stamp() == memory.load_fold_stamp() == stamp
+
+
+def test_bucket_results_read_back_the_latest_version_from_their_partitions(
+    store: MongoStore,
+) -> None:
+    start = T0.replace(minute=9, second=50, microsecond=0)  # the last bucket of a partition
+    memory = MemoryStore()
+    old = BucketResult("topic-a", start, 3, {"sub-a": BucketCounts(1, 0, 0)}, merged=5)
+    new = BucketResult(
+        "topic-a", start, 4, {"sub-a": BucketCounts(4, 0, 0)}, merged=9, missed={"sub-a": ()}
+    )
+    nxt = BucketResult("topic-a", start + timedelta(seconds=10), 1, {}, merged=9)
+    for s in (store, memory):
+        s.save_bucket_results([old], T0, 2**40 + 1)
+        s.save_bucket_results([new, nxt], T0, 2**40 + 3)
+        s.save_bucket_results([old], T0, 2**40 + 2)  # an older version, stored late
+    assert {n for n in store.db.list_collection_names() if n.startswith("BucketResult")} == {
+        f"BucketResult_{epoch_ms(start) - epoch_ms(start) % 600_000}",
+        f"BucketResult_{epoch_ms(nxt.start)}",
+    }
+    for s in (store, memory):
+        assert sorted(s.load_bucket_results(start), key=lambda r: r.start) == [new, nxt]
+        assert s.load_bucket_results(nxt.start) == [nxt]

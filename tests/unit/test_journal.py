@@ -8,14 +8,16 @@ proves the real store on FerretDB agrees).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from eventaudit import journal as journal_module
+from eventaudit import partitions
 from eventaudit.contract import epoch_ms
+from eventaudit.exporter import evaluator as evaluator_module
 from eventaudit.exporter.buckets import Window
 from eventaudit.exporter.evaluator import Evaluator, Snapshot, list_missed
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
@@ -25,7 +27,6 @@ from eventaudit.journal import (
     JournalEntry,
     digest_key,
     parse_journal_document,
-    part_of,
 )
 from eventaudit.records import BucketResult, PublishRecord, Receipt
 from eventaudit.store import StoreError
@@ -141,12 +142,17 @@ def test_journal_documents_count_what_they_cannot_read(
 def test_malformed_entries_are_counted_and_the_rest_is_folded() -> None:
     store = MemoryStore()
     publish(store, "e1", at(0, 1))
-    store.journal["bad"] = {"_id": "bad", "entries": [f"p|{TOPIC}", "junk", None]}
+    store.inject_journal({"_id": "bad", "entries": [f"p|{TOPIC}", "junk", None]})
     ev = evaluator(store)
     snapshot = ev.evaluate(at(0, 50))
     assert counts(snapshot) == (1, 0, 0, 0)
     assert _journal_counts(ev) == {**NONE_COUNTED, "folded": 1, "malformed": 3}
-    assert store.journal == {}  # read, counted, deleted: it cannot block the journal
+    assert folded_all(ev, store)  # read and counted: it cannot block the journal
+
+
+def folded_all(ev: Evaluator, store: MemoryStore) -> bool:
+    """Every journal collection is taken and folded whole (dropped a grace later)."""
+    return set(store.journals) <= ev.folded_journals
 
 
 NONE_COUNTED = {"folded": 0, "too_old": 0, "too_new": 0, "legacy": 0, "malformed": 0}
@@ -204,21 +210,23 @@ def test_folding_any_order_any_number_of_times_gives_one_result(
     assert all(not digest.merge(e, merged=2) for e in order)  # nothing left to change
 
 
-@pytest.mark.parametrize("parts", [1, 2, 8])
-def test_digest_documents_round_trip_over_any_number_of_parts(parts: int) -> None:
-    digest = BucketDigest(TOPIC, at(0, 0), parts)
+def test_digest_deltas_hold_what_changed_and_their_union_is_the_digest() -> None:
+    digest = BucketDigest(TOPIC, at(0, 0))
     for i, entry in enumerate(ENTRIES):
         digest.merge(entry, merged=i)
-    docs = list(digest.to_documents())
-    assert len(docs) == parts
-    for doc in docs:
-        ids = [e.split("|")[0] for e in doc["published"]]
-        ids += [e.split("|")[1] for e in doc["receipts"]]
-        assert {part_of(i, parts) for i in ids} <= {doc["part"]}
-    # Reading more documents than were written (a result saved before its grown digest) is
-    # harmless; the entries are the same.
-    back = BucketDigest.from_documents(TOPIC, at(0, 0), parts * 2, [*docs, None, None])
-    assert (back.published, back.receipts) == (digest.published, digest.receipts)
+    first = digest.deltas("f1")
+    digest.stored()
+    assert digest.deltas("f2") == []  # nothing changed since
+    redelivered = dataclasses.replace(ENTRIES[-1], deliveries=ENTRIES[-1].deliveries + 5)
+    late = JournalEntry(TOPIC, "late", MS + 9, None, "c" * 32)
+    assert digest.merge(redelivered, merged=50) and digest.merge(late, merged=50)
+    [second] = digest.deltas("f2")
+    assert (second["published"], len(second["receipts"])) == ([f"late|{'c' * 32}|{MS + 9}|50"], 1)
+    # In any order, any delta any number of times: the same digest.
+    for docs in ([*first, second], [second, *first], [second, *first, second, *first]):
+        back = BucketDigest.from_documents(TOPIC, at(0, 0), docs)
+        assert (back.published, back.receipts) == (digest.published, digest.receipts)
+    assert len({d["_id"] for d in [*first, second]}) == len(first) + 1
 
 
 @pytest.mark.parametrize(
@@ -231,7 +239,7 @@ def test_unreadable_digest_entries_are_skipped_never_raised(bad: Any) -> None:
         "published": [f"e1|t|{MS}|1", bad],
         "receipts": [f"{SUB}|e1|2|1", bad],
     }
-    digest = BucketDigest.from_documents(TOPIC, at(0, 0), 1, [doc, {"published": "junk"}])
+    digest = BucketDigest.from_documents(TOPIC, at(0, 0), [doc, {"published": "junk"}])
     assert digest.published == {"e1": ("t", MS, 1)}
     assert digest.receipts == {SUB: {"e1": (2, 1)}}
 
@@ -268,33 +276,43 @@ class FaultyStore(MemoryStore):
             self.fail = None
             raise StoreError(f"injected: {name}")
 
-    def load_digest(self, topic: str, start: datetime, parts: int) -> BucketDigest:
+    def load_digest(self, topic: str, start: datetime) -> BucketDigest:
         self._maybe_fail("load_digest")
-        return super().load_digest(topic, start, parts)
+        return super().load_digest(topic, start)
 
-    def read_journal(self, max_batches: int) -> list[JournalBatch]:
+    def take_journal(self, now: datetime) -> list[str]:
+        self._maybe_fail("take_journal")
+        return super().take_journal(now)
+
+    def read_journal(self, name: str) -> Iterator[JournalBatch]:
         self._maybe_fail("read_journal")
-        return super().read_journal(max_batches)
+        return super().read_journal(name)
+
+    def count_journal(self, name: str) -> int:
+        self._maybe_fail("count_journal")
+        return super().count_journal(name)
+
+    def drop_journal(self, name: str) -> None:
+        self._maybe_fail("drop_journal")
+        super().drop_journal(name)
 
     def save_fold_stamp(self, stamp: int) -> None:
         self._maybe_fail("save_fold_stamp")
         super().save_fold_stamp(stamp)
 
-    def save_digests(self, digests: Iterable[BucketDigest]) -> None:
+    def save_digests(self, digests: Iterable[BucketDigest], fold: str) -> None:
         self._maybe_fail("save_digests")
-        super().save_digests(digests)
+        super().save_digests(digests, fold)
 
     def save_digest_document(self, doc: dict[str, Any]) -> None:
         self._maybe_fail("save_digest_document")
         super().save_digest_document(doc)
 
-    def save_bucket_results(self, results: Iterable[BucketResult], now: datetime) -> None:
+    def save_bucket_results(
+        self, results: Iterable[BucketResult], now: datetime, version: int
+    ) -> None:
         self._maybe_fail("save_bucket_results")
-        super().save_bucket_results(results, now)
-
-    def delete_journal(self, ids: Sequence[Any]) -> None:
-        self._maybe_fail("delete_journal")
-        super().delete_journal(ids)
+        super().save_bucket_results(results, now, version)
 
 
 def _traffic(store: MemoryStore) -> None:
@@ -317,12 +335,14 @@ EXPECTED_OTHER = (10, 5, 0, 0)
 @pytest.mark.parametrize(
     "fail",
     [
+        ("take_journal", 1),
         ("read_journal", 1),
+        ("read_journal", 2),  # the first journal collection folded, the second not
         ("save_fold_stamp", 1),
         ("save_digests", 1),
-        ("save_bucket_results", 1),  # grown results (none here): the first save of a round
-        ("save_bucket_results", 2),  # after the digests were stored
-        ("delete_journal", 1),  # everything stored, the journal kept: folded again
+        ("save_digest_document", 2),  # the first collection's delta stored, the second's not
+        ("save_bucket_results", 1),  # after the digests were stored
+        ("save_bucket_results", 2),  # the first collection's results stored
     ],
 )
 def test_an_evaluation_failing_half_way_counts_every_record_once_next_time(
@@ -336,7 +356,7 @@ def test_an_evaluation_failing_half_way_counts_every_record_once_next_time(
         ev.evaluate(at(0, 50))
     snapshot = ev.evaluate(at(0, 51))
     assert (counts(snapshot), counts(snapshot, OTHER)) == (EXPECTED_SUB, EXPECTED_OTHER)
-    assert store.journal == {}
+    assert folded_all(ev, store)
     assert missed_ids(snapshot, store) == ["e7"]
     # And a new process over the same store agrees, reading nothing again.
     again = evaluator(store).evaluate(at(0, 52))
@@ -344,7 +364,8 @@ def test_an_evaluation_failing_half_way_counts_every_record_once_next_time(
 
 
 @pytest.mark.parametrize(
-    "fail_at", ["read_journal", "save_fold_stamp", "save_digests", "save_bucket_results"]
+    "fail_at",
+    ["take_journal", "read_journal", "save_fold_stamp", "save_digests", "save_bucket_results"],
 )
 def test_a_process_that_stops_half_way_leaves_nothing_a_new_one_counts_twice(
     fail_at: str,
@@ -376,8 +397,10 @@ def test_a_failed_store_of_cached_digests_is_stored_by_the_next_evaluation() -> 
 def test_a_journal_document_written_twice_counts_once() -> None:
     store = MemoryStore()
     _traffic(store)
-    for i, doc in enumerate(list(store.journal.values())):
-        store.journal[f"copy{i}"] = {**doc, "_id": f"copy{i}"}  # a retried insert that landed
+    for name, docs in list(store.journals.items()):
+        for i, doc in enumerate(list(docs.values())):  # a retried insert that landed
+            store.inject_journal({**doc, "_id": f"copy{i}"}, name)
+            store.inject_journal({**doc, "_id": f"elsewhere{i}"})  # or went to the next slot
     snapshot = evaluator(store).evaluate(at(0, 50))
     assert (counts(snapshot), counts(snapshot, OTHER)) == (EXPECTED_SUB, EXPECTED_OTHER)
 
@@ -474,23 +497,23 @@ def test_a_late_receipt_is_listed_missed_by_the_evaluation_that_missed_it() -> N
     assert missed_ids(first, store) == ["e1", "e2"]
 
 
-# -- parts: a bucket too large for one document ---------------------------------------------
+# -- deltas: a bucket stored over many documents -------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("fail_at", "nth"),
     [
-        ("save_digests", 1),  # the grown result is stored, its digest is not
-        ("save_digest_document", 1),  # the highest new part is stored, nothing else
-        ("save_digest_document", 9),  # every new part and part 7, not 6..0
-        ("save_bucket_results", 2),  # the grown digest is stored, the final results are not
-        ("delete_journal", 1),  # everything is stored, the journal is not deleted
+        ("save_digests", 1),
+        ("save_digest_document", 1),  # nothing of the new delta is stored
+        ("save_digest_document", 3),  # two of its documents are, the rest not
+        ("save_bucket_results", 1),  # the delta is stored, the result is not
     ],
 )
-def test_a_bucket_grows_over_parts_and_a_failure_half_way_loses_nothing(
+def test_a_bucket_over_many_delta_documents_loses_nothing_to_a_failure_half_way(
     monkeypatch: pytest.MonkeyPatch, fail_at: str, nth: int
 ) -> None:
     monkeypatch.setattr(journal_module, "PART_BYTES", 500)
+    monkeypatch.setattr(journal_module, "MISSED_KEPT", 0)  # listings read the digest
     store = FaultyStore()
     for i in range(3):
         publish(store, f"e{i}", at(0, 1))
@@ -507,13 +530,11 @@ def test_a_bucket_grows_over_parts_and_a_failure_half_way_loses_nothing(
     for snapshot in (ev.evaluate(at(0, 47)), evaluator(store).evaluate(at(0, 48))):
         # The same process goes on, and a new one starts: both see every event.
         assert counts(snapshot)[:2] == (30, 18)
-    [result] = snapshot.buckets.values()
-    assert result.parts == 16
-    assert len(store.digests) == 16
-    missed = missed_ids(snapshot, store)
-    assert missed is not None and sorted(missed) == sorted(
-        f"e{i}" for i in range(30) if i < 3 or i % 3 == 0
-    )
+        missed = missed_ids(snapshot, store)
+        assert missed is not None and sorted(missed) == sorted(
+            f"e{i}" for i in range(30) if i < 3 or i % 3 == 0
+        )
+    assert len(store.digests) > 5  # 27 publishes and 18 receipts, 500 bytes a document
 
 
 def test_the_digest_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -535,14 +556,15 @@ def test_the_digest_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_a_burst_is_folded_over_several_evaluations_within_the_budget() -> None:
     store = MemoryStore()
-    for i in range(50):
-        publish(store, f"e{i}", at(0, 1))
+    for i in range(50):  # a writer's batch every 2 s: ten journal collections
+        publish(store, f"e{i}", at(0, 1), written=at(0, 1) + timedelta(seconds=2 * i))
+    assert len(store.journals) == 10
     ticks = iter(range(1000))
     clock: Callable[[], float] = lambda: float(next(ticks))  # noqa: E731
-    # Two documents per round, and the budget is spent after the first round.
+    # Two documents per round, and the budget is spent after the first collection.
     ev = evaluator(store, round_batches=2, budget=timedelta(seconds=0.5), monotonic=clock)
     first = ev.evaluate(at(0, 45))
-    assert counts(first)[0] == 2
+    assert counts(first)[0] == 5  # the first collection's (written 12:00:01..09), by twos
     assert _backlog(ev) == 1
     ev2 = evaluator(store, round_batches=100)
     assert counts(ev2.evaluate(at(0, 46)))[0] == 50
@@ -579,7 +601,7 @@ def test_a_failed_fold_never_lets_a_later_fold_reuse_its_stamp() -> None:
     assert missed_ids(ev.evaluate(at(0, 45)), store) == ["e1"]
     receive(store, "e1", at(0, 1))
     publish(store, "e2", at(0, 2))
-    store.fail_on("save_bucket_results", 2)  # digests stored with this evaluation's stamp
+    store.fail_on("save_bucket_results")  # digests stored with this evaluation's stamp
     with pytest.raises(StoreError):
         ev.evaluate(at(0, 50))
     for process in (ev, evaluator(store)):  # the same process, or a new one
@@ -591,10 +613,9 @@ def test_a_failed_fold_never_lets_a_later_fold_reuse_its_stamp() -> None:
 def test_publish_times_past_the_tolerance_are_counted_apart_not_kept() -> None:
     store = MemoryStore()
     y9000 = epoch_ms(datetime(9000, 1, 1, tzinfo=UTC))
-    store.journal["x"] = {
-        "_id": "x",
-        "entries": [f"p|junk{i}|e|t|{y9000 + i * 10_000}" for i in range(1000)],
-    }
+    store.inject_journal(
+        {"_id": "x", "entries": [f"p|junk{i}|e|t|{y9000 + i * 10_000}" for i in range(1000)]}
+    )
     publish(store, "ahead", at(0, 1) + timedelta(hours=2))  # a publisher clock far ahead
     ev = evaluator(store)
     ev.evaluate(at(0, 45))
@@ -604,11 +625,11 @@ def test_publish_times_past_the_tolerance_are_counted_apart_not_kept() -> None:
 
 def _evil_digest(store: MemoryStore, published: list[Any], receipts: list[Any]) -> None:
     start = at(0, 0)
-    store.digests[digest_key(TOPIC, start, 0)] = {
-        "_id": digest_key(TOPIC, start, 0),
+    store.digests["evil"] = {
+        "_id": "evil",
+        "digest": digest_key(TOPIC, start),
         "topic": TOPIC,
         "bucketStart": start,
-        "part": 0,
         "published": published,
         "receipts": receipts,
     }
@@ -655,8 +676,7 @@ def test_a_digest_too_large_for_one_document_is_split_by_bytes() -> None:
         digest.merge(JournalEntry(TOPIC, event_id, MS, None, "a" * 32), 1795780800123)
         for sub in subs:
             digest.merge(JournalEntry(TOPIC, event_id, MS, sub, "", 1), 1795780800123)
-    digest.fit_parts()
-    sizes = [len(bson.encode(doc)) for doc in digest.to_documents()]
+    sizes = [len(bson.encode(doc)) for doc in digest.deltas("f")]
     assert sum(sizes) > 16 * 2**20  # one document could not hold it
     assert max(sizes) < journal_module.PART_BYTES
 
@@ -723,3 +743,128 @@ def test_a_failed_digest_read_for_a_late_record_counts_it_next_time() -> None:
     snapshot = ev.evaluate(at(1, 32))
     assert counts(snapshot)[:2] == (10, 10)
     assert store.calls["load_digest"] == 2
+
+
+# -- journal collections: taken by rename, dropped a grace after they were folded -------------
+
+
+class Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_folded_journal_collection_is_dropped_only_after_the_grace() -> None:
+    store = MemoryStore()
+    publish(store, "e1", at(0, 1))
+    clock = Clock()
+    ev = evaluator(store, monotonic=clock)
+    ev.evaluate(at(0, 45))
+    [taken] = store.journals
+    assert ev.folded_journals == {taken}
+    clock.now = evaluator_module.JOURNAL_DROP_GRACE - 1
+    ev.evaluate(at(0, 46))
+    assert list(store.journals) == [taken]  # a writer may still be inserting into it
+    clock.now = evaluator_module.JOURNAL_DROP_GRACE
+    snapshot = ev.evaluate(at(0, 47))
+    assert (store.journals, ev.folded_journals) == ({}, frozenset())
+    assert counts(snapshot)[:2] == (1, 0)
+
+
+def test_an_insert_that_lands_in_a_taken_collection_is_folded_before_it_is_dropped() -> None:
+    store = MemoryStore()
+    publish(store, "e1", at(0, 1))
+    clock = Clock()
+    ev = evaluator(store, monotonic=clock)
+    assert counts(ev.evaluate(at(0, 45)))[:2] == (1, 0)
+    [taken] = store.journals
+    # A subscriber looked the collection up before the rename; its insert lands after the fold.
+    receipt = JournalEntry(TOPIC, "e1", epoch_ms(at(0, 1)), SUB, "", 1)
+    store.inject_journal({"_id": "straggler", "entries": [receipt.to_document()]}, taken)
+    clock.now = evaluator_module.JOURNAL_DROP_GRACE
+    snapshot = ev.evaluate(at(0, 46))
+    assert counts(snapshot)[:2] == (1, 1)  # folded again instead of dropped
+    assert missed_ids(snapshot, store) == []
+    assert list(store.journals) == [taken]
+    clock.now = 2 * evaluator_module.JOURNAL_DROP_GRACE
+    assert counts(ev.evaluate(at(0, 47)))[:2] == (1, 1)
+    assert store.journals == {}
+
+
+def test_a_failed_drop_is_retried_and_a_new_process_refolds_what_is_left() -> None:
+    store = FaultyStore()
+    _traffic(store)
+    clock = Clock()
+    ev = evaluator(store, monotonic=clock)
+    ev.evaluate(at(0, 50))
+    clock.now = evaluator_module.JOURNAL_DROP_GRACE
+    store.fail_on("drop_journal")
+    with pytest.raises(StoreError):
+        ev.evaluate(at(0, 51))
+    left = len(store.journals)
+    assert left >= 1
+    # A new process folds what was not dropped again (idempotent), then drops it.
+    clock2 = Clock()
+    ev2 = evaluator(store, monotonic=clock2)
+    snapshot = ev2.evaluate(at(0, 52))
+    assert (counts(snapshot), counts(snapshot, OTHER)) == (EXPECTED_SUB, EXPECTED_OTHER)
+    clock2.now = evaluator_module.JOURNAL_DROP_GRACE
+    again = ev2.evaluate(at(0, 53))
+    assert (counts(again), counts(again, OTHER)) == (EXPECTED_SUB, EXPECTED_OTHER)
+    assert store.journals == {}
+
+
+def test_writers_journal_into_a_fresh_collection_once_theirs_is_taken() -> None:
+    store = MemoryStore()
+    publish(store, "e1", at(0, 1))
+    ev = evaluator(store)
+    ev.evaluate(at(0, 5))
+    publish(store, "e2", at(0, 2))  # the same writer slot: a new collection of that name
+    assert sorted(n.split("_")[0] for n in store.journals) == ["EventJournal", "EventJournalTaken"]
+    assert counts(ev.evaluate(at(0, 45)))[:2] == (2, 0)
+
+
+# -- partition names: anything else in the database is left alone -----------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "live", "taken"),
+    [
+        ("EventJournal", True, False),  # the unsliced journal of the release before
+        ("EventJournal_1795780800000", True, False),
+        ("EventJournal_-10000", True, False),  # a writer clock before 1970
+        ("EventJournalTaken_1795780800000_0a1b2c3d", False, True),
+        ("EventJournal_", False, False),
+        ("EventJournal_1795780800000\n", False, False),
+        ("EventJournal_\u0661", False, False),  # Arabic-Indic 1
+        ("EventJournal_1234567890123456", False, False),  # more digits than any clock
+        ("EventJournalTaken_1795780800000_0A1B2C3D", False, False),
+        ("EventJournalTaken_1795780800000_0a1b2c3d.x", False, False),
+        ("EventJournal.1795780800000", False, False),  # FerretDB cannot rename a dotted name
+        ("eventjournal.1", False, False),
+        ("PublishRecord", False, False),
+    ],
+)
+def test_journal_collection_names_hostile_table(name: str, live: bool, taken: bool) -> None:
+    assert (partitions.is_live_journal(name), partitions.is_taken_journal(name)) == (live, taken)
+
+
+@pytest.mark.parametrize(
+    ("names", "before", "dropped"),
+    [
+        # A partition holds 10 minutes of bucket starts: dropped once all start before.
+        ([f"BucketDigest_{MS}"], MS + 600_000, [f"BucketDigest_{MS}"]),
+        ([f"BucketDigest_{MS}"], MS + 599_999, []),
+        ([f"BucketResult_{MS}", f"BucketDigest_{MS}"], MS + 600_000, [f"BucketDigest_{MS}"]),
+        (["BucketDigest", "BucketDigest_x", "BucketDigest_\u0661", "Other.1"], MS + 10**9, []),
+    ],
+)
+def test_partitions_are_dropped_whole_once_no_window_reaches_them(
+    names: list[str], before: int, dropped: list[str]
+) -> None:
+    old = partitions.partitions_before(names, "BucketDigest", journal_module.from_epoch_ms(before))
+    assert old == dropped

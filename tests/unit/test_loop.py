@@ -18,7 +18,7 @@ from eventaudit.exporter.collector import CompletionCollector, EvaluationState
 from eventaudit.exporter.evaluator import Evaluator, Snapshot
 from eventaudit.exporter.loop import EvaluationLoop
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
-from eventaudit.journal import BucketDigest, JournalBatch
+from eventaudit.journal import BucketDigest
 from eventaudit.records import PublishRecord, Receipt
 from eventaudit.store import StoreError
 from tests.fakes import MemoryStore
@@ -48,17 +48,17 @@ class FaultyStore(MemoryStore):
         if queued:
             raise queued.pop(0)
 
-    def read_journal(self, max_batches: int) -> list[JournalBatch]:
-        self._fault("read_journal")
-        return super().read_journal(max_batches)
+    def take_journal(self, now: datetime) -> list[str]:
+        self._fault("take_journal")
+        return super().take_journal(now)
 
     def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
         self._fault("delete_older_than")
         return super().delete_older_than(cutoff)
 
-    def load_digest(self, topic: str, start: datetime, parts: int) -> BucketDigest:
+    def load_digest(self, topic: str, start: datetime) -> BucketDigest:
         self._fault("load_digest")
-        return super().load_digest(topic, start, parts)
+        return super().load_digest(topic, start)
 
 
 class Clock:
@@ -149,9 +149,9 @@ def _fail_logging(monkeypatch: pytest.MonkeyPatch, exc: Exception) -> None:
 @pytest.mark.parametrize(
     ("where", "exc", "reason"),
     [
-        ("read_journal", StoreError(HOST_ERROR), "evaluation failed: audit store unavailable"),
-        ("read_journal", RuntimeError(HOST_ERROR), "evaluation failed: internal error"),
-        ("read_journal", OverflowError(OUT_OF_RANGE), "evaluation failed: internal error"),
+        ("take_journal", StoreError(HOST_ERROR), "evaluation failed: audit store unavailable"),
+        ("take_journal", RuntimeError(HOST_ERROR), "evaluation failed: internal error"),
+        ("take_journal", OverflowError(OUT_OF_RANGE), "evaluation failed: internal error"),
         ("log", ValueError(HOST_ERROR), "logging failed: internal error"),
     ],
 )  # fmt: skip
