@@ -5,11 +5,17 @@ delete. So the exporter's collections are cut by time and it only ever inserts i
 reads one whole, renames one, or drops one:
 
 - The journal: writers insert into `EventJournal_<slot>` (their clock, JOURNAL_SLOT_MS
-  slots, so no one collection grows without bound while no exporter runs). The exporter takes
-  each by renaming it to `EventJournalTaken_<ms>_<token>` (a writer's next insert creates the
-  name afresh), folds it whole, and drops it once no straggling insert can still land in it.
+  slots, so no one collection grows without bound while no exporter runs). Every evaluation
+  takes each by renaming it to `EventJournalTaken_<ms>_<token>` (a writer's next insert
+  creates the name afresh; one racing the rename on FerretDB 1.24 gets its connection reset
+  and retries), folds it whole, renames it `EventJournalFolded_<ms>_<token>_<documents>` (so a
+  restarted exporter does not fold it again), and drops it once no straggling insert can
+  still land in it.
 - Digest deltas and bucket results: `BucketDigest_<ms>` and `BucketResult_<ms>`, one per
   PARTITION_MS of bucket start; pruning drops the ones no window reaches.
+- Publish records and receipts: `PublishRecord_<ms>` and `ReceivedRecord_<ms>`, one per hour
+  of publish time; retention drops the hours past it (a delete on FerretDB reads the whole
+  collection while it holds SQLite's write lock: every writer waits).
 
 Names use '_', not '.': FerretDB's renameCollection refuses a dot in a collection name. On
 MongoDB the same names are indexed where they are filtered (`digest`), and rename and drop
@@ -22,18 +28,38 @@ import re
 from collections.abc import Iterable
 from datetime import datetime
 
-from eventaudit.contract import epoch_ms
-from eventaudit.records import BUCKET_COLLECTION, DIGEST_COLLECTION, JOURNAL_COLLECTION
+from eventaudit.contract import PUBLISH_TIME_TOLERANCE, epoch_ms
+from eventaudit.records import (
+    BUCKET_COLLECTION,
+    DIGEST_COLLECTION,
+    JOURNAL_COLLECTION,
+    PUBLISH_COLLECTION,
+    RECEIVED_COLLECTION,
+)
 
 JOURNAL_SLOT_MS = 10_000
 """A writer's journal collection changes every 10 s of its clock."""
 PARTITION_MS = 600_000
 """Digests and results: one collection per 10 minutes of bucket start."""
+RECORD_PARTITION_MS = 3_600_000
+"""Publish records and receipts: one collection per hour of publish time."""
 TAKEN_JOURNAL = "EventJournalTaken"
+FOLDED_JOURNAL = "EventJournalFolded"
 
 _LIVE = re.compile(rf"{JOURNAL_COLLECTION}(_-?[0-9]{{1,15}})?")
-_TAKEN = re.compile(rf"{TAKEN_JOURNAL}_[0-9]{{1,15}}_[0-9a-f]{{8}}")
-_BUCKETS = re.compile(rf"({DIGEST_COLLECTION}|{BUCKET_COLLECTION})_(-?[0-9]{{1,15}})")
+_TAKEN = re.compile(rf"{TAKEN_JOURNAL}_(-?[0-9]{{1,15}}_[0-9a-f]{{8}})")
+_FOLDED = re.compile(rf"{FOLDED_JOURNAL}_(-?[0-9]{{1,15}}_[0-9a-f]{{8}})_([0-9]{{1,12}})")
+_PARTITIONED = re.compile(
+    rf"({DIGEST_COLLECTION}|{BUCKET_COLLECTION}|{PUBLISH_COLLECTION}|{RECEIVED_COLLECTION})"
+    r"_(-?[0-9]{1,15})"
+)
+_SPANS = {
+    DIGEST_COLLECTION: PARTITION_MS,
+    BUCKET_COLLECTION: PARTITION_MS,
+    PUBLISH_COLLECTION: RECORD_PARTITION_MS,
+    RECEIVED_COLLECTION: RECORD_PARTITION_MS,
+}
+_TOLERANCE_MS = int(PUBLISH_TIME_TOLERANCE.total_seconds() * 1000)
 
 
 def journal_collection(now: datetime) -> str:
@@ -52,9 +78,24 @@ def taken_journal(now: datetime, token: str) -> str:
     return f"{TAKEN_JOURNAL}_{epoch_ms(now)}_{token}"
 
 
+def folded_journal(taken: str, documents: int) -> str:
+    """The name a taken journal collection gets once its `documents` are folded."""
+    match = _TAKEN.fullmatch(taken) or _FOLDED.fullmatch(taken)
+    if match is None:
+        raise ValueError(f"not a taken journal collection: {taken!r}")
+    return f"{FOLDED_JOURNAL}_{match.group(1)}_{documents}"
+
+
 def is_taken_journal(name: str) -> bool:
-    """A journal collection an exporter took (renamed): folded, then dropped."""
-    return _TAKEN.fullmatch(name) is not None
+    """A journal collection an exporter took (renamed), folded or not."""
+    return _TAKEN.fullmatch(name) is not None or _FOLDED.fullmatch(name) is not None
+
+
+def folded_documents(name: str) -> int | None:
+    """How many documents a folded journal collection held when it was folded; None for a
+    collection not (yet) folded."""
+    match = _FOLDED.fullmatch(name)
+    return None if match is None else int(match.group(2))
 
 
 def bucket_partition(prefix: str, start: datetime) -> str:
@@ -64,17 +105,35 @@ def bucket_partition(prefix: str, start: datetime) -> str:
     return f"{prefix}_{ms - ms % PARTITION_MS}"
 
 
+def record_partition(prefix: str, publish_time: datetime, written: datetime) -> str:
+    """The publish record (prefix PUBLISH_COLLECTION) or receipt (RECEIVED_COLLECTION)
+    collection a record goes to: the hour of its publish time, which every delivery of a
+    message carries alike, so a redelivery finds its receipt and a retried batch its records.
+    A publish time further ahead of the write than the tolerance (a broken clock; the
+    subscriber never keeps one) counts as the write time plus the tolerance, so retention
+    reaches it."""
+    ms = min(epoch_ms(publish_time), epoch_ms(written) + _TOLERANCE_MS)
+    return f"{prefix}_{ms - ms % RECORD_PARTITION_MS}"
+
+
 def partition_start(name: str, prefix: str) -> int | None:
-    """The first bucket start (ms) a partition of `prefix` holds; None for other names."""
-    match = _BUCKETS.fullmatch(name)
+    """The first bucket (or record) start (ms) a partition of `prefix` holds; None for other
+    names."""
+    match = _PARTITIONED.fullmatch(name)
     if match is None or match.group(1) != prefix:
         return None
     return int(match.group(2))
 
 
+def partitions_of(names: Iterable[str], prefix: str) -> list[str]:
+    """Every partition of `prefix`, oldest first."""
+    starts = ((partition_start(n, prefix), n) for n in names)
+    return [n for s, n in sorted((s, n) for s, n in starts if s is not None)]
+
+
 def partitions_since(names: Iterable[str], prefix: str, since: datetime) -> list[str]:
-    """Partitions of `prefix` that hold some bucket starting at or after `since`, oldest
-    first."""
+    """Partitions of `prefix` that hold some bucket (or record) starting at or after `since`,
+    oldest first."""
     edge = epoch_ms(since)
     starts = ((partition_start(n, prefix), n) for n in names)
     return [
@@ -83,7 +142,8 @@ def partitions_since(names: Iterable[str], prefix: str, since: datetime) -> list
 
 
 def partitions_before(names: Iterable[str], prefix: str, before: datetime) -> list[str]:
-    """Partitions of `prefix` whose every bucket starts before `before`."""
+    """Partitions of `prefix` whose every bucket (or record) starts before `before`."""
     edge = epoch_ms(before)
     starts = ((partition_start(n, prefix), n) for n in names)
-    return sorted(n for s, n in starts if s is not None and s + PARTITION_MS <= edge)
+    span = _SPANS[prefix]
+    return sorted(n for s, n in starts if s is not None and s + span <= edge)

@@ -7,19 +7,27 @@ accumulators beyond counting (sets are compared in Python, one bucket range at a
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
+import bson
 from bson.codec_options import CodecOptions
-from bson.errors import InvalidDocument
+from bson.errors import InvalidBSON, InvalidDocument
+from bson.raw_bson import RawBSONDocument
 from pymongo import ASCENDING, MongoClient, ReturnDocument, UpdateOne
 from pymongo.collection import Collection
-from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.database import Database
+from pymongo.errors import (
+    AutoReconnect,
+    BulkWriteError,
+    OperationFailure,
+    PyMongoError,
+)
 
 from eventaudit.contract import PUBLISH_TIME_TOLERANCE, epoch_ms
 from eventaudit.journal import (
@@ -32,11 +40,14 @@ from eventaudit.journal import (
 )
 from eventaudit.partitions import (
     bucket_partition,
+    folded_journal,
     is_live_journal,
     is_taken_journal,
     journal_collection,
     partitions_before,
+    partitions_of,
     partitions_since,
+    record_partition,
     taken_journal,
 )
 from eventaudit.records import (
@@ -55,6 +66,7 @@ log = logging.getLogger(__name__)
 _DUPLICATE_KEY = 11000
 _INDEX_NOT_FOUND = 27
 _NAMESPACE_NOT_FOUND = 26
+_RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
 
 
 class StoreError(RuntimeError):
@@ -95,6 +107,11 @@ class EvaluatorStore(Protocol):
 
     def count_journal(self, name: str) -> int:
         """How many documents a taken journal collection holds (writers only ever add)."""
+        ...
+
+    def mark_folded(self, name: str, documents: int) -> str:
+        """Name a taken journal collection folded, with how many documents it held; the new
+        name."""
         ...
 
     def drop_journal(self, name: str) -> None:
@@ -233,6 +250,23 @@ def publish_entries(
     ]
 
 
+def _read_result(doc: dict[str, Any], legacy: bool) -> tuple[int, BucketResult] | None:
+    """(version, result) of a stored result document; None (logged) for one that is not."""
+    version = -1 if legacy else doc.get("version")
+    # bson reads integers past 32 bits back as Int64, a subclass of int.
+    if not isinstance(version, int) or isinstance(version, bool):
+        log.error("bucket result %r without a version skipped", doc.get("_id"))
+        return None
+    try:
+        result = BucketResult.from_document(doc)
+        if not isinstance(result.topic, str) or not isinstance(result.start, datetime):
+            raise TypeError("topic or bucketStart of the wrong type")
+    except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
+        log.error("bucket result %r unreadable, skipped: %s", doc.get("_id"), exc)
+        return None
+    return int(version), dataclasses.replace(result, merged=0) if legacy else result
+
+
 def _drop_index(collection: Collection[dict[str, Any]], name: str) -> None:
     """Drop an index; one already gone (another process dropped it first) is fine."""
     try:
@@ -257,6 +291,43 @@ def _bulk_write_in_chunks(collection: Collection[dict[str, Any]], ops: Sequence[
     return done
 
 
+class RecordPartitions:
+    """Every hourly collection of one kind of record (and the unpartitioned one of earlier
+    releases), read as one: for lookups, tools and tests. Writers and retention address the
+    partitions themselves."""
+
+    def __init__(self, db: Database[dict[str, Any]], prefix: str) -> None:
+        self._db = db
+        self.prefix = prefix
+
+    def names(self) -> list[str]:
+        """The collections, newest hour first, the unpartitioned one last."""
+        names = self._db.list_collection_names()
+        hourly = partitions_of(names, self.prefix)
+        return [*reversed(hourly), *([self.prefix] if self.prefix in names else [])]
+
+    def find(
+        self, filter: Mapping[str, Any] | None = None, projection: Any = None
+    ) -> Iterator[dict[str, Any]]:
+        """Matching documents of every collection."""
+        for name in self.names():
+            yield from self._db[name].find(filter or {}, projection)
+
+    def find_one(
+        self, filter: Mapping[str, Any] | None = None, projection: Any = None
+    ) -> dict[str, Any] | None:
+        """The first matching document, newest hour first."""
+        return next(self.find(filter, projection), None)
+
+    def count_documents(self, filter: Mapping[str, Any]) -> int:
+        """Matching documents of every collection."""
+        return sum(self._db[name].count_documents(filter) for name in self.names())
+
+    def estimated_document_count(self) -> int:
+        """Documents of every collection, estimated."""
+        return sum(self._db[name].estimated_document_count() for name in self.names())
+
+
 class MongoStore:
     """Reads and writes the audit collections of one database."""
 
@@ -272,8 +343,8 @@ class MongoStore:
         db = self._client.get_database(
             database, codec_options=CodecOptions(tz_aware=True, tzinfo=UTC)
         )
-        self.published: Collection[dict[str, Any]] = db[PUBLISH_COLLECTION]
-        self.received: Collection[dict[str, Any]] = db[RECEIVED_COLLECTION]
+        self.published = RecordPartitions(db, PUBLISH_COLLECTION)
+        self.received = RecordPartitions(db, RECEIVED_COLLECTION)
         self.state: Collection[dict[str, Any]] = db[STATE_COLLECTION]
         self.database = database
         self.db = db
@@ -285,33 +356,18 @@ class MongoStore:
         self._client.close()
 
     def ensure_indexes(self) -> None:
-        """Create every index the writers and the exporter rely on (idempotent)."""
+        """Nothing needs an index beyond `_id` any more: records are read by `_id` within
+        their hour, digests by `digest` (indexed per partition as it is created). Drops the
+        indexes of earlier releases' unpartitioned record collections, where they exist
+        (every index is one more write per record)."""
         try:
-            self.published.create_index(
-                [("topic", ASCENDING), ("eventID", ASCENDING)],
-                unique=True,
-                name="topic_eventID_unique",
-            )
-            self.published.create_index([("publishTime", ASCENDING)], name="publishTime")
-            self.published.create_index([("createdTime", ASCENDING)], name="createdTime")
-            self.received.create_index(
-                [("subscription", ASCENDING), ("eventID", ASCENDING)],
-                unique=True,
-                name="subscription_eventID_unique",
-            )
-            self.received.create_index([("publishTime", ASCENDING)], name="publishTime")
-            self.received.create_index([("createdTime", ASCENDING)], name="createdTime")
-            # Indexes of earlier releases that nothing queries any more (every index is one
-            # more write per record): eventID alone unique (before records were keyed per
-            # topic, it refused an event fanned out to a second topic), and the range indexes
-            # of the read path before the journal.
-            for collection, names in (
-                (self.published, ("eventID_unique", "topic_publishTime")),
-                (self.received, ("subscription_publishTime", "writtenTime")),
-            ):
-                present = collection.index_information()
-                for name in names:
-                    if name in present:
+            names = set(self.db.list_collection_names())
+            for prefix in (PUBLISH_COLLECTION, RECEIVED_COLLECTION):
+                if prefix not in names:
+                    continue
+                collection = self.db[prefix]
+                for name in collection.index_information():
+                    if name != "_id_":
                         _drop_index(collection, name)
         except PyMongoError as exc:
             raise StoreError(f"could not ensure indexes: {exc}") from exc
@@ -331,30 +387,36 @@ class MongoStore:
         """
         if not records:
             return DuplicatePublishes()
-        docs = [{"_id": publish_key(r.topic, r.event_id), **r.to_document(now)} for r in records]
-        try:
-            self.published.insert_many(docs, ordered=False)
-            duplicates: list[PublishRecord] = []
-        except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if any(e.get("code") != _DUPLICATE_KEY for e in errors) or exc.details.get(
-                "writeConcernErrors"
-            ):
-                raise StoreError(f"publish records not written: {errors[:3]}") from exc
-            duplicates = [records[e["index"]] for e in errors]
-        except PyMongoError as exc:
-            raise StoreError(f"publish records not written: {exc}") from exc
-        # One read by `_id` per duplicate (indexed on MongoDB; a scan on FerretDB 1.24, whose
-        # `_id` filter misses its own index: duplicates are rare).
+        by_hour: dict[str, list[PublishRecord]] = {}
+        for r in records:
+            by_hour.setdefault(
+                record_partition(PUBLISH_COLLECTION, r.publish_time, now), []
+            ).append(r)
+        duplicates: list[tuple[str, PublishRecord]] = []
+        for name, batch in by_hour.items():
+            docs = [{"_id": publish_key(r.topic, r.event_id), **r.to_document(now)} for r in batch]
+            try:
+                self.db[name].insert_many(docs, ordered=False)
+            except BulkWriteError as exc:
+                errors = exc.details.get("writeErrors", [])
+                if any(e.get("code") != _DUPLICATE_KEY for e in errors) or exc.details.get(
+                    "writeConcernErrors"
+                ):
+                    raise StoreError(f"publish records not written: {errors[:3]}") from exc
+                duplicates += [(name, batch[e["index"]]) for e in errors]
+            except PyMongoError as exc:
+                raise StoreError(f"publish records not written: {exc}") from exc
+        # One read by `_id` per duplicate, in its hour (indexed on MongoDB; a scan of that
+        # hour on FerretDB 1.24, whose `_id` filter misses its own index: duplicates are rare).
         try:
             refused = classify_duplicates(
                 (
-                    self.published.find_one(
+                    self.db[name].find_one(
                         {"_id": publish_key(r.topic, r.event_id)}, _DUPLICATE_FIELDS
                     ),
                     r,
                 )
-                for r in duplicates
+                for name, r in duplicates
             )
         except PyMongoError as exc:
             raise StoreError(f"could not read back duplicate publish records: {exc}") from exc
@@ -382,6 +444,10 @@ class MongoStore:
             else:
                 folded[key] = (r, 1, r.receive_time, r.receive_time)
         items = list(folded.items())
+        by_hour: dict[str, list[int]] = {}
+        for i, (_, (r, _, _, _)) in enumerate(items):
+            name = record_partition(RECEIVED_COLLECTION, r.publish_time, now)
+            by_hour.setdefault(name, []).append(i)
         docs = [
             {
                 "_id": key,
@@ -400,19 +466,20 @@ class MongoStore:
             }
             for key, (r, n, first_seen, last_seen) in items
         ]
-        try:
-            self.received.insert_many(docs, ordered=False)
-            existing = []
-        except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if any(e.get("code") != _DUPLICATE_KEY for e in errors) or exc.details.get(
-                "writeConcernErrors"
-            ):
-                raise StoreError(f"receipts not written: {errors[:3]}") from exc
-            existing = [items[e["index"]] for e in errors]
-        except PyMongoError as exc:
-            raise StoreError(f"receipts not written: {exc}") from exc
-        redelivered = {key for key, _ in existing}
+        existing: list[tuple[str, tuple[str, tuple[Receipt, int, datetime, datetime]]]] = []
+        for name, indexes in by_hour.items():
+            try:
+                self.db[name].insert_many([docs[i] for i in indexes], ordered=False)
+            except BulkWriteError as exc:
+                errors = exc.details.get("writeErrors", [])
+                if any(e.get("code") != _DUPLICATE_KEY for e in errors) or exc.details.get(
+                    "writeConcernErrors"
+                ):
+                    raise StoreError(f"receipts not written: {errors[:3]}") from exc
+                existing += [(name, items[indexes[e["index"]]]) for e in errors]
+            except PyMongoError as exc:
+                raise StoreError(f"receipts not written: {exc}") from exc
+        redelivered = {key for _, (key, _) in existing}
         entries = [
             JournalEntry(r.topic, r.event_id, epoch_ms(r.publish_time), r.subscription, "", n)
             for key, (r, n, _, _) in items
@@ -424,8 +491,8 @@ class MongoStore:
         # twice changes nothing). Redeliveries are the rare path.
         vanished = 0
         try:
-            for key, (_, n, _, last_seen) in existing:
-                stored = self.received.find_one_and_update(
+            for name, (key, (_, n, _, last_seen)) in existing:
+                stored = self.db[name].find_one_and_update(
                     {"_id": key},
                     {
                         "$inc": {"deliveries": n},
@@ -462,19 +529,31 @@ class MongoStore:
         again."""
         if not entries:
             return
-        try:
-            self.db[journal_collection(now)].insert_many(
-                journal_documents(uuid.uuid4().hex, entries, now)
-            )
-        except (PyMongoError, InvalidDocument) as exc:
-            raise StoreError(f"journal not written: {exc}") from exc
+        docs = journal_documents(uuid.uuid4().hex, entries, now)
+        for attempt in (1, 2):
+            try:
+                self.db[journal_collection(now)].insert_many(docs, ordered=False)
+                return
+            except BulkWriteError as exc:
+                errors = exc.details.get("writeErrors", [])
+                if errors and all(e.get("code") == _DUPLICATE_KEY for e in errors):
+                    return  # the first attempt landed these documents
+                raise StoreError(f"journal not written: {errors[:3]}") from exc
+            except AutoReconnect as exc:
+                # FerretDB 1.24 resets the connection of an insert racing the exporter's rename
+                # of the collection; one retry (into a fresh collection) is safe, since folding
+                # a journal document twice changes nothing.
+                if attempt == 2:
+                    raise StoreError(f"journal not written: {exc}") from exc
+            except (PyMongoError, InvalidDocument) as exc:
+                raise StoreError(f"journal not written: {exc}") from exc
 
     # -- exporter: journal, digests, results ------------------------------------------------
 
     def take_journal(self, now: datetime) -> list[str]:
-        """Rename every journal collection writers insert into to a taken one (a writer's next
-        insert creates the name afresh); return every taken one, this call's and any earlier
-        one's not yet dropped."""
+        """Rename every journal collection writers insert into to a taken one (a writer's
+        next insert creates the name afresh); return every taken one, folded or not, this
+        call's and any earlier one's not yet dropped."""
         try:
             for name in self._collections(is_live_journal):
                 try:
@@ -488,12 +567,38 @@ class MongoStore:
 
     def read_journal(self, name: str) -> Iterator[JournalBatch]:
         """Every document of a taken journal collection, in no particular order (its whole
-        read is what was written since it was taken: new records only)."""
+        read is what was written since it was taken: new records only). A document bson cannot
+        decode (a date out of range, invalid UTF-8) is one malformed batch, never an error
+        that would stop every evaluation at this collection."""
+        # pymongo types a collection by its client's document class, not the codec's.
+        collection = cast(
+            "Collection[RawBSONDocument]", self.db.get_collection(name, codec_options=_RAW)
+        )
         try:
-            for doc in self.db[name].find({}):
+            for raw in collection.find({}):
+                try:
+                    doc = bson.decode(raw.raw, codec_options=self.db.codec_options)
+                except (InvalidBSON, ValueError, OverflowError) as exc:
+                    log.error(
+                        "journal %s: an undecodable document counted malformed: %s", name, exc
+                    )
+                    yield JournalBatch(None, (), 1)
+                    continue
                 yield parse_journal_document(doc)
         except PyMongoError as exc:
             raise StoreError(f"could not read the journal: {exc}") from exc
+
+    def mark_folded(self, name: str, documents: int) -> str:
+        """Rename a taken journal collection once its `documents` are folded (and stored), so
+        that no exporter folds it again; the new name."""
+        folded = folded_journal(name, documents)
+        if folded == name:
+            return name
+        try:
+            self.db[name].rename(folded)
+        except PyMongoError as exc:
+            raise StoreError(f"could not mark a journal folded: {exc}") from exc
+        return folded
 
     def count_journal(self, name: str) -> int:
         """How many documents a taken journal collection holds."""
@@ -535,9 +640,9 @@ class MongoStore:
                     self.db[name].create_index([("digest", ASCENDING)], name="digest")
                     self._indexed.add(name)
                 for doc in docs:  # one per command: a delta may be megabytes
-                    # A duplicate: stored by an attempt that failed after writing it.
-                    with contextlib.suppress(DuplicateKeyError):
-                        self.db[name].insert_one(doc)
+                    # A duplicate `_id` (a fold token used twice) fails the evaluation: the
+                    # next one folds again under a new stamp; ignoring it could lose entries.
+                    self.db[name].insert_one(doc)
         except (PyMongoError, InvalidDocument) as exc:
             raise StoreError(f"could not save bucket digests: {exc}") from exc
         for digest in digests:
@@ -555,39 +660,32 @@ class MongoStore:
             by_partition.setdefault(bucket_partition(BUCKET_COLLECTION, r.start), []).append(doc)
         try:
             for name, docs in by_partition.items():
-                try:
-                    self.db[name].insert_many(docs, ordered=False)
-                except BulkWriteError as exc:
-                    errors = exc.details.get("writeErrors", [])
-                    if any(e.get("code") != _DUPLICATE_KEY for e in errors):
-                        raise
+                self.db[name].insert_many(docs, ordered=False)
         except PyMongoError as exc:
             raise StoreError(f"could not save bucket results: {exc}") from exc
 
     def load_bucket_results(self, since: datetime) -> list[BucketResult]:
         """The latest version of every stored bucket evaluation with bucketStart >= since (the
-        result partitions the longest window reaches, read whole once per process)."""
-        latest: dict[str, tuple[int, dict[str, Any]]] = {}
+        result partitions the longest window reaches, read whole once per process). Results
+        in the unpartitioned `BucketResult` of earlier releases come back as evaluated before
+        the journal (`merged` 0: records journaled for them are counted `legacy`), below any
+        version of this release."""
+        latest: dict[str, tuple[int, BucketResult]] = {}
         try:
-            names = partitions_since(self._collections(), BUCKET_COLLECTION, since)
-            for name in names:
+            names = self._collections()
+            sources = [(n, False) for n in partitions_since(names, BUCKET_COLLECTION, since)]
+            sources += [(BUCKET_COLLECTION, True)] if BUCKET_COLLECTION in names else []
+            for name, legacy in sources:
                 for doc in self.db[name].find({}):
-                    version = doc.get("version")
-                    key = doc.get("key")
-                    # bson decodes integers past 32 bits as Int64, a subclass of int.
-                    if not isinstance(version, int) or isinstance(version, bool):
+                    read = _read_result(doc, legacy)
+                    if read is None or read[1].start < since:
                         continue
-                    if not isinstance(key, str):
-                        continue
-                    if key not in latest or version > latest[key][0]:
-                        latest[key] = (version, doc)
-            return [
-                result
-                for _, doc in latest.values()
-                if (result := BucketResult.from_document(doc)).start >= since
-            ]
+                    version, result = read
+                    if result.key not in latest or version > latest[result.key][0]:
+                        latest[result.key] = (version, result)
         except PyMongoError as exc:
             raise StoreError(f"could not load bucket results: {exc}") from exc
+        return [result for _, result in latest.values()]
 
     def load_fold_stamp(self) -> int:
         """The highest fold stamp stored (one read by `_id`)."""
@@ -621,7 +719,8 @@ class MongoStore:
             dropped = {}
             for prefix in (DIGEST_COLLECTION, BUCKET_COLLECTION):
                 old = partitions_before(names, prefix, before)
-                old += [prefix] if prefix in names else []
+                if prefix in names and not self._legacy_results_needed(prefix, before):
+                    old.append(prefix)
                 for name in old:
                     self.db.drop_collection(name)
                     self._indexed.discard(name)
@@ -629,6 +728,13 @@ class MongoStore:
             return dropped
         except PyMongoError as exc:
             raise StoreError(f"could not prune old buckets: {exc}") from exc
+
+    def _legacy_results_needed(self, prefix: str, before: datetime) -> bool:
+        """Whether the unpartitioned collection `prefix` of an earlier release still holds a
+        result some window reaches (its digests are never read: dropped at once)."""
+        if prefix != BUCKET_COLLECTION:
+            return False
+        return self.db[prefix].find_one({"bucketStart": {"$gte": before}}) is not None
 
     def journal_size(self) -> int:
         """Documents in every journal collection, live or taken (for operators and benches)."""
@@ -639,32 +745,43 @@ class MongoStore:
             raise StoreError(f"could not count the journal: {exc}") from exc
 
     def _collections(self, wanted: Callable[[str], bool] | None = None) -> list[str]:
-        names = self.db.list_collection_names()
+        """Collections (not views: one cannot be renamed or read as a journal) whose name is
+        `wanted`."""
+        names = (c["name"] for c in self.db.list_collections() if c.get("type") == "collection")
         return sorted(n for n in names if wanted is None or wanted(n))
 
     def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
-        """Retention by periodic delete (FerretDB has no TTL indexes): records published before
-        `cutoff`, and records written before `cutoff - PUBLISH_TIME_TOLERANCE` whatever their
-        publishTime (one carrying a far-future publishTime would otherwise stay for good);
-        digests and results before `cutoff` too.
-
-        A stored publishTime may be up to the tolerance after its record's write (a subscriber
-        keeps the attribute when it is within that of the broker's publish time), so deleting
-        by write time only that much earlier never reaches a record published at or after
-        `cutoff`, still inside a window. Indexed on MongoDB; on FerretDB each delete reads its
-        collection whole (hourly)."""
-        before = {"$lt": cutoff}
-        written_before = {"$lt": cutoff - PUBLISH_TIME_TOLERANCE}
+        """Retention by dropping whole hours of records (FerretDB has no TTL index, and its
+        deletes read a whole collection under SQLite's write lock): every hourly collection
+        whose records were all published before `cutoff` (so a record is kept up to an hour
+        past the retention); digests and results before `cutoff` too. The unpartitioned
+        collections of earlier releases are emptied by delete (records published before
+        `cutoff`, or written before `cutoff - PUBLISH_TIME_TOLERANCE`), then dropped. Counts
+        the records dropped (estimated) or deleted, per kind, and the digest and result
+        collections dropped."""
+        counts: dict[str, int] = {}
         try:
-            counts = {
-                name: collection.delete_many({"publishTime": before}).deleted_count
-                + collection.delete_many({"createdTime": written_before}).deleted_count
-                for name, collection in (
-                    (PUBLISH_COLLECTION, self.published),
-                    (RECEIVED_COLLECTION, self.received),
-                )
-            }
+            names = self._collections()
+            for prefix in (PUBLISH_COLLECTION, RECEIVED_COLLECTION):
+                counts[prefix] = 0
+                for name in partitions_before(names, prefix, cutoff):
+                    counts[prefix] += self.db[name].estimated_document_count()
+                    self.db.drop_collection(name)
+                if prefix in names:
+                    counts[prefix] += self._delete_legacy_records(prefix, cutoff)
             counts.update(self.prune_buckets(cutoff))
         except PyMongoError as exc:
-            raise StoreError(f"retention delete failed: {exc}") from exc
+            raise StoreError(f"retention failed: {exc}") from exc
         return counts
+
+    def _delete_legacy_records(self, prefix: str, cutoff: datetime) -> int:
+        legacy = self.db[prefix]
+        deleted = (
+            legacy.delete_many({"publishTime": {"$lt": cutoff}}).deleted_count
+            + legacy.delete_many(
+                {"createdTime": {"$lt": cutoff - PUBLISH_TIME_TOLERANCE}}
+            ).deleted_count
+        )
+        if legacy.find_one({}) is None:
+            self.db.drop_collection(prefix)
+        return deleted

@@ -48,10 +48,9 @@ class ExporterSettings(CommonSettings):
     )
     retention: str = Field(
         "7d",
-        description="buckets (their results, digests and the records they name) published "
-        "longer ago than this are deleted hourly; a daily sweep deletes the records no digest "
-        "names, written longer ago than this plus the 1h publishTime tolerance; at least the "
-        "longest window + settle delay + one bucket",
+        description="records, digests and results published longer ago than this are dropped "
+        "hourly, by whole hours of publish time (a record is kept up to an hour longer); at "
+        "least the longest window + settle delay + one bucket",
     )
     threads: int = Field(8, ge=1, le=64, description="HTTP worker threads")
     missed_concurrency: int = Field(

@@ -34,6 +34,7 @@ from eventaudit.exporter.buckets import (
 )
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 from eventaudit.journal import BucketDigest, JournalBatch, MissedEvent, parse_listed
+from eventaudit.partitions import folded_documents
 from eventaudit.records import BucketCounts, BucketResult
 from eventaudit.store import EvaluatorStore, StoreError
 
@@ -47,8 +48,9 @@ JOURNAL_BATCHES_PER_ROUND = 50
 CACHE_EVENTS = 200_000
 PRUNE_EVERY = timedelta(minutes=5)
 JOURNAL_OUTCOMES = ("folded", "too_old", "too_new", "legacy", "malformed")
-# How long a folded journal collection is kept before it is dropped: four times the writers'
-# socket timeout (an insert a writer saw succeed landed within that of the collection's rename).
+# How long a folded journal collection is kept before it is dropped: many times the longest a
+# straggling insert can take to commit into it after its rename (FerretDB's SQLite busy
+# timeout, 10 s; none on MongoDB, whose rename excludes inserts).
 JOURNAL_DROP_GRACE = 120.0
 _SAVES = 1_000_000  # result versions per fold stamp
 
@@ -157,10 +159,13 @@ class Evaluator(Collector):
         if self._results is None:
             # First evaluation of this process: resume from the stored results; the journal
             # holds whatever the previous process had not folded (and maybe some it had).
-            self._results = {(r.topic, r.start): r for r in self._store.load_bucket_results(oldest)}
-            # Stamp folds after any earlier process's, even with a clock stepped back, so the
-            # API never takes an earlier fold for a later one.
-            self._merged = self._store.load_fold_stamp()
+            # Stamp folds after any earlier process's, even with a clock stepped back, so a
+            # later fold's result version is always higher and the API never takes it for an
+            # earlier one. Both are read before either is kept: a failure keeps neither.
+            results = self._store.load_bucket_results(oldest)
+            stamp = self._store.load_fold_stamp()
+            self._results = {(r.topic, r.start): r for r in results}
+            self._merged = max(self._merged, stamp)
         merged = max(epoch_ms(now), self._merged + 1)
         self._saves = 0
         span = (oldest, now + PUBLISH_TIME_TOLERANCE)
@@ -168,21 +173,24 @@ class Evaluator(Collector):
         try:
             taken = self._store.take_journal(now)
             self._folded = {n: v for n, v in self._folded.items() if n in taken}
+            for name in taken:
+                documents = folded_documents(name)
+                if documents is not None and name not in self._folded:
+                    # Folded by an earlier process (or by this one before a failure).
+                    self._folded[name] = (documents, self._monotonic())
             unread = [n for n in taken if n not in self._folded]
+            left: list[str] = []
             for i, name in enumerate(unread):
                 if i and self._monotonic() > deadline:
-                    break  # a burst: publish what is folded, the rest next time
-                if self._merged < merged:
-                    # Before the first fold stamped `merged` is stored anywhere.
-                    self._store.save_fold_stamp(merged)
-                    self._merged = merged
+                    left = unread[i:]  # a burst: publish what is folded, the rest next time
+                    break
                 self._fold_collection(name, span, merged, now)
             self._drop_folded(span, merged, now)
         except BaseException:
             # The cache may hold folds that were not stored.
             self._digests, self._cached_events = {}, 0
             raise
-        self._backlog = any(n not in self._folded for n in taken)
+        self._backlog = bool(left)
         self._results = {k: v for k, v in self._results.items() if k[1] >= oldest}
         self._evict(frontier)
         self._prune(oldest)
@@ -192,22 +200,28 @@ class Evaluator(Collector):
         self, name: str, span: tuple[datetime, datetime], merged: int, now: datetime
     ) -> None:
         """Fold one taken journal collection whole, JOURNAL_BATCHES_PER_ROUND documents at a
-        time (memory follows a round, not a burst); then remember how many documents it
-        held."""
+        time (memory follows a round, not a burst); then name it folded, with how many
+        documents it held."""
+        if self._merged < merged:
+            # Before the first fold stamped `merged` is stored anywhere.
+            self._store.save_fold_stamp(merged)
+            self._merged = merged
         read = 0
         documents = iter(self._store.read_journal(name))
         while batches := tuple(itertools.islice(documents, self._round)):
             self._fold(batches, span, merged, now)
             self._evict(span[0] + self._span)
             read += len(batches)
-        self._folded[name] = (read, self._monotonic())
+        self._folded.pop(name, None)
+        self._folded[self._store.mark_folded(name, read)] = (read, self._monotonic())
 
     def _drop_folded(self, span: tuple[datetime, datetime], merged: int, now: datetime) -> None:
         """Drop each folded journal collection once JOURNAL_DROP_GRACE has passed since it was
-        read, and it still holds only the documents read (writers only insert). A writer that
-        looked the collection up before it was renamed can still insert into it for as long as
-        its socket timeout (30 s); such a straggler is folded first (the whole collection
-        again: folding is idempotent), and the collection dropped a grace later."""
+        read, and it still holds only the documents read (writers only insert). On FerretDB
+        1.24 a writer that looked the collection up before it was renamed can still insert
+        into it until its transaction commits (SQLite's busy timeout there is 10 s); such a
+        straggler is folded first (the whole collection again: folding is idempotent), and
+        the collection dropped a grace later. On MongoDB a rename excludes inserts."""
         for name, (read, read_at) in list(self._folded.items()):
             if self._monotonic() - read_at < JOURNAL_DROP_GRACE:
                 continue

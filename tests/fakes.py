@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
-from eventaudit.contract import PUBLISH_TIME_TOLERANCE, epoch_ms
+from eventaudit.contract import epoch_ms
 from eventaudit.journal import (
     BucketDigest,
     JournalBatch,
@@ -23,10 +23,12 @@ from eventaudit.journal import (
 )
 from eventaudit.partitions import (
     bucket_partition,
+    folded_journal,
     is_live_journal,
     is_taken_journal,
     journal_collection,
     partitions_before,
+    record_partition,
     taken_journal,
 )
 from eventaudit.records import BucketResult, PublishRecord, Receipt
@@ -153,6 +155,13 @@ class MemoryStore:
             self._check()
             return len(self.journals.get(name, {}))
 
+    def mark_folded(self, name: str, documents: int) -> str:
+        with self._lock:
+            self._check()
+            folded = folded_journal(name, documents)
+            self.journals[folded] = self.journals.pop(name, {})
+            return folded
+
     def drop_journal(self, name: str) -> None:
         with self._lock:
             self._check()
@@ -178,7 +187,9 @@ class MemoryStore:
         """One document at a time, like MongoStore (a failure can fall between two)."""
         with self._lock:
             self._check()
-            self.digests.setdefault(doc["_id"], doc)
+            if doc["_id"] in self.digests:
+                raise StoreError(f"memory store: duplicate digest delta {doc['_id']}")
+            self.digests[doc["_id"]] = doc
 
     def save_bucket_results(
         self, results: Iterable[BucketResult], now: datetime, version: int
@@ -223,20 +234,21 @@ class MemoryStore:
             return dropped
 
     def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
+        """Drops whole hours of records, like MongoStore."""
         with self._lock:
             self._check()
             counts = {}
-            written_before = cutoff - PUBLISH_TIME_TOLERANCE
             tables = (("PublishRecord", self.published), ("ReceivedRecord", self.received))
             for name, table in tables:
-                old = [
-                    k
+                hours = {
+                    k: record_partition(name, d["publishTime"], d["createdTime"])
                     for k, d in table.items()
-                    if d["publishTime"] < cutoff or d["createdTime"] < written_before
-                ]
-                for k in old:
+                }
+                old = set(partitions_before(set(hours.values()), name, cutoff))
+                gone = [k for k, hour in hours.items() if hour in old]
+                for k in gone:
                     del table[k]
-                counts[name] = len(old)
+                counts[name] = len(gone)
         counts.update(self.prune_buckets(cutoff))
         return counts
 

@@ -341,26 +341,23 @@ def test_a_retried_identical_batch_is_written_once(store) -> None:
     assert store.published.count_documents({}) == 6
 
 
-def test_ensure_indexes_replaces_the_indexes_of_earlier_releases(store) -> None:
-    store.published.drop_index("topic_eventID_unique")
-    store.published.create_index("eventID", unique=True, name="eventID_unique")
-    store.published.create_index([("topic", 1), ("publishTime", 1)], name="topic_publishTime")
-    store.received.create_index(
-        [("subscription", 1), ("publishTime", 1)], name="subscription_publishTime"
+def test_ensure_indexes_drops_the_indexes_of_earlier_releases(store) -> None:
+    # The unpartitioned record collections of earlier releases, with their indexes; records
+    # now live in hourly collections read by `_id` only.
+    legacy = store.db["PublishRecord"]
+    legacy.create_index([("topic", 1), ("eventID", 1)], unique=True, name="topic_eventID_unique")
+    legacy.create_index("eventID", unique=True, name="eventID_unique")
+    legacy.create_index([("topic", 1), ("publishTime", 1)], name="topic_publishTime")
+    store.db["ReceivedRecord"].create_index("writtenTime", name="writtenTime")
+    store.ensure_indexes()
+    store.ensure_indexes()
+    assert sorted(legacy.index_information()) == ["_id_"]
+    assert sorted(store.db["ReceivedRecord"].index_information()) == ["_id_"]
+    store.insert_publish_records(
+        [PublishRecord("e1", "t" * 32, "topic-a", "{}", "m1", utc_now_ms())], utc_now_ms()
     )
-    store.received.create_index("writtenTime", name="writtenTime")
-    store.ensure_indexes()
-    store.ensure_indexes()
-    indexes = store.published.index_information()
-    assert sorted(indexes) == ["_id_", "createdTime", "publishTime", "topic_eventID_unique"]
-    assert indexes["topic_eventID_unique"]["unique"]
-    assert indexes["topic_eventID_unique"]["key"] == [("topic", 1), ("eventID", 1)]
-    assert sorted(store.received.index_information()) == [
-        "_id_",
-        "createdTime",
-        "publishTime",
-        "subscription_eventID_unique",
-    ]
+    [hour] = [n for n in store.db.list_collection_names() if n.startswith("PublishRecord_")]
+    assert sorted(store.db[hour].index_information()) == ["_id_"]
 
 
 class CountingClient:

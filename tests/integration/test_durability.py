@@ -67,7 +67,7 @@ def test_restarted_evaluator_resumes_from_stored_results(store) -> None:
     assert (stats.published, stats.received, stats.missed) == (200, 197, 3)
     taken = _collections(store, "EventJournal")
     assert taken and taken == evaluator.folded_journals  # folded whole, dropped a grace later
-    assert all(n.startswith("EventJournalTaken_") for n in taken)
+    assert all(n.startswith("EventJournalFolded_") for n in taken)
 
     # A new process: same numbers from the stored buckets, and new buckets evaluated on top.
     _seed(store, topic, sub, first.frontier + timedelta(milliseconds=1), 5, lose={0}, prefix="late")

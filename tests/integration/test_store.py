@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from bson.datetime_ms import DatetimeMS
 from pymongo.errors import AutoReconnect
 
 from eventaudit.contract import epoch_ms
@@ -44,27 +45,38 @@ def test_a_full_batch_of_redeliveries_is_written(private_ferret: Ferret) -> None
 
 
 class _VanishingReceipts:
-    """The receipts collection, but every receipt is deleted right after the insert attempt
-    (retention, or an operator, between the insert and the redelivery's update)."""
+    """The database, but every receipt is deleted right after the insert attempt (retention,
+    or an operator, between the insert and the redelivery's update)."""
 
-    def __init__(self, collection: Any) -> None:
-        self._collection = collection
+    def __init__(self, db: Any) -> None:
+        self._db = db
 
-    def insert_many(self, docs: Any, **kwargs: Any) -> Any:
-        try:
-            return self._collection.insert_many(docs, **kwargs)
-        finally:
-            self._collection.delete_many({})
+    def __getitem__(self, name: str) -> Any:
+        collection = self._db[name]
+        if not name.startswith("ReceivedRecord_"):
+            return collection
+
+        class Vanishing:
+            def insert_many(self, docs: Any, **kwargs: Any) -> Any:
+                try:
+                    return collection.insert_many(docs, **kwargs)
+                finally:
+                    collection.delete_many({})
+
+            def __getattr__(self, attr: str) -> Any:
+                return getattr(collection, attr)
+
+        return Vanishing()
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._collection, name)
+        return getattr(self._db, name)
 
 
 def test_a_redelivery_whose_receipt_vanished_is_an_error_not_a_silent_ack(
     store: MongoStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store.record_receipts(_receipts(3, T0), T0)
-    monkeypatch.setattr(store, "received", _VanishingReceipts(store.received))
+    monkeypatch.setattr(store, "db", _VanishingReceipts(store.db))
     with pytest.raises(StoreError, match="redeliveries not written"):
         store.record_receipts(_receipts(3, T0), T0)  # the caller nacks: Pub/Sub redelivers
 
@@ -195,3 +207,52 @@ def test_bucket_results_read_back_the_latest_version_from_their_partitions(
     for s in (store, memory):
         assert sorted(s.load_bucket_results(start), key=lambda r: r.start) == [new, nxt]
         assert s.load_bucket_results(nxt.start) == [nxt]
+
+
+def test_results_of_the_release_before_are_read_as_legacy_and_kept_while_a_window_needs_them(
+    store: MongoStore,
+) -> None:
+    # The release before kept one document per bucket in `BucketResult` (no version), and its
+    # digests in parts in `BucketDigest`: this release cannot read those digests, so records
+    # journaled for those buckets are counted `legacy` (merged 0), never folded into nothing.
+    old = BucketResult("topic-a", T0, 100, {"sub-a": BucketCounts(99, 0, 0)}, merged=5)
+    store.db["BucketResult"].insert_one({"_id": old.key, **old.to_document(T0)})
+    store.db["BucketDigest"].insert_one({"_id": f"{old.key}|0", "parts": 1})
+    [loaded] = store.load_bucket_results(T0 - timedelta(hours=1))
+    assert (loaded.published, loaded.subscriptions, loaded.merged) == (100, old.subscriptions, 0)
+    assert store.prune_buckets(T0) == {"BucketDigest": 1, "BucketResult": 0}
+    assert store.load_bucket_results(T0) == [loaded]  # a window still reaches it
+    assert store.prune_buckets(T0 + timedelta(seconds=1)) == {"BucketDigest": 0, "BucketResult": 1}
+    assert store.load_bucket_results(T0 - timedelta(hours=1)) == []
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"_id": "x", "key": "x", "version": 1},  # no topic, no bucketStart
+        {"_id": "y", "version": 1, "topic": 7, "bucketStart": T0, "published": 1},
+        {"_id": "z", "version": 1, "topic": "t", "bucketStart": "noon", "published": 1},
+        {"_id": "w", "version": "9", "topic": "t", "bucketStart": T0, "published": 1},
+        {"_id": "v", "version": 1, "topic": "t", "bucketStart": T0, "published": "many"},
+    ],
+)
+def test_a_hostile_document_among_the_results_is_skipped(
+    store: MongoStore, doc: dict[str, Any]
+) -> None:
+    good = BucketResult("topic-a", T0, 1, {}, merged=9)
+    store.save_bucket_results([good], T0, 1)
+    store.db[f"BucketResult_{epoch_ms(T0)}"].insert_one(doc)
+    assert store.load_bucket_results(T0) == [good]
+
+
+def test_an_undecodable_journal_document_is_counted_malformed_not_raised(store: MongoStore) -> None:
+    store.insert_publish_records([PublishRecord("e0", "t" * 32, "topic-a", "{}", "m0", T0)], T0)
+    [live] = [n for n in store.db.list_collection_names() if is_live_journal(n)]
+    # A date Python cannot hold (year 292,278,994): bson cannot decode this document.
+    store.db[live].insert_one({"_id": "evil", "entries": [], "writtenTime": DatetimeMS(2**62)})
+    [taken] = store.take_journal(T0)
+    batches = list(store.read_journal(taken))
+    assert sorted((len(b.entries), b.malformed) for b in batches) == [(0, 1), (1, 0)]
+    assert store.count_journal(taken) == 2
+    folded = store.mark_folded(taken, 2)
+    assert store.take_journal(T0) == [folded] and folded.endswith("_2")

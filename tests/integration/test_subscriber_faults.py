@@ -165,7 +165,7 @@ def subscriber_process(
     def start(sub: str, store: MongoStore, *args: str) -> tuple[stack.Service, str]:
         port = stack.free_port()
         url = f"http://127.0.0.1:{port}"
-        env = service_env(ferret, emulator, store.published.database.name)
+        env = service_env(ferret, emulator, store.database)
         service = stack.python_service(
             f"subscriber-{len(started)}",
             "subscriber",
@@ -467,7 +467,7 @@ def test_emulator_killed_and_restarted_under_a_running_process(
             "subscriber",
             ["--subscription", sub, "--listen-address", f"127.0.0.1:{listen}"],
             tmp_path,
-            service_env(ferret, host, store.published.database.name),
+            service_env(ferret, host, store.database),
             f"{url}/healthz",
         ).start()
         assert service.proc is not None

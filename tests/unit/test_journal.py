@@ -789,7 +789,8 @@ def test_an_insert_that_lands_in_a_taken_collection_is_folded_before_it_is_dropp
     snapshot = ev.evaluate(at(0, 46))
     assert counts(snapshot)[:2] == (1, 1)  # folded again instead of dropped
     assert missed_ids(snapshot, store) == []
-    assert list(store.journals) == [taken]
+    assert taken.endswith("_1")  # named folded with the one document it held then
+    assert list(store.journals) == [taken.removesuffix("_1") + "_2"]  # and now with two
     clock.now = 2 * evaluator_module.JOURNAL_DROP_GRACE
     assert counts(ev.evaluate(at(0, 47)))[:2] == (1, 1)
     assert store.journals == {}
@@ -824,7 +825,7 @@ def test_writers_journal_into_a_fresh_collection_once_theirs_is_taken() -> None:
     ev = evaluator(store)
     ev.evaluate(at(0, 5))
     publish(store, "e2", at(0, 2))  # the same writer slot: a new collection of that name
-    assert sorted(n.split("_")[0] for n in store.journals) == ["EventJournal", "EventJournalTaken"]
+    assert sorted(n.split("_")[0] for n in store.journals) == ["EventJournal", "EventJournalFolded"]
     assert counts(ev.evaluate(at(0, 45)))[:2] == (2, 0)
 
 
@@ -868,3 +869,148 @@ def test_partitions_are_dropped_whole_once_no_window_reaches_them(
 ) -> None:
     old = partitions.partitions_before(names, "BucketDigest", journal_module.from_epoch_ms(before))
     assert old == dropped
+
+
+# -- a second hostile review: refolds, the stamp, clocks ---------------------------------------
+
+GRACE = evaluator_module.JOURNAL_DROP_GRACE
+
+
+def _refold_without_new_collections(store: MemoryStore, clock: Clock):
+    publish(store, "e1", at(0, 1))
+    publish(store, "e2", at(0, 1))
+    ev = evaluator(store, monotonic=clock)
+    assert counts(ev.evaluate(at(0, 45)))[:2] == (2, 0)
+    [taken] = store.journals
+    straggler = JournalEntry(TOPIC, "e1", epoch_ms(at(0, 1)), SUB, "", 1)
+    store.inject_journal({"_id": "straggler", "entries": [straggler.to_document()]}, taken)
+    clock.now = GRACE
+    assert counts(ev.evaluate(at(0, 46)))[:2] == (2, 1)  # refolded, nothing new taken
+    return ev
+
+
+def test_a_refold_saves_its_fold_stamp_first() -> None:
+    store = MemoryStore()
+    _refold_without_new_collections(store, Clock())
+    stamps = [int(d["_id"].split("|")[2].split(".")[0]) for d in store.digests.values()]
+    # Every stamp stored in a digest must be <= the stored fold stamp (load_fold_stamp's
+    # contract: "the highest fold stamp any evaluation may have stored in a digest").
+    assert max(stamps) <= store.fold_stamp, (max(stamps), store.fold_stamp)
+
+
+def test_a_clock_stepped_back_after_a_refold_leaves_a_stale_result_standing() -> None:
+    store = MemoryStore()
+    clock = Clock()
+    ev = _refold_without_new_collections(store, clock)
+    receive(store, "e2", at(0, 1))  # a new collection: this one does save a stamp
+    # The wall clock steps back half a second (NTP); same process.
+    assert counts(ev.evaluate(at(0, 45.5)))[:2] == (2, 2)
+    clock.now = 10 * GRACE
+    ev.evaluate(at(0, 45.6))  # every taken collection dropped (counts unchanged)
+    assert store.journals == {}
+    # A restart: the stored result with the highest version is the refold's (2, 1).
+    restarted = evaluator(store).evaluate(at(0, 47))
+    assert counts(restarted)[:2] == (2, 2)
+
+
+def test_an_equal_stamp_after_a_refold_loses_a_delta() -> None:
+    store = MemoryStore()
+    clock = Clock()
+    ev = _refold_without_new_collections(store, clock)
+    receive(store, "e2", at(0, 1))
+    # The clock stepped back to exactly the refold's millisecond: same fold token "M.0".
+    assert counts(ev.evaluate(at(0, 46)))[:2] == (2, 2)
+    clock.now = 10 * GRACE
+    ev.evaluate(at(0, 46) + timedelta(milliseconds=1))
+    assert store.journals == {}
+    restarted = evaluator(store).evaluate(at(0, 47))
+    assert counts(restarted)[:2] == (2, 2)
+
+
+def test_an_equal_stamp_after_a_refold_loses_the_receipt_from_the_digest_for_good() -> None:
+    store = MemoryStore()
+    clock = Clock()
+    ev = _refold_without_new_collections(store, clock)
+    receive(store, "e2", at(0, 1))
+    assert counts(ev.evaluate(at(0, 46)))[:2] == (2, 2)
+    clock.now = 10 * GRACE
+    ev.evaluate(at(0, 46) + timedelta(milliseconds=1))
+    digest = store.load_digest(TOPIC, at(0, 0))
+    assert set(digest.receipts.get(SUB, {})) == {"e1", "e2"}
+
+
+class StampFailsOnce(MemoryStore):
+    fail_stamp = False
+
+    def load_fold_stamp(self) -> int:
+        if self.fail_stamp:
+            self.fail_stamp = False
+            raise StoreError("injected: load_fold_stamp")
+        return super().load_fold_stamp()
+
+
+def test_a_failed_first_load_of_the_fold_stamp_is_not_taken_for_zero() -> None:
+    store = StampFailsOnce()
+    publish(store, "e1", at(0, 1))
+    assert counts(evaluator(store).evaluate(at(0, 45)))[:2] == (1, 0)  # process 1
+    receive(store, "e1", at(0, 1))
+    # Process 2, its clock 2 s behind process 1's: the results load, the stamp read fails.
+    store.fail_stamp = True
+    clock = Clock()
+    ev = evaluator(store, monotonic=clock)
+    with pytest.raises(StoreError):
+        ev.evaluate(at(0, 43))
+    assert counts(ev.evaluate(at(0, 43.5)))[:2] == (1, 1)
+    clock.now = 10 * GRACE
+    ev.evaluate(at(0, 44))  # taken collections dropped
+    # Process 3: the highest stored version is process 1's (1, 0).
+    assert counts(evaluator(store).evaluate(at(0, 50)))[:2] == (1, 1)
+
+
+def test_a_taken_name_made_from_any_clock_is_recognised() -> None:
+    now = datetime(1969, 12, 31, 23, 59, 50, tzinfo=UTC)
+    taken = partitions.taken_journal(now, "0a1b2c3d")
+    assert partitions.is_taken_journal(taken)
+    assert partitions.folded_documents(partitions.folded_journal(taken, 7)) == 7
+
+
+HOUR_MS = 3_600_000
+
+
+def after(minutes: float) -> datetime:
+    return at(0, 0) + timedelta(minutes=minutes)
+
+
+@pytest.mark.parametrize(
+    ("published", "written", "hour"),
+    [
+        (at(0, 0), at(0, 0), MS),  # 12:00 to 13:00
+        (after(59.99), after(59.99), MS),
+        (after(60), after(61), MS + HOUR_MS),
+        # A redelivery a day later carries the same publish time: the same hour, its receipt.
+        (at(0, 5), at(0, 5) + timedelta(days=1), MS),
+        # A receipt written late for an event published long ago goes to that old hour.
+        (at(0, 5) - timedelta(days=3), at(0, 5), MS - 72 * HOUR_MS),
+        # A publish time far ahead of its write (a broken clock): the write plus the tolerance.
+        (datetime(9999, 1, 1, tzinfo=UTC), at(0, 5), MS + HOUR_MS),
+        (at(0, 5) + timedelta(minutes=59), at(0, 5), MS),  # within the tolerance: as is
+    ],
+)
+def test_records_go_to_the_hour_of_their_publish_time(
+    published: datetime, written: datetime, hour: int
+) -> None:
+    assert partitions.record_partition("ReceivedRecord", published, written) == (
+        f"ReceivedRecord_{hour}"
+    )
+
+
+def test_retention_drops_whole_hours_and_never_a_record_published_after_the_cutoff() -> None:
+    store = MemoryStore()
+    for i, minute in enumerate((0, 30, 59, 60, 61)):
+        publish(store, f"e{i}", after(minute))
+        receive(store, f"e{i}", after(minute))
+    # The cutoff falls inside the 13:00 hour: only the 12:00 hour is dropped, whole.
+    deleted = store.delete_older_than(after(90))
+    assert (deleted["PublishRecord"], deleted["ReceivedRecord"]) == (3, 3)
+    assert sorted(d["eventID"] for d in store.published.values()) == ["e3", "e4"]
+    assert store.delete_older_than(after(120))["PublishRecord"] == 2
