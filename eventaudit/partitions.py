@@ -105,14 +105,16 @@ def bucket_partition(prefix: str, start: datetime) -> str:
     return f"{prefix}_{ms - ms % PARTITION_MS}"
 
 
-def record_partition(prefix: str, publish_time: datetime, written: datetime) -> str:
+def record_partition(prefix: str, publish_time: datetime, reference: datetime) -> str:
     """The publish record (prefix PUBLISH_COLLECTION) or receipt (RECEIVED_COLLECTION)
     collection a record goes to: the hour of its publish time, which every delivery of a
     message carries alike, so a redelivery finds its receipt and a retried batch its records.
-    A publish time further ahead of the write than the tolerance (a broken clock; the
-    subscriber never keeps one) counts as the write time plus the tolerance, so retention
-    reaches it."""
-    ms = min(epoch_ms(publish_time), epoch_ms(written) + _TOLERANCE_MS)
+    A publish time further ahead of `reference` than the tolerance (a broken clock) counts as
+    the reference plus the tolerance, so retention reaches it. The reference is fixed for a
+    record: a receipt's broker publish time (the subscriber keeps no publish time further
+    from it anyway), a publish record's write time (its publish time is the publisher's own
+    clock when it was made, so only a clock stepped back over an hour in between differs)."""
+    ms = min(epoch_ms(publish_time), epoch_ms(reference) + _TOLERANCE_MS)
     return f"{prefix}_{ms - ms % RECORD_PARTITION_MS}"
 
 

@@ -261,6 +261,17 @@ def _read_result(doc: dict[str, Any], legacy: bool) -> tuple[int, BucketResult] 
         result = BucketResult.from_document(doc)
         if not isinstance(result.topic, str) or not isinstance(result.start, datetime):
             raise TypeError("topic or bucketStart of the wrong type")
+        if not 0 <= result.published < 2**31:
+            raise ValueError(f"published {result.published}")
+        for name, c in result.subscriptions.items():
+            if not isinstance(name, str):
+                raise TypeError(f"subscription name {name!r}")
+            if not (
+                0 <= c.received <= result.published
+                and 0 <= c.duplicates < 2**31
+                and 0 <= c.unmatched < 2**31
+            ):
+                raise ValueError(f"impossible counts for {name}: {c}")
     except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
         log.error("bucket result %r unreadable, skipped: %s", doc.get("_id"), exc)
         return None
@@ -357,17 +368,20 @@ class MongoStore:
 
     def ensure_indexes(self) -> None:
         """Nothing needs an index beyond `_id` any more: records are read by `_id` within
-        their hour, digests by `digest` (indexed per partition as it is created). Drops the
-        indexes of earlier releases' unpartitioned record collections, where they exist
-        (every index is one more write per record)."""
+        their hour, digests by `digest` (indexed per partition as it is created). In the
+        unpartitioned record collections of earlier releases, drops the indexes nothing
+        queries (retention still deletes there by publishTime and createdTime)."""
         try:
             names = set(self.db.list_collection_names())
-            for prefix in (PUBLISH_COLLECTION, RECEIVED_COLLECTION):
+            for prefix, obsolete in (
+                (PUBLISH_COLLECTION, ("eventID_unique", "topic_publishTime")),
+                (RECEIVED_COLLECTION, ("subscription_publishTime", "writtenTime")),
+            ):
                 if prefix not in names:
                     continue
                 collection = self.db[prefix]
                 for name in collection.index_information():
-                    if name != "_id_":
+                    if name in obsolete:
                         _drop_index(collection, name)
         except PyMongoError as exc:
             raise StoreError(f"could not ensure indexes: {exc}") from exc
@@ -446,7 +460,7 @@ class MongoStore:
         items = list(folded.items())
         by_hour: dict[str, list[int]] = {}
         for i, (_, (r, _, _, _)) in enumerate(items):
-            name = record_partition(RECEIVED_COLLECTION, r.publish_time, now)
+            name = record_partition(RECEIVED_COLLECTION, r.publish_time, r.broker_publish_time)
             by_hour.setdefault(name, []).append(i)
         docs = [
             {
@@ -757,18 +771,18 @@ class MongoStore:
         past the retention); digests and results before `cutoff` too. The unpartitioned
         collections of earlier releases are emptied by delete (records published before
         `cutoff`, or written before `cutoff - PUBLISH_TIME_TOLERANCE`), then dropped. Counts
-        the records dropped (estimated) or deleted, per kind, and the digest and result
-        collections dropped."""
+        the collections dropped per kind (counting their documents would read them whole on
+        FerretDB), and the records deleted from the unpartitioned ones."""
         counts: dict[str, int] = {}
         try:
             names = self._collections()
             for prefix in (PUBLISH_COLLECTION, RECEIVED_COLLECTION):
-                counts[prefix] = 0
-                for name in partitions_before(names, prefix, cutoff):
-                    counts[prefix] += self.db[name].estimated_document_count()
+                old = partitions_before(names, prefix, cutoff)
+                for name in old:
                     self.db.drop_collection(name)
+                counts[prefix] = len(old)
                 if prefix in names:
-                    counts[prefix] += self._delete_legacy_records(prefix, cutoff)
+                    counts[f"{prefix} (deleted)"] = self._delete_legacy_records(prefix, cutoff)
             counts.update(self.prune_buckets(cutoff))
         except PyMongoError as exc:
             raise StoreError(f"retention failed: {exc}") from exc

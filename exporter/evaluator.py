@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -149,6 +150,8 @@ class Evaluator(Collector):
         self._cached_events = 0
         self._folded: dict[str, tuple[int, float]] = {}
         """Taken journal collections folded whole: how many documents, when they were read."""
+        self._seen: dict[str, frozenset[Any]] = {}
+        """The `_id`s this process folded of each of them."""
         self._saves = 0
 
     def evaluate(self, now: datetime) -> Snapshot:
@@ -173,6 +176,7 @@ class Evaluator(Collector):
         try:
             taken = self._store.take_journal(now)
             self._folded = {n: v for n, v in self._folded.items() if n in taken}
+            self._seen = {n: v for n, v in self._seen.items() if n in self._folded}
             for name in taken:
                 documents = folded_documents(name)
                 if documents is not None and name not in self._folded:
@@ -207,13 +211,21 @@ class Evaluator(Collector):
             self._store.save_fold_stamp(merged)
             self._merged = merged
         read = 0
+        seen = set(self._seen.pop(name, ()))
         documents = iter(self._store.read_journal(name))
         while batches := tuple(itertools.islice(documents, self._round)):
-            self._fold(batches, span, merged, now)
-            self._evict(span[0] + self._span)
             read += len(batches)
+            # Folded already by this process (a collection grown by a straggler): folding
+            # again changes nothing but may read digests no longer cached.
+            new = tuple(b for b in batches if b.id is None or b.id not in seen)
+            if new:
+                self._fold(new, span, merged, now)
+                self._evict(span[0] + self._span)
+            seen.update(b.id for b in new if b.id is not None)
         self._folded.pop(name, None)
-        self._folded[self._store.mark_folded(name, read)] = (read, self._monotonic())
+        folded = self._store.mark_folded(name, read)
+        self._folded[folded] = (read, self._monotonic())
+        self._seen[folded] = frozenset(seen)
 
     def _drop_folded(self, span: tuple[datetime, datetime], merged: int, now: datetime) -> None:
         """Drop each folded journal collection once JOURNAL_DROP_GRACE has passed since it was
@@ -228,6 +240,7 @@ class Evaluator(Collector):
             if self._store.count_journal(name) == read:
                 self._store.drop_journal(name)
                 del self._folded[name]
+                self._seen.pop(name, None)
                 continue
             log.warning("journal %s grew after it was taken: folding it again", name)
             self._fold_collection(name, span, merged, now)

@@ -78,7 +78,9 @@ class MemoryStore:
             self._check()
             duplicates = []
             for r in records:
-                key = publish_key(r.topic, r.event_id)
+                # Keyed within the hour, like MongoStore's hourly collections.
+                hour = record_partition("PublishRecord", r.publish_time, now)
+                key = f"{hour}|{publish_key(r.topic, r.event_id)}"
                 stored = self.published.get(key)
                 if stored is None:
                     self.published[key] = r.to_document(now)
@@ -93,7 +95,8 @@ class MemoryStore:
             self._check()
             entries: dict[str, JournalEntry] = {}
             for r in receipts:
-                key = receipt_key(r.subscription, r.event_id)
+                hour = record_partition("ReceivedRecord", r.publish_time, r.broker_publish_time)
+                key = f"{hour}|{receipt_key(r.subscription, r.event_id)}"
                 doc = self.received.get(key)
                 if doc is None:
                     doc = self.received[key] = {
@@ -121,6 +124,20 @@ class MemoryStore:
                     doc["deliveries"],
                 )
             self._append_journal(list(entries.values()), now)
+
+    def receipt(self, subscription: str, event_id: str) -> dict[str, Any]:
+        """The receipt of (subscription, eventID), whatever its hour (KeyError if none)."""
+        key = receipt_key(subscription, event_id)
+        return next(d for k, d in self.received.items() if k.split("|", 1)[1] == key)
+
+    def publish_keys(self) -> list[str]:
+        """The `_id`s of the publish records, without their hour."""
+        return [k.split("|", 1)[1] for k in self.published]
+
+    def publish_record(self, topic: str, event_id: str) -> dict[str, Any]:
+        """The publish record of (topic, eventID), whatever its hour."""
+        key = publish_key(topic, event_id)
+        return next(d for k, d in self.published.items() if k.split("|", 1)[1] == key)
 
     def _append_journal(self, entries: Sequence[JournalEntry], now: datetime) -> None:
         for doc in journal_documents(f"j{len(self.journal_written)}", entries, now):
@@ -234,21 +251,18 @@ class MemoryStore:
             return dropped
 
     def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
-        """Drops whole hours of records, like MongoStore."""
+        """Drops whole hours of records, like MongoStore; counts the hours."""
         with self._lock:
             self._check()
             counts = {}
             tables = (("PublishRecord", self.published), ("ReceivedRecord", self.received))
             for name, table in tables:
-                hours = {
-                    k: record_partition(name, d["publishTime"], d["createdTime"])
-                    for k, d in table.items()
-                }
+                hours = {k: k.split("|", 1)[0] for k in table}
                 old = set(partitions_before(set(hours.values()), name, cutoff))
                 gone = [k for k, hour in hours.items() if hour in old]
                 for k in gone:
                     del table[k]
-                counts[name] = len(gone)
+                counts[name] = len(old)  # hours dropped, like MongoStore
         counts.update(self.prune_buckets(cutoff))
         return counts
 

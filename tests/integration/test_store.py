@@ -234,6 +234,31 @@ def test_results_of_the_release_before_are_read_as_legacy_and_kept_while_a_windo
         {"_id": "z", "version": 1, "topic": "t", "bucketStart": "noon", "published": 1},
         {"_id": "w", "version": "9", "topic": "t", "bucketStart": T0, "published": 1},
         {"_id": "v", "version": 1, "topic": "t", "bucketStart": T0, "published": "many"},
+        {"_id": "u", "version": 1, "topic": "t", "bucketStart": T0, "published": -1},
+        {
+            "_id": "s",
+            "version": 1,
+            "topic": "t",
+            "bucketStart": T0,
+            "published": 1,
+            "subscriptions": [{"name": 5, "received": 1, "duplicates": 0, "unmatched": 0}],
+        },
+        {
+            "_id": "r",
+            "version": 1,
+            "topic": "t",
+            "bucketStart": T0,
+            "published": 1,
+            "subscriptions": [{"name": "s", "received": 2, "duplicates": 0, "unmatched": 0}],
+        },
+        {
+            "_id": "q",
+            "version": 1,
+            "topic": "t",
+            "bucketStart": T0,
+            "published": 1,
+            "subscriptions": [{"name": "s", "received": 1, "duplicates": -3, "unmatched": 0}],
+        },
     ],
 )
 def test_a_hostile_document_among_the_results_is_skipped(

@@ -1011,6 +1011,27 @@ def test_retention_drops_whole_hours_and_never_a_record_published_after_the_cuto
         receive(store, f"e{i}", after(minute))
     # The cutoff falls inside the 13:00 hour: only the 12:00 hour is dropped, whole.
     deleted = store.delete_older_than(after(90))
-    assert (deleted["PublishRecord"], deleted["ReceivedRecord"]) == (3, 3)
+    assert (deleted["PublishRecord"], deleted["ReceivedRecord"]) == (1, 1)  # hours
     assert sorted(d["eventID"] for d in store.published.values()) == ["e3", "e4"]
-    assert store.delete_older_than(after(120))["PublishRecord"] == 2
+    assert store.delete_older_than(after(120))["PublishRecord"] == 1
+    assert store.published == {}
+
+
+def test_a_refold_after_a_straggler_folds_only_the_new_documents() -> None:
+    store = FaultyStore()
+    for i in range(3):
+        publish(store, f"e{i}", at(0, 1))
+    clock = Clock()
+    ev = evaluator(store, windows=[HOUR], monotonic=clock)
+    ev.evaluate(at(0, 45))
+    [taken] = store.journals
+    receipt = JournalEntry(TOPIC, "e1", epoch_ms(at(0, 1)), SUB, "", 1)
+    store.inject_journal({"_id": "straggler", "entries": [receipt.to_document()]}, taken)
+    ev.evaluate(at(5, 0))  # the bucket of 12:00:00 is long out of the cache
+    clock.now = evaluator_module.JOURNAL_DROP_GRACE
+    reads = store.digest_reads
+    folded = _journal_counts(ev)["folded"]
+    snapshot = ev.evaluate(at(5, 1))
+    assert _journal_counts(ev)["folded"] - folded == 1  # the straggler's entry, not e0..e2 again
+    assert store.digest_reads - reads == 1
+    assert counts(snapshot, window="1h")[:2] == (3, 1)

@@ -215,8 +215,11 @@ def test_same_event_id_on_two_topics_is_two_records_a_retry_retried_and_a_reuse_
     buffer.start()
     assert buffer.flush(timeout=30)
     buffer.close(timeout=5)
-    assert sorted(store.published) == [publish_key("other-topic", "e1"), publish_key("topic", "e1")]
-    assert store.published[publish_key("topic", "e1")]["messageId"] == first.message_id
+    assert sorted(store.publish_keys()) == [
+        publish_key("other-topic", "e1"),
+        publish_key("topic", "e1"),
+    ]
+    assert store.publish_record("topic", "e1")["messageId"] == first.message_id
     assert _sample(registry, "written") == 2
     assert _sample(registry, "retried") == 1
     assert _sample(registry, "conflict") == 1
@@ -353,7 +356,7 @@ def test_an_unexpected_write_error_keeps_the_writer_and_the_records(error, caplo
     buffer.start()
     assert buffer.flush(timeout=30)
     assert buffer.writer_alive()
-    assert sorted(store.published) == sorted(publish_key("topic", f"e{i}") for i in range(10))
+    assert sorted(store.publish_keys()) == sorted(publish_key("topic", f"e{i}") for i in range(10))
     assert store.calls[:3] == [["e0", "e1", "e2", "e3"]] * 3  # the same batch, in order
     assert _sample(registry, "write_error") == 2
     assert _sample(registry, "written") == 10
@@ -379,7 +382,7 @@ def test_a_record_that_can_never_be_written_is_dropped_alone_never_retried_forev
     assert buffer.writer_alive()
     # The batch holding e5 failed 3 times, then its records went one by one; e5 alone failed
     # 3 more times and is the only one lost.
-    assert sorted(store.published) == sorted(
+    assert sorted(store.publish_keys()) == sorted(
         publish_key("topic", f"e{i}") for i in range(10) if i != 5
     )
     assert store.calls == (
