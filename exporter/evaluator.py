@@ -370,7 +370,7 @@ class Evaluator(Collector):
         yield family
         yield GaugeMetricFamily(
             "eventaudit_journal_backlog",
-            "1 when the last evaluation left journal documents to the next (a burst).",
+            "1 when the last evaluation left journal collections to the next (a burst).",
             value=int(backlog),
         )
         yield GaugeMetricFamily(
