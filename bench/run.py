@@ -276,7 +276,7 @@ def _exporter_case(store: MongoStore, stored: int, now: datetime) -> dict[str, f
     window = snapshot.window("1h")
     assert window is not None
     listings = []
-    for _ in range(50):
+    for _ in range(1000):
         started = time.perf_counter()
         listed = list_missed(snapshot, store, TOPIC, SUBS[0], window, 100)
         listings.append(time.perf_counter() - started)

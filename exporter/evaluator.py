@@ -196,7 +196,7 @@ class Evaluator(Collector):
             raise
         self._backlog = bool(left)
         self._results = {k: v for k, v in self._results.items() if k[1] >= oldest}
-        self._evict(frontier)
+        self._evict(oldest)
         self._prune(oldest)
         return self._snapshot(now, frontier, merged)
 
@@ -220,7 +220,7 @@ class Evaluator(Collector):
             new = tuple(b for b in batches if b.id is None or b.id not in seen)
             if new:
                 self._fold(new, span, merged, now)
-                self._evict(span[0] + self._span)
+                self._evict(span[0])
             seen.update(b.id for b in new if b.id is not None)
         self._folded.pop(name, None)
         folded = self._store.mark_folded(name, read)
@@ -313,8 +313,11 @@ class Evaluator(Collector):
         fresh = [r for key, r in results.items() if self._results.get(key) != r]
         self._store.save_bucket_results(fresh, now, merged * _SAVES + self._saves)
         self._saves += 1
-        # Commit in memory only once everything is stored.
-        self._digests.update(touched)
+        # Commit in memory only once everything is stored; the digests just folded into are
+        # the most recently used.
+        for key, digest in touched.items():
+            self._digests.pop(key, None)
+            self._digests[key] = digest
         self._results.update(((r.topic, r.start), r) for r in fresh)
         with self._lock:
             for outcome, n in counts.items():
@@ -330,24 +333,22 @@ class Evaluator(Collector):
                 counts["malformed"],
             )
 
-    def _evict(self, frontier: datetime) -> None:
-        """Keep the digests of the buckets new records still fall in, within CACHE_EVENTS."""
-        keep = frontier - self._bucket
-        recent = sorted(
-            ((k, d) for k, d in self._digests.items() if k[1] >= keep),
-            key=lambda kd: kd[0][1],
-            reverse=True,
-        )
-        kept: dict[BucketKey, BucketDigest] = {}
+    def _evict(self, oldest: datetime) -> None:
+        """Keep the digests folded into most recently, within CACHE_EVENTS, and none that no
+        window reaches: the buckets new records fall in, and those a burst or a late receipt
+        is still filling (each reload would read the digest's partition)."""
+        kept: list[tuple[BucketKey, BucketDigest]] = []
         size = 0
-        for key, digest in recent:
+        for key, digest in reversed(self._digests.items()):
+            if key[1] < oldest:
+                continue
             events = _events(digest)
             if size + events > CACHE_EVENTS:
                 break
-            kept[key] = digest
+            kept.append((key, digest))
             size += events
         # Counted here, on the evaluation thread: a scrape must not walk digests being folded.
-        self._digests, self._cached_events = kept, size
+        self._digests, self._cached_events = dict(reversed(kept)), size
 
     @property
     def folded_journals(self) -> frozenset[str]:

@@ -217,7 +217,7 @@ def test_digest_deltas_hold_what_changed_and_their_union_is_the_digest() -> None
     first = digest.deltas("f1")
     digest.stored()
     assert digest.deltas("f2") == []  # nothing changed since
-    redelivered = dataclasses.replace(ENTRIES[-1], deliveries=ENTRIES[-1].deliveries + 5)
+    redelivered = ENTRIES[-1]._replace(deliveries=ENTRIES[-1].deliveries + 5)
     late = JournalEntry(TOPIC, "late", MS + 9, None, "c" * 32)
     assert digest.merge(redelivered, merged=50) and digest.merge(late, merged=50)
     [second] = digest.deltas("f2")
@@ -417,7 +417,10 @@ def test_an_evaluation_with_nothing_new_reads_no_digest_and_recounts_nothing() -
     assert store.digest_reads == reads
 
 
-def test_new_records_read_the_digests_of_their_buckets_only() -> None:
+def test_new_records_read_the_digests_of_their_buckets_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(evaluator_module, "CACHE_EVENTS", 5)  # older buckets leave the cache
     store = MemoryStore()
     _traffic(store)
     ev = evaluator(store, windows=[HOUR])
@@ -730,7 +733,10 @@ def test_a_result_listing_that_does_not_read_back_falls_back_to_the_digest() -> 
     assert store.digest_reads - reads == 1
 
 
-def test_a_failed_digest_read_for_a_late_record_counts_it_next_time() -> None:
+def test_a_failed_digest_read_for_a_late_record_counts_it_next_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(evaluator_module, "CACHE_EVENTS", 5)  # older buckets leave the cache
     store = FaultyStore()
     _traffic(store)
     ev = evaluator(store)
@@ -1017,7 +1023,10 @@ def test_retention_drops_whole_hours_and_never_a_record_published_after_the_cuto
     assert store.published == {}
 
 
-def test_a_refold_after_a_straggler_folds_only_the_new_documents() -> None:
+def test_a_refold_after_a_straggler_folds_only_the_new_documents(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(evaluator_module, "CACHE_EVENTS", 2)  # its bucket leaves the cache
     store = FaultyStore()
     for i in range(3):
         publish(store, f"e{i}", at(0, 1))
@@ -1035,3 +1044,18 @@ def test_a_refold_after_a_straggler_folds_only_the_new_documents() -> None:
     assert _journal_counts(ev)["folded"] - folded == 1  # the straggler's entry, not e0..e2 again
     assert store.digest_reads - reads == 1
     assert counts(snapshot, window="1h")[:2] == (3, 1)
+
+
+def test_a_burst_over_old_buckets_reads_each_digest_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A publisher flushing after an outage: records for settled buckets, over several rounds.
+    store = MemoryStore()
+    for i in range(40):
+        publish(store, f"e{i}", at(0, i % 20), written=at(0, 1) + timedelta(seconds=10 * i))
+    ev = evaluator(store, windows=[HOUR], round_batches=1)
+    ev.evaluate(at(0, 45))  # results for 12:00:00 and 12:00:10 exist from here on
+    for i in range(40, 80):
+        publish(store, f"e{i}", at(0, i % 20), written=at(5, 0) + timedelta(seconds=10 * i))
+    reads = store.digest_reads
+    snapshot = ev.evaluate(at(12, 0))  # forty collections, one document each: forty rounds
+    assert counts(snapshot, window="1h")[0] == 80
+    assert store.digest_reads - reads == 0  # kept in memory between rounds, never reloaded
