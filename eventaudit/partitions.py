@@ -64,8 +64,7 @@ _TOLERANCE_MS = int(PUBLISH_TIME_TOLERANCE.total_seconds() * 1000)
 
 def journal_collection(now: datetime) -> str:
     """Where a writer journals at `now` (its clock)."""
-    ms = epoch_ms(now)
-    return f"{JOURNAL_COLLECTION}_{ms - ms % JOURNAL_SLOT_MS}"
+    return _named(JOURNAL_COLLECTION, epoch_ms(now), JOURNAL_SLOT_MS)
 
 
 def is_live_journal(name: str) -> bool:
@@ -101,8 +100,7 @@ def folded_documents(name: str) -> int | None:
 def bucket_partition(prefix: str, start: datetime) -> str:
     """The digest (prefix DIGEST_COLLECTION) or result (BUCKET_COLLECTION) collection that
     holds the bucket starting at `start`."""
-    ms = epoch_ms(start)
-    return f"{prefix}_{ms - ms % PARTITION_MS}"
+    return _named(prefix, epoch_ms(start), PARTITION_MS)
 
 
 def record_partition(prefix: str, publish_time: datetime, reference: datetime) -> str:
@@ -115,7 +113,12 @@ def record_partition(prefix: str, publish_time: datetime, reference: datetime) -
     from it anyway), a publish record's write time (its publish time is the publisher's own
     clock when it was made, so only a clock stepped back over an hour in between differs)."""
     ms = min(epoch_ms(publish_time), epoch_ms(reference) + _TOLERANCE_MS)
-    return f"{prefix}_{ms - ms % RECORD_PARTITION_MS}"
+    return _named(prefix, ms, RECORD_PARTITION_MS)
+
+
+def _named(prefix: str, ms: int, span: int) -> str:
+    """The collection of `prefix` holding the `span` (ms) that `ms` falls in."""
+    return f"{prefix}_{ms - ms % span}"
 
 
 def partition_start(name: str, prefix: str) -> int | None:
@@ -127,25 +130,25 @@ def partition_start(name: str, prefix: str) -> int | None:
     return int(match.group(2))
 
 
+def _starts(names: Iterable[str], prefix: str) -> list[tuple[int, str]]:
+    """(first start, name) of every partition of `prefix`, oldest first."""
+    starts = ((partition_start(n, prefix), n) for n in names)
+    return sorted((s, n) for s, n in starts if s is not None)
+
+
 def partitions_of(names: Iterable[str], prefix: str) -> list[str]:
     """Every partition of `prefix`, oldest first."""
-    starts = ((partition_start(n, prefix), n) for n in names)
-    return [n for s, n in sorted((s, n) for s, n in starts if s is not None)]
+    return [n for _, n in _starts(names, prefix)]
 
 
 def partitions_since(names: Iterable[str], prefix: str, since: datetime) -> list[str]:
     """Partitions of `prefix` that hold some bucket (or record) starting at or after `since`,
     oldest first."""
-    edge = epoch_ms(since)
-    starts = ((partition_start(n, prefix), n) for n in names)
-    return [
-        n for s, n in sorted((s, n) for s, n in starts if s is not None) if s + PARTITION_MS > edge
-    ]
+    edge, span = epoch_ms(since), _SPANS[prefix]
+    return [n for s, n in _starts(names, prefix) if s + span > edge]
 
 
 def partitions_before(names: Iterable[str], prefix: str, before: datetime) -> list[str]:
     """Partitions of `prefix` whose every bucket (or record) starts before `before`."""
-    edge = epoch_ms(before)
-    starts = ((partition_start(n, prefix), n) for n in names)
-    span = _SPANS[prefix]
-    return sorted(n for s, n in starts if s is not None and s + span <= edge)
+    edge, span = epoch_ms(before), _SPANS[prefix]
+    return [n for s, n in _starts(names, prefix) if s + span <= edge]

@@ -250,6 +250,25 @@ def publish_entries(
     ]
 
 
+def _insert_new(
+    collection: Collection[dict[str, Any]], docs: list[dict[str, Any]], what: str
+) -> list[int]:
+    """Insert `docs` unordered; the indexes of those whose `_id` was already taken. Any other
+    failure is a StoreError naming `what`."""
+    try:
+        collection.insert_many(docs, ordered=False)
+    except BulkWriteError as exc:
+        errors = exc.details.get("writeErrors", [])
+        if any(e.get("code") != _DUPLICATE_KEY for e in errors) or exc.details.get(
+            "writeConcernErrors"
+        ):
+            raise StoreError(f"{what} not written: {errors[:3]}") from exc
+        return [e["index"] for e in errors]
+    except PyMongoError as exc:
+        raise StoreError(f"{what} not written: {exc}") from exc
+    return []
+
+
 def _read_result(doc: dict[str, Any], legacy: bool) -> tuple[int, BucketResult] | None:
     """(version, result) of a stored result document; None (logged) for one that is not."""
     version = -1 if legacy else doc.get("version")
@@ -409,17 +428,8 @@ class MongoStore:
         duplicates: list[tuple[str, PublishRecord]] = []
         for name, batch in by_hour.items():
             docs = [{"_id": publish_key(r.topic, r.event_id), **r.to_document(now)} for r in batch]
-            try:
-                self.db[name].insert_many(docs, ordered=False)
-            except BulkWriteError as exc:
-                errors = exc.details.get("writeErrors", [])
-                if any(e.get("code") != _DUPLICATE_KEY for e in errors) or exc.details.get(
-                    "writeConcernErrors"
-                ):
-                    raise StoreError(f"publish records not written: {errors[:3]}") from exc
-                duplicates += [(name, batch[e["index"]]) for e in errors]
-            except PyMongoError as exc:
-                raise StoreError(f"publish records not written: {exc}") from exc
+            taken = _insert_new(self.db[name], docs, "publish records")
+            duplicates += [(name, batch[i]) for i in taken]
         # One read by `_id` per duplicate, in its hour (indexed on MongoDB; a scan of that
         # hour on FerretDB 1.24, whose `_id` filter misses its own index: duplicates are rare).
         try:
@@ -482,17 +492,8 @@ class MongoStore:
         ]
         existing: list[tuple[str, tuple[str, tuple[Receipt, int, datetime, datetime]]]] = []
         for name, indexes in by_hour.items():
-            try:
-                self.db[name].insert_many([docs[i] for i in indexes], ordered=False)
-            except BulkWriteError as exc:
-                errors = exc.details.get("writeErrors", [])
-                if any(e.get("code") != _DUPLICATE_KEY for e in errors) or exc.details.get(
-                    "writeConcernErrors"
-                ):
-                    raise StoreError(f"receipts not written: {errors[:3]}") from exc
-                existing += [(name, items[indexes[e["index"]]]) for e in errors]
-            except PyMongoError as exc:
-                raise StoreError(f"receipts not written: {exc}") from exc
+            taken = _insert_new(self.db[name], [docs[i] for i in indexes], "receipts")
+            existing += [(name, items[indexes[i]]) for i in taken]
         redelivered = {key for _, (key, _) in existing}
         entries = [
             JournalEntry(r.topic, r.event_id, epoch_ms(r.publish_time), r.subscription, "", n)
@@ -569,13 +570,18 @@ class MongoStore:
         next insert creates the name afresh); return every taken one, folded or not, this
         call's and any earlier one's not yet dropped."""
         try:
-            for name in self._collections(is_live_journal):
+            names = self._collections()
+            taken = [n for n in names if is_taken_journal(n)]
+            for name in filter(is_live_journal, names):
+                target = taken_journal(now, uuid.uuid4().hex[:8])
                 try:
-                    self.db[name].rename(taken_journal(now, uuid.uuid4().hex[:8]))
+                    self.db[name].rename(target)
                 except OperationFailure as exc:
                     if exc.code != _NAMESPACE_NOT_FOUND:  # dropped or taken meanwhile
                         raise
-            return self._collections(is_taken_journal)
+                    continue
+                taken.append(target)
+            return sorted(taken)
         except PyMongoError as exc:
             raise StoreError(f"could not take the journal: {exc}") from exc
 

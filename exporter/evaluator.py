@@ -79,6 +79,17 @@ class SubscriptionWindow:
 BucketKey = tuple[str, datetime]
 
 
+@dataclass(frozen=True, slots=True)
+class _Folded:
+    """A taken journal collection folded whole."""
+
+    documents: int
+    read_at: float
+    """monotonic time it was read"""
+    ids: frozenset[Any] = frozenset()
+    """the `_id`s this process folded (none known for one an earlier process folded)"""
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """The result of one evaluation, read by scrapes and the HTTP API.
@@ -148,10 +159,8 @@ class Evaluator(Collector):
         self._backlog = False
         self._pruned: datetime | None = None
         self._cached_events = 0
-        self._folded: dict[str, tuple[int, float]] = {}
-        """Taken journal collections folded whole: how many documents, when they were read."""
-        self._seen: dict[str, frozenset[Any]] = {}
-        """The `_id`s this process folded of each of them."""
+        self._folded: dict[str, _Folded] = {}
+        """Taken journal collections folded whole, waiting for JOURNAL_DROP_GRACE to drop."""
         self._saves = 0
 
     def evaluate(self, now: datetime) -> Snapshot:
@@ -176,12 +185,11 @@ class Evaluator(Collector):
         try:
             taken = self._store.take_journal(now)
             self._folded = {n: v for n, v in self._folded.items() if n in taken}
-            self._seen = {n: v for n, v in self._seen.items() if n in self._folded}
             for name in taken:
                 documents = folded_documents(name)
                 if documents is not None and name not in self._folded:
                     # Folded by an earlier process (or by this one before a failure).
-                    self._folded[name] = (documents, self._monotonic())
+                    self._folded[name] = _Folded(documents, self._monotonic())
             unread = [n for n in taken if n not in self._folded]
             left: list[str] = []
             for i, name in enumerate(unread):
@@ -211,7 +219,8 @@ class Evaluator(Collector):
             self._store.save_fold_stamp(merged)
             self._merged = merged
         read = 0
-        seen = set(self._seen.pop(name, ()))
+        before = self._folded.get(name)
+        seen = set(before.ids if before else ())
         documents = iter(self._store.read_journal(name))
         while batches := tuple(itertools.islice(documents, self._round)):
             read += len(batches)
@@ -224,8 +233,7 @@ class Evaluator(Collector):
             seen.update(b.id for b in new if b.id is not None)
         self._folded.pop(name, None)
         folded = self._store.mark_folded(name, read)
-        self._folded[folded] = (read, self._monotonic())
-        self._seen[folded] = frozenset(seen)
+        self._folded[folded] = _Folded(read, self._monotonic(), frozenset(seen))
 
     def _drop_folded(self, span: tuple[datetime, datetime], merged: int, now: datetime) -> None:
         """Drop each folded journal collection once JOURNAL_DROP_GRACE has passed since it was
@@ -234,13 +242,12 @@ class Evaluator(Collector):
         into it until its transaction commits (SQLite's busy timeout there is 10 s); such a
         straggler is folded first (the whole collection again: folding is idempotent), and
         the collection dropped a grace later. On MongoDB a rename excludes inserts."""
-        for name, (read, read_at) in list(self._folded.items()):
-            if self._monotonic() - read_at < JOURNAL_DROP_GRACE:
+        for name, folded in list(self._folded.items()):
+            if self._monotonic() - folded.read_at < JOURNAL_DROP_GRACE:
                 continue
-            if self._store.count_journal(name) == read:
+            if self._store.count_journal(name) == folded.documents:
                 self._store.drop_journal(name)
                 del self._folded[name]
-                self._seen.pop(name, None)
                 continue
             log.warning("journal %s grew after it was taken: folding it again", name)
             self._fold_collection(name, span, merged, now)

@@ -281,3 +281,24 @@ def test_an_undecodable_journal_document_is_counted_malformed_not_raised(store: 
     assert store.count_journal(taken) == 2
     folded = store.mark_folded(taken, 2)
     assert store.take_journal(T0) == [folded] and folded.endswith("_2")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "EventJournal_\u0661\u0662",  # Arabic-Indic digits
+        "EventJournal_99999999999999999999",  # more digits than any clock
+        "EventJournalTaken_1_zzzzzzzz",
+        "EventJournalFolded_1_0a1b2c3d_-1",
+        "BucketResult_\u00b2",  # superscript two
+        "PublishRecord_1e3",
+    ],
+)
+def test_collections_named_almost_like_ours_are_left_alone(store: MongoStore, name: str) -> None:
+    store.db[name].insert_one({"_id": "x", "entries": ["p|topic-a|evil|t|1"]})
+    store.insert_publish_records([PublishRecord("e0", "t" * 32, "topic-a", "{}", "m0", T0)], T0)
+    [taken] = store.take_journal(T0)
+    assert [len(b.entries) for b in store.read_journal(taken)] == [1]
+    assert store.load_bucket_results(T0 - timedelta(days=1)) == []
+    store.delete_older_than(T0 + timedelta(days=30))
+    assert name in store.db.list_collection_names()  # neither taken, read nor dropped

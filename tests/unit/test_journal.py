@@ -919,15 +919,21 @@ def test_a_clock_stepped_back_after_a_refold_leaves_a_stale_result_standing() ->
     assert counts(restarted)[:2] == (2, 2)
 
 
-def test_an_equal_stamp_after_a_refold_loses_a_delta() -> None:
-    store = MemoryStore()
+def _fold_at_the_refolds_stamp(store: MemoryStore) -> None:
+    """A refold, then a receipt folded with the clock stepped back to exactly the refold's
+    millisecond (the same fold token "M.0" but for the stored stamp), then every taken
+    collection dropped."""
     clock = Clock()
     ev = _refold_without_new_collections(store, clock)
     receive(store, "e2", at(0, 1))
-    # The clock stepped back to exactly the refold's millisecond: same fold token "M.0".
     assert counts(ev.evaluate(at(0, 46)))[:2] == (2, 2)
     clock.now = 10 * GRACE
     ev.evaluate(at(0, 46) + timedelta(milliseconds=1))
+
+
+def test_an_equal_stamp_after_a_refold_loses_a_delta() -> None:
+    store = MemoryStore()
+    _fold_at_the_refolds_stamp(store)
     assert store.journals == {}
     restarted = evaluator(store).evaluate(at(0, 47))
     assert counts(restarted)[:2] == (2, 2)
@@ -935,12 +941,7 @@ def test_an_equal_stamp_after_a_refold_loses_a_delta() -> None:
 
 def test_an_equal_stamp_after_a_refold_loses_the_receipt_from_the_digest_for_good() -> None:
     store = MemoryStore()
-    clock = Clock()
-    ev = _refold_without_new_collections(store, clock)
-    receive(store, "e2", at(0, 1))
-    assert counts(ev.evaluate(at(0, 46)))[:2] == (2, 2)
-    clock.now = 10 * GRACE
-    ev.evaluate(at(0, 46) + timedelta(milliseconds=1))
+    _fold_at_the_refolds_stamp(store)
     digest = store.load_digest(TOPIC, at(0, 0))
     assert set(digest.receipts.get(SUB, {})) == {"e1", "e2"}
 
