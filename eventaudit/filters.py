@@ -168,9 +168,9 @@ class _Parser:
             self.depth += 1
             if self.depth > _MAX_DEPTH:
                 raise FilterError("filter is nested too deeply")
-            node = Not(self.term())
+            negated = Not(self.term())
             self.depth -= 1
-            return node
+            return negated
         if self.at("op", "("):
             self.pos += 1
             node = self.expression()
