@@ -223,6 +223,79 @@ def normalize_options(options: object) -> str:
     return text
 
 
+# The audit keeps an event's own attributes (those a subscription filter can refer to) in its
+# publish record and journal entry, as compact JSON: at most this many bytes of it.
+MAX_EVENT_ATTRIBUTES_BYTES = 1024
+_MAX_ATTRIBUTE_KEY_BYTES = 256
+_CONTRACT_ATTRIBUTES = frozenset(
+    {EVENT_ID, PUBLISH_TIME, CLOUD_TRACE_CONTEXT, TRACEPARENT, OPTIONS}
+)
+
+
+def validate_event_attributes(attributes: object) -> dict[str, str]:
+    """An event's own attributes, checked: a JSON object of strings (a JSON text or a mapping),
+    none named like the audit's own or starting with `goog`, keys 1..256 bytes, at most
+    MAX_EVENT_ATTRIBUTES_BYTES as compact JSON (what the audit keeps to evaluate filters).
+    ValueError says why."""
+    if attributes is None:
+        return {}
+    if isinstance(attributes, str):
+        try:
+            attributes = loads_finite_json(attributes)
+        except RecursionError as exc:
+            raise ValueError("attributes are nested too deeply") from exc
+        except ValueError as exc:
+            raise ValueError(f"attributes are not valid JSON: {exc}") from exc
+    if not isinstance(attributes, dict):
+        raise ValueError("attributes must be a JSON object of string values")
+    checked: dict[str, str] = {}
+    for key, value in attributes.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError("attribute keys and values must be strings")
+        if key in _CONTRACT_ATTRIBUTES:
+            raise ValueError(f"attribute {key!r} is set by the audit")
+        if key.lower().startswith("goog"):
+            raise ValueError(f"attribute {key!r}: Pub/Sub reserves keys starting with goog")
+        try:
+            size = len(key.encode())
+            value.encode()
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"attribute {key!r} is not encodable as UTF-8") from exc
+        if not 1 <= size <= _MAX_ATTRIBUTE_KEY_BYTES:
+            raise ValueError(f"attribute keys are 1 to {_MAX_ATTRIBUTE_KEY_BYTES} bytes")
+        checked[key] = value
+    encoded = json.dumps(checked, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    if len(encoded.encode()) > MAX_EVENT_ATTRIBUTES_BYTES:
+        raise ValueError(
+            f"attributes take {len(encoded.encode())} bytes as JSON; the audit keeps at most "
+            f"{MAX_EVENT_ATTRIBUTES_BYTES}"
+        )
+    return checked
+
+
+def encode_attributes(attributes: Mapping[str, str]) -> str:
+    """Attributes as kept in records and the journal: compact JSON with sorted keys ("" when
+    there are none, the common case)."""
+    if not attributes:
+        return ""
+    return json.dumps(dict(attributes), separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
+
+def decode_attributes(encoded: str) -> dict[str, str]:
+    """Inverse of encode_attributes; ValueError when `encoded` is not what it writes."""
+    if not encoded:
+        return {}
+    try:
+        value = json.loads(encoded)
+    except RecursionError as exc:
+        raise ValueError("attributes are nested too deeply") from exc
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ValueError("attributes must be a JSON object of strings")
+    return value
+
+
 # How far a publishTime attribute may be from the broker's publish time and still be trusted.
 # The attribute is stamped when the event is handed to the client library, which batches and
 # retries a publish for up to 10 minutes; clocks of healthy hosts agree within seconds. An hour

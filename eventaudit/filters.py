@@ -17,10 +17,11 @@ the exporter then reports the subscription as unsupported rather than guess what
 from __future__ import annotations
 
 import functools
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from eventaudit.contract import decode_attributes
 
 MAX_FILTER_BYTES = 256
 _MAX_DEPTH = 64  # a filter of 256 bytes nests at most ~128 deep; a parse stays far from the limit
@@ -273,26 +274,3 @@ def _evaluate(node: Node, attributes: Mapping[str, str]) -> bool:
         case Any_(terms):
             return any(_evaluate(t, attributes) for t in terms)
     raise AssertionError(f"not a filter node: {node!r}")
-
-
-def encode_attributes(attributes: Mapping[str, str]) -> str:
-    """Attributes as kept in records and the journal: compact JSON with sorted keys ("" when
-    there are none, the common case)."""
-    if not attributes:
-        return ""
-    return json.dumps(dict(attributes), separators=(",", ":"), sort_keys=True, ensure_ascii=False)
-
-
-def decode_attributes(encoded: str) -> dict[str, str]:
-    """Inverse of encode_attributes; ValueError when `encoded` is not what it writes."""
-    if not encoded:
-        return {}
-    try:
-        value = json.loads(encoded)
-    except RecursionError as exc:
-        raise ValueError("attributes are nested too deeply") from exc
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
-        raise ValueError("attributes must be a JSON object of strings")
-    return value

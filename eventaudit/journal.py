@@ -15,21 +15,26 @@ a receipt written an hour late is folded into its bucket by the next evaluation.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import re
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from eventaudit.contract import (
     EVENT_ID_PATTERN,
+    MAX_EVENT_ATTRIBUTES_BYTES,
+    decode_attributes,
     PUBSUB_ID_PATTERN,
     epoch_ms,
     from_epoch_ms,
     parse_ascii_int,
 )
+from eventaudit.filters import SubscriptionFilter
 from eventaudit.records import MISSED_KEPT, BucketCounts, BucketResult
 
 log = logging.getLogger(__name__)
@@ -51,15 +56,23 @@ class JournalEntry(NamedTuple):
     subscription: str | None = None
     trace_id: str = ""
     deliveries: int = 0
+    """A receipt's deliveries; a dead letter's delivery attempts before it was dead-lettered."""
+    attributes: str = ""
+    """A publish's own attributes, as `encode_attributes` wrote them."""
+    dead_letter: bool = False
+    """The event reached `subscription`'s dead-letter topic (not a receipt)."""
 
     def to_document(self) -> str:
-        """Compact string form (FerretDB stores no nested arrays, and none of these fields can
-        hold a '|'): `p|topic|eventID|traceID|publishMs` or
-        `r|topic|subscription|eventID|publishMs|deliveries`."""
+        """Compact string form (FerretDB stores no nested arrays, and none of these fields but
+        the last, a publish's attributes, can hold a '|'): `p|topic|eventID|traceID|publishMs`
+        (then `|attributes` when it has some), `r|topic|subscription|eventID|publishMs|deliveries`
+        or `d|topic|subscription|eventID|publishMs|attempts`."""
         if self.subscription is None:
-            return f"p|{self.topic}|{self.event_id}|{self.trace_id}|{self.publish_ms}"
+            text = f"p|{self.topic}|{self.event_id}|{self.trace_id}|{self.publish_ms}"
+            return f"{text}|{self.attributes}" if self.attributes else text
+        kind = "d" if self.dead_letter else "r"
         return (
-            f"r|{self.topic}|{self.subscription}|{self.event_id}|{self.publish_ms}|"
+            f"{kind}|{self.topic}|{self.subscription}|{self.event_id}|{self.publish_ms}|"
             f"{self.deliveries}"
         )
 
@@ -71,29 +84,41 @@ class JournalEntry(NamedTuple):
             return None
         # One whole-string match per entry: the evaluator reads hundreds of thousands at once.
         if match := _PUBLISHED.fullmatch(doc):
-            topic, event_id, trace_id, ms = match.groups()
+            topic, event_id, trace_id, ms, attributes = match.groups()
             millis = int(ms)
-            if _MIN_MS <= millis <= _MAX_MS:
-                return cls(topic, event_id, millis, None, trace_id)
+            if _MIN_MS <= millis <= _MAX_MS and _attributes_ok(attributes or ""):
+                return cls(topic, event_id, millis, None, trace_id, 0, attributes or "")
         elif match := _RECEIVED.fullmatch(doc):
-            topic, sub, event_id, ms, deliveries = match.groups()
+            kind, topic, sub, event_id, ms, deliveries = match.groups()
             millis, count = int(ms), int(deliveries)
             if _MIN_MS <= millis <= _MAX_MS and 1 <= count < 2**31:
-                return cls(topic, event_id, millis, sub, "", count)
+                return cls(topic, event_id, millis, sub, "", count, "", kind == "d")
         return None
 
 
-_MAX_ENTRY = 1024
+_MAX_ENTRY = 1024 + MAX_EVENT_ATTRIBUTES_BYTES
 _MILLIS = r"(-?[0-9]{1,15})"
 _NOT_GOOG = r"(?![gG][oO][oO][gG])"  # Pub/Sub refuses ids starting with goog (any case)
 _PUBLISHED = re.compile(
     rf"p\|{_NOT_GOOG}({PUBSUB_ID_PATTERN})\|({EVENT_ID_PATTERN})\|([0-9A-Za-z]{{0,64}})"
-    rf"\|{_MILLIS}"
+    rf"\|{_MILLIS}(?:\|(\{{.*\}}))?"
 )
 _RECEIVED = re.compile(
-    rf"r\|{_NOT_GOOG}({PUBSUB_ID_PATTERN})\|{_NOT_GOOG}({PUBSUB_ID_PATTERN})"
+    rf"([rd])\|{_NOT_GOOG}({PUBSUB_ID_PATTERN})\|{_NOT_GOOG}({PUBSUB_ID_PATTERN})"
     rf"\|({EVENT_ID_PATTERN})\|{_MILLIS}\|([0-9]{{1,10}})"
 )
+
+
+@functools.lru_cache(maxsize=4096)
+def _attributes_ok(encoded: str) -> bool:
+    """Whether a publish entry's attributes read back as attributes (decoded once per set)."""
+    try:
+        decode_attributes(encoded)
+    except ValueError:
+        return False
+    return len(encoded.encode()) <= MAX_EVENT_ATTRIBUTES_BYTES
+
+
 # Entries a writer puts in one journal document (it splits larger batches): a document with
 # more is not one of ours, and is counted malformed whole rather than held in memory.
 MAX_ENTRIES_PER_DOCUMENT = 5000
@@ -154,6 +179,8 @@ class MissedEvent:
     event_id: str
     trace_id: str
     publish_time: datetime
+    dead_letter_attempts: int | None = None
+    """Delivery attempts before Pub/Sub moved it to the dead-letter topic; None: lost."""
 
 
 @dataclass
@@ -174,8 +201,13 @@ class BucketDigest:
     """eventID -> (traceID, publishMs, merged)"""
     receipts: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
     """subscription -> eventID -> (deliveries, merged)"""
+    attributes: dict[str, str] = field(default_factory=dict)
+    """eventID -> its own attributes (encoded), for the published events that have some"""
+    dead: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+    """subscription -> eventID -> (delivery attempts, merged): moved to its dead-letter topic"""
     unsaved_published: set[str] = field(default_factory=set)
     unsaved_receipts: set[tuple[str, str]] = field(default_factory=set)
+    unsaved_dead: set[tuple[str, str]] = field(default_factory=set)
     """What merges changed since the digest was last stored: the next delta."""
 
     def merge(self, entry: JournalEntry, merged: int) -> bool:
@@ -184,7 +216,17 @@ class BucketDigest:
             if entry.event_id in self.published:
                 return False
             self.published[entry.event_id] = (entry.trace_id, entry.publish_ms, merged)
+            if entry.attributes:
+                self.attributes[entry.event_id] = sys.intern(entry.attributes)
             self.unsaved_published.add(entry.event_id)
+            return True
+        if entry.dead_letter:
+            dead = self.dead.setdefault(entry.subscription, {})
+            had = dead.get(entry.event_id)
+            if had is not None and had[0] >= entry.deliveries:
+                return False
+            dead[entry.event_id] = (entry.deliveries, had[1] if had else merged)
+            self.unsaved_dead.add((entry.subscription, entry.event_id))
             return True
         got = self.receipts.setdefault(entry.subscription, {})
         before = got.get(entry.event_id)
@@ -200,24 +242,56 @@ class BucketDigest:
     @property
     def unsaved(self) -> bool:
         """Whether merges changed it since it was stored."""
-        return bool(self.unsaved_published or self.unsaved_receipts)
+        return bool(self.unsaved_published or self.unsaved_receipts or self.unsaved_dead)
 
-    def result(self) -> BucketResult:
-        """The bucket's counts (received = receipts whose event has a publish record), and the
-        oldest MISSED_KEPT events each subscription missed."""
+    def _expected(self, subscription_filter: SubscriptionFilter | None) -> set[str] | None:
+        """The published events a subscription with this filter is sent; None: all of them."""
+        if subscription_filter is None:
+            return None
+        attributes = self.attributes
+        return {
+            e for e in self.published if subscription_filter.matches_encoded(attributes.get(e, ""))
+        }
+
+    def result(self, filters: Mapping[str, SubscriptionFilter] | None = None) -> BucketResult:
+        """The bucket's counts and the oldest MISSED_KEPT events each subscription missed.
+
+        A subscription with a filter (in `filters`) is sent only the published events whose
+        attributes match it: those are its `expected`; a receipt of one that does not match is
+        `filtered` (the emulator delivers them; Pub/Sub never does), never `received`.
+        `received` counts receipts of expected events, `unmatched` receipts without a publish
+        record, `dead_lettered` expected events moved to the dead-letter topic and not received.
+        """
+        filters = filters or {}
         counts = {}
         merged = max((m for _, _, m in self.published.values()), default=0)
         by_age = sorted(self.published.items(), key=lambda kv: (kv[1][1], kv[0]))
         missed = {}
-        for sub, got in self.receipts.items():
-            matched = sum(1 for event_id in got if event_id in self.published)
+        for sub in sorted(set(self.receipts) | set(self.dead) | set(filters)):
+            got = self.receipts.get(sub, {})
+            dead = self.dead.get(sub, {})
+            subscription_filter = filters.get(sub)
+            expected = self._expected(subscription_filter)
+            wanted = self.published if expected is None else expected
+            matched = sum(1 for event_id in got if event_id in wanted)
+            published = sum(1 for event_id in got if event_id in self.published)
             counts[sub] = BucketCounts(
                 received=matched,
                 duplicates=sum(d - 1 for d, _ in got.values()),
-                unmatched=len(got) - matched,
+                unmatched=len(got) - published,
+                expected=None if expected is None else len(expected),
+                filtered=published - matched,
+                dead_lettered=sum(1 for e in dead if e in wanted and e not in got),
+                filter=subscription_filter.text if subscription_filter else "",
             )
-            merged = max(merged, max((m for _, m in got.values()), default=0))
-            missed[sub] = _listed(kv for kv in by_age if kv[0] not in got)
+            merged = max(
+                merged,
+                max((m for _, m in got.values()), default=0),
+                max((m for _, m in dead.values()), default=0),
+            )
+            missed[sub] = _listed(
+                ((kv, dead.get(kv[0])) for kv in by_age if kv[0] in wanted and kv[0] not in got)
+            )
         return BucketResult(
             self.topic,
             self.start,
@@ -225,29 +299,52 @@ class BucketDigest:
             counts,
             merged,
             missed,
-            _listed(by_age),
+            _listed((kv, None) for kv in by_age),
         )
 
-    def missed(self, subscription: str, merged_by: int) -> list[MissedEvent]:
-        """Published events without a receipt on `subscription`, as an evaluation whose merge
-        time was `merged_by` saw them, oldest first."""
+    def missed(
+        self,
+        subscription: str,
+        merged_by: int,
+        subscription_filter: SubscriptionFilter | None = None,
+    ) -> list[MissedEvent]:
+        """Expected events without a receipt on `subscription`, as an evaluation whose merge
+        time was `merged_by` saw them, oldest first; each says whether it was dead-lettered."""
         got = {
             e
             for e, (_, merged) in self.receipts.get(subscription, {}).items()
             if merged <= merged_by
         }
+        dead = {
+            e: attempts
+            for e, (attempts, merged) in self.dead.get(subscription, {}).items()
+            if merged <= merged_by
+        }
+        expected = self._expected(subscription_filter)
         return sorted(
             (
-                MissedEvent(event_id, trace, from_epoch_ms(ms))
+                MissedEvent(event_id, trace, from_epoch_ms(ms), dead.get(event_id))
                 for event_id, (trace, ms, merged) in self.published.items()
-                if merged <= merged_by and event_id not in got
+                if merged <= merged_by
+                and event_id not in got
+                and (expected is None or event_id in expected)
             ),
             key=lambda e: (e.publish_time, e.event_id),
         )
 
-    def counts_as_of(self, subscription: str, merged_by: int) -> tuple[int, int]:
-        """(published, received on `subscription`) as the evaluation at `merged_by` saw them."""
-        published = {e for e, (_, _, m) in self.published.items() if m <= merged_by}
+    def counts_as_of(
+        self,
+        subscription: str,
+        merged_by: int,
+        subscription_filter: SubscriptionFilter | None = None,
+    ) -> tuple[int, int]:
+        """(expected, received on `subscription`) as the evaluation at `merged_by` saw them."""
+        expected = self._expected(subscription_filter)
+        published = {
+            e
+            for e, (_, _, m) in self.published.items()
+            if m <= merged_by and (expected is None or e in expected)
+        }
         got = self.receipts.get(subscription, {})
         return len(published), sum(
             1 for e, (_, m) in got.items() if m <= merged_by and e in published
@@ -257,30 +354,36 @@ class BucketDigest:
         """What merges changed since the digest was stored, as documents to insert (`_id`s
         unique per `fold`), each with at most about PART_BYTES of entries. Strings, like the
         journal's entries: `eventID|traceID|publishMs|merged` and
-        `subscription|eventID|deliveries|merged` (a receipt's current deliveries)."""
+        `subscription|eventID|deliveries|merged` (a receipt's current deliveries); a publish
+        with attributes has them last (`|{...}`), dead letters are `subscription|eventID|
+        attempts|merged` in `dead`."""
         key = digest_key(self.topic, self.start)
         docs: list[dict[str, Any]] = []
         published: list[str] = []
         receipts: list[str] = []
+        dead: list[str] = []
         size = 0
 
         def close() -> None:
-            nonlocal published, receipts, size
-            docs.append(
-                {
-                    "_id": f"{key}|{fold}|{len(docs)}",
-                    "digest": key,
-                    "topic": self.topic,
-                    "bucketStart": self.start,
-                    "published": published,
-                    "receipts": receipts,
-                }
-            )
-            published, receipts, size = [], [], 0
+            nonlocal published, receipts, dead, size
+            document = {
+                "_id": f"{key}|{fold}|{len(docs)}",
+                "digest": key,
+                "topic": self.topic,
+                "bucketStart": self.start,
+                "published": published,
+                "receipts": receipts,
+            }
+            if dead:
+                document["dead"] = dead
+            docs.append(document)
+            published, receipts, dead, size = [], [], [], 0
 
         for event_id in self.unsaved_published:
             trace, ms, merged = self.published[event_id]
-            published.append(f"{event_id}|{trace}|{ms}|{merged}")
+            attributes = self.attributes.get(event_id)
+            item = f"{event_id}|{trace}|{ms}|{merged}"
+            published.append(f"{item}|{attributes}" if attributes else item)
             size += len(published[-1]) + _ENTRY_BYTES
             if size >= PART_BYTES:
                 close()
@@ -290,7 +393,13 @@ class BucketDigest:
             size += len(receipts[-1]) + _ENTRY_BYTES
             if size >= PART_BYTES:
                 close()
-        if published or receipts:
+        for sub, event_id in self.unsaved_dead:
+            attempts, merged = self.dead[sub][event_id]
+            dead.append(f"{sub}|{event_id}|{attempts}|{merged}")
+            size += len(dead[-1]) + _ENTRY_BYTES
+            if size >= PART_BYTES:
+                close()
+        if published or receipts or dead:
             close()
         return docs
 
@@ -298,6 +407,7 @@ class BucketDigest:
         """Its deltas are stored: nothing is unsaved any more."""
         self.unsaved_published.clear()
         self.unsaved_receipts.clear()
+        self.unsaved_dead.clear()
 
     @classmethod
     def from_documents(
@@ -311,11 +421,16 @@ class BucketDigest:
                 continue
             bad = 0
             for item in _strings_in(doc, "published"):
+                item, _, attributes = (
+                    item.partition("|{") if isinstance(item, str) else (item, "", "")
+                )
+                attributes = "{" + attributes if attributes else ""
                 fields = _ints(item, 4, first_ints=2)
                 if (
                     fields is None
                     or not (_MIN_MS <= int(fields[2]) <= _MAX_MS)
                     or int(fields[3]) < 0
+                    or not _attributes_ok(attributes)
                 ):
                     bad += 1
                     continue
@@ -323,6 +438,8 @@ class BucketDigest:
                 before = digest.published.get(event_id)
                 if before is None or merged < before[2]:
                     digest.published[event_id] = (trace, ms, merged)
+                if attributes:
+                    digest.attributes[event_id] = sys.intern(attributes)
             for item in _strings_in(doc, "receipts"):
                 fields = _ints(item, 4, first_ints=2)
                 if fields is None or not (1 <= int(fields[2]) < 2**31) or int(fields[3]) < 0:
@@ -338,6 +455,21 @@ class BucketDigest:
                 if had is not None:
                     deliveries, merged = max(deliveries, had[0]), min(merged, had[1])
                 got[event_id] = (deliveries, merged)
+            for item in _strings_in(doc, "dead"):
+                fields = _ints(item, 4, first_ints=2)
+                if fields is None or not (1 <= int(fields[2]) < 2**31) or int(fields[3]) < 0:
+                    bad += 1
+                    continue
+                sub, event_id, attempts, merged = (
+                    str(fields[0]),
+                    str(fields[1]),
+                    *map(int, fields[2:]),
+                )
+                dead = digest.dead.setdefault(sub, {})
+                had = dead.get(event_id)
+                if had is not None:
+                    attempts, merged = max(attempts, had[0]), min(merged, had[1])
+                dead[event_id] = (attempts, merged)
             if bad:
                 # Only the exporter writes digests: someone else did. Logged, never raised (it
                 # would stop every evaluation).
@@ -345,17 +477,31 @@ class BucketDigest:
         return digest
 
 
-def _listed(events: Iterable[tuple[str, tuple[str, int, int]]]) -> tuple[str, ...]:
-    """The first MISSED_KEPT of (eventID, (traceID, publishMs, merged)), as result strings."""
-    return tuple(f"{e}|{trace}|{ms}" for e, (trace, ms, _) in itertools.islice(events, MISSED_KEPT))
+def _listed(
+    events: Iterable[tuple[tuple[str, tuple[str, int, int]], tuple[int, int] | None]],
+) -> tuple[str, ...]:
+    """The first MISSED_KEPT of ((eventID, (traceID, publishMs, merged)), dead letter or None),
+    as result strings: `eventID|traceID|publishMs`, then `|attempts` when dead-lettered."""
+    return tuple(
+        f"{e}|{trace}|{ms}|{dead[0]}" if dead else f"{e}|{trace}|{ms}"
+        for (e, (trace, ms, _)), dead in itertools.islice(events, MISSED_KEPT)
+    )
 
 
 def parse_listed(item: str) -> MissedEvent | None:
     """A missed event as a bucket result lists it; None if it is not one."""
-    fields = _ints(item, 3, first_ints=2)
+    fields = (
+        _ints(item, 4, first_ints=2) if isinstance(item, str) and item.count("|") == 3 else None
+    )
+    if fields is not None:
+        if not 1 <= int(fields[3]) < 2**31:
+            return None
+        attempts: int | None = int(fields[3])
+    else:
+        fields, attempts = _ints(item, 3, first_ints=2), None
     if fields is None or not _MIN_MS <= int(fields[2]) <= _MAX_MS:
         return None
-    return MissedEvent(str(fields[0]), str(fields[1]), from_epoch_ms(int(fields[2])))
+    return MissedEvent(str(fields[0]), str(fields[1]), from_epoch_ms(int(fields[2])), attempts)
 
 
 def _strings_in(doc: dict[str, Any], name: str) -> list[Any]:

@@ -27,6 +27,8 @@ class PublishRecord:
     message_id: str
     publish_time: datetime
     payload_truncated: bool = False
+    attributes: str = ""
+    """The event's own attributes (not the audit's), as `encode_attributes` writes them."""
 
     def to_document(self, created_time: datetime) -> dict[str, Any]:
         """The `PublishRecord` document; `createdTime` is when it reached the store."""
@@ -39,6 +41,7 @@ class PublishRecord:
             "publishTime": self.publish_time,
             "createdTime": created_time,
             "payloadTruncated": self.payload_truncated,
+            "attributes": self.attributes,
         }
 
 
@@ -63,6 +66,14 @@ class BucketCounts:
     received: int = 0
     duplicates: int = 0
     unmatched: int = 0
+    expected: int | None = None
+    """With a filter, the published events it matches (sent to the subscription); None: all."""
+    filtered: int = 0
+    """Receipts of published events the filter does not match (the emulator sends them)."""
+    dead_lettered: int = 0
+    """Expected events moved to the dead-letter topic and not received."""
+    filter: str = ""
+    """The filter these counts were made with ("": none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +111,10 @@ class BucketResult:
                     "received": c.received,
                     "duplicates": c.duplicates,
                     "unmatched": c.unmatched,
+                    "expected": c.expected,
+                    "filtered": c.filtered,
+                    "deadLettered": c.dead_lettered,
+                    "filter": c.filter,
                     "missed": list(self.missed.get(name, ())),
                 }
                 for name, c in sorted(self.subscriptions.items())
@@ -118,7 +133,13 @@ class BucketResult:
             published=int(doc["published"]),
             subscriptions={
                 s["name"]: BucketCounts(
-                    int(s["received"]), int(s["duplicates"]), int(s["unmatched"])
+                    int(s["received"]),
+                    int(s["duplicates"]),
+                    int(s["unmatched"]),
+                    None if s.get("expected") is None else int(s["expected"]),
+                    int(s.get("filtered", 0)),
+                    int(s.get("deadLettered", 0)),
+                    str(s.get("filter", "")),
                 )
                 for s in doc.get("subscriptions", [])
             },

@@ -244,7 +244,9 @@ def publish_entries(
     another publish, journaled when that one was written)."""
     skip = {id(r) for r in (*refused.retried, *refused.conflicts)}
     return [
-        JournalEntry(r.topic, r.event_id, epoch_ms(r.publish_time), None, r.trace_id)
+        JournalEntry(
+            r.topic, r.event_id, epoch_ms(r.publish_time), None, r.trace_id, 0, r.attributes
+        )
         for r in records
         if id(r) not in skip
     ]
@@ -285,10 +287,14 @@ def _read_result(doc: dict[str, Any], legacy: bool) -> tuple[int, BucketResult] 
         for name, c in result.subscriptions.items():
             if not isinstance(name, str):
                 raise TypeError(f"subscription name {name!r}")
+            expected = result.published if c.expected is None else c.expected
             if not (
-                0 <= c.received <= result.published
+                0 <= expected <= result.published
+                and 0 <= c.received <= expected
                 and 0 <= c.duplicates < 2**31
                 and 0 <= c.unmatched < 2**31
+                and 0 <= c.filtered <= result.published - c.received
+                and 0 <= c.dead_lettered <= expected - c.received
             ):
                 raise ValueError(f"impossible counts for {name}: {c}")
     except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:

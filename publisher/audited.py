@@ -27,10 +27,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from eventaudit.contract import (
     TraceContext,
     build_attributes,
+    encode_attributes,
     is_pubsub_id,
     new_event_id,
     normalize_options,
     utc_now_ms,
+    validate_event_attributes,
     validate_event_id,
 )
 from eventaudit.records import PublishRecord
@@ -67,6 +69,10 @@ class InvalidPayloadError(InvalidEventError):
 
 class InvalidOptionsError(InvalidEventError):
     """Options is not a JSON value of finite numbers that fits in an attribute."""
+
+
+class InvalidAttributesError(InvalidEventError):
+    """The event's own attributes are not strings, use a reserved name or are too large."""
 
 
 class TopicNotFoundError(LookupError):
@@ -609,14 +615,21 @@ class AuditedPublisher:
         event_id: str | None = None,
         trace: TraceContext | None = None,
         options: object = None,
+        attributes: object = None,
     ) -> PublishedEvent:
-        """Publish `payload` as JSON; the record is buffered once Pub/Sub returns a message id."""
+        """Publish `payload` as JSON, with the event's own `attributes` (a mapping of strings,
+        or its JSON text) beside the audit's; the record is buffered once Pub/Sub returns a
+        message id."""
         event_id = validate_event_id(event_id) if event_id is not None else new_event_id()
         trace = trace.child() if trace is not None else TraceContext.new()
         try:
             options_text = normalize_options(options)
         except ValueError as exc:
             raise InvalidOptionsError(str(exc)) from exc
+        try:
+            own = validate_event_attributes(attributes)
+        except ValueError as exc:
+            raise InvalidAttributesError(str(exc)) from exc
         data = encode_payload(payload)
         if not is_pubsub_id(topic):
             raise InvalidEventError(f"invalid topic id {topic!r}")
@@ -627,11 +640,11 @@ class AuditedPublisher:
             self._metrics.refused.labels("topic_unverified").inc()
             raise
         publish_time = utc_now_ms()
-        attributes = build_attributes(event_id, publish_time, trace, options_text)
+        sent = {**own, **build_attributes(event_id, publish_time, trace, options_text)}
         started = time.perf_counter()
         try:
             future = self._client.publish(
-                self._client.topic_path(self._project, topic), data, **attributes
+                self._client.topic_path(self._project, topic), data, **sent
             )
         except Exception as exc:  # refused by the client (too large, stopped): never in flight
             self._metrics.events.labels("error").inc()
@@ -674,8 +687,9 @@ class AuditedPublisher:
                     message_id=done.result(),
                     publish_time=publish_time,
                     payload_truncated=truncated,
+                    attributes=encode_attributes(own),
                 )
             )
 
         future.add_done_callback(_done)
-        return PublishedEvent(event_id, topic, trace, attributes, payload, future)
+        return PublishedEvent(event_id, topic, trace, sent, payload, future)

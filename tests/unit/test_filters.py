@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from eventaudit.filters import (
-    FilterError,
-    SubscriptionFilter,
-    decode_attributes,
-    encode_attributes,
-)
+from eventaudit.contract import decode_attributes, encode_attributes
+from eventaudit.filters import FilterError, SubscriptionFilter
 
 NAME_COM = {"name": "com"}
 NAME_CO = {"name": "co"}
