@@ -13,6 +13,7 @@ STATE_COLLECTION = "EvaluatorState"
 # Missed events a bucket result lists per subscription (the API's default page).
 MISSED_KEPT = 100
 JOURNAL_COLLECTION = "EventJournal"
+TENURE_COLLECTION = "SubscriptionTenure"
 DIGEST_COLLECTION = "BucketDigest"
 
 
@@ -74,6 +75,11 @@ class BucketCounts:
     """Expected events moved to the dead-letter topic and not received."""
     filter: str = ""
     """The filter these counts were made with ("": none)."""
+
+    @property
+    def heard(self) -> bool:
+        """Whether the subscription had any receipt or dead letter in the bucket."""
+        return bool(self.received or self.unmatched or self.filtered or self.dead_lettered)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,3 +157,38 @@ class BucketResult:
 
 def _strings(value: Any) -> tuple[str, ...]:
     return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
+
+
+@dataclass(frozen=True, slots=True)
+class Tenure:
+    """When a subscription of a topic was first seen, and when it stopped being listed. Stored,
+    so that a restart neither forgets a deletion nor takes an old subscription for a new one."""
+
+    topic: str
+    subscription: str
+    since: datetime | None
+    """first listed or configured (or the publish time of its first receipt, when earlier);
+    None: seen at the exporter's first evaluation on this database, expected from the start"""
+    until: datetime | None = None
+    """the last time Pub/Sub listed it, once it no longer does (deleted or detached)"""
+
+    def to_document(self) -> dict[str, Any]:
+        """The `SubscriptionTenure` document."""
+        return {
+            "_id": f"{self.topic}|{self.subscription}",
+            "topic": self.topic,
+            "subscription": self.subscription,
+            "since": self.since,
+            "until": self.until,
+        }
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any]) -> Tenure | None:
+        """Inverse of to_document; None for a document that is not one."""
+        topic, sub = doc.get("topic"), doc.get("subscription")
+        since, until = doc.get("since"), doc.get("until")
+        if not isinstance(topic, str) or not isinstance(sub, str):
+            return None
+        if not all(t is None or isinstance(t, datetime) for t in (since, until)):
+            return None
+        return cls(topic, sub, since, until)

@@ -56,9 +56,11 @@ from eventaudit.records import (
     PUBLISH_COLLECTION,
     RECEIVED_COLLECTION,
     STATE_COLLECTION,
+    TENURE_COLLECTION,
     BucketResult,
     PublishRecord,
     Receipt,
+    Tenure,
 )
 
 log = logging.getLogger(__name__)
@@ -144,6 +146,14 @@ class EvaluatorStore(Protocol):
 
     def save_fold_stamp(self, stamp: int) -> None:
         """Remember `stamp` before digests carrying it are stored."""
+        ...
+
+    def load_tenures(self) -> list[Tenure]:
+        """Every stored subscription tenure."""
+        ...
+
+    def save_tenures(self, tenures: Sequence[Tenure]) -> None:
+        """Store these tenures (each replaces the one of its topic and subscription)."""
         ...
 
     def load_bucket_results(self, since: datetime) -> list[BucketResult]:
@@ -712,6 +722,26 @@ class MongoStore:
         except PyMongoError as exc:
             raise StoreError(f"could not load bucket results: {exc}") from exc
         return [result for _, result in latest.values()]
+
+    def load_tenures(self) -> list[Tenure]:
+        """Every stored subscription tenure (a small collection: one per subscription)."""
+        try:
+            docs = list(self.db[TENURE_COLLECTION].find({}))
+        except PyMongoError as exc:
+            raise StoreError(f"could not read subscription tenures: {exc}") from exc
+        tenures = [Tenure.from_document(d) for d in docs]
+        if None in tenures:
+            log.error("%d unreadable subscription tenures skipped", tenures.count(None))
+        return [t for t in tenures if t is not None]
+
+    def save_tenures(self, tenures: Sequence[Tenure]) -> None:
+        """Replace each tenure by `_id` (rare: a subscription seen, gone or back)."""
+        try:
+            for t in tenures:
+                doc = t.to_document()
+                self.db[TENURE_COLLECTION].replace_one({"_id": doc["_id"]}, doc, upsert=True)
+        except PyMongoError as exc:
+            raise StoreError(f"could not store subscription tenures: {exc}") from exc
 
     def load_fold_stamp(self) -> int:
         """The highest fold stamp stored (one read by `_id`)."""

@@ -172,6 +172,11 @@ class CompletionCollector(Collector):
                 "Failed Pub/Sub listings of a topic's subscriptions (the last good list is kept).",
                 value=self._expected.list_errors,
             )
+            yield CounterMetricFamily(
+                "eventaudit_subscription_filter_errors",
+                "Listings that showed a subscription filter this exporter cannot evaluate.",
+                value=self._expected.filter_errors,
+            )
         if not up or snapshot is None:
             return
 
@@ -196,6 +201,18 @@ class CompletionCollector(Collector):
                 "Receipts whose event has no publish record.",
                 labels=labels,
             ),
+            "filtered": GaugeMetricFamily(
+                "eventaudit_filtered_receipts",
+                "Receipts of events the subscription's filter excludes (Pub/Sub never sends "
+                "them; the emulator does not enforce filters): neither received nor unmatched.",
+                labels=labels,
+            ),
+            "dead_lettered": GaugeMetricFamily(
+                "eventaudit_dead_lettered_events",
+                "Missed events that Pub/Sub moved to the subscription's dead-letter topic "
+                "(the rest of the missed events are lost).",
+                labels=labels,
+            ),
         }
         for (topic, sub), windows in sorted(snapshot.subscriptions.items()):
             for label, stats in windows.items():
@@ -205,6 +222,8 @@ class CompletionCollector(Collector):
                 families["received"].add_metric(values, stats.received)
                 families["duplicates"].add_metric(values, stats.duplicates)
                 families["unmatched"].add_metric(values, stats.unmatched)
+                families["filtered"].add_metric(values, stats.filtered)
+                families["dead_lettered"].add_metric(values, stats.dead_lettered)
         published = GaugeMetricFamily(
             "eventaudit_published_events",
             "Events with a publish record over the window.",
@@ -215,3 +234,12 @@ class CompletionCollector(Collector):
                 published.add_metric([topic, label], count)
         yield published
         yield from families.values()
+        unsupported = GaugeMetricFamily(
+            "eventaudit_subscription_filter_unsupported",
+            "1 for a subscription whose filter this exporter cannot evaluate: its completion is "
+            "not reported (never taken for one that expects every event).",
+            labels=["topic", "subscription"],
+        )
+        for topic, sub in sorted(snapshot.unsupported):
+            unsupported.add_metric([topic, sub], 1)
+        yield unsupported

@@ -33,7 +33,7 @@ from eventaudit.exporter.buckets import (
     completion_rate,
     settled_frontier,
 )
-from eventaudit.exporter.subscriptions import ExpectedSubscriptions
+from eventaudit.exporter.subscriptions import Expectation, ExpectedSubscriptions
 from eventaudit.journal import BucketDigest, JournalBatch, MissedEvent, parse_listed
 from eventaudit.partitions import folded_documents
 from eventaudit.records import BucketCounts, BucketResult
@@ -61,9 +61,12 @@ class SubscriptionWindow:
     """Completion of one subscription over one window."""
 
     published: int
+    """the events expected on it: published, or with a filter those it matches"""
     received: int
     duplicates: int
     unmatched: int
+    filtered: int = 0
+    dead_lettered: int = 0
 
     @property
     def missed(self) -> int:
@@ -110,6 +113,10 @@ class Snapshot:
     buckets: Mapping[BucketKey, BucketResult] = field(default_factory=dict)
     merged: int = 0
     """The digests' merge stamp of this evaluation: entries folded later are not counted."""
+    expectations: Mapping[tuple[str, str], Expectation] = field(default_factory=dict)
+    """What each reported subscription was expected to receive."""
+    unsupported: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    """Subscriptions not reported because their filter cannot be evaluated, and why."""
 
     def window(self, label: str) -> Window | None:
         """The configured window with this label."""
@@ -176,8 +183,11 @@ class Evaluator(Collector):
             # earlier one. Both are read before either is kept: a failure keeps neither.
             results = self._store.load_bucket_results(oldest)
             stamp = self._store.load_fold_stamp()
+            tenures = self._store.load_tenures()
             self._results = {(r.topic, r.start): r for r in results}
             self._merged = max(self._merged, stamp)
+            self._expected.restore(tenures)
+        self._expected.begin(now)
         merged = max(epoch_ms(now), self._merged + 1)
         self._saves = 0
         span = (oldest, now + PUBLISH_TIME_TOLERANCE)
@@ -206,7 +216,22 @@ class Evaluator(Collector):
         self._results = {k: v for k, v in self._results.items() if k[1] >= oldest}
         self._evict(oldest)
         self._prune(oldest)
-        return self._snapshot(now, frontier, merged)
+        snapshot = self._snapshot(now, frontier, merged)
+        self._save_tenures()
+        return snapshot
+
+    def _save_tenures(self) -> None:
+        """Store the subscription tenures this evaluation changed; a failure is logged and
+        they are stored by the next evaluation (in memory they are already in effect)."""
+        changed = self._expected.end()
+        if not changed:
+            return
+        try:
+            self._store.save_tenures(changed)
+        except StoreError as exc:
+            log.warning("could not store %d subscription tenures: %s", len(changed), exc)
+            return
+        self._expected.stored(changed)
 
     def _fold_collection(
         self, name: str, span: tuple[datetime, datetime], merged: int, now: datetime
@@ -280,6 +305,7 @@ class Evaluator(Collector):
         touched: dict[BucketKey, BucketDigest] = {}
         changed: set[BucketKey] = set()
         counts = dict.fromkeys(JOURNAL_OUTCOMES, 0)
+        first_receipts: dict[tuple[str, str], int] = {}
         oldest, newest = (epoch_ms(t) for t in span)
         bucket_ms = self._bucket // timedelta(milliseconds=1)
         starts: dict[int, datetime] = {}  # bucket start in ms -> as a datetime, made once
@@ -312,8 +338,16 @@ class Evaluator(Collector):
                 touched[key] = digest
                 if digest.merge(entry, merged):
                     changed.add(key)
+                if entry.subscription is not None and not entry.dead_letter:
+                    sub_key = (entry.topic, entry.subscription)
+                    first_receipts[sub_key] = min(
+                        first_receipts.get(sub_key, entry.publish_ms), entry.publish_ms
+                    )
                 counts["folded"] += 1
-        results = {key: digest.result() for key, digest in touched.items()}
+        for (topic, sub), ms in first_receipts.items():
+            self._expected.saw_receipt(topic, sub, from_epoch_ms(ms))
+        filters = {topic: self._expected.filters(topic) for topic, _ in touched}
+        results = {key: digest.result(filters[key[0]]) for key, digest in touched.items()}
         self._store.save_digests((touched[k] for k in sorted(changed)), f"{merged}.{self._saves}")
         # Every touched bucket, changed or not: a previous process may have stored its digest
         # and stopped before its result.
@@ -398,31 +432,84 @@ class Evaluator(Collector):
         topics = set(by_topic) | self._expected.configured_topics
         published: dict[str, dict[str, int]] = {}
         subs_out: dict[tuple[str, str], dict[str, SubscriptionWindow]] = {}
+        expectations: dict[tuple[str, str], Expectation] = {}
+        unsupported: dict[tuple[str, str], str] = {}
         for topic in sorted(topics):
             results = by_topic.get(topic, [])
-            standing = self._expected.standing(topic)
+            known = self._expected.expectations(topic)
+            for sub, expectation in known.items():
+                if expectation.filter_error is not None:
+                    unsupported[(topic, sub)] = expectation.filter_error
             published[topic] = {}
             for window in self._windows:
                 in_window = [r for r in results if r.start >= frontier - window.length]
-                count = sum(r.published for r in in_window)
-                published[topic][window.label] = count
-                seen = {
+                published[topic][window.label] = sum(r.published for r in in_window)
+                heard = {
                     sub
                     for r in in_window
-                    for sub in r.subscriptions
-                    if not self._expected.excluded(topic, sub)
+                    for sub, c in r.subscriptions.items()
+                    if c.heard and not self._expected.excluded(topic, sub)
                 }
-                for sub in sorted(standing | seen):
-                    counts = [r.subscriptions.get(sub, BucketCounts()) for r in in_window]
-                    subs_out.setdefault((topic, sub), {})[window.label] = SubscriptionWindow(
-                        published=count,
-                        received=sum(c.received for c in counts),
-                        duplicates=sum(c.duplicates for c in counts),
-                        unmatched=sum(c.unmatched for c in counts),
-                    )
+                standing = {sub for sub, e in known.items() if e.standing}
+                for sub in sorted(standing | heard):
+                    expectation = known.get(sub, Expectation())
+                    stats = _window_of(expectation, sub, in_window, frontier, self._bucket)
+                    if stats is None:
+                        continue
+                    subs_out.setdefault((topic, sub), {})[window.label] = stats
+                    expectations[(topic, sub)] = expectation
         return Snapshot(
-            now, frontier, self._bucket, self._windows, published, subs_out, counted, merged
+            now,
+            frontier,
+            self._bucket,
+            self._windows,
+            published,
+            subs_out,
+            counted,
+            merged,
+            expectations,
+            unsupported,
         )
+
+
+def _window_of(
+    expectation: Expectation,
+    subscription: str,
+    in_window: list[BucketResult],
+    frontier: datetime,
+    bucket: timedelta,
+) -> SubscriptionWindow | None:
+    """One subscription's counts over a window's bucket results; None when it is not reported
+    there (its filter cannot be evaluated, it is gone from the listing and settled, or it is
+    neither configured nor listed and has no receipt in the window)."""
+    if not expectation.reported(frontier):
+        return None
+    buckets = [
+        (r, c)
+        for r in in_window
+        if counts_bucket(expectation, r, subscription, bucket)
+        for c in (r.subscriptions.get(subscription, BucketCounts()),)
+    ]
+    if not expectation.standing and not any(c.heard for _, c in buckets):
+        return None
+    return SubscriptionWindow(
+        published=sum(r.published if c.expected is None else c.expected for r, c in buckets),
+        received=sum(c.received for _, c in buckets),
+        duplicates=sum(c.duplicates for _, c in buckets),
+        unmatched=sum(c.unmatched for _, c in buckets),
+        filtered=sum(c.filtered for _, c in buckets),
+        dead_lettered=sum(c.dead_lettered for _, c in buckets),
+    )
+
+
+def counts_bucket(
+    expectation: Expectation, result: BucketResult, subscription: str, bucket: timedelta
+) -> bool:
+    """Whether a bucket result counts for a subscription: a bucket it existed for, whose counts
+    were made with the filter it has now."""
+    return expectation.covers(result.start, bucket) and (
+        result.subscriptions.get(subscription, BucketCounts()).filter == expectation.filter_text
+    )
 
 
 def _events(digest: BucketDigest) -> int:
@@ -446,10 +533,15 @@ def list_missed(
     """
     start = snapshot.frontier - window.length
     listed: list[MissedEvent] = []
+    expectation = snapshot.expectations.get((topic, subscription), Expectation())
     for key in sorted(k for k in snapshot.buckets if k[0] == topic and k[1] >= start):
         result = snapshot.buckets[key]
-        received = result.subscriptions.get(subscription, BucketCounts()).received
-        missing = result.published - received
+        if not counts_bucket(expectation, result, subscription, snapshot.bucket):
+            continue
+        counts = result.subscriptions.get(subscription, BucketCounts())
+        expected = result.published if counts.expected is None else counts.expected
+        received = counts.received
+        missing = expected - received
         if missing == 0:
             continue
         need = keep - len(listed)
@@ -463,9 +555,10 @@ def list_missed(
             # More than the result lists are asked for (or it does not read back): the digest,
             # as the evaluation saw it.
             digest = store.load_digest(topic, key[1])
-            if digest.counts_as_of(subscription, snapshot.merged) != (result.published, received):
+            seen = digest.counts_as_of(subscription, snapshot.merged, expectation.filter)
+            if seen != (expected, received):
                 return None
-            events = digest.missed(subscription, snapshot.merged)
+            events = digest.missed(subscription, snapshot.merged, expectation.filter)
         listed.extend(events[:need])
         if len(listed) >= keep:
             break

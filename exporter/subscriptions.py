@@ -6,11 +6,60 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from eventaudit.filters import FilterError, SubscriptionFilter
+from eventaudit.records import Tenure
 
 log = logging.getLogger(__name__)
 
-Lister = Callable[[str], list[str]]
+# A subscription first seen at T is expected to receive the events of the buckets starting at
+# T + NEW_SUBSCRIPTION_MARGIN and later: Pub/Sub sends a subscription only what is published
+# after it was created, and the publishers' clocks may run a little ahead of the exporter's.
+NEW_SUBSCRIPTION_MARGIN = timedelta(seconds=10)
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionInfo:
+    """What Pub/Sub says of one subscription of a topic."""
+
+    name: str
+    filter: str = ""
+    dead_letter_topic: str = ""
+
+
+Lister = Callable[[str], Sequence[SubscriptionInfo | str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Expectation:
+    """Which events one subscription of a topic is expected to receive."""
+
+    standing: bool = False
+    """configured or listed: reported in every window (else only where it has receipts)"""
+    filter: SubscriptionFilter | None = None
+    filter_error: str | None = None
+    """its filter is not one this exporter can evaluate: it is not reported, only marked"""
+    since: datetime | None = None
+    until: datetime | None = None
+
+    @property
+    def filter_text(self) -> str:
+        """The filter text bucket counts must have been made with to be counted."""
+        return self.filter.text if self.filter else ""
+
+    def reported(self, frontier: datetime) -> bool:
+        """Whether its series exist: never with a filter it cannot evaluate, nor once its
+        last listed moment has settled after Pub/Sub stopped listing it."""
+        return self.filter_error is None and (self.until is None or frontier <= self.until)
+
+    def covers(self, start: datetime, bucket: timedelta) -> bool:
+        """Whether the bucket starting at `start` is one the subscription existed for."""
+        if self.since is not None and start < self.since + NEW_SUBSCRIPTION_MARGIN:
+            return False
+        return self.until is None or start + bucket <= self.until
 
 
 class ExpectedSubscriptions:
@@ -37,17 +86,139 @@ class ExpectedSubscriptions:
         self._lister = lister
         self._refresh = refresh_seconds
         self._clock = clock
-        self._listed: dict[str, tuple[float, set[str]]] = {}
+        self._listed: dict[str, tuple[float, dict[str, SubscriptionInfo]]] = {}
         self._listing_now: set[str] = set()
         self._lock = threading.Lock()
         self.list_errors = 0
+        self._tenures: dict[tuple[str, str], Tenure] = {}
+        self._last_listed: dict[tuple[str, str], datetime] = {}
+        self._changed: set[tuple[str, str]] = set()
+        self._initial = False
+        self._now: datetime | None = None
+        self._filters: dict[str, SubscriptionFilter | FilterError] = {}
+        self.filter_errors = 0
+
+    # -- tenure: when each subscription was first seen, and when it stopped being listed -----
+
+    def restore(self, tenures: Iterable[Tenure]) -> None:
+        """Take the stored tenures (the first evaluation of a process). None stored: this is
+        the exporter's first evaluation on the database, and every subscription it sees during
+        it is expected from the start (it existed before the exporter did)."""
+        with self._lock:
+            self._tenures = {(t.topic, t.subscription): t for t in tenures}
+            self._initial = not self._tenures
+
+    def begin(self, now: datetime) -> None:
+        """An evaluation at `now` starts: what the listing shows from here is seen at `now`."""
+        self._now = now
+
+    def end(self) -> list[Tenure]:
+        """The evaluation is over: the tenures it changed, to store (the next evaluation
+        stores them again if this one could not)."""
+        with self._lock:
+            self._initial = False
+            return [self._tenures[k] for k in sorted(self._changed)]
+
+    def stored(self, tenures: Iterable[Tenure]) -> None:
+        """These tenures are stored."""
+        with self._lock:
+            for t in tenures:
+                if self._tenures.get((t.topic, t.subscription)) == t:
+                    self._changed.discard((t.topic, t.subscription))
+
+    def _see(self, topic: str, name: str) -> None:
+        """`name` is listed or configured now (lock held)."""
+        key = (topic, name)
+        if self._now is not None:
+            self._last_listed[key] = self._now
+        tenure = self._tenures.get(key)
+        if tenure is not None and tenure.until is None:
+            return
+        # New, or listed again after it was gone (created again: a fresh subscription).
+        since = None if self._initial or self._now is None else self._now
+        self._tenures[key] = Tenure(topic, name, since)
+        self._changed.add(key)
+
+    def _unlisted(self, topic: str, listed: Iterable[str]) -> None:
+        """A successful listing of `topic` without these subscriptions (lock held)."""
+        now = self._now
+        if now is None:
+            return
+        standing = set(listed) | self._configured.get(topic, set())
+        for key, tenure in list(self._tenures.items()):
+            if key[0] == topic and tenure.until is None and key[1] not in standing:
+                until = self._last_listed.get(key, now)
+                self._tenures[key] = replace(tenure, until=until)
+                self._changed.add(key)
+                log.info(
+                    "subscription %s of topic %s is no longer listed: expected until %s",
+                    key[1],
+                    topic,
+                    until.isoformat(),
+                )
+
+    def saw_receipt(self, topic: str, subscription: str, publish_time: datetime) -> None:
+        """A receipt on `subscription` of an event published at `publish_time`: it existed
+        then, so it is expected from then on if that is earlier than it was first seen."""
+        key = (topic, subscription)
+        with self._lock:
+            tenure = self._tenures.get(key)
+            if tenure is None or tenure.since is None or tenure.until is not None:
+                return
+            if publish_time < tenure.since:
+                self._tenures[key] = replace(tenure, since=publish_time)
+                self._changed.add(key)
+
+    def _parsed(self, text: str) -> SubscriptionFilter | FilterError:
+        cached = self._filters.get(text)
+        if cached is None:
+            try:
+                cached = SubscriptionFilter.parse(text)
+            except FilterError as exc:
+                cached = exc
+            self._filters[text] = cached
+        return cached
+
+    def expectations(self, topic: str) -> dict[str, Expectation]:
+        """Every subscription of `topic` the exporter knows of (configured, listed, or gone
+        from the listing but within its tenure), with what it is expected to receive."""
+        listing = self._listing(topic)
+        configured = self._configured.get(topic, set())
+        with self._lock:
+            for name in configured:
+                if (topic, name) not in self._tenures or self._tenures[(topic, name)].until:
+                    self._see(topic, name)
+            out: dict[str, Expectation] = {}
+            for (t, name), tenure in self._tenures.items():
+                if t != topic or self.excluded(topic, name):
+                    continue
+                standing = name in configured or name in listing
+                info = listing.get(name)
+                parsed = self._parsed(info.filter) if info and info.filter else None
+                out[name] = Expectation(
+                    standing=standing,
+                    filter=parsed if isinstance(parsed, SubscriptionFilter) else None,
+                    filter_error=str(parsed) if isinstance(parsed, FilterError) else None,
+                    since=tenure.since,
+                    until=None if standing else tenure.until,
+                )
+            for name in (configured | set(listing)) - set(out):
+                if not self.excluded(topic, name):
+                    out[name] = Expectation(standing=True)
+            return out
+
+    def filters(self, topic: str) -> dict[str, SubscriptionFilter]:
+        """The filters of `topic`'s subscriptions that have one this exporter evaluates."""
+        return {
+            name: e.filter for name, e in self.expectations(topic).items() if e.filter is not None
+        }
 
     @property
     def configured_topics(self) -> set[str]:
         """Topics named in the configuration."""
         return set(self._configured)
 
-    def _listing(self, topic: str) -> set[str]:
+    def _listing(self, topic: str) -> dict[str, SubscriptionInfo]:
         """The topic's listed subscriptions, re-listed at most once per refresh period.
 
         A failure is remembered like a listing (the last good one, or none), so a topic the
@@ -56,14 +227,16 @@ class ExpectedSubscriptions:
         with its last listing meanwhile.
         """
         if self._lister is None:
-            return set()
+            return {}
         with self._lock:
-            fetched_at, subs = self._listed.get(topic, (-math.inf, set()))
+            fetched_at, subs = self._listed.get(topic, (-math.inf, {}))
             if self._clock() - fetched_at < self._refresh or topic in self._listing_now:
                 return subs
             self._listing_now.add(topic)
+        listed: dict[str, SubscriptionInfo] | None
         try:
-            listed: set[str] | None = set(self._lister(topic))
+            infos = [SubscriptionInfo(i) if isinstance(i, str) else i for i in self._lister(topic)]
+            listed = {info.name: info for info in infos}
         except Exception as exc:  # any client error: keep the last good listing
             listed = None
             log.warning("could not list subscriptions of topic %s: %s", topic, exc)
@@ -71,7 +244,23 @@ class ExpectedSubscriptions:
             self._listing_now.discard(topic)
             if listed is None:
                 self.list_errors += 1
-                listed = self._listed.get(topic, (0.0, set()))[1]
+                listed = self._listed.get(topic, (0.0, {}))[1]
+            else:
+                for name, info in listed.items():
+                    if info.filter and isinstance(self._parsed(info.filter), FilterError):
+                        error = self._parsed(info.filter)
+                        self.filter_errors += 1
+                        log.error(
+                            "subscription %s of topic %s has a filter this exporter cannot "
+                            "evaluate (%s): it is not reported: %r",
+                            name,
+                            topic,
+                            error,
+                            info.filter,
+                        )
+                    if not self.excluded(topic, name):
+                        self._see(topic, name)
+                self._unlisted(topic, listed)
             self._listed[topic] = (self._clock(), listed)
             return listed
 
@@ -85,7 +274,7 @@ class ExpectedSubscriptions:
 
     def for_topic(self, topic: str, seen: Iterable[str]) -> set[str]:
         """The standing subscriptions of `topic` plus those `seen`, minus exclusions."""
-        subs = set(self._configured.get(topic, set())) | self._listing(topic) | set(seen)
+        subs = set(self._configured.get(topic, set())) | set(self._listing(topic)) | set(seen)
         return {s for s in subs if not self.excluded(topic, s)}
 
 
@@ -95,10 +284,21 @@ def pubsub_lister(project: str) -> Lister:
 
     client = pubsub_v1.PublisherClient()
 
-    def list_subscriptions(topic: str) -> list[str]:
+    subscriber = pubsub_v1.SubscriberClient()
+
+    def list_subscriptions(topic: str) -> list[SubscriptionInfo]:
         path = client.topic_path(project, topic)
-        return [
-            s.rsplit("/", 1)[-1] for s in client.list_topic_subscriptions(topic=path, timeout=10)
-        ]
+        listed = []
+        for sub_path in client.list_topic_subscriptions(topic=path, timeout=10):
+            sub = subscriber.get_subscription(subscription=sub_path, timeout=10)
+            if sub.detached:
+                continue  # detached: no longer receives the topic's messages
+            dead_letter = sub.dead_letter_policy.dead_letter_topic if sub.dead_letter_policy else ""
+            listed.append(
+                SubscriptionInfo(
+                    sub_path.rsplit("/", 1)[-1], sub.filter, dead_letter.rsplit("/", 1)[-1]
+                )
+            )
+        return listed
 
     return list_subscriptions

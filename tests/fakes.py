@@ -31,7 +31,7 @@ from eventaudit.partitions import (
     record_partition,
     taken_journal,
 )
-from eventaudit.records import BucketResult, PublishRecord, Receipt
+from eventaudit.records import BucketResult, PublishRecord, Receipt, Tenure
 from eventaudit.store import (
     AuditStore,
     DuplicatePublishes,
@@ -61,6 +61,7 @@ class MemoryStore:
         self.digests: dict[str, dict[str, Any]] = {}  # digest deltas by _id
         self.digest_reads = 0
         self.fold_stamp = 0
+        self.tenures: dict[tuple[str, str], Tenure] = {}
         self.fail_next = 0
         self._lock = threading.Lock()
 
@@ -221,6 +222,17 @@ class MemoryStore:
         with self._lock:
             self._check()
             return [r for r in self.buckets.values() if r.start >= since]
+
+    def load_tenures(self) -> list[Tenure]:
+        with self._lock:
+            self._check()
+            return list(self.tenures.values())
+
+    def save_tenures(self, tenures: Sequence[Tenure]) -> None:
+        with self._lock:
+            self._check()
+            for t in tenures:
+                self.tenures[(t.topic, t.subscription)] = t
 
     def load_fold_stamp(self) -> int:
         with self._lock:
