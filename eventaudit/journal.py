@@ -28,8 +28,8 @@ from typing import Any, NamedTuple
 from eventaudit.contract import (
     EVENT_ID_PATTERN,
     MAX_EVENT_ATTRIBUTES_BYTES,
-    decode_attributes,
     PUBSUB_ID_PATTERN,
+    decode_attributes,
     epoch_ms,
     from_epoch_ms,
     parse_ascii_int,
@@ -290,7 +290,7 @@ class BucketDigest:
                 max((m for _, m in dead.values()), default=0),
             )
             missed[sub] = _listed(
-                ((kv, dead.get(kv[0])) for kv in by_age if kv[0] in wanted and kv[0] not in got)
+                (kv, dead.get(kv[0])) for kv in by_age if kv[0] in wanted and kv[0] not in got
             )
         return BucketResult(
             self.topic,

@@ -31,6 +31,7 @@ from datetime import datetime
 from eventaudit.contract import PUBLISH_TIME_TOLERANCE, epoch_ms
 from eventaudit.records import (
     BUCKET_COLLECTION,
+    DEAD_LETTER_COLLECTION,
     DIGEST_COLLECTION,
     JOURNAL_COLLECTION,
     PUBLISH_COLLECTION,
@@ -50,7 +51,8 @@ _LIVE = re.compile(rf"{JOURNAL_COLLECTION}(_-?[0-9]{{1,15}})?")
 _TAKEN = re.compile(rf"{TAKEN_JOURNAL}_(-?[0-9]{{1,15}}_[0-9a-f]{{8}})")
 _FOLDED = re.compile(rf"{FOLDED_JOURNAL}_(-?[0-9]{{1,15}}_[0-9a-f]{{8}})_([0-9]{{1,12}})")
 _PARTITIONED = re.compile(
-    rf"({DIGEST_COLLECTION}|{BUCKET_COLLECTION}|{PUBLISH_COLLECTION}|{RECEIVED_COLLECTION})"
+    rf"({DIGEST_COLLECTION}|{BUCKET_COLLECTION}|{PUBLISH_COLLECTION}|{RECEIVED_COLLECTION}"
+    rf"|{DEAD_LETTER_COLLECTION})"
     r"_(-?[0-9]{1,15})"
 )
 _SPANS = {
@@ -58,7 +60,10 @@ _SPANS = {
     BUCKET_COLLECTION: PARTITION_MS,
     PUBLISH_COLLECTION: RECORD_PARTITION_MS,
     RECEIVED_COLLECTION: RECORD_PARTITION_MS,
+    DEAD_LETTER_COLLECTION: RECORD_PARTITION_MS,
 }
+RECORD_PREFIXES = (PUBLISH_COLLECTION, RECEIVED_COLLECTION, DEAD_LETTER_COLLECTION)
+"""Hourly record collections: retention drops the hours past it."""
 _TOLERANCE_MS = int(PUBLISH_TIME_TOLERANCE.total_seconds() * 1000)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 PUBLISH_COLLECTION = "PublishRecord"
 RECEIVED_COLLECTION = "ReceivedRecord"
+DEAD_LETTER_COLLECTION = "DeadLetterRecord"
 BUCKET_COLLECTION = "BucketResult"
 STATE_COLLECTION = "EvaluatorState"
 # Missed events a bucket result lists per subscription (the API's default page).
@@ -58,6 +59,18 @@ class Receipt:
     publish_time: datetime
     broker_publish_time: datetime
     receive_time: datetime
+    delivery_attempt: int | None = None
+    """Pub/Sub's count of this delivery (subscriptions with a dead-letter policy); for a dead
+    letter, the delivery attempts on `subscription` before it was dead-lettered."""
+    dead_letter_subscription: str = ""
+    """Set on a dead letter: the subscription of the dead-letter topic it was received on.
+    `subscription` and `topic` are then the ones it was dead-lettered from."""
+
+    @property
+    def dead_letter(self) -> bool:
+        """Not a delivery to `subscription`: Pub/Sub gave up on it and moved it to the
+        dead-letter topic."""
+        return bool(self.dead_letter_subscription)
 
 
 @dataclass(frozen=True, slots=True)

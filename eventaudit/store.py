@@ -39,6 +39,7 @@ from eventaudit.journal import (
     parse_journal_document,
 )
 from eventaudit.partitions import (
+    RECORD_PREFIXES,
     bucket_partition,
     folded_journal,
     is_live_journal,
@@ -52,6 +53,7 @@ from eventaudit.partitions import (
 )
 from eventaudit.records import (
     BUCKET_COLLECTION,
+    DEAD_LETTER_COLLECTION,
     DIGEST_COLLECTION,
     PUBLISH_COLLECTION,
     RECEIVED_COLLECTION,
@@ -262,6 +264,20 @@ def publish_entries(
     ]
 
 
+def dead_letter_entry(letter: Receipt) -> JournalEntry:
+    """The journal entry of a dead letter (attempts 1 when Pub/Sub did not say)."""
+    return JournalEntry(
+        letter.topic,
+        letter.event_id,
+        epoch_ms(letter.publish_time),
+        letter.subscription,
+        "",
+        max(1, letter.delivery_attempt or 1),
+        "",
+        True,
+    )
+
+
 def _insert_new(
     collection: Collection[dict[str, Any]], docs: list[dict[str, Any]], what: str
 ) -> list[int]:
@@ -391,6 +407,7 @@ class MongoStore:
         )
         self.published = RecordPartitions(db, PUBLISH_COLLECTION)
         self.received = RecordPartitions(db, RECEIVED_COLLECTION)
+        self.dead_letters = RecordPartitions(db, DEAD_LETTER_COLLECTION)
         self.state: Collection[dict[str, Any]] = db[STATE_COLLECTION]
         self.database = database
         self.db = db
@@ -475,6 +492,12 @@ class MongoStore:
         """
         if not receipts:
             return
+        dead = [r for r in receipts if r.dead_letter]
+        if dead:
+            self._record_dead_letters(dead, now)
+            receipts = [r for r in receipts if not r.dead_letter]
+            if not receipts:
+                return
         folded: dict[str, tuple[Receipt, int, datetime, datetime]] = {}
         for r in receipts:
             key = receipt_key(r.subscription, r.event_id)
@@ -501,6 +524,7 @@ class MongoStore:
                 "receiveTime": first_seen,
                 "lastReceiveTime": last_seen,
                 "deliveries": n,
+                "deliveryAttempt": r.delivery_attempt,
                 "createdTime": now,
                 "writtenTime": now,
             }
@@ -522,13 +546,13 @@ class MongoStore:
         # twice changes nothing). Redeliveries are the rare path.
         vanished = 0
         try:
-            for name, (key, (_, n, _, last_seen)) in existing:
+            for name, (key, (r, n, _, last_seen)) in existing:
+                latest: dict[str, Any] = {"lastReceiveTime": last_seen, "writtenTime": now}
+                if r.delivery_attempt is not None:
+                    latest["deliveryAttempt"] = r.delivery_attempt
                 stored = self.db[name].find_one_and_update(
                     {"_id": key},
-                    {
-                        "$inc": {"deliveries": n},
-                        "$max": {"lastReceiveTime": last_seen, "writtenTime": now},
-                    },
+                    {"$inc": {"deliveries": n}, "$max": latest},
                     return_document=ReturnDocument.AFTER,
                 )
                 if stored is None:
@@ -551,6 +575,34 @@ class MongoStore:
             # A receipt deleted between the insert and its update (retention, an operator):
             # acking now would leave a delivered event without a receipt, so fail the batch.
             raise StoreError(f"redeliveries not written: {vanished} receipt(s) vanished")
+
+    def _record_dead_letters(self, letters: Sequence[Receipt], now: datetime) -> None:
+        """Store one dead-letter record per (subscription, eventID) it was dead-lettered from,
+        in the hour of its publish time; a dead letter received again (a redelivery on the
+        dead-letter subscription) keeps the first record. All are journaled (folding them
+        again changes nothing)."""
+        by_key = {receipt_key(r.subscription, r.event_id): r for r in letters}
+        by_hour: dict[str, list[dict[str, Any]]] = {}
+        for key, r in by_key.items():
+            name = record_partition(DEAD_LETTER_COLLECTION, r.publish_time, r.broker_publish_time)
+            by_hour.setdefault(name, []).append(
+                {
+                    "_id": key,
+                    "subscription": r.subscription,
+                    "eventID": r.event_id,
+                    "topic": r.topic,
+                    "traceID": r.trace_id,
+                    "messageId": r.message_id,
+                    "publishTime": r.publish_time,
+                    "deliveryAttempts": r.delivery_attempt,
+                    "deadLetterSubscription": r.dead_letter_subscription,
+                    "receiveTime": r.receive_time,
+                    "createdTime": now,
+                }
+            )
+        for name, docs in by_hour.items():
+            _insert_new(self.db[name], docs, "dead letters")
+        self._journal([dead_letter_entry(r) for r in by_key.values()], now)
 
     def _journal(self, entries: Sequence[JournalEntry], now: datetime) -> None:
         """Append what a batch made durable to the journal (one document per
@@ -818,7 +870,7 @@ class MongoStore:
         counts: dict[str, int] = {}
         try:
             names = self._collections()
-            for prefix in (PUBLISH_COLLECTION, RECEIVED_COLLECTION):
+            for prefix in RECORD_PREFIXES:
                 old = partitions_before(names, prefix, cutoff)
                 for name in old:
                     self.db.drop_collection(name)

@@ -20,7 +20,7 @@ from eventaudit.pubsub import subscriber_client
 from eventaudit.serving import call_within
 from eventaudit.settings import configure_logging, load_settings
 from eventaudit.store import MongoStore, StoreError
-from eventaudit.subscriber.audited import AuditedSubscriber, Faults, SubscriberMetrics
+from eventaudit.subscriber.audited import AuditedSubscriber, Faults, SubscriberMetrics, TopicOf
 from eventaudit.subscriber.config import SubscriberSettings
 from eventaudit.subscriber.service import create_app
 from eventaudit.subscriber.stream import (
@@ -106,7 +106,7 @@ def start(settings: SubscriberSettings) -> Service:
     client = subscriber_client([StreamEndCounter(health.stream_error)])
     try:
         path = client.subscription_path(settings.project, settings.subscription)
-        topic = _topic(client, path, settings.topic)
+        topic, exactly_once = _topic(client, path, settings.topic)
         store = _open_store(settings)
     except BaseException:
         client.close()
@@ -122,6 +122,10 @@ def start(settings: SubscriberSettings) -> Service:
         batch_size=settings.batch_size,
         flush_interval=settings.flush_interval_seconds,
         faults=faults,
+        dead_letter_sources=_source_topics(client, settings.project)
+        if settings.dead_letters
+        else None,
+        exactly_once=exactly_once,
     )
 
     def healthz() -> dict[str, object]:
@@ -155,8 +159,32 @@ def _listen(settings: SubscriberSettings, app: Flask) -> BackgroundServer:
     return server
 
 
-def _topic(client: pubsub_v1.SubscriberClient, path: str, configured: str | None) -> str:
-    """The subscription's topic id, checked against --topic; StartupError when it cannot be."""
+def _source_topics(client: pubsub_v1.SubscriberClient, project: str) -> TopicOf:
+    """The topic of a subscription dead letters came from, looked up once per subscription
+    (None: it no longer exists); other errors raise, so the message is retried."""
+    known: dict[str, str | None] = {}
+
+    def topic_of(subscription: str) -> str | None:
+        if subscription not in known:
+            try:
+                found = client.get_subscription(
+                    subscription=client.subscription_path(project, subscription),
+                    retry=_LOOKUP_RETRY,
+                    timeout=_LOOKUP_TIMEOUT_SECONDS,
+                )
+                known[subscription] = str(found.topic).rsplit("/", 1)[-1]
+            except exceptions.NotFound:
+                return None  # not remembered: a subscription created later is found then
+        return known[subscription]
+
+    return topic_of
+
+
+def _topic(
+    client: pubsub_v1.SubscriberClient, path: str, configured: str | None
+) -> tuple[str, bool]:
+    """The subscription's topic id, checked against --topic, and whether it has exactly-once
+    delivery; StartupError when it cannot be read."""
     try:
         subscription = client.get_subscription(
             subscription=path, retry=_LOOKUP_RETRY, timeout=_LOOKUP_TIMEOUT_SECONDS
@@ -168,7 +196,7 @@ def _topic(client: pubsub_v1.SubscriberClient, path: str, configured: str | None
     topic = str(subscription.topic).rsplit("/", 1)[-1]
     if configured is not None and configured != topic:
         raise StartupError(f"--topic {configured} is not the topic of {path} (it is {topic})")
-    return topic
+    return topic, bool(subscription.enable_exactly_once_delivery)
 
 
 def _open_store(settings: SubscriberSettings) -> MongoStore:

@@ -20,6 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -28,7 +29,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from eventaudit.contract import (
     PUBLISH_TIME_FALLBACKS,
+    AuditedAttributes,
     InvalidMessageError,
+    is_pubsub_id,
+    parse_ascii_int,
     read_attributes,
     utc_now_ms,
 )
@@ -39,6 +43,9 @@ log = logging.getLogger(__name__)
 
 OUTCOMES = (
     "recorded",
+    "dead_letter_recorded",
+    "dead_letter_unresolved",
+    "ack_failed",
     "invalid",
     "handler_error",
     "store_error",
@@ -94,6 +101,15 @@ class SubscriberMetrics:
             ["subscription", "reason"],
             registry=registry,
         )
+        self.attempts = Histogram(
+            "eventaudit_subscriber_delivery_attempts",
+            "Pub/Sub's delivery attempt of each message recorded (subscriptions with a "
+            "dead-letter policy; 1 is a first delivery).",
+            ["subscription"],
+            buckets=(1, 2, 3, 4, 5, 7, 10, 15, 20, 50, 100),
+            registry=registry,
+        )
+        self.delivery_attempts = self.attempts.labels(subscription)
         self.subscription = subscription
         for outcome in OUTCOMES:
             self.messages.labels(subscription, outcome)
@@ -126,7 +142,15 @@ class Message(Protocol):
 
     def ack(self) -> None: ...
 
+    def ack_with_response(self) -> Future[Any]: ...
+
     def nack(self) -> None: ...
+
+
+DEAD_LETTER_SOURCE = "CloudPubSubDeadLetterSourceSubscription"
+DEAD_LETTER_ATTEMPTS = "CloudPubSubDeadLetterSourceDeliveryCount"
+TopicOf = Callable[[str], "str | None"]
+"""A subscription id's topic id (None: no such subscription)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,10 +192,21 @@ class AuditedSubscriber:
         faults: Faults | None = None,
         handler: Callable[[Message], None] | None = None,
         on_receipt: Callable[[Receipt], None] | None = None,
+        dead_letter_sources: TopicOf | None = None,
+        exactly_once: bool = False,
     ) -> None:
         """`handler`, when given, is the consumer's own processing: it runs first, and a
         message is recorded (then acked) only if it returns; if it raises, the message is
         nacked and counted `handler_error`, so the receipt means "delivered and processed".
+
+        `dead_letter_sources`, given for a subscription of a dead-letter topic, finds the topic
+        of the subscription a message was dead-lettered from: such messages are recorded as
+        dead letters of that subscription (not receipts). Elsewhere the dead-letter attributes
+        are ignored: any publisher can set them.
+
+        `exactly_once`: the subscription has exactly-once delivery, so an ack can fail; each
+        is confirmed, and a failure counted `ack_failed` (the receipt is durable: the
+        redelivery that follows counts as a duplicate).
         """
         self._store = store
         self._subscription = subscription
@@ -182,6 +217,8 @@ class AuditedSubscriber:
         self._faults = faults or Faults()
         self._handler = handler
         self._on_receipt = on_receipt
+        self._dead_letter_sources = dead_letter_sources
+        self._exactly_once = exactly_once
         self._queue: queue.Queue[tuple[Message, Receipt] | None] = queue.Queue()
         # Read at scrape time: the callback path does not update a gauge per message.
         metrics.pending_receipts.set_function(self._queue.qsize)
@@ -242,6 +279,11 @@ class AuditedSubscriber:
                 self._subscription,
                 attrs.publish_time_fallback,
             )
+        attempt = getattr(message, "delivery_attempt", None)
+        attempt = attempt if isinstance(attempt, int) and attempt > 0 else None
+        if self._dead_letter_sources is not None and DEAD_LETTER_SOURCE in message.attributes:
+            self._receive_dead_letter(message, attrs, broker_time, receive_time)
+            return
         if self._faults.lose(attrs.event_id):
             self._metrics.count("fault_lost")
             message.ack()
@@ -267,8 +309,51 @@ class AuditedSubscriber:
             publish_time=attrs.publish_time,
             broker_publish_time=broker_time,
             receive_time=receive_time,
+            delivery_attempt=attempt,
         )
         self._queue.put((message, receipt))
+
+    def _receive_dead_letter(
+        self,
+        message: Message,
+        attrs: AuditedAttributes,
+        broker_time: datetime,
+        receive_time: datetime,
+    ) -> None:
+        """A message Pub/Sub moved here from another subscription: recorded as a dead letter of
+        that subscription, on its topic. One whose source cannot be read or no longer exists
+        is counted `dead_letter_unresolved`, logged and acked (it would never resolve)."""
+        source = str(message.attributes.get(DEAD_LETTER_SOURCE, "")).rsplit("/", 1)[-1]
+        raw = message.attributes.get(DEAD_LETTER_ATTEMPTS)
+        attempts = parse_ascii_int(raw, 10) if isinstance(raw, str) else None
+        topic = None
+        if is_pubsub_id(source):
+            assert self._dead_letter_sources is not None
+            topic = self._dead_letter_sources(source)  # raises on a transient error: nacked
+        if topic is None or not is_pubsub_id(topic):
+            self._metrics.count("dead_letter_unresolved")
+            log.warning(
+                "dead letter %s (event %s) on %s: source subscription %r unknown; acked",
+                message.message_id,
+                attrs.event_id,
+                self._subscription,
+                source,
+            )
+            message.ack()
+            return
+        letter = Receipt(
+            subscription=source,
+            event_id=attrs.event_id,
+            topic=topic,
+            trace_id=attrs.trace_id,
+            message_id=message.message_id,
+            publish_time=attrs.publish_time,
+            broker_publish_time=broker_time,
+            receive_time=receive_time,
+            delivery_attempt=attempts if attempts and attempts < 2**31 else None,
+            dead_letter_subscription=self._subscription,
+        )
+        self._queue.put((message, letter))
 
     def _internal_error(self, message: Message, exc: Exception) -> None:
         """A bug of ours on this message: nack it for another try, a bounded number of times."""
@@ -370,9 +455,15 @@ class AuditedSubscriber:
         self.last_write_ok = True
         self._metrics.store_ok.set(1)
         latency = self._metrics.delivery_latency
-        redelivered = 0
+        redelivered = dead = 0
         for message, receipt in batch:
+            if receipt.dead_letter:
+                dead += 1
+                self._ack(message)
+                continue
             latency.observe(max(0.0, (receipt.receive_time - receipt.publish_time).total_seconds()))
+            if receipt.delivery_attempt is not None:
+                self._metrics.delivery_attempts.observe(receipt.delivery_attempt)
             if receipt.event_id not in self._redelivered and self._faults.redeliver(
                 receipt.event_id
             ):
@@ -380,15 +471,38 @@ class AuditedSubscriber:
                 message.nack()
                 redelivered += 1
             else:
-                message.ack()
+                self._ack(message)
             if self._on_receipt is not None:
                 try:
                     self._on_receipt(receipt)
                 except Exception:  # the receipt is durable and the message settled
                     log.exception("on_receipt hook failed on event %s", receipt.event_id)
-        self._metrics.count("recorded", len(batch) - redelivered)
+        self._metrics.count("recorded", len(batch) - redelivered - dead)
+        if dead:
+            self._metrics.count("dead_letter_recorded", dead)
         if redelivered:
             self._metrics.count("fault_redelivered", redelivered)
+
+    def _ack(self, message: Message) -> None:
+        """Ack a recorded message; with exactly-once delivery, confirm it (not waiting)."""
+        if not self._exactly_once:
+            message.ack()
+            return
+
+        def confirmed(future: Future[Any]) -> None:
+            exc = future.exception()
+            if exc is None:
+                return
+            self._metrics.count("ack_failed")
+            log.warning(
+                "ack of message %s on %s failed (%s): its receipt is stored, so the "
+                "redelivery that follows counts as a duplicate",
+                message.message_id,
+                self._subscription,
+                exc,
+            )
+
+        message.ack_with_response().add_done_callback(confirmed)
 
     def _store_failed(self, batch: list[tuple[Message, Receipt]], exc: StoreError) -> None:
         for message, _ in batch:

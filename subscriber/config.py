@@ -32,6 +32,12 @@ class SubscriberSettings(CommonSettings):
         "is being handled: messages a crashed subscriber held come back after about this long "
         "(the client library's default is 60)",
     )
+    dead_letters: bool = Field(
+        False,
+        description="the subscription is on a dead-letter topic: record each message Pub/Sub "
+        "moved there as a dead letter of the subscription it came from (its "
+        "CloudPubSubDeadLetterSourceSubscription attribute)",
+    )
     lose_fraction: float = Field(
         0.0, ge=0, le=1, description="FAULT KNOB for demos: ack this fraction of events unrecorded"
     )

@@ -37,6 +37,7 @@ from eventaudit.store import (
     DuplicatePublishes,
     StoreError,
     classify_duplicates,
+    dead_letter_entry,
     publish_entries,
     publish_key,
     receipt_key,
@@ -53,6 +54,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self.published: dict[str, dict[str, Any]] = {}
         self.received: dict[str, dict[str, Any]] = {}
+        self.dead_letters: dict[str, dict[str, Any]] = {}
         self.buckets: dict[str, BucketResult] = {}
         self.journals: dict[str, dict[Any, dict[str, Any]]] = {}  # collection -> _id -> doc
         self._taken = 0
@@ -96,6 +98,23 @@ class MemoryStore:
             self._check()
             entries: dict[str, JournalEntry] = {}
             for r in receipts:
+                if r.dead_letter:
+                    hour = record_partition(
+                        "DeadLetterRecord", r.publish_time, r.broker_publish_time
+                    )
+                    key = f"{hour}|{receipt_key(r.subscription, r.event_id)}"
+                    self.dead_letters.setdefault(
+                        key,
+                        {
+                            "subscription": r.subscription,
+                            "eventID": r.event_id,
+                            "topic": r.topic,
+                            "deliveryAttempts": r.delivery_attempt,
+                            "deadLetterSubscription": r.dead_letter_subscription,
+                        },
+                    )
+                    entries["dead|" + key] = dead_letter_entry(r)
+                    continue
                 hour = record_partition("ReceivedRecord", r.publish_time, r.broker_publish_time)
                 key = f"{hour}|{receipt_key(r.subscription, r.event_id)}"
                 doc = self.received.get(key)
@@ -109,6 +128,7 @@ class MemoryStore:
                         "receiveTime": r.receive_time,
                         "lastReceiveTime": r.receive_time,
                         "deliveries": 1,
+                        "deliveryAttempt": r.delivery_attempt,
                         "createdTime": now,
                         "writtenTime": now,
                     }
@@ -116,6 +136,10 @@ class MemoryStore:
                     doc["deliveries"] += 1
                     doc["lastReceiveTime"] = max(doc["lastReceiveTime"], r.receive_time)
                     doc["writtenTime"] = max(doc["writtenTime"], now)
+                    if r.delivery_attempt is not None:
+                        doc["deliveryAttempt"] = max(
+                            doc["deliveryAttempt"] or 0, r.delivery_attempt
+                        )
                 entries[key] = JournalEntry(
                     doc["topic"],
                     doc["eventID"],
@@ -267,7 +291,11 @@ class MemoryStore:
         with self._lock:
             self._check()
             counts = {}
-            tables = (("PublishRecord", self.published), ("ReceivedRecord", self.received))
+            tables = (
+                ("PublishRecord", self.published),
+                ("ReceivedRecord", self.received),
+                ("DeadLetterRecord", self.dead_letters),
+            )
             for name, table in tables:
                 hours = {k: k.split("|", 1)[0] for k in table}
                 old = set(partitions_before(set(hours.values()), name, cutoff))

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
@@ -25,6 +26,7 @@ from eventaudit.subscriber.audited import (
     AuditedSubscriber,
     Faults,
     SubscriberMetrics,
+    TopicOf,
 )
 from tests.fakes import MemoryStore
 
@@ -44,9 +46,20 @@ class FakeMessage:
     publish_time: datetime = BROKER
     delivery_attempt: int | None = None
     acks: list[str] = field(default_factory=list)
+    ack_error: Exception | None = None
+    """What an exactly-once ack_with_response fails with (None: it succeeds)."""
 
     def ack(self) -> None:
         self.acks.append("ack")
+
+    def ack_with_response(self) -> Future[Any]:
+        self.acks.append("ack")
+        future: Future[Any] = Future()
+        if self.ack_error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(self.ack_error)
+        return future
 
     def nack(self) -> None:
         self.acks.append("nack")
@@ -57,7 +70,13 @@ class Subscriber:
 
     started: ClassVar[list[Subscriber]] = []
 
-    def __init__(self, store: MemoryStore | None = None, faults: Faults | None = None) -> None:
+    def __init__(
+        self,
+        store: MemoryStore | None = None,
+        faults: Faults | None = None,
+        dead_letter_sources: TopicOf | None = None,
+        exactly_once: bool = False,
+    ) -> None:
         self.store = store or MemoryStore()
         self.registry = CollectorRegistry()
         self.audited = AuditedSubscriber(
@@ -68,6 +87,8 @@ class Subscriber:
             batch_size=1000,
             flush_interval=0.01,
             faults=faults,
+            dead_letter_sources=dead_letter_sources,
+            exactly_once=exactly_once,
         )
         self.audited.start()
         Subscriber.started.append(self)
@@ -351,3 +372,114 @@ def test_a_writer_that_finishes_in_time_reports_it() -> None:
     sub = Subscriber()
     sub.deliver(FakeMessage({"eventID": "e-1"}))
     assert sub.audited.stop(timeout=10) is True
+
+
+# -- dead letters, delivery attempts and exactly-once acks ----------------------------------
+
+SOURCES = {"orders-sub": "orders", "projects/p/subscriptions/orders-sub": "orders"}
+
+
+def _dead_letter(source: object, attempts: object = "5", event_id: str = "e-9") -> FakeMessage:
+    attrs: dict[str, Any] = {"eventID": event_id, "publishTime": str(BROKER_MS - 5000)}
+    if source is not None:
+        attrs["CloudPubSubDeadLetterSourceSubscription"] = source
+    if attempts is not None:
+        attrs["CloudPubSubDeadLetterSourceDeliveryCount"] = attempts
+    return FakeMessage(attrs)
+
+
+@pytest.mark.parametrize(
+    ("source", "attempts", "outcome", "stored_attempts"),
+    [
+        ("orders-sub", "5", "dead_letter_recorded", 5),
+        ("projects/p/subscriptions/orders-sub", "7", "dead_letter_recorded", 7),
+        ("orders-sub", None, "dead_letter_recorded", None),
+        ("orders-sub", "\u0665", "dead_letter_recorded", None),  # Arabic-Indic five: not a count
+        ("orders-sub", "5\n", "dead_letter_recorded", None),
+        ("orders-sub", "9" * 30, "dead_letter_recorded", None),
+        ("orders-sub", "0", "dead_letter_recorded", None),
+        ("gone-sub", "5", "dead_letter_unresolved", None),
+        ("", "5", "dead_letter_unresolved", None),
+        ("goog-sub", "5", "dead_letter_unresolved", None),
+        ("a|b", "5", "dead_letter_unresolved", None),
+        ("x" * 5000, "5", "dead_letter_unresolved", None),
+    ],
+)
+def test_a_dead_letter_is_recorded_against_the_subscription_it_left(
+    source: str, attempts: str | None, outcome: str, stored_attempts: int | None
+) -> None:
+    subscriber = Subscriber(dead_letter_sources=SOURCES.get)
+    message = _dead_letter(source, attempts)
+    subscriber.deliver(message)
+    assert message.acks == ["ack"]
+    assert subscriber.count(outcome) == 1
+    assert subscriber.count("recorded") == 0
+    assert not subscriber.store.received  # never a receipt, on either subscription
+    if outcome == "dead_letter_recorded":
+        [letter] = subscriber.store.dead_letters.values()
+        assert letter["subscription"] == "orders-sub"
+        assert letter["topic"] == "orders"
+        assert letter["deadLetterSubscription"] == SUB
+        assert letter["deliveryAttempts"] == stored_attempts
+        [entry] = [e for d in subscriber.store.journal_written for e in d["entries"]]
+        assert entry == f"d|orders|orders-sub|e-9|{BROKER_MS - 5000}|{stored_attempts or 1}"
+    else:
+        assert not subscriber.store.dead_letters
+
+
+def test_dead_letter_attributes_on_an_ordinary_subscription_are_an_ordinary_receipt() -> None:
+    subscriber = Subscriber()  # not a dead-letter subscription: anyone can set the attributes
+    subscriber.deliver(_dead_letter("orders-sub"))
+    assert subscriber.count("recorded") == 1
+    assert subscriber.store.receipt(SUB, "e-9")["topic"] == TOPIC
+    assert not subscriber.store.dead_letters
+
+
+def test_a_message_without_the_dead_letter_source_on_a_dead_letter_subscription_is_a_receipt() -> (
+    None
+):
+    subscriber = Subscriber(dead_letter_sources=SOURCES.get)
+    subscriber.deliver(_dead_letter(None))
+    assert subscriber.count("recorded") == 1
+    assert subscriber.store.receipt(SUB, "e-9")["deliveries"] == 1
+
+
+def test_a_source_lookup_that_fails_nacks_for_another_try() -> None:
+    def unreachable(_sub: str) -> str | None:
+        raise RuntimeError("admin API unreachable")
+
+    subscriber = Subscriber(dead_letter_sources=unreachable)
+    message = _dead_letter("orders-sub")
+    subscriber.deliver(message)
+    assert message.acks == ["nack"]
+    assert subscriber.count("internal_error") == 1
+    assert not subscriber.store.dead_letters
+
+
+@pytest.mark.parametrize(("attempt", "observed"), [(None, 0), (1, 1), (4, 1), (0, 0)])
+def test_delivery_attempts_are_recorded_and_observed(attempt: int | None, observed: int) -> None:
+    subscriber = Subscriber()
+    subscriber.deliver(
+        FakeMessage({"eventID": "e-1", "publishTime": str(BROKER_MS)}, delivery_attempt=attempt)
+    )
+    stored = attempt if attempt else None
+    assert subscriber.store.receipt(SUB, "e-1")["deliveryAttempt"] == stored
+    count = subscriber.registry.get_sample_value(
+        "eventaudit_subscriber_delivery_attempts_count", {"subscription": SUB}
+    )
+    assert count == observed
+
+
+def test_an_exactly_once_ack_that_fails_is_counted_and_its_redelivery_is_a_duplicate() -> None:
+    subscriber = Subscriber(exactly_once=True)
+    attrs = {"eventID": "e-1", "publishTime": str(BROKER_MS)}
+    failed = FakeMessage(attrs, ack_error=RuntimeError("AcknowledgeError: INVALID_ACK_ID"))
+    subscriber.deliver(failed)
+    assert subscriber.count("ack_failed") == 1
+    assert subscriber.count("recorded") == 1
+    subscriber.deliver(FakeMessage(attrs, message_id="m-1"))
+    assert subscriber.count("ack_failed") == 1
+    receipt = subscriber.store.receipt(SUB, "e-1")
+    assert receipt["deliveries"] == 2  # one receipt, the redelivery a duplicate
+    entries = [e for d in subscriber.store.journal_written for e in d["entries"]]
+    assert entries[-1] == f"r|{TOPIC}|{SUB}|e-1|{BROKER_MS}|2"
