@@ -97,6 +97,7 @@ class ExpectedSubscriptions:
         self._now: datetime | None = None
         self._filters: dict[str, SubscriptionFilter | FilterError] = {}
         self.filter_errors = 0
+        self._refused: set[tuple[str, str, str]] = set()
 
     # -- tenure: when each subscription was first seen, and when it stopped being listed -----
 
@@ -247,8 +248,11 @@ class ExpectedSubscriptions:
                 listed = self._listed.get(topic, (0.0, {}))[1]
             else:
                 for name, info in listed.items():
-                    if info.filter and isinstance(self._parsed(info.filter), FilterError):
-                        error = self._parsed(info.filter)
+                    error = self._parsed(info.filter) if info.filter else None
+                    if isinstance(error, FilterError) and (
+                        (topic, name, info.filter) not in self._refused
+                    ):
+                        self._refused.add((topic, name, info.filter))
                         self.filter_errors += 1
                         log.error(
                             "subscription %s of topic %s has a filter this exporter cannot "

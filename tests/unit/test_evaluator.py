@@ -177,6 +177,8 @@ def test_a_subscription_gone_from_the_listing_leaves_the_short_windows() -> None
     gone = ev.evaluate(NOW).subscriptions[(TOPIC, "going")]
     assert set(gone) == {"1h"}
     assert (gone["1h"].published, gone["1h"].received) == (60, 1)
+    # Last listed at NOW (12:00:30): once the frontier passes it, its series are gone.
+    assert (TOPIC, "going") not in ev.evaluate(NOW + timedelta(seconds=40)).subscriptions
 
 
 # -- late records: found by when they became durable, not by the writer's earlier clocks ------
