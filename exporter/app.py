@@ -84,6 +84,7 @@ def missed() -> Any:
             404, f"subscription {subscription} of topic {topic} is not reported in window {label}"
         )
     start, end = snapshot.frontier - window.length, snapshot.frontier
+    stats = snapshot.subscriptions[(topic, subscription)][label]
     key = (topic, subscription, label)
     answer = deps.missed.cached(snapshot, key)
     if answer is None:
@@ -103,7 +104,6 @@ def missed() -> Any:
             return json_error(503, "audit store unavailable")
         finally:
             deps.missed.release()
-        stats = snapshot.subscriptions[(topic, subscription)][label]
         answer = deps.missed.store(snapshot, key, stats.missed, listed)
         if answer.events is None:
             log.info(
@@ -123,12 +123,16 @@ def missed() -> Any:
         start=start.isoformat(),
         end=end.isoformat(),
         missed=answer.missed,
+        deadLettered=stats.dead_lettered,
+        lost=answer.missed - stats.dead_lettered,
         truncated=answer.missed > limit,
         events=[
             {
                 "eventID": e.event_id,
                 "traceID": e.trace_id,
                 "publishTime": e.publish_time.isoformat(),
+                "fate": "lost" if e.dead_letter_attempts is None else "dead_lettered",
+                "deliveryAttempts": e.dead_letter_attempts,
             }
             for e in answer.events[:limit]
         ],
@@ -167,9 +171,11 @@ def status_page() -> Response:
                             s.published,
                             s.received,
                             s.missed,
+                            s.dead_lettered,
                             shown,
                             s.duplicates,
                             s.unmatched,
+                            s.filtered,
                         )
                     )
                     + "</tr>"
@@ -181,7 +187,8 @@ def status_page() -> Response:
 <body><h1>eventaudit</h1><p>Status: {html.escape(status)}. Settled up to {frontier}
 (settle delay {state.settle_seconds:g}s). <a href="/metrics">/metrics</a></p>
 <table><tr><th>topic</th><th>subscription</th><th>window</th><th>published</th>
-<th>received</th><th>missed</th><th>completion</th><th>duplicates</th><th>unmatched</th></tr>
+<th>received</th><th>missed</th><th>dead-lettered</th><th>completion</th><th>duplicates</th>
+<th>unmatched</th><th>filtered out</th></tr>
 {"".join(rows)}</table></body></html>"""
     return Response(body, mimetype="text/html")
 

@@ -148,6 +148,26 @@ def test_api_and_gauge_agree_across_late_records(audit_store: AuditStore) -> Non
     assert (status, body["missed"], _ids(body)) == (200, 1, ["e10"])
 
 
+def test_the_api_says_which_missed_events_were_dead_lettered(audit_store: AuditStore) -> None:
+    _seeded(audit_store)
+    letter = Receipt(SUB, "e8", TOPIC, None, "m", at(12, 0, 8), at(12, 0, 8), at(12, 0, 9), 5,
+                     "orders-dlq-audit")  # fmt: skip
+    audit_store.record_receipts([letter], at(12, 0, 9))
+    exporter = Exporter(audit_store)
+    assert exporter.evaluate(at(12, 0, 45))
+    labels = {"topic": TOPIC, "subscription": SUB, "window": "1m"}
+    assert exporter.registry.get_sample_value("eventaudit_dead_lettered_events", labels) == 1
+    for _ in range(2):  # computed, then from the cache
+        status, body = exporter.missed(SUB)
+        assert (status, body["missed"], body["deadLettered"], body["lost"]) == (200, 3, 1, 2)
+        assert [(e["eventID"], e["fate"], e["deliveryAttempts"]) for e in body["events"]] == [
+            ("e7", "lost", None),
+            ("e8", "dead_lettered", 5),
+            ("e9", "lost", None),
+        ]
+    assert exporter.answers._counts["cached"] == 1
+
+
 def test_a_record_stored_right_after_the_evaluation_is_listed_by_the_next(
     audit_store: AuditStore,
 ) -> None:
