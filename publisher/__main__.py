@@ -6,6 +6,7 @@ import logging
 import sys
 import time
 
+from google.cloud import pubsub_v1
 from prometheus_client import CollectorRegistry
 
 from eventaudit.publisher.app import PublisherDeps, create_app
@@ -42,7 +43,11 @@ def main(argv: list[str] | None = None) -> None:
         buffer = RecordBuffer(
             store, metrics, settings.record_buffer_capacity, settings.record_batch_size
         )
-        client = publisher_client()
+        # Ordering enabled: X-Ordering-Key publishes in order; events without a key batch as
+        # before.
+        client = publisher_client(
+            publisher_options=pubsub_v1.types.PublisherOptions(enable_message_ordering=True)
+        )
         publisher = AuditedPublisher(
             client, settings.project, buffer, metrics, settings.payload_cap_bytes
         )

@@ -30,8 +30,10 @@ from eventaudit.http import json_error, metrics_view, register_json_errors
 from eventaudit.publisher.audited import (
     PUBLISH_TIMEOUTS,
     AuditedPublisher,
+    InvalidAttributesError,
     InvalidEventError,
     InvalidOptionsError,
+    InvalidOrderingKeyError,
     PublishedEvent,
     RecordBuffer,
     TopicNotFoundError,
@@ -163,11 +165,17 @@ def _publish_in_slot(topic: str, payload: dict[str, Any]) -> PublishedEvent | tu
             event_id=request.headers.get("X-Event-ID"),
             trace=TraceContext.from_headers(dict(request.headers)),
             options=request.headers.get("X-Event-Options"),
+            attributes=request.headers.get("X-Event-Attributes"),
+            ordering_key=request.headers.get("X-Ordering-Key", ""),
         )
     except InvalidMessageError as exc:
         return json_error(400, f"X-Event-ID: {exc}")
     except InvalidOptionsError as exc:
         return json_error(400, f"X-Event-Options: {exc}")
+    except InvalidAttributesError as exc:
+        return json_error(400, f"X-Event-Attributes: {exc}")
+    except InvalidOrderingKeyError as exc:
+        return json_error(400, f"X-Ordering-Key: {exc}")
     except InvalidEventError as exc:  # the payload (or the topic id, for library callers)
         return json_error(400, str(exc))
     except TopicNotFoundError:

@@ -75,6 +75,13 @@ class InvalidAttributesError(InvalidEventError):
     """The event's own attributes are not strings, use a reserved name or are too large."""
 
 
+class InvalidOrderingKeyError(InvalidEventError):
+    """An ordering key Pub/Sub would refuse (empty is "no key"; at most 1024 bytes)."""
+
+
+MAX_ORDERING_KEY_BYTES = 1024
+
+
 class TopicNotFoundError(LookupError):
     """The topic does not exist (answered from the bounded existence cache)."""
 
@@ -402,6 +409,8 @@ class PublishClient(Protocol):
 
     def publish(self, topic: str, data: bytes, **attrs: str) -> Future[str]: ...
 
+    def resume_publish(self, topic: str, ordering_key: str) -> None: ...
+
     def topic_path(self, project: str, topic: str) -> str: ...
 
     def get_topic(self, *, topic: str, timeout: float) -> object: ...
@@ -616,6 +625,7 @@ class AuditedPublisher:
         trace: TraceContext | None = None,
         options: object = None,
         attributes: object = None,
+        ordering_key: str = "",
     ) -> PublishedEvent:
         """Publish `payload` as JSON, with the event's own `attributes` (a mapping of strings,
         or its JSON text) beside the audit's; the record is buffered once Pub/Sub returns a
@@ -630,6 +640,14 @@ class AuditedPublisher:
             own = validate_event_attributes(attributes)
         except ValueError as exc:
             raise InvalidAttributesError(str(exc)) from exc
+        try:
+            key_bytes = len(ordering_key.encode())
+        except UnicodeEncodeError as exc:
+            raise InvalidOrderingKeyError("ordering key is not encodable as UTF-8") from exc
+        if key_bytes > MAX_ORDERING_KEY_BYTES:
+            raise InvalidOrderingKeyError(
+                f"ordering key is {key_bytes} bytes; Pub/Sub takes at most {MAX_ORDERING_KEY_BYTES}"
+            )
         data = encode_payload(payload)
         if not is_pubsub_id(topic):
             raise InvalidEventError(f"invalid topic id {topic!r}")
@@ -642,10 +660,12 @@ class AuditedPublisher:
         publish_time = utc_now_ms()
         sent = {**own, **build_attributes(event_id, publish_time, trace, options_text)}
         started = time.perf_counter()
+        path = self._client.topic_path(self._project, topic)
         try:
-            future = self._client.publish(
-                self._client.topic_path(self._project, topic), data, **sent
-            )
+            if ordering_key:
+                future = self._client.publish(path, data, ordering_key=ordering_key, **sent)
+            else:
+                future = self._client.publish(path, data, **sent)
         except Exception as exc:  # refused by the client (too large, stopped): never in flight
             self._metrics.events.labels("error").inc()
             log.warning("client refused event %s for %s: %s", event_id, topic, exc)
@@ -676,6 +696,10 @@ class AuditedPublisher:
                 log.warning(
                     "publish of event %s to %s failed (%s): %s", event_id, topic, outcome, exc
                 )
+                if ordering_key:
+                    # The client pauses a key after a failed publish, refusing every later one:
+                    # the caller was told this one failed, so its retry may go through.
+                    self._client.resume_publish(path, ordering_key)
                 return
             self._metrics.latency.labels(topic).observe(time.perf_counter() - started)
             self._buffer.add(

@@ -57,6 +57,7 @@ TOO_DEEP = "[" * 3000 + "]" * 3000
 # (path, body, headers, status, error fragment): each is answered 4xx JSON, writes nothing and
 # leaves nothing in flight. Headers go in through the WSGI environ, so values a client library
 # would refuse (a trailing newline) still reach the API as a hostile server might pass them.
+ATTRS = "X-Event-Attributes"
 PUBLISHER_BAD_INPUT = [
     # body
     (EVENTS, b"{not json", {}, 400, "malformed JSON"),
@@ -97,6 +98,27 @@ PUBLISHER_BAD_INPUT = [
     (EVENTS, b"{}", {"X-Event-Options": TOO_DEEP}, 400, "X-Event-Options: Options is nested"),
     (EVENTS, b"{}", {"X-Event-Options": '"' + "x" * 1100 + '"'}, 400, "at most 1024"),
     (EVENTS, b"{}", {"X-Event-Options": "{}\n{}"}, 400, "X-Event-Options: Options is not"),
+    # X-Event-Attributes
+    (EVENTS, b"{}", {ATTRS: "{x"}, 400, "X-Event-Attributes: attributes are not valid JSON"),
+    (EVENTS, b"{}", {ATTRS: "[]"}, 400, "X-Event-Attributes: attributes must be a JSON object"),
+    (EVENTS, b"{}", {ATTRS: '"kind"'}, 400, "attributes must be a JSON object"),
+    (EVENTS, b"{}", {ATTRS: "NaN"}, 400, "attributes are not valid JSON"),
+    (EVENTS, b"{}", {ATTRS: '{"n": 1}'}, 400, "keys and values must be strings"),
+    (EVENTS, b"{}", {ATTRS: '{"n": null}'}, 400, "keys and values must be strings"),
+    (EVENTS, b"{}", {ATTRS: '{"n": {"a": "b"}}'}, 400, "keys and values must be strings"),
+    (EVENTS, b"{}", {ATTRS: '{"eventID": "x"}'}, 400, "'eventID' is set by the audit"),
+    (EVENTS, b"{}", {ATTRS: '{"publishTime": "1"}'}, 400, "is set by the audit"),
+    (EVENTS, b"{}", {ATTRS: '{"traceparent": "x"}'}, 400, "is set by the audit"),
+    (EVENTS, b"{}", {ATTRS: '{"googX": "x"}'}, 400, "reserves keys starting with goog"),
+    (EVENTS, b"{}", {ATTRS: '{"GOOG": "x"}'}, 400, "reserves keys starting with goog"),
+    (EVENTS, b"{}", {ATTRS: '{"": "x"}'}, 400, "keys are 1 to 256 bytes"),
+    (EVENTS, b"{}", {ATTRS: '{"' + "k" * 257 + '": "x"}'}, 400, "keys are 1 to 256 bytes"),
+    (EVENTS, b"{}", {ATTRS: '{"k": "\\ud800"}'}, 400, "not encodable as UTF-8"),
+    (EVENTS, b"{}", {ATTRS: '{"k": "' + "v" * 1100 + '"}'}, 400, "the audit keeps at most 1024"),
+    (EVENTS, b"{}", {ATTRS: TOO_DEEP}, 400, "X-Event-Attributes: attributes are nested"),
+    (EVENTS, b"{}", {ATTRS: '{"k": "v"}\n{}'}, 400, "attributes are not valid JSON"),
+    # X-Ordering-Key
+    (EVENTS, b"{}", {"X-Ordering-Key": "k" * 1025}, 400, "X-Ordering-Key: ordering key is 1025"),
     # topic path segment
     ("/api/v1/topics/$where/events", b"{}", {}, 400, "invalid topic id"),
     ("/api/v1/topics/abc%0A/events", b"{}", {}, 400, "invalid topic id"),
@@ -222,6 +244,28 @@ def test_publisher_accepts_good_input_and_records_it(api, store) -> None:
     )
     assert record["messageId"] == body["messageId"]
     assert store.published.count_documents({}) == 2
+
+
+def test_an_events_own_attributes_reach_pubsub_and_its_record(api, store) -> None:
+    client, topic = api
+    attrs = {"kind": "a", "région": "eu|west", "q": 'say "hi"'}
+    resp = client.post(
+        f"/api/v1/topics/{topic}/events",
+        json={"n": 1},
+        headers={ATTRS: json.dumps(attrs), "X-Event-ID": "evt-attrs"},
+    )
+    assert resp.status_code == 201, resp.get_json()
+    client.application.config["DEPS"].publisher.flush(timeout=30)
+    record = store.published.find_one({"eventID": "evt-attrs"})
+    assert record is not None and json.loads(record["attributes"]) == attrs
+    with pubsub_v1.SubscriberClient() as subscriber:
+        path = subscriber.subscription_path(PROJECT, f"{topic}-sub0")  # the api fixture's
+        [received] = subscriber.pull(
+            subscription=path, max_messages=10, timeout=30
+        ).received_messages
+    got = received.message.attributes
+    assert {k: got[k] for k in attrs} == attrs
+    assert got["eventID"] == "evt-attrs"
 
 
 def _records(registry, outcome: str) -> float | None:
@@ -370,9 +414,13 @@ class CountingClient:
         self.client = client
         self.publishes = 0
         self.checks = 0
+        self.resumed: list[tuple[str, str]] = []
 
     def topic_path(self, project: str, topic: str) -> str:
         return self.client.topic_path(project, topic)
+
+    def resume_publish(self, topic: str, ordering_key: str) -> None:
+        self.resumed.append((topic, ordering_key))
 
     def get_topic(self, *, topic: str, timeout: float) -> object:
         self.checks += 1

@@ -25,6 +25,7 @@ from eventaudit.publisher.audited import (
     AuditedPublisher,
     InvalidEventError,
     InvalidOptionsError,
+    InvalidOrderingKeyError,
     InvalidPayloadError,
     KnownTopics,
     PublisherMetrics,
@@ -47,6 +48,7 @@ class FakeClient:
     def __init__(self, topics: set[str]) -> None:
         self.topics = topics
         self.checks: list[str] = []
+        self.resumed: list[tuple[str, str]] = []
         self.published: list[tuple[str, bytes, dict[str, str]]] = []
         self.futures: list[Future[str]] = []
         self.publish_raises: Exception | None = None
@@ -55,6 +57,9 @@ class FakeClient:
 
     def topic_path(self, project: str, topic: str) -> str:
         return f"projects/{project}/topics/{topic}"
+
+    def resume_publish(self, topic: str, ordering_key: str) -> None:
+        self.resumed.append((topic, ordering_key))
 
     def get_topic(self, *, topic: str, timeout: float) -> object:
         self.checks.append(topic)
@@ -504,3 +509,43 @@ def test_publishes_beyond_the_slots_answer_503_and_health_and_metrics_still_answ
 @pytest.mark.parametrize(("threads", "slots"), [(2, 1), (3, 1), (4, 2), (16, 14), (256, 254)])
 def test_publish_slots_leave_two_threads_and_at_least_one(threads: int, slots: int) -> None:
     assert PublisherSettings(threads=threads).publish_slots == slots
+
+
+def test_a_failed_publish_with_an_ordering_key_resumes_the_key() -> None:
+    kit = Kit()
+    kit.publisher.publish("orders", {"n": 1}, ordering_key="user-7")
+    kit.publisher.publish("orders", {"n": 2})
+    assert [attrs.get("ordering_key") for _, _, attrs in kit.client.published] == ["user-7", None]
+    kit.client.futures[0].set_exception(gexc.ServiceUnavailable("unavailable"))
+    kit.client.futures[1].set_exception(gexc.ServiceUnavailable("unavailable"))
+    assert kit.client.resumed == [("projects/p/topics/orders", "user-7")]
+
+
+def test_a_published_event_with_an_ordering_key_is_recorded_like_any() -> None:
+    kit = Kit()
+    kit.buffer.start()
+    kit.publisher.publish(
+        "orders", {"n": 1}, event_id="evt-1", ordering_key="user-7", attributes={"kind": "a"}
+    )
+    kit.client.futures[0].set_result("m-1")
+    assert kit.publisher.flush(timeout=30)
+    kit.buffer.close(timeout=5)
+    record = kit.store.publish_record("orders", "evt-1")
+    assert (record["messageId"], record["attributes"]) == ("m-1", '{"kind":"a"}')
+    assert kit.client.published[0][2]["kind"] == "a"
+    assert kit.client.resumed == []
+
+
+@pytest.mark.parametrize(
+    ("key", "error"),
+    [
+        ("k" * 1025, "ordering key is 1025 bytes"),
+        ("é" * 513, "ordering key is 1026 bytes"),
+        ("\ud800", "not encodable as UTF-8"),
+    ],
+)
+def test_an_ordering_key_pubsub_would_refuse_reaches_nothing(key: str, error: str) -> None:
+    kit = Kit()
+    with pytest.raises(InvalidOrderingKeyError, match=error):
+        kit.publisher.publish("orders", {"n": 1}, ordering_key=key)
+    assert kit.client.published == []
