@@ -24,7 +24,7 @@ from eventaudit.publisher.audited import (
 )
 from eventaudit.pubsub import publisher_client, subscriber_client
 from eventaudit.store import MongoStore
-from eventaudit.subscriber.audited import AuditedSubscriber, Faults, SubscriberMetrics
+from eventaudit.subscriber.audited import AuditedSubscriber, Faults, SubscriberMetrics, TopicOf
 from tests.conftest import PROJECT
 
 BUCKET = timedelta(seconds=1)
@@ -73,11 +73,20 @@ def audited_subscriber(
     subscription: str,
     faults: Faults | None = None,
     handler: Callable[[Any], None] | None = None,
+    dead_letter_sources: TopicOf | None = None,
 ) -> Iterator[SubscriberKit]:
     """A real streaming pull on the emulator, recording into `store` before acking."""
     registry = CollectorRegistry()
     metrics = SubscriberMetrics(registry, subscription)
-    audited = AuditedSubscriber(store, subscription, topic, metrics, faults=faults, handler=handler)
+    audited = AuditedSubscriber(
+        store,
+        subscription,
+        topic,
+        metrics,
+        faults=faults,
+        handler=handler,
+        dead_letter_sources=dead_letter_sources,
+    )
     audited.start()
     with subscriber_client() as client:
         future = client.subscribe(client.subscription_path(PROJECT, subscription), callback=audited)
@@ -106,12 +115,14 @@ def exporter_kit(
     windows: tuple[str, ...] = ("5m",),
     list_subscriptions: bool = True,
     configured: dict[str, set[str]] | None = None,
+    refresh_seconds: float = 60.0,
 ) -> ExporterKit:
     """An evaluator with 1 s buckets and a 2 s settle delay, and a collector on a fresh registry."""
     expected = ExpectedSubscriptions(
         configured or {t: set() for t in topics},
         set(),
         pubsub_lister(PROJECT) if list_subscriptions else None,
+        refresh_seconds=refresh_seconds,
     )
     # One evaluate() folds the whole journal, however long it takes: the tests evaluate once
     # and expect every record counted (the service's budget is half a bucket per evaluation).
