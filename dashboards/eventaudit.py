@@ -137,11 +137,22 @@ def build() -> db.Dashboard:
         )
         .with_panel(
             _series(
-                "Missed events",
-                "Published events with no receipt on the subscription, over the window. "
-                "List them: GET /api/v1/missed?topic=...&subscription=...&window=...",
+                "Missed events: lost and dead-lettered",
+                "Expected events with no receipt on the subscription, over the window: those "
+                "Pub/Sub moved to the subscription's dead-letter topic, and the rest (lost). "
+                "List them, each with its fate: GET /api/v1/missed?topic=...&subscription=...",
                 "short",
-                _query(f"eventaudit_missed_events{{{SELECTOR}}}", "{{topic}} / {{subscription}}"),
+                _query(
+                    f"eventaudit_missed_events{{{SELECTOR}}} - "
+                    f"eventaudit_dead_lettered_events{{{SELECTOR}}}",
+                    "lost {{topic}} / {{subscription}}",
+                    "A",
+                ),
+                _query(
+                    f"eventaudit_dead_lettered_events{{{SELECTOR}}}",
+                    "dead-lettered {{topic}} / {{subscription}}",
+                    "B",
+                ),
             ).min(0)
         )
         .with_panel(
@@ -181,9 +192,11 @@ def build() -> db.Dashboard:
         )
         .with_panel(
             _series(
-                "Duplicates and unmatched receipts",
-                "Duplicates: deliveries beyond the first (redeliveries). Unmatched: receipts whose "
-                "event has no publish record (a publisher that lost its records).",
+                "Duplicates, unmatched and filtered-out receipts",
+                "Duplicates: deliveries beyond the first (redeliveries, seeks). Unmatched: receipts "
+                "whose event has no publish record (a publisher that lost its records). Filtered "
+                "out: receipts of events the subscription's filter excludes (Pub/Sub never sends "
+                "them; the emulator does not enforce filters).",
                 "short",
                 _query(
                     f"eventaudit_duplicate_deliveries{{{SELECTOR}}}",
@@ -194,6 +207,11 @@ def build() -> db.Dashboard:
                     f"eventaudit_unmatched_receipts{{{SELECTOR}}}",
                     "unmatched {{subscription}}",
                     "B",
+                ),
+                _query(
+                    f"eventaudit_filtered_receipts{{{SELECTOR}}}",
+                    "filtered out {{subscription}}",
+                    "C",
                 ),
             ).min(0)
         )
@@ -228,5 +246,22 @@ def build() -> db.Dashboard:
             )
             .span(8)
             .height(6)
+        )
+        .with_panel(
+            stat.Panel()
+            .title("Subscriptions not audited")
+            .description(
+                "Subscriptions whose filter eventaudit cannot evaluate: not reported at all "
+                "(alert EventAuditFilterUnsupported names them). 0 is the healthy value."
+            )
+            .datasource(DATASOURCE)
+            .height(6)
+            .span(8)
+            .with_target(
+                _query(
+                    "count(eventaudit_subscription_filter_unsupported == 1) or vector(0)",
+                    "not audited",
+                ).instant()
+            )
         )
     )

@@ -24,13 +24,14 @@ def test_dashboard_variables_and_panels() -> None:
     assert [p["title"] for p in panels] == [
         "Completion rate per subscription",
         "Current completion",
-        "Missed events",
+        "Missed events: lost and dead-lettered",
         "Published vs received per second",
         "Delivery latency p50 / p95 / p99",
-        "Duplicates and unmatched receipts",
+        "Duplicates, unmatched and filtered-out receipts",
         "Exporter up",
         "Evaluation duration",
         "Age of the last evaluation",
+        "Subscriptions not audited",
     ]
     for panel in panels:
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
