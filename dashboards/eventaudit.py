@@ -193,10 +193,10 @@ def build() -> db.Dashboard:
         .with_panel(
             _series(
                 "Duplicates, unmatched and filtered-out receipts",
-                "Duplicates: deliveries beyond the first (redeliveries, seeks). Unmatched: receipts "
-                "whose event has no publish record (a publisher that lost its records). Filtered "
-                "out: receipts of events the subscription's filter excludes (Pub/Sub never sends "
-                "them; the emulator does not enforce filters).",
+                "Duplicates: deliveries beyond the first (redeliveries, seeks). Unmatched: "
+                "receipts whose event has no publish record (a publisher that lost its records). "
+                "Filtered out: receipts of events the subscription's filter excludes (Pub/Sub "
+                "never sends them; the emulator does not enforce filters).",
                 "short",
                 _query(
                     f"eventaudit_duplicate_deliveries{{{SELECTOR}}}",
