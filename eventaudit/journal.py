@@ -274,7 +274,11 @@ class BucketDigest:
             expected = self._expected(subscription_filter)
             wanted = self.published if expected is None else expected
             matched = sum(1 for event_id in got if event_id in wanted)
-            published = sum(1 for event_id in got if event_id in self.published)
+            published = (
+                matched
+                if expected is None
+                else sum(1 for event_id in got if event_id in self.published)
+            )
             counts[sub] = BucketCounts(
                 received=matched,
                 duplicates=sum(d - 1 for d, _ in got.values()),

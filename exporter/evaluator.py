@@ -346,7 +346,7 @@ class Evaluator(Collector):
                 counts["folded"] += 1
         for (topic, sub), ms in first_receipts.items():
             self._expected.saw_receipt(topic, sub, from_epoch_ms(ms))
-        filters = {topic: self._expected.filters(topic) for topic, _ in touched}
+        filters = {topic: self._expected.filters(topic) for topic in {t for t, _ in touched}}
         results = {key: digest.result(filters[key[0]]) for key, digest in touched.items()}
         self._store.save_digests((touched[k] for k in sorted(changed)), f"{merged}.{self._saves}")
         # Every touched bucket, changed or not: a previous process may have stored its digest
