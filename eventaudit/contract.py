@@ -227,9 +227,10 @@ def normalize_options(options: object) -> str:
 # publish record and journal entry, as compact JSON: at most this many bytes of it.
 MAX_EVENT_ATTRIBUTES_BYTES = 1024
 _MAX_ATTRIBUTE_KEY_BYTES = 256
-_CONTRACT_ATTRIBUTES = frozenset(
-    {EVENT_ID, PUBLISH_TIME, CLOUD_TRACE_CONTEXT, TRACEPARENT, OPTIONS}
-)
+CONTRACT_ATTRIBUTES = frozenset({EVENT_ID, PUBLISH_TIME, CLOUD_TRACE_CONTEXT, TRACEPARENT, OPTIONS})
+# google-cloud-pubsub's PublisherClient.publish takes attributes as keyword arguments: these
+# names are its own parameters, and cannot be sent as attributes through it.
+_CLIENT_KEYWORDS = frozenset({"self", "topic", "data", "ordering_key", "retry", "timeout"})
 
 
 def validate_event_attributes(attributes: object) -> dict[str, str]:
@@ -252,8 +253,12 @@ def validate_event_attributes(attributes: object) -> dict[str, str]:
     for key, value in attributes.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise ValueError("attribute keys and values must be strings")
-        if key in _CONTRACT_ATTRIBUTES:
+        if key in CONTRACT_ATTRIBUTES:
             raise ValueError(f"attribute {key!r} is set by the audit")
+        if key in _CLIENT_KEYWORDS:
+            raise ValueError(
+                f"attribute {key!r} cannot be sent: the Pub/Sub client takes it as a parameter"
+            )
         if key.lower().startswith("goog"):
             raise ValueError(f"attribute {key!r}: Pub/Sub reserves keys starting with goog")
         try:

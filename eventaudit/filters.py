@@ -21,7 +21,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from eventaudit.contract import decode_attributes
+from eventaudit.contract import CONTRACT_ATTRIBUTES, decode_attributes
 
 MAX_FILTER_BYTES = 256
 _MAX_DEPTH = 64  # a filter of 256 bytes nests at most ~128 deep; a parse stays far from the limit
@@ -96,6 +96,8 @@ def _unquote(literal: str) -> str:
     def escape(match: re.Match[str]) -> str:
         code = match.group(1)
         if code[0] in "xuU":
+            if len(code) == 1:
+                raise FilterError(f"incomplete escape \\{code} in {literal}")
             value = int(code[1:], 16)
         elif code[0] in "01234567" and len(code) == 3:
             value = int(code, 8)
@@ -238,11 +240,21 @@ class SubscriptionFilter:
         rest = parser.peek()
         if rest is not None:
             raise FilterError(f"unexpected {rest[1]!r} after the filter")
+        audit = sorted(_compared(root) & CONTRACT_ATTRIBUTES)
+        if audit:
+            raise FilterError(
+                f"compares {', '.join(audit)}, set by the audit per message (not recorded)"
+            )
         return cls(text, root)
 
     def matches(self, attributes: Mapping[str, str]) -> bool:
-        """True when a message with these attributes is delivered on the subscription."""
-        return _evaluate(self.root, attributes)
+        """True when a message with these attributes (and the audit's own, which every
+        audited message carries) is delivered on the subscription."""
+        return _evaluate(self.root, {**_AUDIT_PRESENT, **attributes})
+
+    def compared_keys(self) -> set[str]:
+        """The attribute keys whose values the filter compares (= != hasPrefix)."""
+        return _compared(self.root)
 
     def matches_encoded(self, encoded: str) -> bool:
         """`matches` on attributes as `encode_attributes` wrote them (events repeat a few
@@ -256,6 +268,21 @@ def _matches_encoded(subscription_filter: SubscriptionFilter, encoded: str) -> b
         return subscription_filter.matches(decode_attributes(encoded))
     except ValueError:
         return False
+
+
+# Every audited message has these; their values differ per message and are not all recorded.
+_AUDIT_PRESENT = dict.fromkeys(CONTRACT_ATTRIBUTES, "")
+
+
+def _compared(node: Node) -> set[str]:
+    match node:
+        case Equals(key, _) | HasPrefix(key, _):
+            return {key}
+        case Not(term):
+            return _compared(term)
+        case All(terms) | Any_(terms):
+            return set().union(*(_compared(t) for t in terms))
+    return set()
 
 
 def _evaluate(node: Node, attributes: Mapping[str, str]) -> bool:

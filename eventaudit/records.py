@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 PUBLISH_COLLECTION = "PublishRecord"
@@ -184,6 +184,12 @@ class Tenure:
     None: seen at the exporter's first evaluation on this database, expected from the start"""
     until: datetime | None = None
     """the last time Pub/Sub listed it, once it no longer does (deleted or detached)"""
+    filter: str | None = ""
+    """its filter as last listed ("": none; None: never read)"""
+    seen: datetime | None = None
+    """when it was first listed or configured (`since` may be earlier: an earlier receipt)"""
+    listed: datetime | None = None
+    """the last listing that showed it, stored every few minutes"""
 
     def to_document(self) -> dict[str, Any]:
         """The `SubscriptionTenure` document."""
@@ -193,15 +199,28 @@ class Tenure:
             "subscription": self.subscription,
             "since": self.since,
             "until": self.until,
+            "filter": self.filter,
+            "seen": self.seen,
+            "listed": self.listed,
         }
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> Tenure | None:
-        """Inverse of to_document; None for a document that is not one."""
-        topic, sub = doc.get("topic"), doc.get("subscription")
-        since, until = doc.get("since"), doc.get("until")
+        """Inverse of to_document; None for a document that is not one (times must be between
+        1970 and 9000: a stored time near datetime's limits would overflow the arithmetic)."""
+        topic, sub, text = doc.get("topic"), doc.get("subscription"), doc.get("filter", "")
+        times = [doc.get(k) for k in ("since", "until", "seen", "listed")]
         if not isinstance(topic, str) or not isinstance(sub, str):
             return None
-        if not all(t is None or isinstance(t, datetime) for t in (since, until)):
+        if not (text is None or isinstance(text, str)):
             return None
-        return cls(topic, sub, since, until)
+        if not all(
+            t is None or (isinstance(t, datetime) and t.tzinfo and _SANE <= t < _INSANE)
+            for t in times
+        ):
+            return None
+        return cls(topic, sub, times[0], times[1], text, times[2], times[3])
+
+
+_SANE = datetime(1970, 1, 1, tzinfo=UTC)
+_INSANE = datetime(9000, 1, 1, tzinfo=UTC)

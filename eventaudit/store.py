@@ -658,6 +658,13 @@ class MongoStore:
         read is what was written since it was taken: new records only). A document bson cannot
         decode (a date out of range, invalid UTF-8) is one malformed batch, never an error
         that would stop every evaluation at this collection."""
+        for doc in self._decoded(name, "the journal"):
+            yield JournalBatch(None, (), 1) if doc is None else parse_journal_document(doc)
+
+    def _decoded(self, name: str, what: str) -> Iterator[dict[str, Any] | None]:
+        """Every document of collection `name`, decoded one at a time: None (logged) for one
+        bson cannot decode (a date out of range, invalid UTF-8), never an error that would stop
+        every evaluation at it. A read failure is a StoreError naming `what`."""
         # pymongo types a collection by its client's document class, not the codec's.
         collection = cast(
             "Collection[RawBSONDocument]", self.db.get_collection(name, codec_options=_RAW)
@@ -665,16 +672,12 @@ class MongoStore:
         try:
             for raw in collection.find({}):
                 try:
-                    doc = bson.decode(raw.raw, codec_options=self.db.codec_options)
+                    yield bson.decode(raw.raw, codec_options=self.db.codec_options)
                 except (InvalidBSON, ValueError, OverflowError) as exc:
-                    log.error(
-                        "journal %s: an undecodable document counted malformed: %s", name, exc
-                    )
-                    yield JournalBatch(None, (), 1)
-                    continue
-                yield parse_journal_document(doc)
+                    log.error("%s: an undecodable document in %s: %s", what, name, exc)
+                    yield None
         except PyMongoError as exc:
-            raise StoreError(f"could not read the journal: {exc}") from exc
+            raise StoreError(f"could not read {what}: {exc}") from exc
 
     def mark_folded(self, name: str, documents: int) -> str:
         """Rename a taken journal collection once its `documents` are folded (and stored), so
@@ -777,11 +780,10 @@ class MongoStore:
 
     def load_tenures(self) -> list[Tenure]:
         """Every stored subscription tenure (a small collection: one per subscription)."""
-        try:
-            docs = list(self.db[TENURE_COLLECTION].find({}))
-        except PyMongoError as exc:
-            raise StoreError(f"could not read subscription tenures: {exc}") from exc
-        tenures = [Tenure.from_document(d) for d in docs]
+        tenures = [
+            Tenure.from_document(d) if d is not None else None
+            for d in self._decoded(TENURE_COLLECTION, "subscription tenures")
+        ]
         if None in tenures:
             log.error("%d unreadable subscription tenures skipped", tenures.count(None))
         return [t for t in tenures if t is not None]

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 from eventaudit.filters import FilterError, SubscriptionFilter
 from eventaudit.records import Tenure
@@ -19,6 +20,9 @@ log = logging.getLogger(__name__)
 # T + NEW_SUBSCRIPTION_MARGIN and later: Pub/Sub sends a subscription only what is published
 # after it was created, and the publishers' clocks may run a little ahead of the exporter's.
 NEW_SUBSCRIPTION_MARGIN = timedelta(seconds=10)
+# How often a subscription's last listing is stored (a restart then knows, within this, when
+# a subscription deleted while it was down was last listed).
+LISTED_EVERY = timedelta(minutes=5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +32,8 @@ class SubscriptionInfo:
     name: str
     filter: str = ""
     dead_letter_topic: str = ""
+    error: str = ""
+    """Why its details could not be read (its filter is then unknown)."""
 
 
 Lister = Callable[[str], Sequence[SubscriptionInfo | str]]
@@ -94,6 +100,7 @@ class ExpectedSubscriptions:
         self._last_listed: dict[tuple[str, str], datetime] = {}
         self._changed: set[tuple[str, str]] = set()
         self._initial = False
+        self._errors_at_begin = 0
         self._now: datetime | None = None
         self._filters: dict[str, SubscriptionFilter | FilterError] = {}
         self.filter_errors = 0
@@ -112,12 +119,15 @@ class ExpectedSubscriptions:
     def begin(self, now: datetime) -> None:
         """An evaluation at `now` starts: what the listing shows from here is seen at `now`."""
         self._now = now
+        self._errors_at_begin = self.list_errors
 
     def end(self) -> list[Tenure]:
         """The evaluation is over: the tenures it changed, to store (the next evaluation
-        stores them again if this one could not)."""
+        stores them again if this one could not). The first evaluation on a database lasts
+        until one lists every topic without an error."""
         with self._lock:
-            self._initial = False
+            if self.list_errors == self._errors_at_begin:
+                self._initial = False
             return [self._tenures[k] for k in sorted(self._changed)]
 
     def stored(self, tenures: Iterable[Tenure]) -> None:
@@ -127,18 +137,28 @@ class ExpectedSubscriptions:
                 if self._tenures.get((t.topic, t.subscription)) == t:
                     self._changed.discard((t.topic, t.subscription))
 
-    def _see(self, topic: str, name: str) -> None:
-        """`name` is listed or configured now (lock held)."""
-        key = (topic, name)
-        if self._now is not None:
-            self._last_listed[key] = self._now
+    def _see(self, topic: str, name: str, info: SubscriptionInfo | None) -> None:
+        """`name` is listed (with `info`) or configured now (lock held)."""
+        key, now = (topic, name), self._now
+        if now is not None:
+            self._last_listed[key] = now
         tenure = self._tenures.get(key)
-        if tenure is not None and tenure.until is None:
+        known = info is not None and not info.error
+        if tenure is None or tenure.until is not None:
+            # New, or listed again after it was gone (created again: a fresh subscription).
+            since = None if self._initial or now is None else now
+            text = info.filter if info is not None and known else None if info else ""
+            self._tenures[key] = Tenure(topic, name, since, None, text, now, now)
+            self._changed.add(key)
             return
-        # New, or listed again after it was gone (created again: a fresh subscription).
-        since = None if self._initial or self._now is None else self._now
-        self._tenures[key] = Tenure(topic, name, since)
-        self._changed.add(key)
+        changes: dict[str, Any] = {}
+        if info is not None and known and info.filter != tenure.filter:
+            changes["filter"] = info.filter
+        if now is not None and (tenure.listed is None or now - tenure.listed >= LISTED_EVERY):
+            changes["listed"] = now
+        if changes:
+            self._tenures[key] = replace(tenure, **changes)
+            self._changed.add(key)
 
     def _unlisted(self, topic: str, listed: Iterable[str]) -> None:
         """A successful listing of `topic` without these subscriptions (lock held)."""
@@ -148,7 +168,7 @@ class ExpectedSubscriptions:
         standing = set(listed) | self._configured.get(topic, set())
         for key, tenure in list(self._tenures.items()):
             if key[0] == topic and tenure.until is None and key[1] not in standing:
-                until = self._last_listed.get(key, now)
+                until = self._last_listed.get(key) or tenure.listed or now
                 self._tenures[key] = replace(tenure, until=until)
                 self._changed.add(key)
                 log.info(
@@ -160,14 +180,21 @@ class ExpectedSubscriptions:
 
     def saw_receipt(self, topic: str, subscription: str, publish_time: datetime) -> None:
         """A receipt on `subscription` of an event published at `publish_time`: it existed
-        then, so it is expected from then on if that is earlier than it was first seen."""
+        then, so it is expected from then on if that is earlier than it was first seen. Never
+        earlier than one listing period (plus the margin) before it was first seen: a
+        subscription is listed within that of its creation, and an older receipt (a skewed
+        publisher clock, a seek to another subscription's snapshot) says nothing of when it
+        was created."""
         key = (topic, subscription)
         with self._lock:
             tenure = self._tenures.get(key)
             if tenure is None or tenure.since is None or tenure.until is not None:
                 return
-            if publish_time < tenure.since:
-                self._tenures[key] = replace(tenure, since=publish_time)
+            first = tenure.seen or tenure.since
+            floor = first - timedelta(seconds=self._refresh) - NEW_SUBSCRIPTION_MARGIN
+            since = max(publish_time, floor)
+            if since < tenure.since:
+                self._tenures[key] = replace(tenure, since=since)
                 self._changed.add(key)
 
     def _parsed(self, text: str) -> SubscriptionFilter | FilterError:
@@ -177,6 +204,8 @@ class ExpectedSubscriptions:
                 cached = SubscriptionFilter.parse(text)
             except FilterError as exc:
                 cached = exc
+            except (ValueError, RecursionError) as exc:  # a parser bug must not stop evaluations
+                cached = FilterError(f"unreadable filter ({type(exc).__name__})")
             self._filters[text] = cached
         return cached
 
@@ -188,14 +217,23 @@ class ExpectedSubscriptions:
         with self._lock:
             for name in configured:
                 if (topic, name) not in self._tenures or self._tenures[(topic, name)].until:
-                    self._see(topic, name)
+                    self._see(topic, name, None)
             out: dict[str, Expectation] = {}
             for (t, name), tenure in self._tenures.items():
                 if t != topic or self.excluded(topic, name):
                     continue
                 standing = name in configured or name in listing
                 info = listing.get(name)
-                parsed = self._parsed(info.filter) if info and info.filter else None
+                # The listing's filter; else the one stored (a listing that failed, or a
+                # subscription no longer listed); None: never read.
+                text = info.filter if info and not info.error else tenure.filter
+                if text is None:
+                    error = info.error if info and info.error else "never read"
+                    parsed: SubscriptionFilter | FilterError | None = FilterError(
+                        f"its filter is unknown: {error}"
+                    )
+                else:
+                    parsed = self._parsed(text) if text else None
                 out[name] = Expectation(
                     standing=standing,
                     filter=parsed if isinstance(parsed, SubscriptionFilter) else None,
@@ -263,7 +301,7 @@ class ExpectedSubscriptions:
                             info.filter,
                         )
                     if not self.excluded(topic, name):
-                        self._see(topic, name)
+                        self._see(topic, name, info)
                 self._unlisted(topic, listed)
             self._listed[topic] = (self._clock(), listed)
             return listed
@@ -288,21 +326,35 @@ def pubsub_lister(project: str) -> Lister:
 
     client = pubsub_v1.PublisherClient()
 
+    from google.api_core import exceptions
+
     subscriber = pubsub_v1.SubscriberClient()
+    ours = f"projects/{project}/subscriptions/"
+    foreign: set[str] = set()
 
     def list_subscriptions(topic: str) -> list[SubscriptionInfo]:
         path = client.topic_path(project, topic)
         listed = []
         for sub_path in client.list_topic_subscriptions(topic=path, timeout=10):
-            sub = subscriber.get_subscription(subscription=sub_path, timeout=10)
+            if not sub_path.startswith(ours):
+                # Subscribers record receipts by subscription id in this project: one in
+                # another project can never have any here.
+                if sub_path not in foreign:
+                    foreign.add(sub_path)
+                    log.info("subscription %s of topic %s: another project, not audited", sub_path, topic)
+                continue
+            name = sub_path.removeprefix(ours)
+            try:
+                sub = subscriber.get_subscription(subscription=sub_path, timeout=10)
+            except exceptions.NotFound:
+                continue  # deleted between the listing and this read
+            except exceptions.GoogleAPICallError as exc:
+                listed.append(SubscriptionInfo(name, error=type(exc).__name__))
+                continue
             if sub.detached:
                 continue  # detached: no longer receives the topic's messages
             dead_letter = sub.dead_letter_policy.dead_letter_topic if sub.dead_letter_policy else ""
-            listed.append(
-                SubscriptionInfo(
-                    sub_path.rsplit("/", 1)[-1], sub.filter, dead_letter.rsplit("/", 1)[-1]
-                )
-            )
+            listed.append(SubscriptionInfo(name, sub.filter, dead_letter.rsplit("/", 1)[-1]))
         return listed
 
     return list_subscriptions

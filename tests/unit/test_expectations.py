@@ -16,7 +16,7 @@ from eventaudit.exporter.subscriptions import (
     ExpectedSubscriptions,
     SubscriptionInfo,
 )
-from eventaudit.records import PublishRecord, Receipt
+from eventaudit.records import PublishRecord, Receipt, Tenure
 from eventaudit.store import StoreError
 from tests.fakes import MemoryStore
 
@@ -240,17 +240,23 @@ def test_a_new_subscription_is_not_expected_to_have_received_what_came_before_it
 def test_a_receipt_older_than_the_first_listing_moves_the_subscription_back() -> None:
     store = MemoryStore()
     listing = Listing()
-    ev = evaluator(store, listing)
+    ticks = iter(range(0, 10_000, 60))  # a listing period (60 s) passes between evaluations
+    expected = ExpectedSubscriptions({TOPIC: set()}, set(), listing, 60, clock=lambda: next(ticks))
+    ev = Evaluator(store, expected, WINDOWS, BUCKET, SETTLE)
     ev.evaluate(at(12, 0, 0))
     listing.subs.append(SubscriptionInfo("new"))
     publish(store, "e1", at(12, 0, 20))
     publish(store, "e2", at(12, 0, 40))
     receive(store, "new", "e2", at(12, 0, 40))
+    publish(store, "e0", at(11, 59, 0))
     ev.evaluate(at(12, 1, 0))  # listed at 12:01:00, but received an event of 12:00:40
     assert store.tenures[(TOPIC, "new")].since == at(12, 0, 40)
-    snapshot = ev.evaluate(at(12, 2, 0))
-    # Buckets from 12:00:50 (since + margin) on: neither e1 (before it existed) nor e2.
-    assert stats(snapshot, "new")[:3] == (0, 0, 0)
+    receive(store, "new", "e0", at(11, 59, 0))  # older than a listing period before 12:01
+    ev.evaluate(at(12, 1, 30))
+    assert store.tenures[(TOPIC, "new")].since == at(11, 59, 50)  # 12:01 - 60 s - margin
+    snapshot = ev.evaluate(at(12, 2, 30))
+    # Buckets from 12:00:00 (since + margin) on: e1 and e2, not e0 (before it may have existed).
+    assert stats(snapshot, "new")[:3] == (2, 1, 1)
 
 
 def test_a_deleted_subscription_disappears_once_its_last_listed_moment_settles() -> None:
@@ -289,7 +295,9 @@ def test_a_subscription_created_again_is_a_new_one() -> None:
     assert stats(snapshot, "again")[:3] == (6, 0, 6)  # published 12:00:30 to 12:00:59 only
 
 
-def test_a_failed_tenure_write_is_retried_by_the_next_evaluation() -> None:
+def test_a_failed_tenure_write_is_retried_by_the_next_evaluation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     store = MemoryStore()
     listing = Listing()
     ev = evaluator(store, listing)
@@ -300,9 +308,105 @@ def test_a_failed_tenure_write_is_retried_by_the_next_evaluation() -> None:
     def failing(tenures: object) -> None:
         raise StoreError("down")
 
-    store.save_tenures = failing  # type: ignore[method-assign]
+    monkeypatch.setattr(store, "save_tenures", failing)
     ev.evaluate(at(12, 0, 10))
     assert (TOPIC, "new") not in store.tenures
-    store.save_tenures = real  # type: ignore[method-assign]
+    monkeypatch.setattr(store, "save_tenures", real)
     ev.evaluate(at(12, 0, 20))
     assert store.tenures[(TOPIC, "new")].since == at(12, 0, 10)
+
+
+# -- what a restart, a failed listing or a stored document must not change -----------------
+
+
+class FlakyListing(Listing):
+    """A listing that fails while `down`."""
+
+    down = False
+
+    def __call__(self, topic: str) -> list[SubscriptionInfo]:
+        if self.down:
+            raise RuntimeError("admin API unavailable")
+        return super().__call__(topic)
+
+
+def test_a_filter_is_remembered_when_the_listing_fails_after_a_restart() -> None:
+    store = MemoryStore()
+    listing = FlakyListing(KIND_A)
+    evaluator(store, listing).evaluate(at(12, 0, 0))
+    assert store.tenures[(TOPIC, "only-a")].filter == KIND_A.filter
+    _mixed_traffic(store)
+    listing.down = True
+    configured = ExpectedSubscriptions({TOPIC: {"only-a"}}, set(), listing, refresh_seconds=0)
+    restarted = Evaluator(store, configured, WINDOWS, BUCKET, SETTLE)
+    # Not "0 of 7": the stored filter stands while the listing fails.
+    assert stats(restarted.evaluate(at(12, 1, 0)), "only-a") == (3, 0, 3, 0, 0)
+
+
+def test_a_deleted_filtered_subscription_keeps_its_filter_for_late_receipts() -> None:
+    store = MemoryStore()
+    listing = Listing(KIND_A)
+    ev = evaluator(store, listing)
+    ev.evaluate(at(12, 0, 0))
+    _mixed_traffic(store)
+    ev.evaluate(at(12, 0, 40))  # last listed
+    listing.subs = []  # deleted
+    receive(store, "only-a", "b2", at(12, 0, 2))  # a late receipt touches the bucket
+    snapshot = ev.evaluate(at(12, 0, 45))
+    assert store.tenures[(TOPIC, "only-a")].until == at(12, 0, 40)
+    assert stats(snapshot, "only-a", "1m") == (3, 0, 3, 1, 0)
+
+
+def test_a_subscription_whose_details_cannot_be_read_is_marked_never_guessed() -> None:
+    store = MemoryStore()
+    _mixed_traffic(store)
+    listing = Listing(SubscriptionInfo("secret", error="PermissionDenied"))
+    snapshot = evaluator(store, listing).evaluate(at(12, 1, 0))
+    assert (TOPIC, "secret") not in snapshot.subscriptions
+    assert snapshot.unsupported[(TOPIC, "secret")] == "its filter is unknown: PermissionDenied"
+
+
+def test_a_subscription_deleted_while_no_exporter_ran_goes_at_its_last_stored_listing() -> None:
+    store = MemoryStore()
+    listing = Listing(SubscriptionInfo("going"))
+    evaluator(store, listing).evaluate(at(12, 0, 0))
+    evaluator(store, listing).evaluate(at(12, 6, 0))  # a restart: listed stored again (5 min)
+    assert store.tenures[(TOPIC, "going")].listed == at(12, 6, 0)
+    listing.subs = []  # deleted, then an exporter starts at 12:30
+    for minute in range(25, 30):
+        publish(store, f"e{minute}", at(12, minute, 0))
+    snapshot = evaluator(store, listing).evaluate(at(12, 30, 0))
+    assert store.tenures[(TOPIC, "going")].until == at(12, 6, 0)
+    assert (TOPIC, "going") not in snapshot.subscriptions  # not 5 false misses
+
+
+def test_the_first_evaluation_on_a_database_lasts_until_a_listing_succeeds() -> None:
+    store = MemoryStore()
+    listing = FlakyListing(SubscriptionInfo("old"))
+    listing.down = True
+    ev = evaluator(store, listing)
+    ev.evaluate(at(12, 0, 0))
+    listing.down = False
+    ev.evaluate(at(12, 0, 10))
+    assert store.tenures[(TOPIC, "old")].since is None  # existed before the exporter
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"topic": TOPIC, "subscription": "s1", "since": datetime(9999, 12, 31, tzinfo=UTC)},
+        {"topic": TOPIC, "subscription": "s1", "until": datetime(1, 1, 1, tzinfo=UTC)},
+        {"topic": TOPIC, "subscription": "s1", "since": datetime(2026, 1, 1)},  # naive
+        {"topic": TOPIC, "subscription": "s1", "since": "2026-01-01"},
+        {"topic": TOPIC, "subscription": 7},
+        {"topic": TOPIC, "subscription": "s1", "filter": ["x"]},
+        {"subscription": "s1"},
+    ],
+)
+def test_a_stored_tenure_that_is_not_one_is_skipped(doc: dict[str, object]) -> None:
+    assert Tenure.from_document(doc) is None
+
+
+def test_a_stored_tenure_reads_back() -> None:
+    tenure = Tenure(TOPIC, "s1", at(12, 0, 0), None, None, at(12, 0, 0), at(12, 5, 0))
+    assert Tenure.from_document(tenure.to_document()) == tenure

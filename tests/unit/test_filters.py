@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
+
 import pytest
 
 from eventaudit.contract import decode_attributes, encode_attributes
@@ -58,6 +61,11 @@ CASES = [
     ('attributes.q = "\\x41\\u00e9\\101"', {"q": "AéA"}, True),
     ('attributes.q = "ü"', {"q": "ü"}, True),
     ('attributes.q = "١٢"', {"q": "12"}, False),  # Arabic-Indic digits are not ASCII ones
+    # The audit's own attributes are on every audited message: present, whatever the event's.
+    ("attributes:eventID", NONE, True),
+    ("NOT attributes:traceparent", NAME_COM, False),
+    ("attributes:Options AND attributes:publishTime", NONE, True),
+    ("attributes:eventid", NONE, False),  # keys are case-sensitive
     # Whitespace is free between tokens.
     ('  attributes . name="com"  ', NAME_COM, True),
     ('hasPrefix( attributes.name , "c" )', NAME_CO, True),
@@ -94,6 +102,13 @@ def test_a_filter_delivers_what_pubsub_delivers(
         ('hasPrefix(attributes:name, "co")', r"expected \."),
         ('hasSuffix(attributes.name, "co")', "expected a condition"),
         ('attributes.q = "\\q"', "unknown escape"),
+        ('attributes.q = "\\x4"', "incomplete escape"),
+        ('attributes.q = "\\x"', "incomplete escape"),
+        ('attributes.q = "\\u12"', "incomplete escape"),
+        ('attributes.q = "\\U0001F60"', "incomplete escape"),
+        ('attributes.eventID = "e-1"', "compares eventID, set by the audit"),
+        ('hasPrefix(attributes.traceparent, "00-")', "compares traceparent"),
+        ('NOT attributes.Options != "{}"', "compares Options"),
         ('attributes.q = "\\ud800"', "not a character"),
         ('attributes.q = "\\U00110000"', "not a character"),
         ('attributes.q = "open', "unexpected character"),
@@ -128,3 +143,67 @@ def test_undecodable_attributes_never_match_and_never_raise(encoded: str) -> Non
     with pytest.raises(ValueError):
         decode_attributes(encoded)
     assert SubscriptionFilter.parse("NOT attributes:a").matches_encoded(encoded) is False
+
+
+_PIECES = ["attributes", ".", ":", "=", "!=", "(", ")", ",", "-", "NOT", "AND", "OR",
+           "hasPrefix", '"a"', '"\\x4"', '"\\u00e9"', '"\\', "k", "eventID", " ", "\n", "\x00",
+           "é", '"', "\\", "1", "attributes.k", '"k"', "ü"]  # fmt: skip
+
+
+def test_no_string_of_filter_tokens_raises_anything_but_a_filter_error() -> None:
+    rng = random.Random(8)
+    parsed = 0
+    for _ in range(20_000):
+        text = "".join(rng.choice(_PIECES) for _ in range(rng.randint(0, 12)))
+        try:
+            subscription_filter = SubscriptionFilter.parse(text)
+        except FilterError:
+            continue
+        parsed += 1
+        assert subscription_filter.matches({"k": "a"}) in (True, False)
+    assert parsed >= 1
+
+
+Predicate = Callable[[dict[str, str]], bool]
+
+
+def _generated(rng: random.Random, depth: int = 0) -> tuple[str, Predicate]:
+    """A random filter in the language, and a Python predicate that says what it matches."""
+    choice = rng.randrange(7 if depth < 4 else 4)
+    key = rng.choice(["k", "j", '"k"'])
+    plain = key.strip('"')
+    value = rng.choice(["a", "b", ""])
+    if choice == 0:
+        return f"attributes:{key}", lambda a: plain in a
+    if choice == 1:
+        return f'attributes.{key} = "{value}"', lambda a: a.get(plain) == value
+    if choice == 2:
+        return f'attributes.{key} != "{value}"', lambda a: a.get(plain) != value
+    if choice == 3:
+        return (
+            f'hasPrefix(attributes.{key}, "{value}")',
+            lambda a: a.get(plain, "\0").startswith(value) and plain in a,
+        )
+    if choice == 4:
+        text, pred = _generated(rng, depth + 1)
+        return f"NOT ({text})", lambda a: not pred(a)
+    parts = [_generated(rng, depth + 1) for _ in range(rng.randint(2, 3))]
+    joiner = " AND " if choice == 5 else " OR "
+    combine = all if choice == 5 else any
+    text = joiner.join(f"({t})" for t, _ in parts)
+    return text, lambda a: combine(p(a) for _, p in parts)
+
+
+def test_generated_filters_match_what_they_say() -> None:
+    rng = random.Random(9)
+    attribute_sets = [{}, {"k": "a"}, {"k": "b"}, {"j": ""}, {"k": "ab", "j": "a"}]
+    checked = 0
+    for _ in range(2_000):
+        text, predicate = _generated(rng)
+        if len(text.encode()) > 256:
+            continue
+        parsed = SubscriptionFilter.parse(text)
+        for attributes in attribute_sets:
+            assert parsed.matches(attributes) == predicate(attributes), (text, attributes)
+        checked += 1
+    assert checked > 1_000
