@@ -82,8 +82,11 @@ def test_retention_deletes_old_records_and_old_buckets_are_pruned(store) -> None
     now = datetime.now(UTC)
     old = floor_to_bucket(now - timedelta(days=8), BUCKET)
     _seed(store, topic, sub, old, 10, lose={4})
+    letter = Receipt(sub, "dead-1", topic, None, "m", old, old, old, 5, f"{sub}-dlq")
+    store.record_receipts([letter], utc_now_ms())
     _evaluator(store, topic, sub).evaluate(old + timedelta(minutes=1))  # folded back then
-    assert len(_documents(store, "BucketDigest_")) == 2  # 10 old events span two 1 s buckets
+    # 10 old events span two 1 s buckets (the dead letter is in the first).
+    assert len({d["digest"] for d in _documents(store, "BucketDigest_")}) == 2
     store.insert_publish_records(
         [PublishRecord("fresh", "t" * 32, topic, "{}", "x", utc_now_ms())], utc_now_ms()
     )
@@ -95,11 +98,13 @@ def test_retention_deletes_old_records_and_old_buckets_are_pruned(store) -> None
     assert deleted == {
         "PublishRecord": 1,  # the hour holding the 10 old records (hours are dropped)
         "ReceivedRecord": 1,
+        "DeadLetterRecord": 1,
         "BucketDigest": 0,
         "BucketResult": 0,
     }
     assert [d["eventID"] for d in store.published.find({})] == ["fresh"]
     assert store.received.count_documents({}) == 0
+    assert store.dead_letters.count_documents({}) == 0
     assert store.delete_older_than(now - timedelta(days=7)) == dict.fromkeys(deleted, 0)
 
 
@@ -121,6 +126,7 @@ def test_retention_reaches_records_by_write_time(store) -> None:
     assert deleted == {  # hours dropped: each kind's stale records went to one
         "PublishRecord": 1,
         "ReceivedRecord": 1,
+        "DeadLetterRecord": 0,
         "BucketDigest": 0,
         "BucketResult": 0,
     }
@@ -187,6 +193,7 @@ def test_retention_never_deletes_a_record_published_after_the_cutoff(
     assert audit_store.delete_older_than(CUTOFF) == {
         "PublishRecord": 2,  # hours: 11:00 (published or written just before), and 30 days ago
         "ReceivedRecord": 2,
+        "DeadLetterRecord": 0,
         "BucketDigest": 1,
         "BucketResult": 1,
     }
