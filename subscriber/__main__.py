@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from flask import Flask
 from google.api_core import exceptions, retry
@@ -122,7 +126,7 @@ def start(settings: SubscriberSettings) -> Service:
         batch_size=settings.batch_size,
         flush_interval=settings.flush_interval_seconds,
         faults=faults,
-        dead_letter_sources=_source_topics(client, settings.project)
+        dead_letter_sources=source_topics(client, settings.project)
         if settings.dead_letters
         else None,
         exactly_once=exactly_once,
@@ -159,23 +163,41 @@ def _listen(settings: SubscriberSettings, app: Flask) -> BackgroundServer:
     return server
 
 
-def _source_topics(client: pubsub_v1.SubscriberClient, project: str) -> TopicOf:
-    """The topic of a subscription dead letters came from, looked up once per subscription
-    (None: it no longer exists); other errors raise, so the message is retried."""
-    known: dict[str, str | None] = {}
+_MISSING_TTL_SECONDS = 60.0
+_REMEMBERED_SOURCES = 1024
 
-    def topic_of(subscription: str) -> str | None:
-        if subscription not in known:
-            try:
-                found = client.get_subscription(
-                    subscription=client.subscription_path(project, subscription),
-                    retry=_LOOKUP_RETRY,
-                    timeout=_LOOKUP_TIMEOUT_SECONDS,
-                )
-                known[subscription] = str(found.topic).rsplit("/", 1)[-1]
-            except exceptions.NotFound:
-                return None  # not remembered: a subscription created later is found then
-        return known[subscription]
+
+def source_topics(
+    client: Any, project: str, clock: Callable[[], float] = time.monotonic
+) -> TopicOf:
+    """The topic of a subscription dead letters came from (its id, or its full path when the
+    attribute gives one), looked up once per subscription. None when it does not exist or may
+    not be read (remembered for a minute, at most 1024 names: a flood of invented sources
+    costs one lookup each per minute); a transient error raises, so the message is retried."""
+    found: dict[str, str] = {}
+    missing: OrderedDict[str, float] = OrderedDict()
+
+    def topic_of(source: str) -> str | None:
+        if source in found:
+            return found[source]
+        if clock() - missing.get(source, -math.inf) < _MISSING_TTL_SECONDS:
+            return None
+        path = source if source.startswith("projects/") else client.subscription_path(
+            project, source
+        )
+        try:
+            subscription = client.get_subscription(
+                subscription=path, retry=_LOOKUP_RETRY, timeout=_LOOKUP_TIMEOUT_SECONDS
+            )
+        except (exceptions.NotFound, exceptions.PermissionDenied, exceptions.InvalidArgument):
+            missing.pop(source, None)
+            missing[source] = clock()
+            while len(missing) > _REMEMBERED_SOURCES:
+                missing.popitem(last=False)
+            return None
+        if len(found) < _REMEMBERED_SOURCES:
+            found[source] = str(subscription.topic).rsplit("/", 1)[-1]
+        return str(subscription.topic).rsplit("/", 1)[-1]
 
     return topic_of
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import queue
 import threading
 import time
@@ -29,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from eventaudit.contract import (
     PUBLISH_TIME_FALLBACKS,
+    PUBSUB_ID_PATTERN,
     AuditedAttributes,
     InvalidMessageError,
     is_pubsub_id,
@@ -150,7 +152,8 @@ class Message(Protocol):
 DEAD_LETTER_SOURCE = "CloudPubSubDeadLetterSourceSubscription"
 DEAD_LETTER_ATTEMPTS = "CloudPubSubDeadLetterSourceDeliveryCount"
 TopicOf = Callable[[str], "str | None"]
-"""A subscription id's topic id (None: no such subscription)."""
+"""A subscription's topic id, from its id or full path (None: no such subscription)."""
+_SUBSCRIPTION_PATH = re.compile(rf"projects/[a-z][a-z0-9\-.:]{{0,100}}/subscriptions/{PUBSUB_ID_PATTERN}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,13 +326,14 @@ class AuditedSubscriber:
         """A message Pub/Sub moved here from another subscription: recorded as a dead letter of
         that subscription, on its topic. One whose source cannot be read or no longer exists
         is counted `dead_letter_unresolved`, logged and acked (it would never resolve)."""
-        source = str(message.attributes.get(DEAD_LETTER_SOURCE, "")).rsplit("/", 1)[-1]
+        given = str(message.attributes.get(DEAD_LETTER_SOURCE, ""))
+        source = given.rsplit("/", 1)[-1]
         raw = message.attributes.get(DEAD_LETTER_ATTEMPTS)
         attempts = parse_ascii_int(raw, 10) if isinstance(raw, str) else None
         topic = None
-        if is_pubsub_id(source):
+        if is_pubsub_id(source) and (given == source or _SUBSCRIPTION_PATH.fullmatch(given)):
             assert self._dead_letter_sources is not None
-            topic = self._dead_letter_sources(source)  # raises on a transient error: nacked
+            topic = self._dead_letter_sources(given)  # raises on a transient error: nacked
         if topic is None or not is_pubsub_id(topic):
             self._metrics.count("dead_letter_unresolved")
             log.warning(

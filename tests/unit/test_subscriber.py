@@ -17,10 +17,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 import pytest
+from google.api_core import exceptions as gexc
 from prometheus_client import CollectorRegistry
 
 from eventaudit.contract import epoch_ms, from_epoch_ms
 from eventaudit.records import Receipt
+from eventaudit.subscriber.__main__ import source_topics
 from eventaudit.subscriber.audited import (
     MAX_INTERNAL_ERROR_ATTEMPTS,
     AuditedSubscriber,
@@ -403,6 +405,10 @@ def _dead_letter(source: object, attempts: object = "5", event_id: str = "e-9") 
         ("goog-sub", "5", "dead_letter_unresolved", None),
         ("a|b", "5", "dead_letter_unresolved", None),
         ("x" * 5000, "5", "dead_letter_unresolved", None),
+        ("projects/p/subscriptions/a|b", "5", "dead_letter_unresolved", None),
+        ("projects/p q/subscriptions/orders-sub", "5", "dead_letter_unresolved", None),
+        ("other/path/orders-sub", "5", "dead_letter_unresolved", None),
+        ("projects/p/subscriptions/orders-sub\n", "5", "dead_letter_unresolved", None),
     ],
 )
 def test_a_dead_letter_is_recorded_against_the_subscription_it_left(
@@ -483,3 +489,57 @@ def test_an_exactly_once_ack_that_fails_is_counted_and_its_redelivery_is_a_dupli
     assert receipt["deliveries"] == 2  # one receipt, the redelivery a duplicate
     entries = [e for d in subscriber.store.journal_written for e in d["entries"]]
     assert entries[-1] == f"r|{TOPIC}|{SUB}|e-1|{BROKER_MS}|2"
+
+
+class AdminClient:
+    """The part of SubscriberClient `source_topics` uses: subscriptions that exist, and calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.topics = {"projects/p/subscriptions/orders-sub": "projects/p/topics/orders",
+                       "projects/q/subscriptions/far-sub": "projects/q/topics/far"}  # fmt: skip
+        self.fail: Exception | None = None
+
+    def subscription_path(self, project: str, sub: str) -> str:
+        return f"projects/{project}/subscriptions/{sub}"
+
+    def get_subscription(self, *, subscription: str, retry: object, timeout: float) -> Any:
+        self.calls.append(subscription)
+        if self.fail is not None:
+            raise self.fail
+        if subscription == "projects/p/subscriptions/secret-sub":
+            raise gexc.PermissionDenied("no")
+        if subscription not in self.topics:
+            raise gexc.NotFound("no such subscription")
+        return type("Sub", (), {"topic": self.topics[subscription]})()
+
+
+def test_dead_letter_sources_are_looked_up_once_and_misses_remembered_a_minute() -> None:
+    admin, now = AdminClient(), [0.0]
+    topic_of = source_topics(admin, "p", clock=lambda: now[0])
+    assert topic_of("orders-sub") == topic_of("orders-sub") == "orders"
+    assert topic_of("projects/q/subscriptions/far-sub") == "far"  # another project, by path
+    assert topic_of("gone-sub") is None and topic_of("gone-sub") is None
+    assert topic_of("secret-sub") is None  # may not be read: unresolved, not retried forever
+    assert admin.calls == [
+        "projects/p/subscriptions/orders-sub",
+        "projects/q/subscriptions/far-sub",
+        "projects/p/subscriptions/gone-sub",
+        "projects/p/subscriptions/secret-sub",
+    ]
+    now[0] = 61.0
+    assert topic_of("gone-sub") is None
+    assert admin.calls[-1] == "projects/p/subscriptions/gone-sub"
+    for i in range(3000):  # a flood of invented names: memory stays bounded
+        topic_of(f"invented-{i}")
+    assert len(admin.calls) == 4 + 1 + 3000
+
+
+def test_a_transient_lookup_error_raises_so_the_dead_letter_is_retried() -> None:
+    admin = AdminClient()
+    admin.fail = gexc.ServiceUnavailable("unavailable")
+    topic_of = source_topics(admin, "p")
+    with pytest.raises(gexc.ServiceUnavailable):
+        topic_of("orders-sub")
+    admin.fail = None
+    assert topic_of("orders-sub") == "orders"
