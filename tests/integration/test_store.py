@@ -12,7 +12,7 @@ from pymongo.errors import AutoReconnect
 
 from eventaudit.contract import epoch_ms
 from eventaudit.partitions import is_live_journal
-from eventaudit.records import BucketCounts, BucketResult, PublishRecord, Receipt
+from eventaudit.records import BucketCounts, BucketResult, PublishRecord, Receipt, Tenure
 from eventaudit.store import AuditStore, MongoStore, StoreError
 from tests.conftest import Ferret
 from tests.fakes import MemoryStore
@@ -281,6 +281,20 @@ def test_an_undecodable_journal_document_is_counted_malformed_not_raised(store: 
     assert store.count_journal(taken) == 2
     folded = store.mark_folded(taken, 2)
     assert store.take_journal(T0) == [folded] and folded.endswith("_2")
+
+
+def test_stored_tenures_read_back_and_hostile_ones_are_skipped(store: MongoStore) -> None:
+    good = Tenure("topic-a", "sub-a", T0, None, 'attributes.k = "v"', T0, T0)
+    gone = Tenure("topic-a", "sub-b", None, T0, "", None, T0)
+    store.save_tenures([good, gone])
+    store.save_tenures([good])  # replaced by `_id`, not added
+    tenures = store.db["SubscriptionTenure"]
+    tenures.insert_one({"_id": "x|undecodable", "topic": "x", "subscription": "y",
+                        "since": DatetimeMS(2**62)})  # fmt: skip
+    tenures.insert_one({"_id": "x|far", "topic": "x", "subscription": "y",
+                        "since": datetime(9999, 12, 31, tzinfo=UTC)})  # fmt: skip
+    tenures.insert_one({"_id": "x|typed", "topic": 7, "subscription": "y"})
+    assert sorted(store.load_tenures(), key=lambda t: t.subscription) == [good, gone]
 
 
 @pytest.mark.parametrize(
