@@ -74,6 +74,7 @@ def audited_subscriber(
     faults: Faults | None = None,
     handler: Callable[[Any], None] | None = None,
     dead_letter_sources: TopicOf | None = None,
+    exactly_once: bool = False,
 ) -> Iterator[SubscriberKit]:
     """A real streaming pull on the emulator, recording into `store` before acking."""
     registry = CollectorRegistry()
@@ -86,6 +87,7 @@ def audited_subscriber(
         faults=faults,
         handler=handler,
         dead_letter_sources=dead_letter_sources,
+        exactly_once=exactly_once,
     )
     audited.start()
     with subscriber_client() as client:

@@ -282,3 +282,20 @@ def test_subscriptions_created_and_deleted_while_traffic_flows(
     _evaluate(exporter, store, settled + timedelta(seconds=10))  # past its last listed moment
     assert _gauges(exporter, topic, new)["completion_rate"] is None
     assert _gauges(exporter, topic, old)["completion_rate"] == 1.0
+
+
+def test_an_exactly_once_subscription_confirms_every_ack(
+    store: MongoStore, topic_factory: TopicFactory
+) -> None:
+    topic, _ = topic_factory(0)
+    sub = f"{topic}-once"
+    _create_subscription(topic, sub, enable_exactly_once_delivery=True)
+    events = _publish(store, topic, [{}] * 20)
+    with audited_subscriber(store, topic, sub, exactly_once=True) as kit:
+        wait_for(lambda: kit.count("recorded", sub) == 20, 60, "20 recorded")
+        time.sleep(1)  # the confirmations arrive after the acks
+        assert kit.count("ack_failed", sub) == 0
+    exporter = exporter_kit(store, [topic])
+    _evaluate(exporter, store, settled_time(events))
+    gauges = _gauges(exporter, topic, sub)
+    assert (gauges["completion_rate"], gauges["duplicate_deliveries"]) == (1.0, 0)
