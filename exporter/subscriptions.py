@@ -341,7 +341,9 @@ def pubsub_lister(project: str) -> Lister:
                 # another project can never have any here.
                 if sub_path not in foreign:
                     foreign.add(sub_path)
-                    log.info("subscription %s of topic %s: another project, not audited", sub_path, topic)
+                    log.info(
+                        "subscription %s of topic %s: another project, not audited", sub_path, topic
+                    )
                 continue
             name = sub_path.removeprefix(ours)
             try:

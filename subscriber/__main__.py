@@ -182,8 +182,8 @@ def source_topics(
             return found[source]
         if clock() - missing.get(source, -math.inf) < _MISSING_TTL_SECONDS:
             return None
-        path = source if source.startswith("projects/") else client.subscription_path(
-            project, source
+        path = (
+            source if source.startswith("projects/") else client.subscription_path(project, source)
         )
         try:
             subscription = client.get_subscription(

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import queue
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -153,7 +153,9 @@ DEAD_LETTER_SOURCE = "CloudPubSubDeadLetterSourceSubscription"
 DEAD_LETTER_ATTEMPTS = "CloudPubSubDeadLetterSourceDeliveryCount"
 TopicOf = Callable[[str], "str | None"]
 """A subscription's topic id, from its id or full path (None: no such subscription)."""
-_SUBSCRIPTION_PATH = re.compile(rf"projects/[a-z][a-z0-9\-.:]{{0,100}}/subscriptions/{PUBSUB_ID_PATTERN}")
+_SUBSCRIPTION_PATH = re.compile(
+    rf"projects/[a-z][a-z0-9\-.:]{{0,100}}/subscriptions/{PUBSUB_ID_PATTERN}"
+)
 
 
 @dataclass(frozen=True, slots=True)
