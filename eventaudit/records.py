@@ -31,6 +31,8 @@ class PublishRecord:
     payload_truncated: bool = False
     attributes: str = ""
     """The event's own attributes (not the audit's), as `encode_attributes` writes them."""
+    options: str = "{}"
+    """The Options attribute it was published with."""
 
     def to_document(self, created_time: datetime) -> dict[str, Any]:
         """The `PublishRecord` document; `createdTime` is when it reached the store."""
@@ -44,6 +46,7 @@ class PublishRecord:
             "createdTime": created_time,
             "payloadTruncated": self.payload_truncated,
             "attributes": self.attributes,
+            "options": self.options,
         }
 
 

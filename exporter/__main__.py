@@ -8,6 +8,7 @@ import time
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 
+from eventaudit.exporter import lookup
 from eventaudit.exporter.app import ExporterDeps, create_app
 from eventaudit.exporter.collector import CompletionCollector, EvaluationState
 from eventaudit.exporter.config import ExporterSettings
@@ -28,7 +29,10 @@ log = logging.getLogger("exporter")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of `eventaudit-exporter`."""
+    """Entry point of `eventaudit-exporter` (and of `eventaudit-exporter lookup EVENT_ID`)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["lookup"]:
+        sys.exit(lookup.main(args[1:]))
     settings = load_settings(ExporterSettings, argv)
     configure_logging(settings.log_level)
     with exit_on_start_failure("exporter"):
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         loop = EvaluationLoop(
             evaluator, state, store, settings.bucket_delta, settings.retention_delta
         )
-        app = create_app(ExporterDeps(store, state, registry, missed))
+        app = create_app(ExporterDeps(store, state, registry, missed, settings.project))
         server = BackgroundServer(
             app, settings.listen_address, settings.server_limits(settings.threads)
         )

@@ -6,15 +6,23 @@ import html
 import logging
 import math
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import CollectorRegistry
 
-from eventaudit.contract import is_pubsub_id, parse_ascii_int
+from eventaudit.contract import (
+    InvalidMessageError,
+    epoch_ms,
+    is_pubsub_id,
+    parse_ascii_int,
+    validate_event_id,
+)
 from eventaudit.exporter.collector import EvaluationState
 from eventaudit.exporter.evaluator import list_missed
 from eventaudit.exporter.missed import MissedAnswers
+from eventaudit.exporter.story import event_story, parse_publish_time, search_hours, trace_forms
 from eventaudit.http import json_error, metrics_view, register_json_errors
 from eventaudit.store import ExporterStore, StoreError
 
@@ -33,6 +41,8 @@ class ExporterDeps:
     state: EvaluationState
     registry: CollectorRegistry
     missed: MissedAnswers = field(default_factory=MissedAnswers)
+    project: str = ""
+    """The Pub/Sub project, for Cloud Trace names."""
 
 
 bp = Blueprint("exporter", __name__)
@@ -133,10 +143,61 @@ def missed() -> Any:
                 "publishTime": e.publish_time.isoformat(),
                 "fate": "lost" if e.dead_letter_attempts is None else "dead_lettered",
                 "deliveryAttempts": e.dead_letter_attempts,
+                "trace": trace_forms(e.trace_id, deps.project),
+                "story": f"/api/v1/events/{e.event_id}?publishTime={epoch_ms(e.publish_time)}",
             }
             for e in answer.events[:limit]
         ],
     )
+
+
+@bp.get("/api/v1/events/<event_id>")
+def event(event_id: str) -> Any:
+    """One event's story: its publish record(s) and, per subscription expected on its topic,
+    the receipt, the dead letter and the verdict the latest evaluation counted.
+
+    400 for a malformed id or query, 404 when no publish record of it is in the hours looked
+    in (its publish time's with `publishTime=`, else the hours the windows reach), 503 while
+    the numbers are not served; computed within the same concurrency limit as
+    /api/v1/missed (429 beyond it).
+    """
+    unknown = sorted(set(request.args) - {"publishTime"})
+    if unknown:
+        return json_error(400, f"unknown query parameter(s): {', '.join(unknown)}")
+    try:
+        validate_event_id(event_id)
+    except InvalidMessageError as exc:
+        return json_error(400, f"eventID: {exc}")
+    publish_time = None
+    if "publishTime" in request.args:
+        if len(request.args.getlist("publishTime")) > 1:
+            return json_error(400, "publishTime may be given once")
+        publish_time = parse_publish_time(request.args["publishTime"])
+        if publish_time is None:
+            return json_error(400, "publishTime must be epoch milliseconds (ASCII digits)")
+    deps = _deps()
+    up, snapshot, reason = deps.state.current()
+    if not up or snapshot is None:
+        return json_error(503, reason or "no evaluation has completed yet")
+    if not deps.missed.try_acquire():
+        resp, status = json_error(429, "too many lookups in progress; retry later")
+        resp.headers["Retry-After"] = str(BUSY_RETRY_AFTER_SECONDS)
+        return resp, status
+    hours = search_hours(snapshot, datetime.now(UTC), publish_time)
+    try:
+        story = event_story(snapshot, deps.store, event_id, hours, deps.project)
+    except StoreError as exc:
+        log.error("story of event %s: %s", event_id, exc)
+        return json_error(503, "audit store unavailable")
+    finally:
+        deps.missed.release()
+    if story is None:
+        return json_error(
+            404,
+            f"no publish record of event {event_id} in the hours searched",
+            searched=[h.isoformat() for h in hours],
+        )
+    return jsonify(story)
 
 
 @bp.get("/healthz")

@@ -712,6 +712,7 @@ class AuditedPublisher:
                     publish_time=publish_time,
                     payload_truncated=truncated,
                     attributes=encode_attributes(own),
+                    options=options_text,
                 )
             )
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -111,6 +111,7 @@ class MemoryStore:
                             "topic": r.topic,
                             "deliveryAttempts": r.delivery_attempt,
                             "deadLetterSubscription": r.dead_letter_subscription,
+                            "receiveTime": r.receive_time,
                         },
                     )
                     entries["dead|" + key] = dead_letter_entry(r)
@@ -246,6 +247,42 @@ class MemoryStore:
         with self._lock:
             self._check()
             return [r for r in self.buckets.values() if r.start >= since]
+
+    def find_publish_records(
+        self, event_id: str, topics: Collection[str], hours: Sequence[datetime]
+    ) -> list[dict[str, Any]]:
+        with self._lock:
+            self._check()
+            for hour in hours:
+                name = record_partition("PublishRecord", hour, hour)
+                found = [
+                    {
+                        "_id": publish_key(t, event_id),
+                        **self.published[f"{name}|{publish_key(t, event_id)}"],
+                    }
+                    for t in sorted(topics)
+                    if f"{name}|{publish_key(t, event_id)}" in self.published
+                ]
+                if found:
+                    return found
+            return []
+
+    def find_receipts(
+        self, event_id: str, subscriptions: Collection[str], hour: datetime
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        with self._lock:
+            self._check()
+            out: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
+            for prefix, table, found in (
+                ("ReceivedRecord", self.received, out[0]),
+                ("DeadLetterRecord", self.dead_letters, out[1]),
+            ):
+                name = record_partition(prefix, hour, hour)
+                for sub in sorted(subscriptions):
+                    doc = table.get(f"{name}|{receipt_key(sub, event_id)}")
+                    if doc is not None:
+                        found.append({"_id": receipt_key(sub, event_id), **doc})
+            return out
 
     def load_tenures(self) -> list[Tenure]:
         with self._lock:

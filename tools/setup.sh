@@ -24,13 +24,15 @@ apt_install() {
     || die "apt-get install $* failed"
 }
 
-# 1. Debian packages: Java for the emulator, Prometheus, promtool, Alertmanager, docker-compose.
+# 1. Debian packages: Java for the emulator, Prometheus, promtool, Alertmanager, docker-compose,
+#    Chromium (headless, for the status page's test and screenshot).
 pkgs=()
 command -v java >/dev/null || pkgs+=(default-jre-headless)
 command -v prometheus >/dev/null && command -v promtool >/dev/null || pkgs+=(prometheus)
 command -v prometheus-alertmanager >/dev/null || pkgs+=(prometheus-alertmanager)
 command -v docker-compose >/dev/null || pkgs+=(docker-compose)
 command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || pkgs+=(golang-go)
+command -v chromium >/dev/null || pkgs+=(chromium)  # the status page's browser test
 [ ${#pkgs[@]} -eq 0 ] || apt_install "${pkgs[@]}"
 
 # 2. The Pub/Sub emulator ships with the Google Cloud CLI's emulator package.

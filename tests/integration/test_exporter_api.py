@@ -9,7 +9,10 @@ counts.
 
 from __future__ import annotations
 
+import io
 import json
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -22,6 +25,8 @@ from flask.testing import FlaskClient
 from prometheus_client import CollectorRegistry
 
 from eventaudit import journal
+from eventaudit.contract import epoch_ms
+from eventaudit.exporter import lookup
 from eventaudit.exporter.app import ExporterDeps, create_app
 from eventaudit.exporter.buckets import Window
 from eventaudit.exporter.collector import CompletionCollector, EvaluationState
@@ -467,3 +472,173 @@ def test_calls_beyond_the_concurrency_limit_get_429_while_healthz_answers(
     finally:
         slow.release.set()
         server.stop(timeout=5)
+
+
+# -- one event's story: GET /api/v1/events/<eventID> ------------------------------------------
+
+
+def _story(exporter: Exporter, event_id: str, query: str = "") -> tuple[int, Any]:
+    resp = exporter.client.get(f"/api/v1/events/{event_id}{query}")
+    return resp.status_code, resp.get_json()
+
+
+def _verdicts(body: Any) -> dict[str, str]:
+    [published] = body["published"]
+    return {s["subscription"]: s["verdict"] for s in published["subscriptions"]}
+
+
+def _on(body: Any, sub: str) -> dict[str, Any]:
+    [published] = body["published"]
+    return next(s for s in published["subscriptions"] if s["subscription"] == sub)
+
+
+def test_the_story_of_a_received_a_missed_a_redelivered_and_a_dead_lettered_event(
+    audit_store: AuditStore,
+) -> None:
+    _seeded(audit_store)
+    receive(audit_store, SUB, "e1", at(12, 0, 1), at(12, 0, 3))  # a redelivery
+    letter = Receipt(SUB, "e8", TOPIC, None, "m", at(12, 0, 8), at(12, 0, 8), at(12, 0, 9), 5,
+                     "orders-dlq-audit")  # fmt: skip
+    audit_store.record_receipts([letter], at(12, 0, 9))
+    exporter = Exporter(audit_store)
+    exporter.app.config["DEPS"] = ExporterDeps(
+        audit_store, exporter.state, exporter.registry, exporter.answers, "proj-a"
+    )
+    assert exporter.evaluate(at(12, 0, 45))
+
+    status, body = _story(exporter, "e0")
+    assert status == 200
+    [published] = body["published"]
+    assert (published["topic"], published["publishTime"]) == (TOPIC, at(12, 0, 0).isoformat())
+    assert published["trace"] == {
+        "traceID": f"{'e0':0>32}",
+        "w3cTraceId": f"{'e0':0>32}",
+        "cloudTrace": f"projects/proj-a/traces/{'e0':0>32}",
+    }
+    # The wanderer is reported in the 5m window (it has a receipt there), which counts e0
+    # missed on it: the story says what the gauge counted.
+    assert _verdicts(body) == {SUB: "received", OTHER: "received", WANDERER: "missed"}
+    got = _on(body, SUB)
+    assert (got["deliveries"], got["deliveryLatencySeconds"]) == (1, 1.0)
+    assert got["firstReceiveTime"] == at(12, 0, 1).isoformat()
+
+    status, body = _story(exporter, "e1")  # redelivered: one receipt, two deliveries
+    assert (status, _verdicts(body)[SUB], _on(body, SUB)["deliveries"]) == (200, "received", 2)
+    assert _on(body, SUB)["lastReceiveTime"] == at(12, 0, 3).isoformat()
+
+    status, body = _story(exporter, "e7")
+    assert (status, _verdicts(body)) == (
+        200,
+        {SUB: "missed", OTHER: "received", WANDERER: "missed"},
+    )
+    assert _on(body, SUB)["received"] is False
+
+    status, body = _story(exporter, "e8")
+    assert _verdicts(body)[SUB] == "dead_lettered"
+    assert _on(body, SUB)["deadLettered"] == {
+        "deliveryAttempts": 5,
+        "deadLetterSubscription": "orders-dlq-audit",
+        "receiveTime": at(12, 0, 9).isoformat(),
+    }
+
+    # A receipt written after the evaluation: missed as counted, received late.
+    receive(audit_store, SUB, "e9", at(12, 0, 9), at(12, 0, 50))
+    assert _verdicts(_story(exporter, "e9")[1])[SUB] == "received_late"
+    assert exporter.evaluate(at(12, 0, 55))
+    assert _verdicts(_story(exporter, "e9")[1])[SUB] == "received"
+
+    # Every missed event of the API links to its story, which says it was missed.
+    status, missed = exporter.missed(SUB)
+    for e in missed["events"]:
+        code, story = _story(exporter, e["story"].removeprefix("/api/v1/events/"))
+        assert code == 200 and _verdicts(story)[SUB] in ("missed", "dead_lettered")
+        assert e["trace"]["cloudTrace"] == f"projects/proj-a/traces/{e['traceID']}"
+
+
+def test_an_unsettled_an_unknown_and_an_old_event(audit_store: AuditStore) -> None:
+    _seeded(audit_store)
+    publish(audit_store, "fresh", at(12, 0, 30), at(12, 0, 30))
+    exporter = Exporter(audit_store)
+    assert exporter.evaluate(at(12, 0, 45))
+    status, body = _story(exporter, "fresh")
+    assert (status, set(_verdicts(body).values())) == (200, {"not_yet_settled"})
+    status, body = _story(exporter, "no-such-event")
+    assert status == 404
+    # From the hour after the evaluation (12:00:45) to the oldest bucket a window reaches.
+    assert body["searched"] == [at(h, 0, 0).isoformat() for h in (13, 12, 11)]
+    # w1, published at 11:56:05, is in the 5m window: only the wanderer received it.
+    status, body = _story(exporter, "w1")
+    assert (status, _verdicts(body)) == (
+        200,
+        {SUB: "missed", OTHER: "missed", WANDERER: "received"},
+    )
+    # A publish time names its hour: one collection read, even one the windows do not reach.
+    publish(audit_store, "ancient", at(9, 30, 0), at(9, 30, 0))
+    assert _story(exporter, "ancient")[0] == 404
+    status, body = _story(exporter, "ancient", f"?publishTime={epoch_ms(at(9, 30, 0))}")
+    assert (status, set(_verdicts(body).values())) == (200, {"outside_windows"})
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "error"),
+    [
+        ("/api/v1/events/bad%20id", 400, "eventID: malformed"),
+        ("/api/v1/events/e1%0A", 400, "eventID: malformed"),
+        ("/api/v1/events/%D9%A1%D9%A0", 400, "eventID: malformed"),
+        ("/api/v1/events/topic%7Ce1", 400, "eventID: malformed"),
+        ("/api/v1/events/" + "e" * 129, 400, "eventID: malformed"),
+        ("/api/v1/events/e1?publishTime=%D9%A1", 400, "publishTime must be epoch"),
+        ("/api/v1/events/e1?publishTime=1e3", 400, "publishTime must be epoch"),
+        ("/api/v1/events/e1?publishTime=" + "9" * 20, 400, "publishTime must be epoch"),
+        ("/api/v1/events/e1?publishTime=-5", 400, "publishTime must be epoch"),
+        ("/api/v1/events/e1?publishTime=1&publishTime=2", 400, "once"),
+        ("/api/v1/events/e1?topic=orders", 400, "unknown query parameter(s): topic"),
+        ("/api/v1/events/", 404, "not found"),
+    ],
+)
+def test_a_malformed_lookup_is_a_400(path: str, status: int, error: str) -> None:
+    store = MemoryStore()
+    _seeded(store)
+    exporter = Exporter(store)
+    assert exporter.evaluate(at(12, 0, 45))
+    resp = exporter.client.get(path)
+    assert resp.status_code == status
+    assert error in resp.get_json()["error"]
+
+
+def test_a_lookup_while_the_numbers_are_not_served_is_a_503() -> None:
+    exporter = Exporter(MemoryStore())
+    assert _story(exporter, "e1")[0] == 503
+
+
+def test_the_lookup_command_tells_the_story_from_a_running_exporter(store: MongoStore) -> None:
+    _seeded(store)
+    exporter = Exporter(store)
+    assert exporter.evaluate(at(12, 0, 45))
+    server = BackgroundServer(exporter.app, f"127.0.0.1:{stack.free_port()}", ServerLimits(4))
+    base = f"http://127.0.0.1:{server.port}"
+    server.start()
+    try:
+        out, err = io.StringIO(), io.StringIO()
+        assert lookup.main(["e7", "--exporter", base], out, err) == 0
+        lines = out.getvalue().splitlines()
+        assert lines[0] == "event e7"
+        assert lines[1].startswith(f"  published to {TOPIC} at {at(12, 0, 7).isoformat()}")
+        assert f"    {SUB}: missed: counted missed: no receipt" in lines
+        assert any(line.startswith(f"    {OTHER}: received, 1 deliveries") for line in lines)
+        assert lookup.main(["nope", "--exporter", base], out, err) == 1
+        assert "404: no publish record of event nope" in err.getvalue()
+        assert lookup.main(["bad id", "--exporter", base], out, err) == 2
+        # The installed command, as an operator types it.
+        done = subprocess.run(
+            [sys.executable, "-m", "eventaudit.exporter", "lookup", "e7", "--json",
+             "--exporter", base],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["published"][0]["topic"] == TOPIC
+    finally:
+        server.stop(timeout=5)
+    closed = io.StringIO()
+    assert lookup.main(["e7", "--exporter", base], io.StringIO(), closed) == 2
+    assert "cannot reach the exporter" in closed.getvalue()

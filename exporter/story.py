@@ -1,0 +1,221 @@
+"""One event's story: where it was published, and what each subscription did with it.
+
+Built from the records (one `_id` lookup per collection: the hour's publish records, receipts
+and dead letters) and the latest evaluation: for every subscription expected on the event's
+topic, the verdict that evaluation counted for the event's bucket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from eventaudit.contract import epoch_ms, from_epoch_ms, parse_ascii_int
+from eventaudit.exporter.buckets import floor_to_bucket
+from eventaudit.exporter.evaluator import Snapshot, counts_bucket
+from eventaudit.exporter.subscriptions import Expectation
+from eventaudit.journal import BucketDigest
+from eventaudit.partitions import RECORD_PARTITION_MS
+from eventaudit.store import ExporterStore
+
+HOUR = timedelta(milliseconds=RECORD_PARTITION_MS)
+
+# What the latest evaluation counted for the event on a subscription.
+VERDICTS = (
+    "received",  # counted received
+    "received_late",  # counted missed by the latest evaluation; received since (the next counts it)
+    "missed",  # counted missed: no receipt
+    "dead_lettered",  # counted missed: Pub/Sub moved it to the dead-letter topic
+    "filtered",  # received, though the subscription's filter excludes it (the emulator)
+    "not_expected",  # the filter excludes it, or the subscription did not exist then
+    "not_yet_settled",  # its bucket is not evaluated yet
+    "outside_windows",  # its bucket is older than the longest window
+    "not_reported",  # the subscription is not reported (gone, or never expected)
+    "not_audited",  # the subscription's filter cannot be evaluated
+)
+
+
+def search_hours(
+    snapshot: Snapshot, now: datetime, publish_time: datetime | None
+) -> list[datetime]:
+    """The hourly collections to look in, newest first: the publish time's, or every hour a
+    window reaches (from the oldest bucket a window sums to now, or to an hour past the
+    evaluation when that is earlier)."""
+    if publish_time is not None:
+        return [floor_to_bucket(publish_time, HOUR)]
+    oldest = snapshot.frontier - snapshot.windows[-1].length
+    hours = []
+    hour = floor_to_bucket(min(now, snapshot.evaluated_at + HOUR), HOUR)
+    while hour + HOUR > oldest:
+        hours.append(hour)
+        hour -= HOUR
+    return hours
+
+
+def trace_forms(trace_id: str, project: str) -> dict[str, str]:
+    """A trace id as Cloud Trace and W3C tools take it."""
+    return {
+        "traceID": trace_id,
+        "w3cTraceId": trace_id,
+        "cloudTrace": f"projects/{project}/traces/{trace_id}",
+    }
+
+
+def event_story(
+    snapshot: Snapshot,
+    store: ExporterStore,
+    event_id: str,
+    hours: Sequence[datetime],
+    project: str,
+) -> dict[str, Any] | None:
+    """The story of `event_id`, or None when no publish record of it is in `hours`. Raises
+    StoreError."""
+    topics = set(snapshot.published) | {t for t, _ in snapshot.expectations}
+    records = store.find_publish_records(event_id, topics, hours)
+    if not records:
+        return None
+    stories = [_on_topic(snapshot, store, event_id, doc, project) for doc in records]
+    return {"eventID": event_id, "published": sorted(stories, key=lambda s: s["topic"])}
+
+
+def _known_subscriptions(snapshot: Snapshot, topic: str) -> set[str]:
+    keys = [*snapshot.subscriptions, *snapshot.expectations, *snapshot.unsupported]
+    return {sub for t, sub in keys if t == topic}
+
+
+def _on_topic(
+    snapshot: Snapshot, store: ExporterStore, event_id: str, doc: dict[str, Any], project: str
+) -> dict[str, Any]:
+    topic, published = str(doc["topic"]), doc["publishTime"]
+    start = floor_to_bucket(published, snapshot.bucket)
+    subs = _known_subscriptions(snapshot, topic)
+    receipts, dead = store.find_receipts(event_id, subs, published)
+    by_sub = {r["subscription"]: r for r in receipts}
+    dead_by_sub = {d["subscription"]: d for d in dead}
+    settled = start < snapshot.frontier
+    digest = store.load_digest(topic, start) if settled else BucketDigest(topic, start)
+    trace = str(doc.get("traceID") or "")
+    return {
+        "topic": topic,
+        "publishTime": published.isoformat(),
+        "publishTimeMs": epoch_ms(published),
+        "bucket": start.isoformat(),
+        "messageId": doc.get("messageId"),
+        "options": doc.get("options", "{}"),
+        "attributes": doc.get("attributes", ""),
+        "trace": trace_forms(trace, project),
+        "subscriptions": [
+            _on_subscription(
+                snapshot, topic, sub, event_id, doc, by_sub.get(sub), dead_by_sub.get(sub), digest
+            )
+            for sub in sorted(subs)
+        ],
+    }
+
+
+def _on_subscription(
+    snapshot: Snapshot,
+    topic: str,
+    sub: str,
+    event_id: str,
+    doc: dict[str, Any],
+    receipt: dict[str, Any] | None,
+    dead: dict[str, Any] | None,
+    digest: BucketDigest,
+) -> dict[str, Any]:
+    published = doc["publishTime"]
+    verdict, reason = _verdict(snapshot, topic, sub, event_id, doc, receipt, dead, digest)
+    out: dict[str, Any] = {
+        "subscription": sub,
+        "verdict": verdict,
+        "reason": reason,
+        "received": receipt is not None,
+        "firstReceiveTime": None,
+        "lastReceiveTime": None,
+        "deliveries": 0,
+        "deliveryLatencySeconds": None,
+        "deliveryAttempt": None,
+        "deadLettered": None,
+    }
+    if receipt is not None:
+        first = receipt.get("receiveTime")
+        out |= {
+            "firstReceiveTime": first.isoformat() if isinstance(first, datetime) else None,
+            "lastReceiveTime": _iso(receipt.get("lastReceiveTime")),
+            "deliveries": receipt.get("deliveries", 0),
+            "deliveryLatencySeconds": (first - published).total_seconds()
+            if isinstance(first, datetime)
+            else None,
+            "deliveryAttempt": receipt.get("deliveryAttempt"),
+        }
+    if dead is not None:
+        out["deadLettered"] = {
+            "deliveryAttempts": dead.get("deliveryAttempts"),
+            "deadLetterSubscription": dead.get("deadLetterSubscription"),
+            "receiveTime": _iso(dead.get("receiveTime")),
+        }
+    return out
+
+
+def _iso(value: object) -> str | None:
+    return value.isoformat() if isinstance(value, datetime) else None
+
+
+def _verdict(
+    snapshot: Snapshot,
+    topic: str,
+    sub: str,
+    event_id: str,
+    doc: dict[str, Any],
+    receipt: dict[str, Any] | None,
+    dead: dict[str, Any] | None,
+    digest: BucketDigest,
+) -> tuple[str, str]:
+    """What the latest evaluation counted, and why, in the words an on-call engineer reads."""
+    start = floor_to_bucket(doc["publishTime"], snapshot.bucket)
+    if (topic, sub) in snapshot.unsupported:
+        return (
+            "not_audited",
+            f"its filter cannot be evaluated: {snapshot.unsupported[(topic, sub)]}",
+        )
+    if start >= snapshot.frontier:
+        return (
+            "not_yet_settled",
+            f"evaluated once its bucket settles ({snapshot.frontier:%H:%M:%S} so far)",
+        )
+    if start < snapshot.frontier - snapshot.windows[-1].length:
+        return "outside_windows", "its bucket is older than the longest window"
+    if (topic, sub) not in snapshot.subscriptions:
+        return "not_reported", "the subscription is not reported (gone, or never expected here)"
+    expectation = snapshot.expectations.get((topic, sub), Expectation())
+    result = snapshot.buckets.get((topic, start))
+    if not expectation.covers(start, snapshot.bucket):
+        return "not_expected", "the subscription did not exist when the event was published"
+    if expectation.filter is not None and not expectation.filter.matches_encoded(
+        str(doc.get("attributes") or "")
+    ):
+        if receipt is not None:
+            return (
+                "filtered",
+                "received, but its filter excludes the event (Pub/Sub never sends it)",
+            )
+        return "not_expected", "the subscription's filter excludes the event"
+    if result is None or not counts_bucket(expectation, result, sub, snapshot.bucket):
+        return "not_yet_settled", "its bucket is not counted for this subscription yet"
+    counted = digest.receipts.get(sub, {}).get(event_id)
+    if receipt is not None:
+        if counted is not None and counted[1] <= snapshot.merged:
+            return "received", "counted received"
+        return "received_late", "counted missed by the latest evaluation; the next counts it"
+    if dead is not None:
+        return "dead_lettered", "counted missed: Pub/Sub moved it to the dead-letter topic"
+    return "missed", "counted missed: no receipt"
+
+
+def parse_publish_time(text: str) -> datetime | None:
+    """`publishTime` as epoch ms (ASCII digits, years 2000..2999); None otherwise."""
+    value = parse_ascii_int(text, max_digits=15)
+    if value is None or not 946_684_800_000 <= value < 32_503_680_000_000:
+        return None
+    return from_epoch_ms(value)
