@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import html
 import logging
-import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +17,7 @@ from eventaudit.contract import (
     parse_ascii_int,
     validate_event_id,
 )
+from eventaudit.exporter import status
 from eventaudit.exporter.collector import EvaluationState
 from eventaudit.exporter.evaluator import list_missed
 from eventaudit.exporter.missed import MissedAnswers
@@ -212,46 +211,8 @@ def healthz() -> Any:
 
 @bp.get("/")
 def status_page() -> Response:
-    """A small human-readable table of the latest evaluation (empty while it is not served)."""
-    state = _deps().state
-    up, snapshot, reason = state.current()
-    rows = []
-    if up and snapshot is not None:
-        for (topic, sub), windows in sorted(snapshot.subscriptions.items()):
-            for label, s in windows.items():
-                rate = s.completion_rate
-                shown = "n/a" if math.isnan(rate) else f"{rate * 100:.2f}%"
-                rows.append(
-                    "<tr>"
-                    + "".join(
-                        f"<td>{html.escape(str(v))}</td>"
-                        for v in (
-                            topic,
-                            sub,
-                            label,
-                            s.published,
-                            s.received,
-                            s.missed,
-                            s.dead_lettered,
-                            shown,
-                            s.duplicates,
-                            s.unmatched,
-                            s.filtered,
-                        )
-                    )
-                    + "</tr>"
-                )
-    status = "up" if up else f"DOWN: {reason or 'no evaluation yet'}"
-    frontier = snapshot.frontier.isoformat() if snapshot else "-"
-    body = f"""<!doctype html><html><head><title>eventaudit</title>
-<style>body{{font-family:sans-serif}}td,th{{padding:2px 10px;text-align:right}}</style></head>
-<body><h1>eventaudit</h1><p>Status: {html.escape(status)}. Settled up to {frontier}
-(settle delay {state.settle_seconds:g}s). <a href="/metrics">/metrics</a></p>
-<table><tr><th>topic</th><th>subscription</th><th>window</th><th>published</th>
-<th>received</th><th>missed</th><th>dead-lettered</th><th>completion</th><th>duplicates</th>
-<th>unmatched</th><th>filtered out</th></tr>
-{"".join(rows)}</table></body></html>"""
-    return Response(body, mimetype="text/html")
+    """The status page of the latest evaluation (only the health while it is not served)."""
+    return Response(status.render(_deps().state), mimetype="text/html")
 
 
 def create_app(deps: ExporterDeps) -> Flask:

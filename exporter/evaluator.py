@@ -453,7 +453,7 @@ class Evaluator(Collector):
                 standing = {sub for sub, e in known.items() if e.standing}
                 for sub in sorted(standing | heard):
                     expectation = known.get(sub, Expectation())
-                    stats = _window_of(expectation, sub, in_window, frontier, self._bucket)
+                    stats = subscription_window(expectation, sub, in_window, frontier, self._bucket)
                     if stats is None:
                         continue
                     subs_out.setdefault((topic, sub), {})[window.label] = stats
@@ -472,7 +472,7 @@ class Evaluator(Collector):
         )
 
 
-def _window_of(
+def subscription_window(
     expectation: Expectation,
     subscription: str,
     in_window: list[BucketResult],
