@@ -170,9 +170,8 @@ class ExporterStore(EvaluatorStore, Protocol):
     def find_publish_records(
         self, event_id: str, topics: Collection_[str], hours: Sequence[datetime]
     ) -> list[dict[str, Any]]:
-        """The publish records of `event_id` on any of `topics`, looked for in the hourly
-        collections of `hours` (their starts), newest first, stopping at the first hour that
-        has any."""
+        """The publish records of `event_id` on any of `topics`, in the hourly collections of
+        `hours` (their starts)."""
         ...
 
     def find_receipts(
@@ -727,15 +726,14 @@ class MongoStore:
         """One `_id` lookup per hour for all topics at once (`$in`): indexed on MongoDB; on
         FerretDB a read of that hour's collection."""
         keys = sorted(publish_key(t, event_id) for t in topics)
+        found: list[dict[str, Any]] = []
         try:
             for hour in hours:
                 name = record_partition(PUBLISH_COLLECTION, hour, hour)
-                found = list(self.db[name].find({"_id": {"$in": keys}}))
-                if found:
-                    return found
+                found += self.db[name].find({"_id": {"$in": keys}})
         except PyMongoError as exc:
             raise StoreError(f"could not read publish records: {exc}") from exc
-        return []
+        return found
 
     def find_receipts(
         self, event_id: str, subscriptions: Collection_[str], hour: datetime

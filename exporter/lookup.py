@@ -27,9 +27,10 @@ def render(story: dict[str, Any]) -> str:
         for sub in published["subscriptions"]:
             detail = ""
             if sub["received"]:
+                latency = sub.get("deliveryLatencySeconds")
+                after = f" ({latency:.3f} s after publish)" if isinstance(latency, float) else ""
                 detail = (
-                    f", {sub['deliveries']} deliveries, first at {sub['firstReceiveTime']}"
-                    f" ({sub['deliveryLatencySeconds']:.3f} s after publish)"
+                    f", {sub['deliveries']} deliveries, first at {sub['firstReceiveTime']}{after}"
                 )
             if sub["deadLettered"]:
                 detail += (
@@ -62,13 +63,19 @@ def main(argv: list[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) ->
             story = json.load(resp)
     except urllib.error.HTTPError as exc:
         try:
-            message = json.load(exc).get("error", exc.reason)
+            body = json.load(exc)
         except ValueError:
-            message = exc.reason
+            body = None
+        message = body.get("error", exc.reason) if isinstance(body, dict) else exc.reason
         print(f"lookup: {exc.code}: {message}", file=err)
-        return 1 if exc.code == 404 else 2
+        # 1 only for "no such event" (not a 404 from an exporter without the route).
+        return 1 if isinstance(body, dict) and "searched" in body else 2
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"lookup: cannot reach the exporter at {args.exporter}: {exc}", file=err)
+        print(f"lookup: no usable answer from the exporter at {args.exporter}: {exc}", file=err)
         return 2
-    print(json.dumps(story, indent=2) if args.json else render(story), file=out)
+    try:
+        print(json.dumps(story, indent=2) if args.json else render(story), file=out)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        print(f"lookup: not an event story ({type(exc).__name__}: {exc})", file=err)
+        return 2
     return 0

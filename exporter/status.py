@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import html
 import math
+import threading
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from eventaudit.contract import epoch_ms
@@ -72,23 +74,39 @@ def _percent(rate: float) -> str:
 
 
 def completion_by_minute(
-    snapshot: Snapshot, topic: str, subscription: str, minutes: int = CHART_MINUTES
+    snapshot: Snapshot,
+    topic: str,
+    subscription: str,
+    minutes: int = CHART_MINUTES,
+    results: Iterable[BucketResult] | None = None,
 ) -> list[float]:
-    """Completion of each minute of the last `minutes` before the frontier (NaN when nothing
-    was expected), from the stored bucket results, counted as the gauges count them."""
-    expectation = snapshot.expectations.get((topic, subscription), Expectation())
-    per_minute: list[list[BucketResult]] = [[] for _ in range(minutes)]
-    start = snapshot.frontier - timedelta(minutes=minutes)
-    for (t, begins), result in snapshot.buckets.items():
-        if t == topic and start <= begins < snapshot.frontier:
-            per_minute[int((begins - start) / timedelta(minutes=1))].append(result)
+    """Completion of each minute (or bucket, when longer) of the last `minutes` before the
+    frontier, NaN when nothing was expected, from the bucket results (`results`: the topic's,
+    when already grouped), counted as the gauges count them. A subscription reported only
+    where it has receipts is reported in the window this covers, so a minute without any is
+    counted (0 %), not left out."""
+    expectation = replace(
+        snapshot.expectations.get((topic, subscription), Expectation()), standing=True
+    )
+    step = max(timedelta(minutes=1), snapshot.bucket)
+    slots = max(1, int(timedelta(minutes=minutes) / step))
+    per_slot: list[list[BucketResult]] = [[] for _ in range(slots)]
+    start = snapshot.frontier - step * slots
+    chosen = results if results is not None else _of_topic(snapshot, topic)
+    for result in chosen:
+        if start <= result.start < snapshot.frontier:
+            per_slot[int((result.start - start) / step)].append(result)
     rates = []
-    for results in per_minute:
+    for slot in per_slot:
         stats = subscription_window(
-            expectation, subscription, results, snapshot.frontier, snapshot.bucket
+            expectation, subscription, slot, snapshot.frontier, snapshot.bucket
         )
         rates.append(stats.completion_rate if stats else math.nan)
     return rates
+
+
+def _of_topic(snapshot: Snapshot, topic: str) -> list[BucketResult]:
+    return [r for (t, _), r in snapshot.buckets.items() if t == topic]
 
 
 def _chart(rates: list[float], label: str) -> str:
@@ -172,7 +190,9 @@ def _cells(topic: str, sub: str, label: str, stats: SubscriptionWindow) -> str:
     )
 
 
-def _topic_section(snapshot: Snapshot, topic: str, subs: Iterable[str]) -> str:
+def _topic_section(
+    snapshot: Snapshot, topic: str, subs: Iterable[str], results: list[BucketResult]
+) -> str:
     labels = [w.label for w in snapshot.windows]
     published = snapshot.published.get(topic, {})
     head = "".join(
@@ -191,7 +211,8 @@ def _topic_section(snapshot: Snapshot, topic: str, subs: Iterable[str]) -> str:
             for label in labels
         )
         chart = _chart(
-            completion_by_minute(snapshot, topic, sub), f"completion of {sub}, last hour"
+            completion_by_minute(snapshot, topic, sub, results=results),
+            f"completion of {sub}, last hour",
         )
         rows.append(f'<tr><td>{html.escape(sub)}</td><td class="chart">{chart}</td>{cells}</tr>')
         if any(w.missed for w in windows.values()):
@@ -220,6 +241,40 @@ def _topic_section(snapshot: Snapshot, topic: str, subs: Iterable[str]) -> str:
     )
 
 
+_cache_lock = threading.Lock()
+_cached: tuple[Snapshot | None, str] = (None, "")
+
+
+def _body(snapshot: Snapshot) -> str:
+    """The page's numbers, made once per evaluation: a page refreshed by every wall screen
+    and phone costs one rendering per evaluation."""
+    global _cached
+    with _cache_lock:
+        if _cached[0] is snapshot:
+            return _cached[1]
+    by_topic: dict[str, list[str]] = {}
+    for topic, sub in sorted(snapshot.subscriptions):
+        by_topic.setdefault(topic, []).append(sub)
+    results: dict[str, list[BucketResult]] = {}
+    for (topic, _), result in snapshot.buckets.items():
+        results.setdefault(topic, []).append(result)
+    body = "".join(
+        _topic_section(snapshot, t, subs, results.get(t, []))
+        for t, subs in sorted(by_topic.items())
+    )
+    if snapshot.unsupported:
+        items = "".join(
+            f"<li>{html.escape(t)} / {html.escape(s)}: {html.escape(why)}</li>"
+            for (t, s), why in sorted(snapshot.unsupported.items())
+        )
+        body += f'<section><h2>Not audited</h2><ul class="note">{items}</ul></section>'
+    if not by_topic:
+        body += '<section><p class="note">No topic reported yet.</p></section>'
+    with _cache_lock:
+        _cached = (snapshot, body)
+    return body
+
+
 def render(state: EvaluationState) -> str:
     """The whole page, from the latest evaluation (only the health when it is not served)."""
     up, snapshot, reason = state.current()
@@ -238,18 +293,7 @@ def render(state: EvaluationState) -> str:
         facts.insert(
             0, f'settled up to <b data-frontier="{when.isoformat()}">{when:%H:%M:%S} UTC</b>'
         )
-        by_topic: dict[str, list[str]] = {}
-        for topic, sub in sorted(snapshot.subscriptions):
-            by_topic.setdefault(topic, []).append(sub)
-        body = "".join(_topic_section(snapshot, t, subs) for t, subs in sorted(by_topic.items()))
-        if snapshot.unsupported:
-            items = "".join(
-                f"<li>{html.escape(t)} / {html.escape(s)}: {html.escape(why)}</li>"
-                for (t, s), why in sorted(snapshot.unsupported.items())
-            )
-            body += f'<section><h2>Not audited</h2><ul class="note">{items}</ul></section>'
-        if not by_topic:
-            body += '<section><p class="note">No topic reported yet.</p></section>'
+        body = _body(snapshot)
     generated = datetime.now(UTC)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">

@@ -7,6 +7,7 @@ topic, the verdict that evaluation counted for the event's bucket.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,16 +25,20 @@ HOUR = timedelta(milliseconds=RECORD_PARTITION_MS)
 # What the latest evaluation counted for the event on a subscription.
 VERDICTS = (
     "received",  # counted received
-    "received_late",  # counted missed by the latest evaluation; received since (the next counts it)
-    "missed",  # counted missed: no receipt
+    "received_late",  # counted missed by the latest evaluation; a receipt is stored since
+    "missed",  # counted missed (lost)
     "dead_lettered",  # counted missed: Pub/Sub moved it to the dead-letter topic
     "filtered",  # received, though the subscription's filter excludes it (the emulator)
     "not_expected",  # the filter excludes it, or the subscription did not exist then
     "not_yet_settled",  # its bucket is not evaluated yet
+    "not_yet_counted",  # settled, but its publish record was not folded by the evaluation
+    "not_counted",  # its bucket was counted under another filter (or not at all) for it
     "outside_windows",  # its bucket is older than the longest window
-    "not_reported",  # the subscription is not reported (gone, or never expected)
     "not_audited",  # the subscription's filter cannot be evaluated
 )
+# Without a publish time, the newest hours looked in (each a collection read on FerretDB).
+MAX_SEARCH_HOURS = 3
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def search_hours(
@@ -45,21 +50,22 @@ def search_hours(
     if publish_time is not None:
         return [floor_to_bucket(publish_time, HOUR)]
     oldest = snapshot.frontier - snapshot.windows[-1].length
-    hours = []
     hour = floor_to_bucket(min(now, snapshot.evaluated_at + HOUR), HOUR)
-    while hour + HOUR > oldest:
-        hours.append(hour)
-        hour -= HOUR
+    hours = [hour]
+    while len(hours) < MAX_SEARCH_HOURS and hours[-1] > oldest:
+        hours.append(hours[-1] - HOUR)
     return hours
 
 
 def trace_forms(trace_id: str, project: str) -> dict[str, str]:
-    """A trace id as Cloud Trace and W3C tools take it."""
-    return {
-        "traceID": trace_id,
-        "w3cTraceId": trace_id,
-        "cloudTrace": f"projects/{project}/traces/{trace_id}",
-    }
+    """A trace id as Cloud Trace and W3C tools take it (a W3C trace id is 32 lowercase hex;
+    Cloud Trace's name needs the project)."""
+    forms = {"traceID": trace_id}
+    if _TRACE_ID.fullmatch(trace_id):
+        forms["w3cTraceId"] = trace_id
+        if project:
+            forms["cloudTrace"] = f"projects/{project}/traces/{trace_id}"
+    return forms
 
 
 def event_story(
@@ -69,8 +75,10 @@ def event_story(
     hours: Sequence[datetime],
     project: str,
 ) -> dict[str, Any] | None:
-    """The story of `event_id`, or None when no publish record of it is in `hours`. Raises
-    StoreError."""
+    """The story of `event_id`, or None when no publish record of it is in `hours`: one `_id`
+    lookup per hour for its publish records, then per topic one in its hour's receipts, one in
+    its dead letters, and (for a settled bucket a window reaches) the bucket's digest, which
+    says what the evaluation counted. Raises StoreError."""
     topics = set(snapshot.published) | {t for t, _ in snapshot.expectations}
     records = store.find_publish_records(event_id, topics, hours)
     if not records:
@@ -80,7 +88,8 @@ def event_story(
 
 
 def _known_subscriptions(snapshot: Snapshot, topic: str) -> set[str]:
-    keys = [*snapshot.subscriptions, *snapshot.expectations, *snapshot.unsupported]
+    """The subscriptions the evaluation reports on `topic`, and those it cannot audit."""
+    keys = [*snapshot.subscriptions, *snapshot.unsupported]
     return {sub for t, sub in keys if t == topic}
 
 
@@ -93,8 +102,9 @@ def _on_topic(
     receipts, dead = store.find_receipts(event_id, subs, published)
     by_sub = {r["subscription"]: r for r in receipts}
     dead_by_sub = {d["subscription"]: d for d in dead}
-    settled = start < snapshot.frontier
-    digest = store.load_digest(topic, start) if settled else BucketDigest(topic, start)
+    # The digest says what the evaluation counted; read only for a bucket a window counts.
+    counted = snapshot.frontier - snapshot.windows[-1].length <= start < snapshot.frontier
+    digest = store.load_digest(topic, start) if counted and subs else BucketDigest(topic, start)
     trace = str(doc.get("traceID") or "")
     return {
         "topic": topic,
@@ -186,8 +196,6 @@ def _verdict(
         )
     if start < snapshot.frontier - snapshot.windows[-1].length:
         return "outside_windows", "its bucket is older than the longest window"
-    if (topic, sub) not in snapshot.subscriptions:
-        return "not_reported", "the subscription is not reported (gone, or never expected here)"
     expectation = snapshot.expectations.get((topic, sub), Expectation())
     result = snapshot.buckets.get((topic, start))
     if not expectation.covers(start, snapshot.bucket):
@@ -202,14 +210,21 @@ def _verdict(
             )
         return "not_expected", "the subscription's filter excludes the event"
     if result is None or not counts_bucket(expectation, result, sub, snapshot.bucket):
-        return "not_yet_settled", "its bucket is not counted for this subscription yet"
-    counted = digest.receipts.get(sub, {}).get(event_id)
+        return "not_counted", "its bucket is not counted for this subscription (another filter)"
+    # What the evaluation behind the gauges counted: entries folded by its merge stamp.
+    published = digest.published.get(event_id)
+    if published is None or published[2] > snapshot.merged:
+        return "not_yet_counted", "its publish record was not folded by the latest evaluation"
+    got = digest.receipts.get(sub, {}).get(event_id)
+    if got is not None and got[1] <= snapshot.merged:
+        return "received", "counted received"
     if receipt is not None:
-        if counted is not None and counted[1] <= snapshot.merged:
-            return "received", "counted received"
-        return "received_late", "counted missed by the latest evaluation; the next counts it"
-    if dead is not None:
+        return "received_late", "counted missed by the latest evaluation; a receipt is stored since"
+    gone = digest.dead.get(sub, {}).get(event_id)
+    if gone is not None and gone[1] <= snapshot.merged:
         return "dead_lettered", "counted missed: Pub/Sub moved it to the dead-letter topic"
+    if dead is not None:
+        return "missed", "counted missed (lost); a dead letter of it is stored since"
     return "missed", "counted missed: no receipt"
 
 

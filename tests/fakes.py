@@ -253,9 +253,10 @@ class MemoryStore:
     ) -> list[dict[str, Any]]:
         with self._lock:
             self._check()
+            found: list[dict[str, Any]] = []
             for hour in hours:
                 name = record_partition("PublishRecord", hour, hour)
-                found = [
+                found += [
                     {
                         "_id": publish_key(t, event_id),
                         **self.published[f"{name}|{publish_key(t, event_id)}"],
@@ -263,9 +264,7 @@ class MemoryStore:
                     for t in sorted(topics)
                     if f"{name}|{publish_key(t, event_id)}" in self.published
                 ]
-                if found:
-                    return found
-            return []
+            return found
 
     def find_receipts(
         self, event_id: str, subscriptions: Collection[str], hour: datetime

@@ -641,4 +641,42 @@ def test_the_lookup_command_tells_the_story_from_a_running_exporter(store: Mongo
         server.stop(timeout=5)
     closed = io.StringIO()
     assert lookup.main(["e7", "--exporter", base], io.StringIO(), closed) == 2
-    assert "cannot reach the exporter" in closed.getvalue()
+    assert "no usable answer from the exporter" in closed.getvalue()
+
+
+def test_the_verdict_is_what_the_evaluation_counted_not_what_is_stored_since(
+    audit_store: AuditStore,
+) -> None:
+    _seeded(audit_store)
+    exporter = Exporter(audit_store)
+    assert exporter.evaluate(at(12, 0, 45))
+    # After the evaluation: a publish record in a settled bucket, and a dead letter of e7.
+    publish(audit_store, "latepub", at(12, 0, 4), at(12, 0, 50))
+    letter = Receipt(SUB, "e7", TOPIC, None, "m", at(12, 0, 7), at(12, 0, 7), at(12, 0, 50), 5,
+                     "orders-dlq-audit")  # fmt: skip
+    audit_store.record_receipts([letter], at(12, 0, 50))
+    status, body = _story(exporter, "latepub")
+    assert (status, set(_verdicts(body).values())) == (200, {"not_yet_counted"})
+    body = _story(exporter, "e7")[1]
+    assert _verdicts(body)[SUB] == "missed"  # as the gauge and /api/v1/missed count it
+    assert _on(body, SUB)["deadLettered"]["deliveryAttempts"] == 5  # stored since
+    fates = {e["eventID"]: e["fate"] for e in exporter.missed(SUB)[1]["events"]}
+    assert fates["e7"] == "lost"
+    assert exporter.evaluate(at(12, 0, 55))
+    assert _verdicts(_story(exporter, "e7")[1])[SUB] == "dead_lettered"
+    assert _verdicts(_story(exporter, "latepub")[1])[SUB] == "missed"
+
+
+def test_a_lookup_in_progress_never_keeps_the_missed_listing_busy() -> None:
+    store = MemoryStore()
+    _seeded(store)
+    exporter = Exporter(store)
+    assert exporter.evaluate(at(12, 0, 45))
+    deps = exporter.app.config["DEPS"]
+    assert deps.lookups.acquire(blocking=False)  # a slow lookup holds the one slot
+    try:
+        assert _story(exporter, "e7")[0] == 429
+        assert exporter.missed(SUB)[0] == 200
+    finally:
+        deps.lookups.release()
+    assert _story(exporter, "e7")[0] == 200
