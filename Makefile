@@ -31,6 +31,7 @@ format: setup
 
 dashboards: setup
 	$(PY) -m dashboards.build
+	cp dashboards/eventaudit.json prometheus/alerts.yml prometheus/rules.yml charts/eventaudit/files/
 
 bench: setup
 	$(PY) -m bench.run

@@ -75,4 +75,11 @@ if [ ! -x .tools/bin/ferretdb ] || [ tools/ferretdb/main.go -nt .tools/bin/ferre
   (cd tools/ferretdb && GOFLAGS=-mod=mod "$GO" build -o ../../.tools/bin/ferretdb .) \
     || die "FerretDB build failed"
 fi
-say "ready: .venv, .tools/bin/ferretdb, $(basename "$EMULATOR"), prometheus, promtool, alertmanager"
+# 5. Helm v3.22.0 from the Go module proxy, to lint and render the chart in charts/.
+if [ ! -x .tools/bin/helm ]; then
+  say "building Helm v3.22.0 from the Go module proxy (a few minutes the first time)"
+  mkdir -p .tools/bin
+  GOBIN="$PWD/.tools/bin" GOFLAGS=-mod=mod "$GO" install helm.sh/helm/v3/cmd/helm@v3.22.0 \
+    || die "Helm build failed"
+fi
+say "ready: .venv, .tools/bin/ferretdb, .tools/bin/helm, $(basename "$EMULATOR"), prometheus, promtool, alertmanager, chromium"
