@@ -221,22 +221,12 @@ class BucketDigest:
             self.unsaved_published.add(entry.event_id)
             return True
         if entry.dead_letter:
-            dead = self.dead.setdefault(entry.subscription, {})
-            had = dead.get(entry.event_id)
-            if had is not None and had[0] >= entry.deliveries:
-                return False
-            dead[entry.event_id] = (entry.deliveries, had[1] if had else merged)
-            self.unsaved_dead.add((entry.subscription, entry.event_id))
-            return True
-        got = self.receipts.setdefault(entry.subscription, {})
-        before = got.get(entry.event_id)
-        if before is None:
-            got[entry.event_id] = (entry.deliveries, merged)
-        elif entry.deliveries > before[0]:
-            got[entry.event_id] = (entry.deliveries, before[1])
+            table, unsaved = self.dead, self.unsaved_dead
         else:
+            table, unsaved = self.receipts, self.unsaved_receipts
+        if not _raise(table, entry.subscription, entry.event_id, entry.deliveries, merged):
             return False
-        self.unsaved_receipts.add((entry.subscription, entry.event_id))
+        unsaved.add((entry.subscription, entry.event_id))
         return True
 
     @property
@@ -363,47 +353,44 @@ class BucketDigest:
         attempts|merged` in `dead`."""
         key = digest_key(self.topic, self.start)
         docs: list[dict[str, Any]] = []
-        published: list[str] = []
-        receipts: list[str] = []
-        dead: list[str] = []
+        part: dict[str, list[str]] = {"published": [], "receipts": [], "dead": []}
         size = 0
 
+        def add(kind: str, item: str) -> None:
+            nonlocal size
+            part[kind].append(item)
+            size += len(item) + _ENTRY_BYTES
+            if size >= PART_BYTES:
+                close()
+
         def close() -> None:
-            nonlocal published, receipts, dead, size
-            document = {
+            nonlocal part, size
+            document: dict[str, Any] = {
                 "_id": f"{key}|{fold}|{len(docs)}",
                 "digest": key,
                 "topic": self.topic,
                 "bucketStart": self.start,
-                "published": published,
-                "receipts": receipts,
+                "published": part["published"],
+                "receipts": part["receipts"],
             }
-            if dead:
-                document["dead"] = dead
+            if part["dead"]:
+                document["dead"] = part["dead"]
             docs.append(document)
-            published, receipts, dead, size = [], [], [], 0
+            part, size = {"published": [], "receipts": [], "dead": []}, 0
 
         for event_id in self.unsaved_published:
             trace, ms, merged = self.published[event_id]
             attributes = self.attributes.get(event_id)
             item = f"{event_id}|{trace}|{ms}|{merged}"
-            published.append(f"{item}|{attributes}" if attributes else item)
-            size += len(published[-1]) + _ENTRY_BYTES
-            if size >= PART_BYTES:
-                close()
-        for sub, event_id in self.unsaved_receipts:
-            deliveries, merged = self.receipts[sub][event_id]
-            receipts.append(f"{sub}|{event_id}|{deliveries}|{merged}")
-            size += len(receipts[-1]) + _ENTRY_BYTES
-            if size >= PART_BYTES:
-                close()
-        for sub, event_id in self.unsaved_dead:
-            attempts, merged = self.dead[sub][event_id]
-            dead.append(f"{sub}|{event_id}|{attempts}|{merged}")
-            size += len(dead[-1]) + _ENTRY_BYTES
-            if size >= PART_BYTES:
-                close()
-        if published or receipts or dead:
+            add("published", f"{item}|{attributes}" if attributes else item)
+        for kind, unsaved, table in (
+            ("receipts", self.unsaved_receipts, self.receipts),
+            ("dead", self.unsaved_dead, self.dead),
+        ):
+            for sub, event_id in unsaved:
+                count, merged = table[sub][event_id]
+                add(kind, f"{sub}|{event_id}|{count}|{merged}")
+        if any(part.values()):
             close()
         return docs
 
@@ -444,41 +431,47 @@ class BucketDigest:
                     digest.published[event_id] = (trace, ms, merged)
                 if attributes:
                     digest.attributes[event_id] = sys.intern(attributes)
-            for item in _strings_in(doc, "receipts"):
-                fields = _ints(item, 4, first_ints=2)
-                if fields is None or not (1 <= int(fields[2]) < 2**31) or int(fields[3]) < 0:
-                    bad += 1
-                    continue
-                sub, event_id, deliveries, merged = (
-                    str(fields[0]),
-                    str(fields[1]),
-                    *map(int, fields[2:]),
-                )
-                got = digest.receipts.setdefault(sub, {})
-                had = got.get(event_id)
-                if had is not None:
-                    deliveries, merged = max(deliveries, had[0]), min(merged, had[1])
-                got[event_id] = (deliveries, merged)
-            for item in _strings_in(doc, "dead"):
-                fields = _ints(item, 4, first_ints=2)
-                if fields is None or not (1 <= int(fields[2]) < 2**31) or int(fields[3]) < 0:
-                    bad += 1
-                    continue
-                sub, event_id, attempts, merged = (
-                    str(fields[0]),
-                    str(fields[1]),
-                    *map(int, fields[2:]),
-                )
-                dead = digest.dead.setdefault(sub, {})
-                had = dead.get(event_id)
-                if had is not None:
-                    attempts, merged = max(attempts, had[0]), min(merged, had[1])
-                dead[event_id] = (attempts, merged)
+            bad += _read_counted(doc, "receipts", digest.receipts)
+            bad += _read_counted(doc, "dead", digest.dead)
             if bad:
                 # Only the exporter writes digests: someone else did. Logged, never raised (it
                 # would stop every evaluation).
                 log.error("digest delta %s: %d unreadable entries skipped", doc.get("_id"), bad)
         return digest
+
+
+def _raise(
+    table: dict[str, dict[str, tuple[int, int]]],
+    subscription: str,
+    event_id: str,
+    count: int,
+    merged: int,
+) -> bool:
+    """Fold (count, merged) into a receipt or dead letter: the most deliveries (or attempts),
+    the first fold. True when it changed."""
+    got = table.setdefault(subscription, {})
+    before = got.get(event_id)
+    if before is not None and count <= before[0]:
+        if merged >= before[1]:
+            return False
+        count = before[0]
+    got[event_id] = (count, merged if before is None else min(merged, before[1]))
+    return True
+
+
+def _read_counted(
+    doc: dict[str, Any], name: str, table: dict[str, dict[str, tuple[int, int]]]
+) -> int:
+    """Read a delta's `subscription|eventID|count|merged` items into `table`; how many were
+    unreadable."""
+    bad = 0
+    for item in _strings_in(doc, name):
+        fields = _ints(item, 4, first_ints=2)
+        if fields is None or not (1 <= int(fields[2]) < 2**31) or int(fields[3]) < 0:
+            bad += 1
+            continue
+        _raise(table, str(fields[0]), str(fields[1]), int(fields[2]), int(fields[3]))
+    return bad
 
 
 def _listed(
