@@ -69,6 +69,17 @@ class Receipt:
     """Set on a dead letter: the subscription of the dead-letter topic it was received on.
     `subscription` and `topic` are then the ones it was dead-lettered from."""
 
+    def fields(self) -> dict[str, Any]:
+        """What a receipt and a dead-letter record both store of the delivery."""
+        return {
+            "subscription": self.subscription,
+            "eventID": self.event_id,
+            "topic": self.topic,
+            "traceID": self.trace_id,
+            "messageId": self.message_id,
+            "publishTime": self.publish_time,
+        }
+
     @property
     def dead_letter(self) -> bool:
         """Not a delivery to `subscription`: Pub/Sub gave up on it and moved it to the

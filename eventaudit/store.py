@@ -529,12 +529,7 @@ class MongoStore:
         docs = [
             {
                 "_id": key,
-                "subscription": r.subscription,
-                "eventID": r.event_id,
-                "topic": r.topic,
-                "traceID": r.trace_id,
-                "messageId": r.message_id,
-                "publishTime": r.publish_time,
+                **r.fields(),
                 "brokerPublishTime": r.broker_publish_time,
                 "receiveTime": first_seen,
                 "lastReceiveTime": last_seen,
@@ -603,12 +598,7 @@ class MongoStore:
             by_hour.setdefault(name, []).append(
                 {
                     "_id": key,
-                    "subscription": r.subscription,
-                    "eventID": r.event_id,
-                    "topic": r.topic,
-                    "traceID": r.trace_id,
-                    "messageId": r.message_id,
-                    "publishTime": r.publish_time,
+                    **r.fields(),
                     "deliveryAttempts": r.delivery_attempt,
                     "deadLetterSubscription": r.dead_letter_subscription,
                     "receiveTime": r.receive_time,

@@ -106,9 +106,7 @@ class MemoryStore:
                     self.dead_letters.setdefault(
                         key,
                         {
-                            "subscription": r.subscription,
-                            "eventID": r.event_id,
-                            "topic": r.topic,
+                            **r.fields(),
                             "deliveryAttempts": r.delivery_attempt,
                             "deadLetterSubscription": r.dead_letter_subscription,
                             "receiveTime": r.receive_time,
@@ -121,11 +119,7 @@ class MemoryStore:
                 doc = self.received.get(key)
                 if doc is None:
                     doc = self.received[key] = {
-                        "subscription": r.subscription,
-                        "eventID": r.event_id,
-                        "topic": r.topic,
-                        "traceID": r.trace_id,
-                        "publishTime": r.publish_time,
+                        **r.fields(),
                         "receiveTime": r.receive_time,
                         "lastReceiveTime": r.receive_time,
                         "deliveries": 1,
