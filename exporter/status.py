@@ -148,16 +148,22 @@ def _chart(rates: list[float], label: str) -> str:
 
 
 def recent_missed(
-    snapshot: Snapshot, topic: str, subscription: str, keep: int = RECENT_MISSED
+    snapshot: Snapshot,
+    topic: str,
+    subscription: str,
+    keep: int = RECENT_MISSED,
+    results: Iterable[BucketResult] | None = None,
 ) -> list[MissedEvent]:
-    """The most recent missed events the bucket results list (newest bucket first): no store
-    read, so the page costs nothing however often it refreshes."""
+    """The most recent missed events the bucket results (`results`: the topic's, when already
+    grouped) list, newest bucket first: no store read."""
     expectation = snapshot.expectations.get((topic, subscription), Expectation())
     found: list[MissedEvent] = []
     oldest = snapshot.frontier - snapshot.windows[-1].length
-    for key in sorted((k for k in snapshot.buckets if k[0] == topic), reverse=True):
-        result = snapshot.buckets[key]
-        if key[1] < oldest or not counts_bucket(expectation, result, subscription, snapshot.bucket):
+    chosen = results if results is not None else _of_topic(snapshot, topic)
+    for result in sorted(chosen, key=lambda r: r.start, reverse=True):
+        if result.start < oldest or not counts_bucket(
+            expectation, result, subscription, snapshot.bucket
+        ):
             continue
         counts = result.subscriptions.get(subscription, BucketCounts())
         expected = result.published if counts.expected is None else counts.expected
@@ -216,7 +222,7 @@ def _topic_section(
         )
         rows.append(f'<tr><td>{html.escape(sub)}</td><td class="chart">{chart}</td>{cells}</tr>')
         if any(w.missed for w in windows.values()):
-            events = recent_missed(snapshot, topic, sub)
+            events = recent_missed(snapshot, topic, sub, results=results)
             items = "".join(
                 f'<li><a href="/api/v1/events/{html.escape(e.event_id)}?publishTime='
                 f'{epoch_ms(e.publish_time)}">{html.escape(e.event_id)}</a> published '

@@ -116,26 +116,36 @@ def _on_topic(
         "attributes": doc.get("attributes", ""),
         "trace": trace_forms(trace, project),
         "subscriptions": [
-            _on_subscription(
-                snapshot, topic, sub, event_id, doc, by_sub.get(sub), dead_by_sub.get(sub), digest
+            _details(
+                sub,
+                _verdict(
+                    snapshot,
+                    topic,
+                    sub,
+                    event_id,
+                    doc,
+                    by_sub.get(sub),
+                    dead_by_sub.get(sub),
+                    digest,
+                ),
+                published,
+                by_sub.get(sub),
+                dead_by_sub.get(sub),
             )
             for sub in sorted(subs)
         ],
     }
 
 
-def _on_subscription(
-    snapshot: Snapshot,
-    topic: str,
+def _details(
     sub: str,
-    event_id: str,
-    doc: dict[str, Any],
+    counted: tuple[str, str],
+    published: datetime,
     receipt: dict[str, Any] | None,
     dead: dict[str, Any] | None,
-    digest: BucketDigest,
 ) -> dict[str, Any]:
-    published = doc["publishTime"]
-    verdict, reason = _verdict(snapshot, topic, sub, event_id, doc, receipt, dead, digest)
+    """One subscription's part of the story: the verdict counted, and what is stored."""
+    verdict, reason = counted
     out: dict[str, Any] = {
         "subscription": sub,
         "verdict": verdict,
@@ -151,7 +161,7 @@ def _on_subscription(
     if receipt is not None:
         first = receipt.get("receiveTime")
         out |= {
-            "firstReceiveTime": first.isoformat() if isinstance(first, datetime) else None,
+            "firstReceiveTime": _iso(first),
             "lastReceiveTime": _iso(receipt.get("lastReceiveTime")),
             "deliveries": receipt.get("deliveries", 0),
             "deliveryLatencySeconds": (first - published).total_seconds()

@@ -147,7 +147,8 @@ class ExpectedSubscriptions:
         if tenure is None or tenure.until is not None:
             # New, or listed again after it was gone (created again: a fresh subscription).
             since = None if self._initial or now is None else now
-            text = info.filter if info is not None and known else None if info else ""
+            # Configured only: no filter known of; listed: its filter, or None if unreadable.
+            text = "" if info is None else info.filter if known else None
             self._tenures[key] = Tenure(topic, name, since, None, text, now, now)
             self._changed.add(key)
             return

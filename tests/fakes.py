@@ -250,13 +250,11 @@ class MemoryStore:
             found: list[dict[str, Any]] = []
             for hour in hours:
                 name = record_partition("PublishRecord", hour, hour)
+                keys = (publish_key(t, event_id) for t in sorted(topics))
                 found += [
-                    {
-                        "_id": publish_key(t, event_id),
-                        **self.published[f"{name}|{publish_key(t, event_id)}"],
-                    }
-                    for t in sorted(topics)
-                    if f"{name}|{publish_key(t, event_id)}" in self.published
+                    {"_id": key, **self.published[f"{name}|{key}"]}
+                    for key in keys
+                    if f"{name}|{key}" in self.published
                 ]
             return found
 
