@@ -150,3 +150,27 @@ def test_an_answer_that_is_not_a_story_exits_2(
     err = io.StringIO()
     assert lookup.main(["e1"], io.StringIO(), err) == code
     assert message in err.getvalue()
+
+
+def test_a_hostile_filter_in_the_not_audited_list_is_escaped() -> None:
+    from eventaudit.exporter.collector import EvaluationState
+    from eventaudit.exporter.status import render
+    from eventaudit.exporter.subscriptions import SubscriptionInfo
+
+    hostile = 'attributes.k = "\\q<script>alert(1)</script>"'
+    store = MemoryStore()
+    when = datetime(2026, 11, 27, 12, 0, 5, tzinfo=UTC)
+    store.insert_publish_records([PublishRecord("e1", "a" * 32, TOPIC, "{}", "m", when)], when)
+    expected = ExpectedSubscriptions(
+        {TOPIC: set()}, set(), lambda topic: [SubscriptionInfo("odd-sub", hostile)]
+    )
+    hour = [Window("1h", timedelta(hours=1))]
+    snapshot = Evaluator(
+        store, expected, hour, timedelta(seconds=10), timedelta(seconds=30)
+    ).evaluate(NOW)
+    assert "<script>" in snapshot.unsupported[(TOPIC, "odd-sub")]  # the error quotes the filter
+    state = EvaluationState(settle_seconds=30)
+    state.succeeded(snapshot, 0.1)
+    page = render(state)
+    assert "<script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
