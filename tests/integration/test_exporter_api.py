@@ -25,7 +25,7 @@ from flask.testing import FlaskClient
 from prometheus_client import CollectorRegistry
 
 from eventaudit import journal
-from eventaudit.contract import epoch_ms
+from eventaudit.contract import encode_attributes, epoch_ms
 from eventaudit.exporter import lookup
 from eventaudit.exporter.app import ExporterDeps, create_app
 from eventaudit.exporter.buckets import Window
@@ -33,7 +33,7 @@ from eventaudit.exporter.collector import CompletionCollector, EvaluationState
 from eventaudit.exporter.evaluator import Evaluator
 from eventaudit.exporter.loop import EvaluationLoop
 from eventaudit.exporter.missed import MissedAnswers
-from eventaudit.exporter.subscriptions import ExpectedSubscriptions
+from eventaudit.exporter.subscriptions import ExpectedSubscriptions, Lister, SubscriptionInfo
 from eventaudit.journal import BucketDigest
 from eventaudit.records import PublishRecord, Receipt
 from eventaudit.serving import BackgroundServer, ServerLimits
@@ -74,8 +74,13 @@ def receive(store: AuditStore, sub: str, event_id: str, when: datetime, written:
 class Exporter:
     """Evaluator, loop and app over one store; `evaluate(now)` runs one pass at that time."""
 
-    def __init__(self, store: AuditStore, api_store: AuditStore | None = None) -> None:
-        expected = ExpectedSubscriptions({TOPIC: {SUB, OTHER}}, set(), None)
+    def __init__(
+        self,
+        store: AuditStore,
+        api_store: AuditStore | None = None,
+        lister: Lister | None = None,
+    ) -> None:
+        expected = ExpectedSubscriptions({TOPIC: {SUB, OTHER}}, set(), lister, 0)
         windows = [Window("1m", timedelta(minutes=1)), Window("5m", timedelta(minutes=5))]
         self.evaluator = Evaluator(store, expected, windows, BUCKET, SETTLE)
         self.state = EvaluationState(settle_seconds=SETTLE.total_seconds())
@@ -217,6 +222,33 @@ def test_listings_up_to_what_bucket_results_keep_read_nothing_from_the_store(
     assert exporter.missed(SUB, "5m")[1]["missed"] == 4
     assert exporter.missed(OTHER)[1]["missed"] == 0
     assert reads == []
+
+
+def test_a_filtered_subscriptions_list_read_from_digests_agrees_with_its_gauge(
+    audit_store: AuditStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _digests_only(monkeypatch)
+    for i in range(12):
+        when = at(12, 0, i % 10)
+        kind = encode_attributes({"kind": "a" if i % 3 else "b"})
+        record = PublishRecord(f"f{i}", f"{i:032x}", TOPIC, "{}", "m", when, attributes=kind)
+        audit_store.insert_publish_records([record], when)
+        if i % 2:
+            receive(audit_store, SUB, f"f{i}", when, when + timedelta(seconds=1))
+    letter = Receipt(SUB, "f4", TOPIC, None, "m", at(12, 0, 4), at(12, 0, 4), at(12, 0, 5), 5,
+                     "orders-dlq-audit")  # fmt: skip
+    audit_store.record_receipts([letter], at(12, 0, 5))
+    only_a = [SubscriptionInfo(SUB, 'attributes.kind = "a"'), SubscriptionInfo(OTHER)]
+    exporter = Exporter(audit_store, lister=lambda topic: only_a)
+    assert exporter.evaluate(at(12, 0, 45))
+    labels = {"topic": TOPIC, "subscription": SUB, "window": "1m"}
+    # Kind a: f1 f2 f4 f5 f7 f8 f10 f11; received the odd ones (f1 f5 f7 f11).
+    assert exporter.gauge(SUB) == 4
+    assert exporter.registry.get_sample_value("eventaudit_filtered_receipts", labels) == 2
+    status, body = exporter.missed(SUB)
+    assert (status, body["missed"], body["deadLettered"]) == (200, 4, 1)
+    assert [(e["eventID"], e["fate"]) for e in body["events"]] == [
+        ("f10", "lost"), ("f2", "lost"), ("f4", "dead_lettered"), ("f8", "lost")]  # fmt: skip
 
 
 def test_digests_that_disagree_with_the_gauge_answer_503_never_a_wrong_list(
