@@ -26,6 +26,12 @@ COMPLETION_CRITICAL = 0.95
 SELECTOR = 'topic=~"$topic", subscription=~"$subscription", window="$window"'
 
 
+def _one(selector: str) -> str:
+    """Every exporter replica serves every topic's numbers: one series per topic, whichever
+    replicas are scraped (never a sum that grows with the replica count)."""
+    return f"max without(instance, pod) ({selector})"
+
+
 def _query(expr: str, legend: str, ref: str = "A") -> prometheus.Dataquery:
     return prometheus.Dataquery().expr(expr).legend_format(legend).ref_id(ref)
 
@@ -97,7 +103,7 @@ def _variables() -> list[cogbuilder.Builder[model.VariableModel]]:
 
 def build() -> db.Dashboard:
     """The dashboard builder."""
-    completion = f"eventaudit_completion_rate{{{SELECTOR}}}"
+    completion = _one(f"eventaudit_completion_rate{{{SELECTOR}}}")
     return (
         db.Dashboard("eventaudit: Pub/Sub delivery completion")
         .uid(UID)
@@ -143,13 +149,13 @@ def build() -> db.Dashboard:
                 "List them, each with its fate: GET /api/v1/missed?topic=...&subscription=...",
                 "short",
                 _query(
-                    f"eventaudit_missed_events{{{SELECTOR}}} - "
-                    f"eventaudit_dead_lettered_events{{{SELECTOR}}}",
+                    f"{_one(f'eventaudit_missed_events{{{SELECTOR}}}')} - "
+                    f"{_one(f'eventaudit_dead_lettered_events{{{SELECTOR}}}')}",
                     "lost {{topic}} / {{subscription}}",
                     "A",
                 ),
                 _query(
-                    f"eventaudit_dead_lettered_events{{{SELECTOR}}}",
+                    _one(f"eventaudit_dead_lettered_events{{{SELECTOR}}}"),
                     "dead-lettered {{topic}} / {{subscription}}",
                     "B",
                 ),
@@ -199,17 +205,17 @@ def build() -> db.Dashboard:
                 "never sends them; the emulator does not enforce filters).",
                 "short",
                 _query(
-                    f"eventaudit_duplicate_deliveries{{{SELECTOR}}}",
+                    _one(f"eventaudit_duplicate_deliveries{{{SELECTOR}}}"),
                     "duplicates {{subscription}}",
                     "A",
                 ),
                 _query(
-                    f"eventaudit_unmatched_receipts{{{SELECTOR}}}",
+                    _one(f"eventaudit_unmatched_receipts{{{SELECTOR}}}"),
                     "unmatched {{subscription}}",
                     "B",
                 ),
                 _query(
-                    f"eventaudit_filtered_receipts{{{SELECTOR}}}",
+                    _one(f"eventaudit_filtered_receipts{{{SELECTOR}}}"),
                     "filtered out {{subscription}}",
                     "C",
                 ),
@@ -259,8 +265,53 @@ def build() -> db.Dashboard:
             .span(8)
             .with_target(
                 _query(
-                    "count(eventaudit_subscription_filter_unsupported == 1) or vector(0)",
+                    "count(max without(instance, pod) (eventaudit_subscription_filter_unsupported)"
+                    " == 1) or vector(0)",
                     "not audited",
+                ).instant()
+            )
+        )
+        .with_panel(
+            _series(
+                "Topics evaluated per exporter replica",
+                "Topic leases each replica holds: the work is split evenly (within one topic) "
+                "and moves to the others within the lease time when a replica dies.",
+                "short",
+                _query("eventaudit_topic_leases_held", "{{instance}}"),
+            )
+            .span(8)
+            .height(6)
+        )
+        .with_panel(
+            stat.Panel()
+            .title("Topics without an owner")
+            .description(
+                "Topics no live exporter replica evaluates (alert EventAuditTopicWithoutOwner). "
+                "0 is the healthy value; during a failover it is non-zero for up to the lease "
+                "time."
+            )
+            .datasource(DATASOURCE)
+            .height(6)
+            .span(8)
+            .with_target(
+                _query("min(eventaudit_topics_without_owner) or vector(0)", "no owner").instant()
+            )
+        )
+        .with_panel(
+            stat.Panel()
+            .title("Writes refused by fencing")
+            .description(
+                "Writes an exporter replica did not make because its lease had passed to "
+                "another (it was paused or partitioned): counted, never written. Non-zero "
+                "after a pause is expected; steadily growing means lease time is too short."
+            )
+            .datasource(DATASOURCE)
+            .height(6)
+            .span(8)
+            .with_target(
+                _query(
+                    "sum(increase(eventaudit_lease_fenced_writes_total[1h])) or vector(0)",
+                    "refused (1h)",
                 ).instant()
             )
         )

@@ -4,13 +4,15 @@ FerretDB 1.24 reads a whole collection for any filter (even `{_id: x}`), and for
 delete. So the exporter's collections are cut by time and it only ever inserts into them,
 reads one whole, renames one, or drops one:
 
-- The journal: writers insert into `EventJournal_<slot>` (their clock, JOURNAL_SLOT_MS
-  slots, so no one collection grows without bound while no exporter runs). Every evaluation
-  takes each by renaming it to `EventJournalTaken_<ms>_<token>` (a writer's next insert
-  creates the name afresh; one racing the rename on FerretDB 1.24 gets its connection reset
-  and retries), folds it whole, renames it `EventJournalFolded_<ms>_<token>_<documents>` (so a
-  restarted exporter does not fold it again), and drops it once no straggling insert can
-  still land in it.
+- The journal: writers insert into `EventJournal_<slot>_<key>` (their clock, JOURNAL_SLOT_MS
+  slots, so no one collection grows without bound while no exporter runs; `key` the topic's
+  journal key, so the exporter replica that holds a topic's lease takes only that topic's
+  journal). Every evaluation takes each by renaming it to `EventJournalTaken_<key>_<ms>_<token>`
+  (a writer's next insert creates the name afresh; one racing the rename on FerretDB 1.24 gets
+  its connection reset and retries), folds it whole, renames it
+  `EventJournalFolded_<key>_<ms>_<token>_<documents>` (so a restarted exporter does not fold it
+  again), and drops it once no straggling insert can still land in it. Journal collections of
+  earlier releases, which mix topics (no key), are re-journaled under their topics' keys.
 - Digest deltas and bucket results: `BucketDigest_<ms>` and `BucketResult_<ms>`, one per
   PARTITION_MS of bucket start; pruning drops the ones no window reaches.
 - Publish records and receipts: `PublishRecord_<ms>` and `ReceivedRecord_<ms>`, one per hour
@@ -24,6 +26,7 @@ are as cheap.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable
 from datetime import datetime
@@ -47,9 +50,17 @@ RECORD_PARTITION_MS = 3_600_000
 TAKEN_JOURNAL = "EventJournalTaken"
 FOLDED_JOURNAL = "EventJournalFolded"
 
-_LIVE = re.compile(rf"{JOURNAL_COLLECTION}(_-?[0-9]{{1,15}})?")
-_TAKEN = re.compile(rf"{TAKEN_JOURNAL}_(-?[0-9]{{1,15}}_[0-9a-f]{{8}})")
-_FOLDED = re.compile(rf"{FOLDED_JOURNAL}_(-?[0-9]{{1,15}}_[0-9a-f]{{8}})_([0-9]{{1,12}})")
+JOURNAL_KEY_HEX = 12
+"""A topic's journal key: the first 48 bits of its name's SHA-256, in hex. Topic ids may hold
+characters collection names cannot (and be 255 long); two topics that share a key (one chance
+in 2**48 per pair) share a lease, which changes nothing but who folds them."""
+_KEY = rf"[0-9a-f]{{{JOURNAL_KEY_HEX}}}"
+_LIVE = re.compile(rf"{JOURNAL_COLLECTION}_-?[0-9]{{1,15}}_({_KEY})")
+_MIXED = re.compile(rf"{JOURNAL_COLLECTION}(_-?[0-9]{{1,15}})?")
+_TAKEN = re.compile(rf"{TAKEN_JOURNAL}_((?:({_KEY})_)?-?[0-9]{{1,15}}_[0-9a-f]{{8}})")
+_FOLDED = re.compile(
+    rf"{FOLDED_JOURNAL}_((?:({_KEY})_)?-?[0-9]{{1,15}}_[0-9a-f]{{8}})_([0-9]{{1,12}})"
+)
 _PARTITIONED = re.compile(
     rf"({DIGEST_COLLECTION}|{BUCKET_COLLECTION}|{PUBLISH_COLLECTION}|{RECEIVED_COLLECTION}"
     rf"|{DEAD_LETTER_COLLECTION})"
@@ -67,19 +78,45 @@ RECORD_PREFIXES = (PUBLISH_COLLECTION, RECEIVED_COLLECTION, DEAD_LETTER_COLLECTI
 _TOLERANCE_MS = int(PUBLISH_TIME_TOLERANCE.total_seconds() * 1000)
 
 
-def journal_collection(now: datetime) -> str:
-    """Where a writer journals at `now` (its clock)."""
-    return _named(JOURNAL_COLLECTION, epoch_ms(now), JOURNAL_SLOT_MS)
+def journal_key(topic: str) -> str:
+    """The key of `topic`'s journal collections and of its exporter lease."""
+    return hashlib.sha256(topic.encode()).hexdigest()[:JOURNAL_KEY_HEX]
+
+
+def journal_collection(now: datetime, key: str) -> str:
+    """Where a writer journals at `now` (its clock) the entries of topics of journal `key`."""
+    return f"{_named(JOURNAL_COLLECTION, epoch_ms(now), JOURNAL_SLOT_MS)}_{key}"
 
 
 def is_live_journal(name: str) -> bool:
-    """A collection writers insert into (the unsliced `EventJournal` of earlier releases too)."""
+    """A collection writers insert into, of one journal key."""
     return _LIVE.fullmatch(name) is not None
 
 
-def taken_journal(now: datetime, token: str) -> str:
-    """The name a live journal collection is renamed to when the exporter takes it."""
-    return f"{TAKEN_JOURNAL}_{epoch_ms(now)}_{token}"
+def is_mixed_journal(name: str) -> bool:
+    """A journal collection of an earlier release, mixing topics (live, taken or folded): it
+    is re-journaled under its topics' keys."""
+    if _MIXED.fullmatch(name) is not None:
+        return True
+    match = _TAKEN.fullmatch(name) or _FOLDED.fullmatch(name)
+    return match is not None and journal_key_of(name) is None
+
+
+def journal_key_of(name: str) -> str | None:
+    """The journal key of a live, taken or folded journal collection; None for any other
+    name (a mixed one of an earlier release included)."""
+    match = _LIVE.fullmatch(name)
+    if match is not None:
+        return match.group(1)
+    match = _TAKEN.fullmatch(name) or _FOLDED.fullmatch(name)
+    return None if match is None else match.group(2)
+
+
+def taken_journal(now: datetime, token: str, key: str | None = None) -> str:
+    """The name a live journal collection (of `key`; None: a mixed one) is renamed to when an
+    exporter takes it."""
+    head = f"{key}_" if key else ""
+    return f"{TAKEN_JOURNAL}_{head}{epoch_ms(now)}_{token}"
 
 
 def folded_journal(taken: str, documents: int) -> str:
@@ -99,7 +136,7 @@ def folded_documents(name: str) -> int | None:
     """How many documents a folded journal collection held when it was folded; None for a
     collection not (yet) folded."""
     match = _FOLDED.fullmatch(name)
-    return None if match is None else int(match.group(2))
+    return None if match is None else int(match.group(3))
 
 
 def bucket_partition(prefix: str, start: datetime) -> str:

@@ -16,6 +16,9 @@ MISSED_KEPT = 100
 JOURNAL_COLLECTION = "EventJournal"
 TENURE_COLLECTION = "SubscriptionTenure"
 DIGEST_COLLECTION = "BucketDigest"
+LEASE_COLLECTION = "ExporterLease"
+LEASE_CLAIM_COLLECTION = "ExporterLeaseClaim"
+REPLICA_COLLECTION = "ExporterReplica"
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,3 +241,78 @@ class Tenure:
 
 _SANE = datetime(1970, 1, 1, tzinfo=UTC)
 _INSANE = datetime(9000, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Which exporter replica evaluates the topics of one journal key, until when, under which
+    epoch (each new holder claims the next epoch; a replica that finds its epoch's successor
+    claimed writes nothing more for the key: fencing). The holder also says what it stored,
+    so that the other replicas read only the result partitions it wrote to."""
+
+    key: str
+    epoch: int
+    owner: str
+    expires: datetime
+    topics: tuple[str, ...] = ()
+    """the key's topics, as its holder knows them"""
+    written: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """result partition start (ms) -> the (epoch, version) of the latest results stored there"""
+
+    def to_document(self) -> dict[str, Any]:
+        """The `ExporterLease` document."""
+        return {
+            "_id": self.key,
+            "epoch": self.epoch,
+            "owner": self.owner,
+            "expires": self.expires,
+            "topics": list(self.topics),
+            # Strings: FerretDB stores no nested arrays.
+            "written": [f"{ms}:{e}:{v}" for ms, (e, v) in sorted(self.written.items())],
+        }
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any]) -> Lease | None:
+        """Inverse of to_document; None for a document that is not one."""
+        key, epoch, owner, expires = (doc.get(k) for k in ("_id", "epoch", "owner", "expires"))
+        topics, written = doc.get("topics", []), doc.get("written", [])
+        if not (
+            isinstance(key, str)
+            and isinstance(epoch, int)
+            and _count(epoch)
+            and isinstance(owner, str)
+            and isinstance(expires, datetime)
+            and expires.tzinfo
+            and _SANE <= expires < _INSANE
+            and isinstance(topics, list)
+            and all(isinstance(t, str) for t in topics)
+            and isinstance(written, list)
+        ):
+            return None
+        parsed = [_counts(w) for w in written]
+        if any(p is None for p in parsed):
+            return None
+        return cls(
+            key,
+            epoch,
+            owner,
+            expires,
+            tuple(topics),
+            {p[0]: (p[1], p[2]) for p in parsed if p is not None},
+        )
+
+
+def _counts(value: Any) -> tuple[int, int, int] | None:
+    """`ms:epoch:version`, three ASCII decimal counts; None for anything else."""
+    if not isinstance(value, str) or value.count(":") != 2 or len(value) > 64:
+        return None
+    parts = value.split(":")
+    if not all(p.isascii() and p.isdigit() and len(p) <= 19 for p in parts):
+        return None
+    a, b, c = (int(p) for p in parts)
+    return (a, b, c) if all(_count(x) for x in (a, b, c)) else None
+
+
+def _count(value: Any) -> bool:
+    """A non-negative integer below 2**63 (bson reads those past 32 bits back as Int64)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Collection as Collection_
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, NamedTuple, Protocol, cast
 
 import bson
 from bson.codec_options import CodecOptions
@@ -26,6 +26,7 @@ from pymongo.database import Database
 from pymongo.errors import (
     AutoReconnect,
     BulkWriteError,
+    DuplicateKeyError,
     OperationFailure,
     PyMongoError,
 )
@@ -44,8 +45,12 @@ from eventaudit.partitions import (
     bucket_partition,
     folded_journal,
     is_live_journal,
+    is_mixed_journal,
     is_taken_journal,
     journal_collection,
+    journal_key,
+    journal_key_of,
+    partition_start,
     partitions_before,
     partitions_of,
     partitions_since,
@@ -56,11 +61,15 @@ from eventaudit.records import (
     BUCKET_COLLECTION,
     DEAD_LETTER_COLLECTION,
     DIGEST_COLLECTION,
+    LEASE_CLAIM_COLLECTION,
+    LEASE_COLLECTION,
     PUBLISH_COLLECTION,
     RECEIVED_COLLECTION,
+    REPLICA_COLLECTION,
     STATE_COLLECTION,
     TENURE_COLLECTION,
     BucketResult,
+    Lease,
     PublishRecord,
     Receipt,
     Tenure,
@@ -72,6 +81,13 @@ _DUPLICATE_KEY = 11000
 _INDEX_NOT_FOUND = 27
 _NAMESPACE_NOT_FOUND = 26
 _RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
+
+
+class StoredResult(NamedTuple):
+    """A bucket result as stored, with the (lease epoch, version) that orders its versions."""
+
+    order: tuple[int, int]
+    result: BucketResult
 
 
 class StoreError(RuntimeError):
@@ -101,9 +117,19 @@ class ReceiptStore(Protocol):
 class EvaluatorStore(Protocol):
     """What the exporter's evaluator reads and keeps its results in."""
 
-    def take_journal(self, now: datetime) -> list[str]:
-        """Take what writers journaled so far (they go on in a new collection); return every
-        taken journal collection not dropped yet, oldest first."""
+    def take_journal(self, now: datetime, keys: Collection_[str] | None = None) -> list[str]:
+        """Take what writers journaled so far for the journal `keys` (None: all) and in mixed
+        collections of an earlier release (they go on in a new collection); return every taken
+        journal collection of those keys, and every mixed one, not dropped yet, oldest first."""
+        ...
+
+    def journal_keys(self) -> set[str]:
+        """The journal keys of every live or taken journal collection (topics written to)."""
+        ...
+
+    def append_journal(self, entries: Sequence[JournalEntry], now: datetime) -> None:
+        """Journal these entries, each under its topic's journal key (a writer's append; the
+        evaluator re-journals mixed collections of an earlier release with it)."""
         ...
 
     def read_journal(self, name: str) -> Iterator[JournalBatch]:
@@ -133,9 +159,9 @@ class EvaluatorStore(Protocol):
         ...
 
     def save_bucket_results(
-        self, results: Iterable[BucketResult], now: datetime, version: int
+        self, results: Iterable[BucketResult], now: datetime, version: int, epoch: int = 0
     ) -> None:
-        """Store a new version of each bucket's result; the highest version stands."""
+        """Store a new version of each bucket's result; the highest (epoch, version) stands."""
         ...
 
     def load_fold_stamp(self) -> int:
@@ -161,6 +187,43 @@ class EvaluatorStore(Protocol):
 
     def load_bucket_results(self, since: datetime) -> list[BucketResult]:
         """The latest stored version of each bucket evaluation with bucketStart >= since."""
+        ...
+
+    def load_results(
+        self,
+        since: datetime,
+        topics: Collection_[str] | None = None,
+        partitions: Collection_[int] | None = None,
+    ) -> list[StoredResult]:
+        """The latest stored version of each bucket evaluation with bucketStart >= since, of
+        `topics` (None: all), in the result partitions starting at `partitions` (ms; None:
+        every one the window reaches), with its (epoch, version)."""
+        ...
+
+    def load_leases(self) -> list[Lease]:
+        """Every topic lease (one per journal key)."""
+        ...
+
+    def save_lease(self, lease: Lease) -> bool:
+        """Store the lease of its epoch's holder; False (nothing stored) when a later epoch's
+        lease is stored."""
+        ...
+
+    def claim_epoch(self, key: str, epoch: int, owner: str, now: datetime) -> datetime | None:
+        """Claim `epoch` of `key`'s lease: None when this call claimed it, else when it was
+        claimed (exactly one claim of an epoch succeeds, on every server)."""
+        ...
+
+    def epoch_claimed(self, key: str, epoch: int) -> bool:
+        """Whether `epoch` of `key`'s lease was claimed (one lookup by `_id`)."""
+        ...
+
+    def save_replica(self, replica: str, expires: datetime) -> None:
+        """This replica is alive until `expires` unless it says so again."""
+        ...
+
+    def load_replicas(self) -> dict[str, datetime]:
+        """Every replica's last heartbeat: until when it said it is alive."""
         ...
 
 
@@ -312,11 +375,18 @@ def _insert_new(
     return []
 
 
-def _read_result(doc: dict[str, Any], legacy: bool) -> tuple[int, BucketResult] | None:
-    """(version, result) of a stored result document; None (logged) for one that is not."""
+def _read_result(doc: dict[str, Any], legacy: bool) -> StoredResult | None:
+    """A stored result document with its (epoch, version); None (logged) for one that is not.
+    Results stored before leases have epoch 0."""
     version = -1 if legacy else doc.get("version")
+    epoch = doc.get("epoch", 0)
     # bson reads integers past 32 bits back as Int64, a subclass of int.
-    if not isinstance(version, int) or isinstance(version, bool):
+    if not (
+        isinstance(version, int)
+        and isinstance(epoch, int)
+        and not isinstance(version, bool)
+        and not isinstance(epoch, bool)
+    ):
         log.error("bucket result %r without a version skipped", doc.get("_id"))
         return None
     try:
@@ -341,7 +411,9 @@ def _read_result(doc: dict[str, Any], legacy: bool) -> tuple[int, BucketResult] 
     except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
         log.error("bucket result %r unreadable, skipped: %s", doc.get("_id"), exc)
         return None
-    return int(version), dataclasses.replace(result, merged=0) if legacy else result
+    return StoredResult(
+        (int(epoch), int(version)), dataclasses.replace(result, merged=0) if legacy else result
+    )
 
 
 def _drop_index(collection: Collection[dict[str, Any]], name: str) -> None:
@@ -492,7 +564,7 @@ class MongoStore:
             )
         except PyMongoError as exc:
             raise StoreError(f"could not read back duplicate publish records: {exc}") from exc
-        self._journal(publish_entries(records, refused), now)
+        self.append_journal(publish_entries(records, refused), now)
         return refused
 
     def record_receipts(self, receipts: Sequence[Receipt], now: datetime) -> None:
@@ -580,7 +652,7 @@ class MongoStore:
                 )
         except PyMongoError as exc:
             raise StoreError(f"redeliveries not written: {exc}") from exc
-        self._journal(entries, now)
+        self.append_journal(entries, now)
         if vanished:
             # A receipt deleted between the insert and its update (retention, an operator):
             # acking now would leave a delivered event without a receipt, so fail the batch.
@@ -607,20 +679,25 @@ class MongoStore:
             )
         for name, docs in by_hour.items():
             _insert_new(self.db[name], docs, "dead letters")
-        self._journal([dead_letter_entry(r) for r in by_key.values()], now)
+        self.append_journal([dead_letter_entry(r) for r in by_key.values()], now)
 
-    def _journal(self, entries: Sequence[JournalEntry], now: datetime) -> None:
-        """Append what a batch made durable to the journal (one document per
-        MAX_ENTRIES_PER_DOCUMENT entries), after the batch's records (a
-        journal entry always names a stored record). When this fails the caller's batch fails
-        and is retried or redelivered: its records are rewritten as duplicates, the journal
-        again."""
-        if not entries:
-            return
+    def append_journal(self, entries: Sequence[JournalEntry], now: datetime) -> None:
+        """Append what a batch made durable to the journal: one collection per topic journal
+        key (eventaudit.partitions), one document per MAX_ENTRIES_PER_DOCUMENT entries, after
+        the batch's records (a journal entry always names a stored record). When this fails
+        the caller's batch fails and is retried or redelivered: its records are rewritten as
+        duplicates, the journal again."""
+        by_key: dict[str, list[JournalEntry]] = {}
+        for entry in entries:
+            by_key.setdefault(journal_key(entry.topic), []).append(entry)
+        for key, keyed in sorted(by_key.items()):
+            self._journal_into(journal_collection(now, key), keyed, now)
+
+    def _journal_into(self, name: str, entries: Sequence[JournalEntry], now: datetime) -> None:
         docs = journal_documents(uuid.uuid4().hex, entries, now)
         for attempt in (1, 2):
             try:
-                self.db[journal_collection(now)].insert_many(docs, ordered=False)
+                self.db[name].insert_many(docs, ordered=False)
                 return
             except BulkWriteError as exc:
                 errors = exc.details.get("writeErrors", [])
@@ -638,15 +715,23 @@ class MongoStore:
 
     # -- exporter: journal, digests, results ------------------------------------------------
 
-    def take_journal(self, now: datetime) -> list[str]:
-        """Rename every journal collection writers insert into to a taken one (a writer's
-        next insert creates the name afresh); return every taken one, folded or not, this
-        call's and any earlier one's not yet dropped."""
+    def take_journal(self, now: datetime, keys: Collection_[str] | None = None) -> list[str]:
+        """Rename every journal collection writers insert into, of the journal `keys` (all:
+        None), and every mixed one of an earlier release, to a taken one (a writer's next
+        insert creates the name afresh); return every taken one of those keys and every mixed
+        one, folded or not, this call's and any earlier one's not yet dropped."""
+
+        def wanted(name: str) -> bool:
+            key = journal_key_of(name)
+            return is_mixed_journal(name) or (key is not None and (keys is None or key in keys))
+
         try:
-            names = self._collections()
+            names = self._collections(wanted)
             taken = [n for n in names if is_taken_journal(n)]
-            for name in filter(is_live_journal, names):
-                target = taken_journal(now, uuid.uuid4().hex[:8])
+            for name in names:
+                if is_taken_journal(name):
+                    continue
+                target = taken_journal(now, uuid.uuid4().hex[:8], journal_key_of(name))
                 try:
                     self.db[name].rename(target)
                 except OperationFailure as exc:
@@ -657,6 +742,13 @@ class MongoStore:
             return sorted(taken)
         except PyMongoError as exc:
             raise StoreError(f"could not take the journal: {exc}") from exc
+
+    def journal_keys(self) -> set[str]:
+        """The journal keys of every live or taken journal collection (topics written to)."""
+        try:
+            return {k for n in self._collections() if (k := journal_key_of(n)) is not None}
+        except PyMongoError as exc:
+            raise StoreError(f"could not list the journal: {exc}") from exc
 
     def read_journal(self, name: str) -> Iterator[JournalBatch]:
         """Every document of a taken journal collection, in no particular order (its whole
@@ -780,14 +872,18 @@ class MongoStore:
             digest.stored()
 
     def save_bucket_results(
-        self, results: Iterable[BucketResult], now: datetime, version: int
+        self, results: Iterable[BucketResult], now: datetime, version: int, epoch: int = 0
     ) -> None:
-        """Insert a new version of each bucket's evaluation (`version` grows with every save,
-        across processes too): the latest is the one that counts."""
+        """Insert a new version of each bucket's evaluation: the highest (epoch, version)
+        counts. `version` grows with every save of one lease holder (across processes too);
+        `epoch` is the holder's lease epoch, so a successor's results always outrank those of
+        a holder it took over from, whatever their clocks."""
         by_partition: dict[str, list[dict[str, Any]]] = {}
         for r in results:
             doc = r.to_document(now)
-            doc.update({"_id": f"{r.key}|{version}", "key": r.key, "version": version})
+            doc.update({"_id": f"{r.key}|{epoch}.{version}", "key": r.key, "version": version})
+            if epoch:
+                doc["epoch"] = epoch
             by_partition.setdefault(bucket_partition(BUCKET_COLLECTION, r.start), []).append(doc)
         try:
             for name, docs in by_partition.items():
@@ -796,27 +892,111 @@ class MongoStore:
             raise StoreError(f"could not save bucket results: {exc}") from exc
 
     def load_bucket_results(self, since: datetime) -> list[BucketResult]:
-        """The latest version of every stored bucket evaluation with bucketStart >= since (the
-        result partitions the longest window reaches, read whole once per process). Results
-        in the unpartitioned `BucketResult` of earlier releases come back as evaluated before
-        the journal (`merged` 0: records journaled for them are counted `legacy`), below any
-        version of this release."""
-        latest: dict[str, tuple[int, BucketResult]] = {}
+        """The latest version of every stored bucket evaluation with bucketStart >= since."""
+        return [stored.result for stored in self.load_results(since)]
+
+    def load_results(
+        self,
+        since: datetime,
+        topics: Collection_[str] | None = None,
+        partitions: Collection_[int] | None = None,
+    ) -> list[StoredResult]:
+        """The latest version of every stored bucket evaluation with bucketStart >= since, of
+        `topics`, in the result partitions starting at `partitions` (each read whole on
+        FerretDB; by `topic` on MongoDB). Results in the unpartitioned `BucketResult` of
+        earlier releases come back as evaluated before the journal (`merged` 0: records
+        journaled for them are counted `legacy`), below any version of this release."""
+        latest: dict[str, StoredResult] = {}
+        query: dict[str, Any] = {} if topics is None else {"topic": {"$in": sorted(topics)}}
         try:
             names = self._collections()
-            sources = [(n, False) for n in partitions_since(names, BUCKET_COLLECTION, since)]
-            sources += [(BUCKET_COLLECTION, True)] if BUCKET_COLLECTION in names else []
+            sources = [
+                (n, False)
+                for n in partitions_since(names, BUCKET_COLLECTION, since)
+                if partitions is None or partition_start(n, BUCKET_COLLECTION) in partitions
+            ]
+            if partitions is None and BUCKET_COLLECTION in names:
+                sources.append((BUCKET_COLLECTION, True))
             for name, legacy in sources:
-                for doc in self.db[name].find({}):
+                for doc in self.db[name].find(query):
                     read = _read_result(doc, legacy)
-                    if read is None or read[1].start < since:
+                    if read is None or read.result.start < since:
                         continue
-                    version, result = read
-                    if result.key not in latest or version > latest[result.key][0]:
-                        latest[result.key] = (version, result)
+                    key = read.result.key
+                    if key not in latest or read.order > latest[key].order:
+                        latest[key] = read
         except PyMongoError as exc:
             raise StoreError(f"could not load bucket results: {exc}") from exc
-        return [result for _, result in latest.values()]
+        return list(latest.values())
+
+    # -- exporter replicas: topic leases ----------------------------------------------------
+
+    def load_leases(self) -> list[Lease]:
+        """Every topic lease (a small collection: one per journal key)."""
+        leases = [
+            Lease.from_document(d) if d is not None else None
+            for d in self._decoded(LEASE_COLLECTION, "topic leases")
+        ]
+        if None in leases:
+            log.error("%d unreadable topic leases skipped", leases.count(None))
+        return [lease for lease in leases if lease is not None]
+
+    def save_lease(self, lease: Lease) -> bool:
+        """Replace the lease unless a later epoch's is stored (then the upsert's insert hits
+        the `_id` taken: False)."""
+        try:
+            self.db[LEASE_COLLECTION].replace_one(
+                {"_id": lease.key, "epoch": {"$lte": lease.epoch}},
+                lease.to_document(),
+                upsert=True,
+            )
+        except DuplicateKeyError:
+            return False
+        except PyMongoError as exc:
+            raise StoreError(f"could not store a topic lease: {exc}") from exc
+        return True
+
+    def claim_epoch(self, key: str, epoch: int, owner: str, now: datetime) -> datetime | None:
+        """An insert of `key|epoch`: the one claim of it that succeeds."""
+        claims = self.db[LEASE_CLAIM_COLLECTION]
+        try:
+            claims.insert_one({"_id": f"{key}|{epoch}", "owner": owner, "claimed": now})
+            return None
+        except DuplicateKeyError:
+            pass
+        except PyMongoError as exc:
+            raise StoreError(f"could not claim a topic lease: {exc}") from exc
+        try:
+            doc = claims.find_one({"_id": f"{key}|{epoch}"})
+        except PyMongoError as exc:
+            raise StoreError(f"could not read a topic lease claim: {exc}") from exc
+        claimed = doc.get("claimed") if doc else None
+        return claimed if isinstance(claimed, datetime) else now
+
+    def epoch_claimed(self, key: str, epoch: int) -> bool:
+        """One lookup by `_id` (pushed down to SQLite on FerretDB too)."""
+        try:
+            return self.db[LEASE_CLAIM_COLLECTION].find_one({"_id": f"{key}|{epoch}"}) is not None
+        except PyMongoError as exc:
+            raise StoreError(f"could not read a topic lease claim: {exc}") from exc
+
+    def save_replica(self, replica: str, expires: datetime) -> None:
+        """Upsert this replica's heartbeat."""
+        try:
+            self.db[REPLICA_COLLECTION].replace_one(
+                {"_id": replica}, {"_id": replica, "expires": expires}, upsert=True
+            )
+        except PyMongoError as exc:
+            raise StoreError(f"could not store a replica heartbeat: {exc}") from exc
+
+    def load_replicas(self) -> dict[str, datetime]:
+        """Every replica's heartbeat."""
+        out = {}
+        for doc in self._decoded(REPLICA_COLLECTION, "replica heartbeats"):
+            replica, expires = (doc or {}).get("_id"), (doc or {}).get("expires")
+            if isinstance(replica, str) and isinstance(expires, datetime) and expires.tzinfo:
+                out[replica] = expires
+        return out
 
     def load_tenures(self) -> list[Tenure]:
         """Every stored subscription tenure (a small collection: one per subscription)."""
@@ -889,7 +1069,9 @@ class MongoStore:
     def journal_size(self) -> int:
         """Documents in every journal collection, live or taken (for operators and benches)."""
         try:
-            names = self._collections(lambda n: is_live_journal(n) or is_taken_journal(n))
+            names = self._collections(
+                lambda n: is_live_journal(n) or is_taken_journal(n) or is_mixed_journal(n)
+            )
             return sum(self.count_journal(n) for n in names)
         except PyMongoError as exc:
             raise StoreError(f"could not count the journal: {exc}") from exc

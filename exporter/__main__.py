@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from datetime import timedelta
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 
 from eventaudit.exporter import lookup
 from eventaudit.exporter.app import ExporterDeps, create_app
 from eventaudit.exporter.collector import CompletionCollector, EvaluationState
-from eventaudit.exporter.config import ExporterSettings
+from eventaudit.exporter.config import ExporterSettings, replica_name
 from eventaudit.exporter.evaluator import Evaluator
+from eventaudit.exporter.leases import Leases
 from eventaudit.exporter.loop import EvaluationLoop
 from eventaudit.exporter.missed import MissedAnswers
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions, pubsub_lister
@@ -49,17 +51,22 @@ def main(argv: list[str] | None = None) -> None:
             pubsub_lister(settings.project) if settings.list_subscriptions else None,
             settings.subscription_refresh_seconds,
         )
+        leases = Leases(
+            store, replica_name(settings.replica_id), timedelta(seconds=settings.lease_seconds)
+        )
         evaluator = Evaluator(
             store,
             expected,
             settings.window_list,
             settings.bucket_delta,
             settings.settle_delta,
+            leases=leases,
         )
         state = EvaluationState(settle_seconds=settings.settle_delta.total_seconds())
         registry = CollectorRegistry()
         registry.register(CompletionCollector(state, expected))
         registry.register(evaluator)
+        registry.register(leases)
         ProcessCollector(registry=registry)  # RSS among others: the digest cache is bounded
         missed = MissedAnswers(settings.missed_concurrency)
         registry.register(missed)
@@ -72,11 +79,13 @@ def main(argv: list[str] | None = None) -> None:
         )
         loop.start()
     log.info(
-        "exporter on %s: buckets %s, settle %s, windows %s",
+        "exporter %s on %s: buckets %s, settle %s, windows %s, topic leases of %gs",
+        leases.replica,
         settings.listen_address,
         settings.bucket,
         settings.settle_delay,
         settings.windows,
+        settings.lease_seconds,
     )
     serving = serve_until_signal(server)
 

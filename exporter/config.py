@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import secrets
+import socket
 from datetime import timedelta
 
 from pydantic import Field, field_validator, model_validator
@@ -52,6 +56,20 @@ class ExporterSettings(CommonSettings):
         "hourly, by whole hours of publish time (a record is kept up to an hour longer); at "
         "least the longest window + settle delay + one bucket",
     )
+    lease_seconds: float = Field(
+        30.0,
+        ge=1,
+        le=3600,
+        allow_inf_nan=False,
+        description="how long a replica's lease of a topic lasts unless renewed (each "
+        "evaluation renews it); another replica takes the topic over within this plus one "
+        "bucket of the holder's death. At least 3 buckets",
+    )
+    replica_id: str = Field(
+        "",
+        description="this exporter replica's name in topic leases (default: host name, "
+        "process id and a random suffix)",
+    )
     threads: int = Field(8, ge=1, le=64, description="HTTP worker threads")
     missed_concurrency: int = Field(
         2,
@@ -74,6 +92,13 @@ class ExporterSettings(CommonSettings):
             _pair(item)
         return value
 
+    @field_validator("replica_id")
+    @classmethod
+    def _replica(cls, value: str) -> str:
+        if value and not _REPLICA_ID.fullmatch(value):
+            raise ValueError(f"{value!r} is not a replica id (1 to 128 of A-Z a-z 0-9 . _ : -)")
+        return value
+
     @field_validator("topics")
     @classmethod
     def _topics(cls, value: str) -> str:
@@ -94,6 +119,11 @@ class ExporterSettings(CommonSettings):
             raise ValueError(
                 "retention must cover the longest window plus the settle delay plus one bucket"
                 f" ({needed.total_seconds():g}s)"
+            )
+        if self.lease_seconds < 3 * self.bucket_delta.total_seconds():
+            raise ValueError(
+                "lease-seconds must be at least 3 buckets (each evaluation, once per bucket, "
+                f"renews it): {3 * self.bucket_delta.total_seconds():g}"
             )
         if self.missed_concurrency >= self.threads:
             raise ValueError(
@@ -134,6 +164,18 @@ class ExporterSettings(CommonSettings):
     def excluded_set(self) -> set[tuple[str, str]]:
         """Excluded (topic, subscription) pairs."""
         return set(map(_pair, _split(self.excluded_subscriptions)))
+
+
+_REPLICA_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def replica_name(configured: str) -> str:
+    """This replica's id: the configured one, else host name, process id and a random
+    suffix (a restarted process is a new replica: it claims its leases under new epochs)."""
+    if configured:
+        return configured
+    host = re.sub(r"[^A-Za-z0-9._:-]", "-", socket.gethostname())[:80] or "exporter"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def _split(text: str) -> list[str]:

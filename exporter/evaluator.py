@@ -14,6 +14,7 @@ windows sum the stored results of settled buckets.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
@@ -33,11 +34,17 @@ from eventaudit.exporter.buckets import (
     completion_rate,
     settled_frontier,
 )
+from eventaudit.exporter.leases import Fenced, Leases
 from eventaudit.exporter.subscriptions import Expectation, ExpectedSubscriptions
 from eventaudit.journal import BucketDigest, JournalBatch, MissedEvent, parse_listed
-from eventaudit.partitions import folded_documents
+from eventaudit.partitions import (
+    PARTITION_MS,
+    folded_documents,
+    journal_key,
+    journal_key_of,
+)
 from eventaudit.records import BucketCounts, BucketResult
-from eventaudit.store import EvaluatorStore, StoreError
+from eventaudit.store import EvaluatorStore, StoredResult, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +55,7 @@ JOURNAL_BATCHES_PER_ROUND = 50
 # Digests kept in memory between evaluations: the buckets most new records fall in.
 CACHE_EVENTS = 200_000
 PRUNE_EVERY = timedelta(minutes=5)
-JOURNAL_OUTCOMES = ("folded", "too_old", "too_new", "legacy", "malformed")
+JOURNAL_OUTCOMES = ("folded", "too_old", "too_new", "legacy", "malformed", "misfiled")
 # How long a folded journal collection is kept before it is dropped: many times the longest a
 # straggling insert can take to commit into it after its rename (FerretDB's SQLite busy
 # timeout, 10 s; none on MongoDB, whose rename excludes inserts).
@@ -143,10 +150,12 @@ class Evaluator(Collector):
         round_batches: int = JOURNAL_BATCHES_PER_ROUND,
         budget: timedelta | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        leases: Leases | None = None,
     ) -> None:
         """`budget`: how long one evaluation may keep reading a journal that does not run dry
         (a burst) before it publishes what it has; the rest is folded by the next ones.
-        Defaults to half a bucket."""
+        Defaults to half a bucket. `leases`: evaluate only the topics whose lease this replica
+        holds, and serve the others' from what their holders stored (None: every topic)."""
         if not windows:
             raise ValueError("at least one window is required")
         self._store = store
@@ -169,6 +178,11 @@ class Evaluator(Collector):
         self._folded: dict[str, _Folded] = {}
         """Taken journal collections folded whole, waiting for JOURNAL_DROP_GRACE to drop."""
         self._saves = 0
+        self._leases = leases
+        self._orders: dict[BucketKey, tuple[int, int]] = {}
+        """The (epoch, version) of each result held: a stored one replaces it only if later."""
+        self._seen: dict[str, dict[int, tuple[int, int]]] = {}
+        """Per key held elsewhere: the latest (epoch, version) read per result partition."""
 
     def evaluate(self, now: datetime) -> Snapshot:
         """Fold the journal and report everything settled by `now`. Raises StoreError; what
@@ -181,32 +195,36 @@ class Evaluator(Collector):
             # Stamp folds after any earlier process's, even with a clock stepped back, so a
             # later fold's result version is always higher and the API never takes it for an
             # earlier one. Both are read before either is kept: a failure keeps neither.
-            results = self._store.load_bucket_results(oldest)
+            stored = self._store.load_results(oldest)
             stamp = self._store.load_fold_stamp()
             tenures = self._store.load_tenures()
-            self._results = {(r.topic, r.start): r for r in results}
+            self._results, self._orders = {}, {}
+            self._keep(stored)
             self._merged = max(self._merged, stamp)
             self._expected.restore(tenures)
         self._expected.begin(now)
+        if self._leases is not None:
+            self._divide(oldest)
         merged = max(epoch_ms(now), self._merged + 1)
         self._saves = 0
         span = (oldest, now + PUBLISH_TIME_TOLERANCE)
         deadline = self._monotonic() + self._budget
         try:
-            taken = self._store.take_journal(now)
-            self._folded = {n: v for n, v in self._folded.items() if n in taken}
-            for name in taken:
-                documents = folded_documents(name)
-                if documents is not None and name not in self._folded:
-                    # Folded by an earlier process (or by this one before a failure).
-                    self._folded[name] = _Folded(documents, self._monotonic())
+            taken = self._take(now)
+            if any(journal_key_of(n) is None and n not in self._folded for n in taken):
+                # Mixed collections of an earlier release: re-journaled under their topics'
+                # keys, then taken again with the rest.
+                for name in taken:
+                    if journal_key_of(name) is None and folded_documents(name) is None:
+                        self._fold_collection(name, span, merged, now)
+                taken = self._take(now)
             unread = [n for n in taken if n not in self._folded]
             left: list[str] = []
             for i, name in enumerate(unread):
                 if i and self._monotonic() > deadline:
                     left = unread[i:]  # a burst: publish what is folded, the rest next time
                     break
-                self._fold_collection(name, span, merged, now)
+                self._fenced(name, self._fold_collection, name, span, merged, now)
             self._drop_folded(span, merged, now)
         except BaseException:
             # The cache may hold folds that were not stored.
@@ -218,27 +236,130 @@ class Evaluator(Collector):
         self._prune(oldest)
         snapshot = self._snapshot(now, frontier, merged)
         self._save_tenures()
+        if self._leases is not None:
+            self._leases.renew(epoch_ms(oldest) - epoch_ms(oldest) % PARTITION_MS)
         return snapshot
 
-    def _save_tenures(self) -> None:
-        """Store the subscription tenures this evaluation changed; a failure is logged and
-        they are stored by the next evaluation (in memory they are already in effect)."""
-        changed = self._expected.end()
-        if not changed:
-            return
+    def _take(self, now: datetime) -> list[str]:
+        """Take the journal of every key held (each fenced first), and the mixed collections
+        of an earlier release; note the taken ones folded already."""
+        keys = None
+        if self._leases is not None:
+            keys = [k for k in sorted(self._leases.held) if self._fenced(k, self._leases.fence, k)]
+        taken = self._store.take_journal(now, keys)
+        self._folded = {n: v for n, v in self._folded.items() if n in taken}
+        for name in taken:
+            documents = folded_documents(name)
+            if documents is not None and name not in self._folded:
+                # Folded by an earlier process (or by this one before a failure).
+                self._folded[name] = _Folded(documents, self._monotonic())
+        return taken
+
+    def _fenced(self, name: str, write: Callable[..., Any], *args: Any) -> bool:
+        """Call `write`; when the lease of `name`'s journal key turns out lost (Fenced: counted
+        and logged by the leases), forget what is cached of its topics and return False."""
         try:
-            self._store.save_tenures(changed)
-        except StoreError as exc:
-            log.warning("could not store %d subscription tenures: %s", len(changed), exc)
-            return
-        self._expected.stored(changed)
+            write(*args)
+        except Fenced as exc:
+            self._forget(exc.key)
+            return False
+        return True
+
+    def _fence(self, key: str | None) -> None:
+        """Raise Fenced unless this replica may write for `key` (no leases: always)."""
+        if self._leases is not None and key is not None:
+            self._leases.fence(key)
+
+    def _forget(self, key: str) -> None:
+        """Drop the cached digests of `key`'s topics (another replica may write them now)."""
+        self._digests = {k: d for k, d in self._digests.items() if journal_key(k[0]) != key}
+        self._cached_events = sum(_events(d) for d in self._digests.values())
+
+    def _keep(self, stored: list[StoredResult], replace: bool = False) -> None:
+        """Take stored results that are later than those held (all of them: `replace`)."""
+        assert self._results is not None
+        for item in stored:
+            key = (item.result.topic, item.result.start)
+            if replace or item.order > self._orders.get(key, (-1, -1)):
+                self._results[key], self._orders[key] = item.result, item.order
+
+    def _divide(self, oldest: datetime) -> None:
+        """Rebalance the leases; read afresh the state of keys just gained, and what the
+        holders of the others stored since the last read."""
+        assert self._leases is not None and self._results is not None
+        keys: dict[str, set[str]] = {k: set() for k in self._store.journal_keys()}
+        for topic in self._expected.configured_topics | {t for t, _ in self._results}:
+            keys.setdefault(journal_key(topic), set()).add(topic)
+        ownership = self._leases.rebalance(keys)
+        held = self._leases.held
+        for key in ownership.released:
+            self._forget(key)
+        tenures = None
+        for key in sorted(ownership.gained):
+            topics = self._leases.topics_of(key)
+            self._forget(key)
+            self._seen.pop(key, None)
+            if topics:
+                self._keep(self._store.load_results(oldest, topics), replace=True)
+                tenures = self._store.load_tenures() if tenures is None else tenures
+                self._expected.adopt(tenures, topics)
+        if ownership.gained:
+            # Stamp after every fold the previous holders stored.
+            self._merged = max(self._merged, self._store.load_fold_stamp())
+        stale: dict[int, set[str]] = {}
+        read: list[tuple[str, int, tuple[int, int]]] = []
+        for key, lease in self._leases.others.items():
+            seen = self._seen.setdefault(key, {})
+            for ms, order in lease.written.items():
+                if order > seen.get(ms, (-1, -1)):
+                    stale.setdefault(ms, set()).update(lease.topics)
+                    read.append((key, ms, order))
+        foreign = {t for t, _ in self._results if journal_key(t) not in held}
+        foreign |= {t for t in self._expected.configured_topics if journal_key(t) not in held}
+        if stale:
+            topics = set().union(*stale.values())
+            fresh = self._store.load_results(oldest, topics, set(stale))
+            self._keep([r for r in fresh if journal_key(r.result.topic) not in held])
+            for key, ms, order in read:
+                self._seen[key][ms] = order
+        if foreign:
+            self._expected.adopt(
+                tenures if tenures is not None else self._store.load_tenures(), foreign
+            )
+
+    def _owns(self, topic: str) -> bool:
+        """Whether this replica evaluates `topic`."""
+        return self._leases is None or journal_key(topic) in self._leases.held
+
+    def _save_tenures(self) -> None:
+        """Store the subscription tenures this evaluation changed, of the topics it holds;
+        a failure is logged and they are stored by the next evaluation (in memory they are
+        already in effect)."""
+        changed = [t for t in self._expected.end() if self._owns(t.topic)]
+        by_key: dict[str, list[Any]] = defaultdict(list)
+        for tenure in changed:
+            by_key[journal_key(tenure.topic)].append(tenure)
+        for key, tenures in sorted(by_key.items()):
+            try:
+                self._fence(key)
+                self._store.save_tenures(tenures)
+            except Fenced:
+                self._forget(key)
+                continue
+            except StoreError as exc:
+                log.warning("could not store %d subscription tenures: %s", len(tenures), exc)
+                return
+            self._expected.stored(tenures)
 
     def _fold_collection(
         self, name: str, span: tuple[datetime, datetime], merged: int, now: datetime
     ) -> None:
         """Fold one taken journal collection whole, JOURNAL_BATCHES_PER_ROUND documents at a
         time (memory follows a round, not a burst); then name it folded, with how many
-        documents it held."""
+        documents it held. A mixed collection of an earlier release is re-journaled instead,
+        each entry under its topic's key. Raises Fenced when the key's lease is lost."""
+        key = journal_key_of(name)
+        self._fence(key)
         if self._merged < merged:
             # Before the first fold stamped `merged` is stored anywhere.
             self._store.save_fold_stamp(merged)
@@ -252,13 +373,30 @@ class Evaluator(Collector):
             # Folded already by this process (a collection grown by a straggler): folding
             # again changes nothing but may read digests no longer cached.
             new = tuple(b for b in batches if b.id is None or b.id not in seen)
-            if new:
-                self._fold(new, span, merged, now)
+            if new and key is None:
+                self._rejournal(new, now)
+            elif new and key is not None:
+                self._fence(key)
+                self._fold(new, span, merged, now, key)
                 self._evict(span[0])
             seen.update(b.id for b in new if b.id is not None)
+        self._fence(key)
         self._folded.pop(name, None)
         folded = self._store.mark_folded(name, read)
         self._folded[folded] = _Folded(read, self._monotonic(), frozenset(seen))
+
+    def _rejournal(self, batches: tuple[JournalBatch, ...], now: datetime) -> None:
+        """Journal again, each under its topic's key, the entries of a mixed journal
+        collection of an earlier release (they are folded with the rest of their key's
+        journal); malformed ones are counted here."""
+        entries = [entry for batch in batches for entry in batch.entries]
+        malformed = sum(batch.malformed for batch in batches)
+        if entries:
+            self._store.append_journal(entries, now)
+        if malformed:
+            with self._lock:
+                self._counts["malformed"] += malformed
+            log.warning("journal entries not counted: %d malformed", malformed)
 
     def _drop_folded(self, span: tuple[datetime, datetime], merged: int, now: datetime) -> None:
         """Drop each folded journal collection once JOURNAL_DROP_GRACE has passed since it was
@@ -270,12 +408,14 @@ class Evaluator(Collector):
         for name, folded in list(self._folded.items()):
             if self._monotonic() - folded.read_at < JOURNAL_DROP_GRACE:
                 continue
+            if not self._fenced(name, self._fence, journal_key_of(name)):
+                continue
             if self._store.count_journal(name) == folded.documents:
                 self._store.drop_journal(name)
                 del self._folded[name]
                 continue
             log.warning("journal %s grew after it was taken: folding it again", name)
-            self._fold_collection(name, span, merged, now)
+            self._fenced(name, self._fold_collection, name, span, merged, now)
 
     def _prune(self, oldest: datetime) -> None:
         """Every PRUNE_EVERY of publish time, delete the digests and results no window reaches
@@ -298,9 +438,11 @@ class Evaluator(Collector):
         span: tuple[datetime, datetime],
         merged: int,
         now: datetime,
+        journal: str,
     ) -> None:
-        """Fold one round of journal documents; store what changed in digests, then the
-        results that changed."""
+        """Fold one round of documents of the journal of key `journal`; store what changed
+        in digests, then the results that changed. An entry of a topic of another key is
+        counted `misfiled`: the replica holding that key's lease may be writing its bucket."""
         assert self._results is not None
         touched: dict[BucketKey, BucketDigest] = {}
         changed: set[BucketKey] = set()
@@ -309,9 +451,15 @@ class Evaluator(Collector):
         oldest, newest = (epoch_ms(t) for t in span)
         bucket_ms = self._bucket // timedelta(milliseconds=1)
         starts: dict[int, datetime] = {}  # bucket start in ms -> as a datetime, made once
+        topics: set[str] = set()
         for batch in batches:
             counts["malformed"] += batch.malformed
             for entry in batch.entries:
+                if entry.topic not in topics:
+                    if _key_of(entry.topic) != journal:
+                        counts["misfiled"] += 1
+                        continue
+                    topics.add(entry.topic)
                 start_ms = entry.publish_ms - entry.publish_ms % bucket_ms
                 if start_ms < oldest:
                     counts["too_old"] += 1  # no window reaches its bucket any more
@@ -346,14 +494,24 @@ class Evaluator(Collector):
                 counts["folded"] += 1
         for (topic, sub), ms in first_receipts.items():
             self._expected.saw_receipt(topic, sub, from_epoch_ms(ms))
+        if self._leases is not None and self._leases.saw_topics(journal, topics):
+            self._leases.renew_key(journal)  # a new topic is named before anything of it is
         filters = {topic: self._expected.filters(topic) for topic in {t for t, _ in touched}}
         results = {key: digest.result(filters[key[0]]) for key, digest in touched.items()}
         self._store.save_digests((touched[k] for k in sorted(changed)), f"{merged}.{self._saves}")
         # Every touched bucket, changed or not: a previous process may have stored its digest
         # and stopped before its result.
         fresh = [r for key, r in results.items() if self._results.get(key) != r]
-        self._store.save_bucket_results(fresh, now, merged * _SAVES + self._saves)
+        epoch = self._leases.epoch(journal) if self._leases is not None else 0
+        order = (epoch, merged * _SAVES + self._saves)
+        self._fence(journal)
+        self._store.save_bucket_results(fresh, now, order[1], epoch)
         self._saves += 1
+        for r in fresh:
+            self._orders[(r.topic, r.start)] = order
+            if self._leases is not None:
+                ms = epoch_ms(r.start)
+                self._leases.wrote(journal, ms - ms % PARTITION_MS, order)
         # Commit in memory only once everything is stored; the digests just folded into are
         # the most recently used.
         for key, digest in touched.items():
@@ -436,7 +594,7 @@ class Evaluator(Collector):
         unsupported: dict[tuple[str, str], str] = {}
         for topic in sorted(topics):
             results = by_topic.get(topic, [])
-            known = self._expected.expectations(topic)
+            known = self._expected.expectations(topic, own=self._owns(topic))
             for sub, expectation in known.items():
                 if expectation.filter_error is not None:
                     unsupported[(topic, sub)] = expectation.filter_error
@@ -510,6 +668,11 @@ def counts_bucket(
     return expectation.covers(result.start, bucket) and (
         result.subscriptions.get(subscription, BucketCounts()).filter == expectation.filter_text
     )
+
+
+@functools.lru_cache(maxsize=65536)
+def _key_of(topic: str) -> str:
+    return journal_key(topic)
 
 
 def _events(digest: BucketDigest) -> int:

@@ -116,6 +116,17 @@ class ExpectedSubscriptions:
             self._tenures = {(t.topic, t.subscription): t for t in tenures}
             self._initial = not self._tenures
 
+    def adopt(self, tenures: Iterable[Tenure], topics: set[str]) -> None:
+        """Take the stored tenures of `topics`, which another exporter replica evaluates (or
+        did until this one took them over): its are the ones that count."""
+        with self._lock:
+            for key in [k for k in self._tenures if k[0] in topics]:
+                del self._tenures[key]
+                self._changed.discard(key)
+            for t in tenures:
+                if t.topic in topics:
+                    self._tenures[(t.topic, t.subscription)] = t
+
     def begin(self, now: datetime) -> None:
         """An evaluation at `now` starts: what the listing shows from here is seen at `now`."""
         self._now = now
@@ -210,13 +221,30 @@ class ExpectedSubscriptions:
             self._filters[text] = cached
         return cached
 
-    def expectations(self, topic: str) -> dict[str, Expectation]:
+    def expectations(self, topic: str, own: bool = True) -> dict[str, Expectation]:
         """Every subscription of `topic` the exporter knows of (configured, listed, or gone
-        from the listing but within its tenure), with what it is expected to receive."""
-        listing = self._listing(topic)
+        from the listing but within its tenure), with what it is expected to receive. A topic
+        another exporter replica evaluates (not `own`) is not listed: its stored tenures say
+        which subscriptions are listed (no `until`) and with which filter."""
         configured = self._configured.get(topic, set())
+        if not own:
+            with self._lock:
+                listing = {
+                    name: SubscriptionInfo(name, t.filter or "")
+                    for (t_topic, name), t in self._tenures.items()
+                    if t_topic == topic and t.until is None and t.filter is not None
+                }
+                listing.update(
+                    (name, SubscriptionInfo(name, error="never read"))
+                    for (t_topic, name), t in self._tenures.items()
+                    if t_topic == topic and t.until is None and t.filter is None
+                )
+        else:
+            listing = self._listing(topic)
         with self._lock:
             for name in configured:
+                if not own:
+                    break
                 if (topic, name) not in self._tenures or self._tenures[(topic, name)].until:
                     self._see(topic, name, None)
             out: dict[str, Expectation] = {}

@@ -22,19 +22,24 @@ from eventaudit.journal import (
     parse_journal_document,
 )
 from eventaudit.partitions import (
+    PARTITION_MS,
     bucket_partition,
     folded_journal,
     is_live_journal,
+    is_mixed_journal,
     is_taken_journal,
     journal_collection,
+    journal_key,
+    journal_key_of,
     partitions_before,
     record_partition,
     taken_journal,
 )
-from eventaudit.records import BucketResult, PublishRecord, Receipt, Tenure
+from eventaudit.records import BucketResult, Lease, PublishRecord, Receipt, Tenure
 from eventaudit.store import (
     AuditStore,
     DuplicatePublishes,
+    StoredResult,
     StoreError,
     classify_duplicates,
     dead_letter_entry,
@@ -58,7 +63,10 @@ class MemoryStore:
         self.buckets: dict[str, BucketResult] = {}
         self.journals: dict[str, dict[Any, dict[str, Any]]] = {}  # collection -> _id -> doc
         self._taken = 0
-        self.versions: dict[str, int] = {}  # the stored result's version per bucket
+        self.versions: dict[str, tuple[int, int]] = {}  # stored result's (epoch, version)
+        self.leases: dict[str, Lease] = {}
+        self.claims: dict[tuple[str, int], datetime] = {}
+        self.replicas: dict[str, datetime] = {}
         self.journal_written: list[dict[str, Any]] = []  # every journal document ever appended
         self.digests: dict[str, dict[str, Any]] = {}  # digest deltas by _id
         self.digest_reads = 0
@@ -159,10 +167,19 @@ class MemoryStore:
         key = publish_key(topic, event_id)
         return next(d for k, d in self.published.items() if k.split("|", 1)[1] == key)
 
+    def append_journal(self, entries: Sequence[JournalEntry], now: datetime) -> None:
+        with self._lock:
+            self._check()
+            self._append_journal(entries, now)
+
     def _append_journal(self, entries: Sequence[JournalEntry], now: datetime) -> None:
-        for doc in journal_documents(f"j{len(self.journal_written)}", entries, now):
-            self.journals.setdefault(journal_collection(now), {})[doc["_id"]] = doc
-            self.journal_written.append(doc)
+        by_key: dict[str, list[JournalEntry]] = {}
+        for entry in entries:
+            by_key.setdefault(journal_key(entry.topic), []).append(entry)
+        for key, keyed in sorted(by_key.items()):
+            for doc in journal_documents(f"j{len(self.journal_written)}", keyed, now):
+                self.journals.setdefault(journal_collection(now, key), {})[doc["_id"]] = doc
+                self.journal_written.append(doc)
 
     def inject_journal(self, doc: dict[str, Any], name: str = "EventJournal_0") -> None:
         """A journal document from elsewhere (hostile, or a straggling insert into a taken
@@ -172,13 +189,25 @@ class MemoryStore:
 
     # -- exporter ----------------------------------------------------------------------------
 
-    def take_journal(self, now: datetime) -> list[str]:
+    def take_journal(self, now: datetime, keys: Collection[str] | None = None) -> list[str]:
+        def wanted(name: str) -> bool:
+            key = journal_key_of(name)
+            return is_mixed_journal(name) or (key is not None and (keys is None or key in keys))
+
         with self._lock:
             self._check()
-            for name in [n for n in self.journals if is_live_journal(n)]:
+            for name in [n for n in self.journals if wanted(n) and not is_taken_journal(n)]:
+                if not (is_live_journal(name) or is_mixed_journal(name)):
+                    continue
                 self._taken += 1
-                self.journals[taken_journal(now, f"{self._taken:08x}")] = self.journals.pop(name)
-            return sorted(n for n in self.journals if is_taken_journal(n))
+                target = taken_journal(now, f"{self._taken:08x}", journal_key_of(name))
+                self.journals[target] = self.journals.pop(name)
+            return sorted(n for n in self.journals if is_taken_journal(n) and wanted(n))
+
+    def journal_keys(self) -> set[str]:
+        with self._lock:
+            self._check()
+            return {k for n in self.journals if (k := journal_key_of(n)) is not None}
 
     def read_journal(self, name: str) -> Iterator[JournalBatch]:
         with self._lock:
@@ -229,18 +258,72 @@ class MemoryStore:
             self.digests[doc["_id"]] = doc
 
     def save_bucket_results(
-        self, results: Iterable[BucketResult], now: datetime, version: int
+        self, results: Iterable[BucketResult], now: datetime, version: int, epoch: int = 0
     ) -> None:
         with self._lock:
             self._check()
             for r in results:
-                if version > self.versions.get(r.key, -1):
-                    self.buckets[r.key], self.versions[r.key] = r, version
+                if (epoch, version) > self.versions.get(r.key, (-1, -1)):
+                    self.buckets[r.key], self.versions[r.key] = r, (epoch, version)
 
     def load_bucket_results(self, since: datetime) -> list[BucketResult]:
+        return [stored.result for stored in self.load_results(since)]
+
+    def load_results(
+        self,
+        since: datetime,
+        topics: Collection[str] | None = None,
+        partitions: Collection[int] | None = None,
+    ) -> list[StoredResult]:
         with self._lock:
             self._check()
-            return [r for r in self.buckets.values() if r.start >= since]
+            return [
+                StoredResult(self.versions.get(r.key, (0, -1)), r)
+                for r in self.buckets.values()
+                if r.start >= since
+                and (topics is None or r.topic in topics)
+                and (
+                    partitions is None
+                    or (epoch_ms(r.start) // PARTITION_MS) * PARTITION_MS in partitions
+                )
+            ]
+
+    def load_leases(self) -> list[Lease]:
+        with self._lock:
+            self._check()
+            return list(self.leases.values())
+
+    def save_lease(self, lease: Lease) -> bool:
+        with self._lock:
+            self._check()
+            stored = self.leases.get(lease.key)
+            if stored is not None and stored.epoch > lease.epoch:
+                return False
+            self.leases[lease.key] = lease
+            return True
+
+    def claim_epoch(self, key: str, epoch: int, owner: str, now: datetime) -> datetime | None:
+        with self._lock:
+            self._check()
+            if (key, epoch) in self.claims:
+                return self.claims[(key, epoch)]
+            self.claims[(key, epoch)] = now
+            return None
+
+    def epoch_claimed(self, key: str, epoch: int) -> bool:
+        with self._lock:
+            self._check()
+            return (key, epoch) in self.claims
+
+    def save_replica(self, replica: str, expires: datetime) -> None:
+        with self._lock:
+            self._check()
+            self.replicas[replica] = expires
+
+    def load_replicas(self) -> dict[str, datetime]:
+        with self._lock:
+            self._check()
+            return dict(self.replicas)
 
     def find_publish_records(
         self, event_id: str, topics: Collection[str], hours: Sequence[datetime]

@@ -72,8 +72,17 @@ def test_the_default_values_render_the_exporter_and_the_publisher() -> None:
     exporter = next(
         o for o in objects if o["kind"] == "Deployment" and "exporter" in o["metadata"]["name"]
     )
-    assert exporter["spec"]["replicas"] == 1
-    assert exporter["spec"]["strategy"] == {"type": "Recreate"}  # never two at once
+    # Two replicas dividing the topics by leases; a rolling update never drops below them.
+    assert exporter["spec"]["replicas"] == 2
+    assert exporter["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    [container] = exporter["spec"]["template"]["spec"]["containers"]
+    assert {
+        "name": "EVENTAUDIT_REPLICA_ID",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+    } in container["env"]
 
 
 def test_every_option_renders_monitoring_rules_and_one_subscriber_per_subscription() -> None:
@@ -142,7 +151,8 @@ def _check_wiring(objects: list[dict[str, Any]]) -> None:
 @pytest.mark.parametrize(
     ("values", "error"),
     [
-        (["--set", "exporter.replicas=2"], "maximum"),
+        (["--set", "exporter.replicas=6"], "maximum"),
+        (["--set", "exporter.replicas=0"], "minimum"),
         (["--set", "project=Not_A_Project"], "project"),
         (["--set", "subscribers[0].subscription=ab"], "subscription"),
         (["--set", "subscribers[0].subscription=ok-sub", "--set", "subscribers[0].topic=x"],

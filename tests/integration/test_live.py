@@ -219,7 +219,7 @@ def _panel_queries(topic: str) -> list[tuple[str, str]]:
 
 def test_every_dashboard_panel_query_returns_data(live_stack) -> None:
     queries = _panel_queries(live_stack["topic"])
-    assert len(queries) == 16
+    assert len(queries) == 19
     empty: list[str] = []
 
     def all_have_data() -> bool:

@@ -8,7 +8,7 @@ proves the real store on FerretDB agrees).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,7 +19,7 @@ from eventaudit import partitions
 from eventaudit.contract import epoch_ms
 from eventaudit.exporter import evaluator as evaluator_module
 from eventaudit.exporter.buckets import Window
-from eventaudit.exporter.evaluator import Evaluator, Snapshot, list_missed
+from eventaudit.exporter.evaluator import JOURNAL_OUTCOMES, Evaluator, Snapshot, list_missed
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 from eventaudit.journal import (
     BucketDigest,
@@ -155,7 +155,7 @@ def folded_all(ev: Evaluator, store: MemoryStore) -> bool:
     return set(store.journals) <= ev.folded_journals
 
 
-NONE_COUNTED = {"folded": 0, "too_old": 0, "too_new": 0, "legacy": 0, "malformed": 0}
+NONE_COUNTED = dict.fromkeys(JOURNAL_OUTCOMES, 0)
 
 
 def _journal_counts(ev: Evaluator) -> dict[str, float]:
@@ -280,9 +280,9 @@ class FaultyStore(MemoryStore):
         self._maybe_fail("load_digest")
         return super().load_digest(topic, start)
 
-    def take_journal(self, now: datetime) -> list[str]:
+    def take_journal(self, now: datetime, keys: Collection[str] | None = None) -> list[str]:
         self._maybe_fail("take_journal")
-        return super().take_journal(now)
+        return super().take_journal(now, keys)
 
     def read_journal(self, name: str) -> Iterator[JournalBatch]:
         self._maybe_fail("read_journal")
@@ -309,10 +309,10 @@ class FaultyStore(MemoryStore):
         super().save_digest_document(doc)
 
     def save_bucket_results(
-        self, results: Iterable[BucketResult], now: datetime, version: int
+        self, results: Iterable[BucketResult], now: datetime, version: int, epoch: int = 0
     ) -> None:
         self._maybe_fail("save_bucket_results")
-        super().save_bucket_results(results, now, version)
+        super().save_bucket_results(results, now, version, epoch)
 
 
 def _traffic(store: MemoryStore) -> None:
@@ -838,26 +838,48 @@ def test_writers_journal_into_a_fresh_collection_once_theirs_is_taken() -> None:
 # -- partition names: anything else in the database is left alone -----------------------
 
 
+K = partitions.journal_key("orders")
+
+
 @pytest.mark.parametrize(
-    ("name", "live", "taken"),
+    ("name", "live", "mixed", "taken", "key"),
     [
-        ("EventJournal", True, False),  # the unsliced journal of the release before
-        ("EventJournal_1795780800000", True, False),
-        ("EventJournal_-10000", True, False),  # a writer clock before 1970
-        ("EventJournalTaken_1795780800000_0a1b2c3d", False, True),
-        ("EventJournal_", False, False),
-        ("EventJournal_1795780800000\n", False, False),
-        ("EventJournal_\u0661", False, False),  # Arabic-Indic 1
-        ("EventJournal_1234567890123456", False, False),  # more digits than any clock
-        ("EventJournalTaken_1795780800000_0A1B2C3D", False, False),
-        ("EventJournalTaken_1795780800000_0a1b2c3d.x", False, False),
-        ("EventJournal.1795780800000", False, False),  # FerretDB cannot rename a dotted name
-        ("eventjournal.1", False, False),
-        ("PublishRecord", False, False),
+        (f"EventJournal_1795780800000_{K}", True, False, False, K),
+        (f"EventJournal_-10000_{K}", True, False, False, K),  # a writer clock before 1970
+        (f"EventJournalTaken_{K}_1795780800000_0a1b2c3d", False, False, True, K),
+        (f"EventJournalFolded_{K}_1795780800000_0a1b2c3d_7", False, False, True, K),
+        # mixed collections of earlier releases: re-journaled under their topics' keys
+        ("EventJournal", False, True, False, None),
+        ("EventJournal_1795780800000", False, True, False, None),
+        ("EventJournal_-10000", False, True, False, None),
+        ("EventJournalTaken_1795780800000_0a1b2c3d", False, True, True, None),
+        ("EventJournalFolded_1795780800000_0a1b2c3d_3", False, True, True, None),
+        # anything else is left alone
+        ("EventJournal_", False, False, False, None),
+        ("EventJournal_1795780800000\n", False, False, False, None),
+        (f"EventJournal_1795780800000_{K}\n", False, False, False, None),
+        (f"EventJournal_1795780800000_{K.upper()}", False, False, False, None),
+        (f"EventJournal_1795780800000_{K[:-1]}", False, False, False, None),  # 11 hex digits
+        (f"EventJournal_1795780800000_{K}0", False, False, False, None),  # 13
+        (f"EventJournal_1795780800000_{K[:-1]}\u0661", False, False, False, None),
+        ("EventJournal_\u0661", False, False, False, None),  # Arabic-Indic 1
+        ("EventJournal_1234567890123456", False, False, False, None),  # more digits than a clock
+        ("EventJournalTaken_1795780800000_0A1B2C3D", False, False, False, None),
+        ("EventJournalTaken_1795780800000_0a1b2c3d.x", False, False, False, None),
+        ("EventJournal.1795780800000", False, False, False, None),  # FerretDB cannot rename it
+        ("eventjournal.1", False, False, False, None),
+        ("PublishRecord", False, False, False, None),
     ],
 )
-def test_journal_collection_names_hostile_table(name: str, live: bool, taken: bool) -> None:
-    assert (partitions.is_live_journal(name), partitions.is_taken_journal(name)) == (live, taken)
+def test_journal_collection_names_hostile_table(
+    name: str, live: bool, mixed: bool, taken: bool, key: str | None
+) -> None:
+    assert (
+        partitions.is_live_journal(name),
+        partitions.is_mixed_journal(name),
+        partitions.is_taken_journal(name),
+        partitions.journal_key_of(name),
+    ) == (live, mixed, taken, key)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -48,9 +48,9 @@ class FaultyStore(MemoryStore):
         if queued:
             raise queued.pop(0)
 
-    def take_journal(self, now: datetime) -> list[str]:
+    def take_journal(self, now: datetime, keys: Collection[str] | None = None) -> list[str]:
         self._fault("take_journal")
-        return super().take_journal(now)
+        return super().take_journal(now, keys)
 
     def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
         self._fault("delete_older_than")

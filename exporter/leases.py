@@ -1,0 +1,348 @@
+"""Topic leases: which exporter replica evaluates which topics, and fencing.
+
+Several exporters may run against one database. The work is divided by journal key (one per
+topic, eventaudit.partitions.journal_key): a replica evaluates a key's topics only while it
+holds the key's lease. Each evaluation pass, every replica
+
+- says it is alive (`ExporterReplica`, until now + the lease time);
+- releases the keys it holds beyond its fair share (ceil(keys / live replicas)), or one key
+  when another live replica holds fewer than floor(keys / live replicas) and it holds the
+  most;
+- claims free keys (never held, released, or expired) up to its share: a claim inserts `key|epoch` into `ExporterLeaseClaim`, where exactly one insert of
+  an `_id` succeeds, on MongoDB and FerretDB alike;
+- renews the leases it holds once it has stored its results (`ExporterLease`, with the
+  result partitions it wrote to, so the other replicas re-read only those).
+
+Fencing: before every write for a key (taking its journal, digests, results, marking a
+journal folded, tenures, the lease), `fence(key)` checks that the lease was renewed less
+than the lease time minus a margin (a fifth of it: for clock skew between replicas) ago, by
+this process's monotonic clock (a pause, SIGSTOP or a long GC, counts), and that no one claimed the next epoch (a lookup by `_id`). An expired
+lease is never renewed: it is claimed again, under a new epoch, like any free one. A replica
+that fails the check writes nothing more for the key: the write is refused and counted
+(`eventaudit_lease_fenced_writes_total`). A write already past its check when the process
+was paused still lands late; results are ordered by (epoch, version), so it never replaces
+a successor's, and the journal collection it came from is marked folded only by a later,
+fenced write, so the successor folds that journal itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from eventaudit.records import Lease
+from eventaudit.store import EvaluatorStore
+
+log = logging.getLogger(__name__)
+
+LEASE_CHANGES = ("acquired", "released", "lost")
+
+
+class Fenced(Exception):
+    """The lease of `key` passed to another replica: nothing more is written for it."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"the lease of journal key {key} is no longer held")
+        self.key = key
+
+
+@dataclass
+class Held:
+    """A lease this replica holds."""
+
+    epoch: int
+    deadline: float
+    """monotonic time until which it may write without renewing"""
+    topics: set[str] = field(default_factory=set)
+    written: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """What one rebalance saw and did."""
+
+    gained: frozenset[str]
+    """keys claimed by this pass (their state elsewhere must be read afresh)"""
+    released: frozenset[str]
+    replicas: int
+    """live replicas, this one included"""
+    unowned: frozenset[str]
+    """known keys no live replica holds after this pass"""
+
+
+class Leases(Collector):
+    """The topic leases one replica holds, and the ones the others hold.
+
+    eventaudit_topic_owned{topic="orders"} 1.0
+    eventaudit_topics_without_owner 0.0
+    eventaudit_exporter_replicas 3.0
+    eventaudit_lease_fenced_writes_total 0.0
+    """
+
+    def __init__(
+        self,
+        store: EvaluatorStore,
+        replica: str,
+        lease: timedelta,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if lease <= timedelta(0):
+            raise ValueError("the lease time must be positive")
+        self._store = store
+        self.replica = replica
+        self._lease = lease
+        self._margin = lease / 5
+        self._clock = clock
+        self._monotonic = monotonic
+        self._held: dict[str, Held] = {}
+        self._others: dict[str, Lease] = {}
+        self._topics: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+        self._fenced = 0
+        self._changes = dict.fromkeys(LEASE_CHANGES, 0)
+        self._replicas = 1
+        self._unowned: frozenset[str] = frozenset()
+
+    @property
+    def lease(self) -> timedelta:
+        """How long a lease lasts unless renewed."""
+        return self._lease
+
+    @property
+    def held(self) -> Mapping[str, Held]:
+        """The keys this replica holds."""
+        return self._held
+
+    @property
+    def others(self) -> Mapping[str, Lease]:
+        """The stored leases of keys this replica does not hold, as the last pass read them."""
+        return self._others
+
+    def epoch(self, key: str) -> int:
+        """The epoch of a held key's lease."""
+        return self._held[key].epoch
+
+    def rebalance(self, keys: Mapping[str, set[str]]) -> Ownership:
+        """Say this replica is alive, release what is beyond its share, claim free keys up to
+        it. `keys`: every journal key known, with the topics known of it. Raises StoreError."""
+        now = self._clock()
+        self._store.save_replica(self.replica, now + self._lease)
+        replicas = {r for r, until in self._store.load_replicas().items() if until > now}
+        replicas.add(self.replica)
+        stored = {lease.key: lease for lease in self._store.load_leases()}
+        known = {k: set(t) for k, t in keys.items()}
+        for key, lease in stored.items():
+            known.setdefault(key, set()).update(lease.topics)
+        for key, held in self._held.items():
+            known.setdefault(key, set()).update(held.topics)
+
+        def live(lease: Lease) -> bool:
+            return lease.expires > now
+
+        counts = dict.fromkeys(replicas, 0)
+        for key, lease in stored.items():
+            if key not in self._held and lease.owner != self.replica and live(lease):
+                counts[lease.owner] = counts.get(lease.owner, 0) + 1
+        counts[self.replica] = len(self._held)
+        high = math.ceil(len(known) / len(replicas))
+        low = len(known) // len(replicas)
+
+        released = self._release(now, counts, high, low)
+        counts[self.replica] = len(self._held)
+        free = [
+            key
+            for key in known
+            if key not in self._held
+            and key not in released
+            and (key not in stored or not live(stored[key]) or stored[key].owner == self.replica)
+        ]
+        # Each replica tries free keys in its own order: fewer claims collide.
+        free.sort(key=lambda k: hashlib.sha256(f"{self.replica}|{k}".encode()).digest())
+        gained = set()
+        for key in free:
+            if len(self._held) >= high:
+                break
+            if self._claim(key, stored.get(key), known[key]):
+                gained.add(key)
+        for key, topics in known.items():
+            if key in self._held:
+                self._held[key].topics.update(topics)
+        self._topics = known
+        self._others = {k: v for k, v in stored.items() if k not in self._held}
+        unowned = frozenset(
+            k for k in known if k not in self._held and (k not in stored or not live(stored[k]))
+        )
+        with self._lock:
+            self._replicas, self._unowned = len(replicas), unowned
+        return Ownership(frozenset(gained), frozenset(released), len(replicas), unowned)
+
+    def _release(self, now: datetime, counts: dict[str, int], high: int, low: int) -> set[str]:
+        """Give up keys beyond the share: all above `high`; one when a live replica holds
+        fewer than `low` and this one holds the most (ties: the first id)."""
+        mine = len(self._held)
+        excess = mine - high
+        if excess <= 0 and any(n < low for n in counts.values()) and mine > low:
+            most = max(counts.values())
+            first = min(r for r, n in counts.items() if n == most)
+            excess = 1 if first == self.replica else 0
+        released = set()
+        for key in sorted(self._held)[: max(excess, 0)]:
+            held = self._held.pop(key)
+            released.add(key)
+            self._count("released")
+            # Nothing more is written for it: hand it over now rather than at expiry.
+            lease = Lease(key, held.epoch, self.replica, now - 2 * self._lease, tuple(held.topics))
+            try:
+                self._store.save_lease(replace(lease, written=held.written))
+            except Exception as exc:  # it then expires on its own
+                log.warning("could not release the lease of %s: %s", key, exc)
+            log.info("released the lease of journal key %s (topics %s)", key, sorted(held.topics))
+        return released
+
+    def _claim(self, key: str, stored: Lease | None, topics: set[str]) -> bool:
+        """Claim the next epoch of `key`; True when this replica now holds it. The lease runs
+        from before the claim was sent, by both clocks."""
+        now, started = self._clock(), self._monotonic()
+        epoch = (stored.epoch if stored else 0) + 1
+        for _ in range(2):
+            claimed = self._store.claim_epoch(key, epoch, self.replica, now)
+            if claimed is None:
+                break
+            if claimed + self._lease > now:
+                return False  # claimed by another replica just now
+            epoch += 1  # claimed by one that never stored its lease: long gone
+        else:
+            return False
+        held = Held(epoch, started + (self._lease - self._margin).total_seconds(), set(topics))
+        lease = Lease(key, epoch, self.replica, now + self._lease, tuple(sorted(topics)))
+        if not self._store.save_lease(lease):
+            self._count("lost")
+            return False
+        self._held[key] = held
+        self._count("acquired")
+        log.info(
+            "acquired the lease of journal key %s (topics %s), epoch %d", key, sorted(topics), epoch
+        )
+        return True
+
+    def fence(self, key: str) -> None:
+        """Raise Fenced (counted, logged) unless this replica still holds `key`: renewed less
+        than the lease minus the margin ago, and the next epoch unclaimed. Raises StoreError."""
+        held = self._held.get(key)
+        if held is None:
+            raise Fenced(key)
+        if self._monotonic() > held.deadline or self._store.epoch_claimed(key, held.epoch + 1):
+            self._lose(key, "its lease expired or passed to another replica")
+            raise Fenced(key)
+
+    def _lose(self, key: str, why: str) -> None:
+        self._held.pop(key, None)
+        with self._lock:
+            self._fenced += 1
+        self._count("lost")
+        log.warning("a write for journal key %s refused: %s", key, why)
+
+    def wrote(self, key: str, partition_ms: int, order: tuple[int, int]) -> None:
+        """Results of `key` were stored in the result partition starting at `partition_ms`."""
+        held = self._held.get(key)
+        if held is not None and order > held.written.get(partition_ms, (-1, -1)):
+            held.written[partition_ms] = order
+
+    def saw_topics(self, key: str, topics: set[str]) -> bool:
+        """A held key's journal holds `topics`; True when some were not known of it (its
+        lease must name them before anything of them is stored: a successor reads the stored
+        state of the topics the lease names)."""
+        held = self._held.get(key)
+        if held is None or topics <= held.topics:
+            return False
+        held.topics |= topics
+        return True
+
+    def renew(self, oldest_partition_ms: int) -> None:
+        """Renew every held lease, with what was written where; partitions before
+        `oldest_partition_ms` are forgotten. Raises StoreError."""
+        for key in sorted(self._held):
+            held = self._held[key]
+            held.written = {ms: o for ms, o in held.written.items() if ms >= oldest_partition_ms}
+            try:
+                self.renew_key(key)
+            except Fenced:
+                continue
+
+    def renew_key(self, key: str) -> None:
+        """Renew one held lease (fenced first). Raises Fenced, StoreError."""
+        now, started = self._clock(), self._monotonic()
+        self.fence(key)
+        held = self._held[key]
+        lease = Lease(key, held.epoch, self.replica, now + self._lease, tuple(sorted(held.topics)))
+        if not self._store.save_lease(replace(lease, written=dict(held.written))):
+            self._lose(key, "a later epoch's lease is stored")
+            raise Fenced(key)
+        held.deadline = started + (self._lease - self._margin).total_seconds()
+
+    def topics_of(self, key: str) -> set[str]:
+        """The topics known of a key."""
+        held = self._held.get(key)
+        return set(held.topics) if held else set(self._topics.get(key, ()))
+
+    def _count(self, change: str) -> None:
+        with self._lock:
+            self._changes[change] += 1
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """Who evaluates what, as this replica last saw it."""
+        owned = GaugeMetricFamily(
+            "eventaudit_topic_owned",
+            "1 for each topic this exporter replica evaluates (holds the lease of), 0 for each "
+            "other topic it knows of.",
+            labels=["topic"],
+        )
+        held = dict(self._held)
+        topics = {t: k in held for k, ts in dict(self._topics).items() for t in ts}
+        for lease in held.values():
+            topics.update(dict.fromkeys(lease.topics, True))
+        for topic, mine in sorted(topics.items()):
+            owned.add_metric([topic], int(mine))
+        yield owned
+        with self._lock:
+            replicas, unowned, fenced = self._replicas, len(self._unowned), self._fenced
+            changes = dict(self._changes)
+        yield GaugeMetricFamily(
+            "eventaudit_topics_without_owner",
+            "Topic journal keys no live exporter replica held after this replica's last pass.",
+            value=unowned,
+        )
+        yield GaugeMetricFamily(
+            "eventaudit_exporter_replicas",
+            "Exporter replicas alive (a heartbeat within the lease time), as this one saw them.",
+            value=replicas,
+        )
+        yield GaugeMetricFamily(
+            "eventaudit_topic_leases_held",
+            "Topic journal keys this replica holds the lease of.",
+            value=len(held),
+        )
+        yield CounterMetricFamily(
+            "eventaudit_lease_fenced_writes",
+            "Writes refused because this replica's lease of the topic had expired or passed to "
+            "another replica (a pause, a partition): nothing of them was written.",
+            value=fenced,
+        )
+        family = CounterMetricFamily(
+            "eventaudit_topic_lease_changes",
+            "Topic leases acquired, released (rebalancing) and lost (fenced) by this replica.",
+            labels=["change"],
+        )
+        for change in LEASE_CHANGES:
+            family.add_metric([change], changes[change])
+        yield family

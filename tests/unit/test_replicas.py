@@ -1,0 +1,292 @@
+"""Several exporter replicas on one store: leases divide the topics, a successor takes over a
+dead or paused holder's topics, fencing refuses the paused holder's late writes, and every
+replica serves the same numbers. In memory (tests.fakes.MemoryStore), with fake clocks; the
+same on FerretDB with real processes in tests/integration/test_replicas.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.registry import Collector
+
+from eventaudit.exporter.buckets import Window
+from eventaudit.exporter.evaluator import Evaluator, Snapshot, list_missed
+from eventaudit.exporter.leases import Leases
+from eventaudit.exporter.subscriptions import ExpectedSubscriptions
+from eventaudit.journal import JournalEntry
+from eventaudit.partitions import journal_key
+from eventaudit.records import BucketResult, Lease, PublishRecord, Receipt
+from tests.fakes import MemoryStore
+
+BUCKET = timedelta(seconds=10)
+SETTLE = timedelta(seconds=30)
+LEASE = timedelta(seconds=30)
+WINDOW = Window("5m", timedelta(minutes=5))
+T0 = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
+TOPICS = [f"topic-{i:02d}" for i in range(30)]
+
+
+@dataclass
+class Clock:
+    """The wall clock all replicas share, and one monotonic clock per replica (a paused
+    replica's jumps when it resumes)."""
+
+    now: datetime = T0
+    monotonic: dict[str, float] = field(default_factory=dict)
+
+    def advance(self, seconds: float, *replicas: str) -> None:
+        self.now += timedelta(seconds=seconds)
+        for r in replicas:
+            self.monotonic[r] = self.monotonic.get(r, 0.0) + seconds
+
+
+@dataclass
+class Replica:
+    name: str
+    leases: Leases
+    evaluator: Evaluator
+    snapshot: Snapshot | None = None
+
+
+def replica(store: MemoryStore, clock: Clock, name: str, topics: list[str]) -> Replica:
+    clock.monotonic.setdefault(name, 0.0)
+    leases = Leases(store, name, LEASE, lambda: clock.now, lambda: clock.monotonic[name])
+    expected = ExpectedSubscriptions({t: {f"{t}-sub"} for t in topics}, set(), None)
+    evaluator = Evaluator(store, expected, [WINDOW], BUCKET, SETTLE, leases=leases)
+    return Replica(name, leases, evaluator)
+
+
+def run(clock: Clock, replicas: list[Replica], rounds: int = 1) -> None:
+    """`rounds` evaluation passes of every replica, one bucket apart."""
+    for _ in range(rounds):
+        clock.advance(BUCKET.total_seconds(), *(r.name for r in replicas))
+        for r in replicas:
+            r.snapshot = r.evaluator.evaluate(clock.now)
+
+
+def traffic(store: MemoryStore, topics: list[str], when: datetime, n: int, lost: int = 0) -> None:
+    """`n` events on each topic published at `when`, the first `lost` of them never received."""
+    for topic in topics:
+        records = [
+            PublishRecord(f"{topic}-{when.timestamp():.0f}-{i}", "t" * 32, topic, "{}", "m", when)
+            for i in range(n)
+        ]
+        store.insert_publish_records(records, when)
+        got = when + timedelta(seconds=1)
+        store.record_receipts(
+            [
+                Receipt(f"{topic}-sub", r.event_id, topic, None, "m", when, when, got)
+                for r in records[lost:]
+            ],
+            got,
+        )
+
+
+def owned(replicas: list[Replica]) -> dict[str, int]:
+    return {r.name: len(r.leases.held) for r in replicas}
+
+
+def numbers(snapshot: Snapshot | None) -> dict[tuple[str, str], tuple[int, int]]:
+    assert snapshot is not None
+    return {
+        key: (w["5m"].published, w["5m"].received)
+        for key, w in sorted(snapshot.subscriptions.items())
+    }
+
+
+def test_three_replicas_split_thirty_topics_evenly_and_serve_the_same_numbers() -> None:
+    store, clock = MemoryStore(), Clock()
+    replicas = [replica(store, clock, name, TOPICS) for name in ("a", "b", "c")]
+    traffic(store, TOPICS, T0 + timedelta(seconds=5), 3, lost=1)
+    run(clock, replicas, rounds=8)
+    assert owned(replicas) == {"a": 10, "b": 10, "c": 10}
+    assert set().union(*(r.leases.held for r in replicas)) == {journal_key(t) for t in TOPICS}
+    # Each topic evaluated by one replica, served alike by all three from the stored results.
+    expected = {(t, f"{t}-sub"): (3, 2) for t in TOPICS}
+    assert [numbers(r.snapshot) for r in replicas] == [expected] * 3
+    for r in replicas:
+        assert r.snapshot is not None
+        [missed] = list_missed(r.snapshot, store, "topic-07", "topic-07-sub", WINDOW, 10) or []
+        assert missed.event_id == f"topic-07-{(T0 + timedelta(seconds=5)).timestamp():.0f}-0"
+
+
+@pytest.mark.parametrize(
+    ("topics", "replicas", "most", "least"),
+    [
+        (30, 1, 30, 30),
+        (30, 2, 15, 15),
+        (30, 3, 10, 10),
+        (31, 3, 11, 10),
+        (30, 4, 8, 7),
+        (30, 5, 6, 6),
+        (4, 3, 2, 1),
+        (2, 3, 1, 0),
+    ],
+)
+def test_the_split_converges_to_within_one_key(
+    topics: int, replicas: int, most: int, least: int
+) -> None:
+    store, clock = MemoryStore(), Clock()
+    names = [f"r{i}" for i in range(replicas)]
+    group = [replica(store, clock, n, TOPICS[:topics] if topics <= 30 else TOPICS) for n in names]
+    if topics > 30:
+        group = [replica(store, clock, n, [*TOPICS, "topic-30"]) for n in names]
+    run(clock, group, rounds=6)
+    counts = sorted(owned(group).values())
+    assert (counts[-1], counts[0], sum(counts)) == (most, least, topics)
+
+
+def test_a_dead_holders_topics_are_taken_over_within_the_lease_and_one_bucket() -> None:
+    store, clock = MemoryStore(), Clock()
+    group = [replica(store, clock, name, TOPICS) for name in ("a", "b", "c")]
+    run(clock, group, rounds=4)
+    a, survivors = group[0], group[1:]
+    orphaned = set(a.leases.held)
+    assert len(orphaned) == 10
+    # a dies (SIGKILL: it never evaluates again) while traffic flows on every topic
+    died = clock.now
+    for second in range(0, 90, 3):
+        traffic(store, TOPICS, died + timedelta(seconds=second), 2)
+    taken_at = None
+    for _ in range(12):
+        run(clock, survivors)
+        if taken_at is None and orphaned <= set().union(*(r.leases.held for r in survivors)):
+            taken_at = clock.now
+    assert taken_at is not None and taken_at - died <= LEASE + BUCKET
+    assert sorted(owned(survivors).values()) == [15, 15]
+    # No bucket skipped, none counted twice: every event published since the death, settled
+    # and inside the window, is counted once on every topic, by both survivors.
+    snapshot = survivors[0].snapshot
+    assert snapshot is not None
+    settled = [s for s in range(0, 90, 3) if died + timedelta(seconds=s) < snapshot.frontier]
+    expected = {(t, f"{t}-sub"): (2 * len(settled), 2 * len(settled)) for t in TOPICS}
+    assert numbers(survivors[0].snapshot) == numbers(survivors[1].snapshot) == expected
+
+
+def test_a_paused_holders_late_writes_are_refused_and_counted() -> None:
+    store, clock = MemoryStore(), Clock()
+    group = [replica(store, clock, name, TOPICS) for name in ("a", "b", "c")]
+    traffic(store, TOPICS, T0 + timedelta(seconds=5), 2)
+    run(clock, group, rounds=6)
+    a, b, c = group
+    held = dict(a.leases.held)
+    # a is paused (SIGSTOP) past its lease: its monotonic clock stands still meanwhile
+    pause = clock.now
+    traffic(store, TOPICS, pause + timedelta(seconds=2), 4, lost=1)
+    for _ in range(8):
+        run(clock, [b, c])
+    assert {k for k in held if k in b.leases.held or k in c.leases.held} == set(held)
+    # a resumes (SIGCONT): its clock jumps, it evaluates believing it still holds its keys
+    clock.monotonic["a"] += (clock.now - pause).total_seconds()
+    traffic(store, TOPICS, clock.now - timedelta(seconds=40), 1)  # a journal for a to take
+    stored = (dict(store.versions), dict(store.digests), sorted(store.journals), store.leases)
+    a.snapshot = a.evaluator.evaluate(clock.now)
+    assert _sample(a.leases, "eventaudit_lease_fenced_writes_total") == len(held) == 10
+    assert a.leases.held == {}
+    # a wrote nothing: no result, no digest, no journal taken, no lease
+    leases = {k: v for k, v in store.leases.items()}
+    assert (dict(store.versions), dict(store.digests), sorted(store.journals)) == stored[:3]
+    assert all(lease.owner in ("b", "c") for lease in leases.values())
+    run(clock, group, rounds=6)
+    assert sorted(owned(group).values()) == [10, 10, 10]
+    assert numbers(a.snapshot) == numbers(b.snapshot) == numbers(c.snapshot)
+    assert numbers(a.snapshot)[("topic-00", "topic-00-sub")] == (7, 6)
+
+
+def test_a_lease_whose_next_epoch_is_claimed_is_fenced_before_its_deadline() -> None:
+    """A clock skew larger than the margin, or a successor that claimed too early: the
+    claim of the next epoch alone fences the holder."""
+    store, clock = MemoryStore(), Clock()
+    [a] = group = [replica(store, clock, "a", ["orders"])]
+    run(clock, group, rounds=2)
+    key = journal_key("orders")
+    epoch = a.leases.epoch(key)
+    assert store.claim_epoch(key, epoch + 1, "thief", clock.now) is None
+    traffic(store, ["orders"], clock.now - timedelta(seconds=45), 1)
+    run(clock, group)
+    assert _sample(a.leases, "eventaudit_lease_fenced_writes_total") == 1
+    assert key not in a.leases.held
+    assert all(epoch_ <= epoch for epoch_, _ in store.versions.values())
+
+
+def test_results_are_ordered_by_epoch_before_version() -> None:
+    """A successor whose clock is behind stores lower versions; its epoch still wins."""
+    store = MemoryStore()
+    old = BucketResult("orders", T0, 5, {})
+    new = BucketResult("orders", T0, 6, {})
+    store.save_bucket_results([old], T0, version=900, epoch=1)
+    store.save_bucket_results([new], T0, version=100, epoch=2)
+    store.save_bucket_results([old], T0, version=999, epoch=1)  # the old holder, late
+    assert store.load_bucket_results(T0) == [new]
+
+
+def test_a_released_key_is_handed_over_without_waiting_for_expiry() -> None:
+    store, clock = MemoryStore(), Clock()
+    a = replica(store, clock, "a", TOPICS)
+    run(clock, [a], rounds=2)
+    assert len(a.leases.held) == 30
+    b = replica(store, clock, "b", TOPICS)
+    unowned_rounds = 0
+    for _ in range(4):
+        run(clock, [a, b])
+        held = set(a.leases.held) | set(b.leases.held)
+        unowned_rounds += len(held) < 30
+    assert owned([a, b]) == {"a": 15, "b": 15}
+    assert unowned_rounds == 0  # released at a's pass, claimed at b's, in the same round
+    assert _sample(a.leases, "eventaudit_topic_lease_changes_total", change="released") == 15
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"_id": "k", "epoch": -1, "owner": "a", "expires": T0},
+        {"_id": "k", "epoch": True, "owner": "a", "expires": T0},
+        {"_id": "k", "epoch": 2**63, "owner": "a", "expires": T0},
+        {"_id": "k", "epoch": 1, "owner": 7, "expires": T0},
+        {"_id": "k", "epoch": 1, "owner": "a", "expires": "soon"},
+        {"_id": "k", "epoch": 1, "owner": "a", "expires": datetime(2026, 1, 1)},  # naive
+        {"_id": "k", "epoch": 1, "owner": "a", "expires": datetime(9999, 1, 1, tzinfo=UTC)},
+        {"_id": "k", "epoch": 1, "owner": "a", "expires": T0, "topics": "orders"},
+        {"_id": "k", "epoch": 1, "owner": "a", "expires": T0, "topics": [1]},
+        {"_id": "k", "epoch": 1, "owner": "a", "expires": T0, "written": [[1, 2, 3]]},
+        {"_id": "k", "epoch": 1, "owner": "a", "expires": T0, "written": ["1:2"]},
+        {"_id": "k", "epoch": 1, "owner": "a", "expires": T0, "written": ["1:2:-3"]},
+        {"_id": "k", "epoch": 1, "owner": "a", "expires": T0, "written": ["1:2:3\n"]},
+        {"_id": "k", "epoch": 1, "owner": "a", "expires": T0, "written": ["1:2:\u0663"]},
+        {"_id": "k", "epoch": 1, "owner": "a", "expires": T0, "written": [f"1:2:{2**63}"]},
+        {"_id": "k", "epoch": 1, "owner": "a", "expires": T0, "written": ["1:2: 3"]},
+        {"_id": "k", "epoch": 1, "owner": "a", "expires": T0, "written": "1:2:3"},
+        {"_id": 5, "epoch": 1, "owner": "a", "expires": T0},
+    ],
+)
+def test_hostile_stored_leases_are_not_leases(doc: dict[str, object]) -> None:
+    assert Lease.from_document(doc) is None
+
+
+def test_a_stored_lease_reads_back() -> None:
+    lease = Lease("k", 3, "a", T0, ("orders",), {600_000: (3, 17)})
+    assert Lease.from_document(lease.to_document()) == lease
+
+
+def test_entries_of_a_topic_in_another_keys_journal_are_counted_misfiled() -> None:
+    store, clock = MemoryStore(), Clock()
+    [a] = group = [replica(store, clock, "a", ["orders"])]
+    run(clock, group)
+    when = clock.now - timedelta(seconds=45)
+    entry = JournalEntry("payments", "e1", int(when.timestamp() * 1000), None, "t" * 32)
+    name = f"EventJournal_0_{journal_key('orders')}"
+    store.inject_journal({"_id": "x", "entries": [entry.to_document()]}, name)
+    run(clock, group)
+    assert _sample(a.evaluator, "eventaudit_journal_entries_total", outcome="misfiled") == 1
+    assert not any(k.startswith("payments|") for k in store.buckets)
+
+
+def _sample(collector: Collector, name: str, **labels: str) -> float:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    value = registry.get_sample_value(name, labels)
+    assert value is not None, name
+    return value
