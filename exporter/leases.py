@@ -8,16 +8,18 @@ holds the key's lease. Each evaluation pass, every replica
 - releases the keys it holds beyond its fair share (ceil(keys / live replicas)), or one key
   when another live replica holds fewer than floor(keys / live replicas) and it holds the
   most;
-- claims free keys (never held, released, or expired) up to its share: a claim inserts `key|epoch` into `ExporterLeaseClaim`, where exactly one insert of
-  an `_id` succeeds, on MongoDB and FerretDB alike;
+- claims free keys (never held, released, or expired) up to its share: a claim inserts
+  `key|epoch` into `ExporterLeaseClaim`, where exactly one insert of an `_id` succeeds, on
+  MongoDB and FerretDB alike;
 - renews the leases it holds once it has stored its results (`ExporterLease`, with the
   result partitions it wrote to, so the other replicas re-read only those).
 
 Fencing: before every write for a key (taking its journal, digests, results, marking a
 journal folded, tenures, the lease), `fence(key)` checks that the lease was renewed less
 than the lease time minus a margin (a fifth of it: for clock skew between replicas) ago, by
-this process's monotonic clock (a pause, SIGSTOP or a long GC, counts), and that no one claimed the next epoch (a lookup by `_id`). An expired
-lease is never renewed: it is claimed again, under a new epoch, like any free one. A replica
+this process's monotonic clock (a pause, SIGSTOP or a long GC, counts), and that no one
+claimed the next epoch (a lookup by `_id`). An expired lease is never renewed: it is claimed
+again, under a new epoch, like any free one. A replica
 that fails the check writes nothing more for the key: the write is refused and counted
 (`eventaudit_lease_fenced_writes_total`). A write already past its check when the process
 was paused still lands late; results are ordered by (epoch, version), so it never replaces

@@ -263,8 +263,8 @@ def test_three_replicas_on_ferretdb_split_the_topics_and_serve_the_same_numbers(
     from tests.unit import test_replicas as memory
 
     clock = memory.Clock()
-    replicas = [memory.replica(store, clock, name, memory.TOPICS) for name in ("a", "b", "c")]  # type: ignore[arg-type]
-    memory.traffic(store, memory.TOPICS, memory.T0 + timedelta(seconds=5), 3, lost=1)  # type: ignore[arg-type]
+    replicas = [memory.replica(store, clock, name, memory.TOPICS) for name in ("a", "b", "c")]
+    memory.traffic(store, memory.TOPICS, memory.T0 + timedelta(seconds=5), 3, lost=1)
     memory.run(clock, replicas, rounds=8)
     assert memory.owned(replicas) == {"a": 10, "b": 10, "c": 10}
     expected = {(t, f"{t}-sub"): (3, 2) for t in memory.TOPICS}

@@ -32,6 +32,9 @@ def test_dashboard_variables_and_panels() -> None:
         "Evaluation duration",
         "Age of the last evaluation",
         "Subscriptions not audited",
+        "Topics evaluated per exporter replica",
+        "Topics without an owner",
+        "Writes refused by fencing",
     ]
     for panel in panels:
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
@@ -44,3 +47,23 @@ def test_completion_thresholds_match_alert_levels() -> None:
         steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
         assert [s["value"] for s in steps] == [None, 0.95, 0.99]
         assert [s["color"] for s in steps] == ["red", "orange", "green"]
+
+
+def test_per_topic_panels_show_one_series_whatever_the_replica_count() -> None:
+    """Every exporter replica serves every topic's numbers: a panel summing or listing them
+    per replica would double with two replicas."""
+    dash = json.loads(build.render())
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for gauge in (
+                "eventaudit_completion_rate",
+                "eventaudit_missed_events",
+                "eventaudit_dead_lettered_events",
+                "eventaudit_duplicate_deliveries",
+                "eventaudit_unmatched_receipts",
+                "eventaudit_filtered_receipts",
+                "eventaudit_subscription_filter_unsupported",
+            ):
+                if gauge in expr:
+                    assert f"max without(instance, pod) ({gauge}" in expr, (panel["title"], expr)

@@ -19,6 +19,7 @@ from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 from eventaudit.journal import JournalEntry
 from eventaudit.partitions import journal_key
 from eventaudit.records import BucketResult, Lease, PublishRecord, Receipt
+from eventaudit.store import AuditStore
 from tests.fakes import MemoryStore
 
 BUCKET = timedelta(seconds=10)
@@ -51,7 +52,7 @@ class Replica:
     snapshot: Snapshot | None = None
 
 
-def replica(store: MemoryStore, clock: Clock, name: str, topics: list[str]) -> Replica:
+def replica(store: AuditStore, clock: Clock, name: str, topics: list[str]) -> Replica:
     clock.monotonic.setdefault(name, 0.0)
     leases = Leases(store, name, LEASE, lambda: clock.now, lambda: clock.monotonic[name])
     expected = ExpectedSubscriptions({t: {f"{t}-sub"} for t in topics}, set(), None)
@@ -67,7 +68,7 @@ def run(clock: Clock, replicas: list[Replica], rounds: int = 1) -> None:
             r.snapshot = r.evaluator.evaluate(clock.now)
 
 
-def traffic(store: MemoryStore, topics: list[str], when: datetime, n: int, lost: int = 0) -> None:
+def traffic(store: AuditStore, topics: list[str], when: datetime, n: int, lost: int = 0) -> None:
     """`n` events on each topic published at `when`, the first `lost` of them never received."""
     for topic in topics:
         records = [
