@@ -717,11 +717,13 @@ def list_missed(
         if len(events) < min(need, missing) or len(kept) > missing:
             # More than the result lists are asked for (or it does not read back): the digest,
             # as the evaluation saw it.
+            # Entries folded by the result's merge stamp: the replica that evaluated the topic
+            # (maybe another) stamped its folds, not this snapshot.
             digest = store.load_digest(topic, key[1])
-            seen = digest.counts_as_of(subscription, snapshot.merged, expectation.filter)
+            seen = digest.counts_as_of(subscription, result.merged, expectation.filter)
             if seen != (expected, received):
                 return None
-            events = digest.missed(subscription, snapshot.merged, expectation.filter)
+            events = digest.missed(subscription, result.merged, expectation.filter)
         listed.extend(events[:need])
         if len(listed) >= keep:
             break

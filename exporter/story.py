@@ -221,17 +221,19 @@ def _verdict(
         return "not_expected", "the subscription's filter excludes the event"
     if result is None or not counts_bucket(expectation, result, sub, snapshot.bucket):
         return "not_counted", "its bucket is not counted for this subscription (another filter)"
-    # What the evaluation behind the gauges counted: entries folded by its merge stamp.
+    # What the evaluation behind the gauges counted: entries folded by the bucket result's
+    # merge stamp (the replica that evaluated the topic may not be this one).
+    merged = result.merged
     published = digest.published.get(event_id)
-    if published is None or published[2] > snapshot.merged:
+    if published is None or published[2] > merged:
         return "not_yet_counted", "its publish record was not folded by the latest evaluation"
     got = digest.receipts.get(sub, {}).get(event_id)
-    if got is not None and got[1] <= snapshot.merged:
+    if got is not None and got[1] <= merged:
         return "received", "counted received"
     if receipt is not None:
         return "received_late", "counted missed by the latest evaluation; a receipt is stored since"
     gone = digest.dead.get(sub, {}).get(event_id)
-    if gone is not None and gone[1] <= snapshot.merged:
+    if gone is not None and gone[1] <= merged:
         return "dead_lettered", "counted missed: Pub/Sub moved it to the dead-letter topic"
     if dead is not None:
         return "missed", "counted missed (lost); a dead letter of it is stored since"

@@ -19,7 +19,7 @@ from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 from eventaudit.journal import JournalEntry
 from eventaudit.partitions import journal_key
 from eventaudit.records import BucketResult, Lease, PublishRecord, Receipt
-from eventaudit.store import AuditStore
+from eventaudit.store import AuditStore, StoreError
 from tests.fakes import MemoryStore
 
 BUCKET = timedelta(seconds=10)
@@ -291,3 +291,51 @@ def _sample(collector: Collector, name: str, **labels: str) -> float:
     value = registry.get_sample_value(name, labels)
     assert value is not None, name
     return value
+
+
+class LeaseFailingStore(MemoryStore):
+    """Fails lease writes while `fail_leases` is set (a holder that stored its results but
+    could not renew yet: the others have not been told of them)."""
+
+    fail_leases = False
+
+    def save_lease(self, lease: Lease) -> bool:
+        if self.fail_leases:
+            raise StoreError("injected: save_lease")
+        return super().save_lease(lease)
+
+
+def test_a_replica_lists_the_missed_events_its_gauge_counts_for_a_topic_it_does_not_hold() -> None:
+    """Past the events a result lists, /api/v1/missed reads the digest as the evaluation saw
+    it. On a replica that does not hold the topic, that evaluation is the holder's: entries the
+    holder folded since (stamped before this replica's own evaluation) must be left out."""
+    store, clock = LeaseFailingStore(), Clock()
+    a, b = group = [replica(store, clock, name, ["orders"]) for name in ("a", "b")]
+    when = T0 + timedelta(seconds=5)
+    traffic(store, ["orders"], when, 150, lost=150)
+    run(clock, group, rounds=6)
+    holder, other = (a, b) if a.leases.held else (b, a)
+    assert numbers(other.snapshot) == {("orders", "orders-sub"): (150, 0)}
+    # 10 receipts arrive late; the holder folds them but cannot tell the others yet
+    late = [
+        Receipt("orders-sub", f"orders-{when.timestamp():.0f}-{i}", "orders", None, "m", when,
+                when, clock.now)
+        for i in range(10)
+    ]  # fmt: skip
+    store.record_receipts(late, clock.now)
+    clock.advance(BUCKET.total_seconds(), "a", "b")
+    store.fail_leases = True
+    with pytest.raises(StoreError):
+        holder.evaluator.evaluate(clock.now)
+    clock.advance(1, "a", "b")
+    other.snapshot = other.evaluator.evaluate(clock.now)
+    assert numbers(other.snapshot) == {("orders", "orders-sub"): (150, 0)}
+    listed = list_missed(other.snapshot, store, "orders", "orders-sub", WINDOW, 1000)
+    assert listed is not None and len(listed) == 150
+    store.fail_leases = False
+    run(clock, group, rounds=2)
+    assert (
+        numbers(other.snapshot) == numbers(holder.snapshot) == {("orders", "orders-sub"): (150, 10)}
+    )
+    listed = list_missed(other.snapshot, store, "orders", "orders-sub", WINDOW, 1000)
+    assert listed is not None and len(listed) == 140
