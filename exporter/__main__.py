@@ -94,6 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     deadline = time.monotonic() + settings.shutdown_timeout_seconds
     server.stop(timeout=settings.shutdown_timeout_seconds / 2)
     call_within(deadline - time.monotonic(), loop.stop, "evaluation loop stop")
+    if not loop.running:
+        # No evaluation runs any more: hand the topics over to the other replicas now (else
+        # they expire after the lease time).
+        call_within(deadline - time.monotonic(), leases.release_all, "lease release")
     store.close()
     log.info("exporter stopped")
     if not serving:

@@ -188,6 +188,28 @@ class Leases(Collector):
             self._replicas, self._unowned = len(replicas), unowned
         return Ownership(frozenset(gained), frozenset(released), len(replicas), unowned)
 
+    def release_all(self) -> None:
+        """Hand every held lease over now (a clean stop): the others claim them at their next
+        pass rather than after the lease time. Never raises: what cannot be released expires."""
+        now = self._clock()
+        for key in sorted(self._held):
+            self._give_up(now, key)
+        try:
+            self._store.save_replica(self.replica, now)
+        except Exception as exc:
+            log.warning("could not say this replica stopped: %s", exc)
+
+    def _give_up(self, now: datetime, key: str) -> None:
+        """Stop writing for `key` and mark its lease expired, so that it is claimed at once."""
+        held = self._held.pop(key)
+        self._count("released")
+        lease = Lease(key, held.epoch, self.replica, now - 2 * self._lease, tuple(held.topics))
+        try:
+            self._store.save_lease(replace(lease, written=held.written))
+        except Exception as exc:  # it then expires on its own
+            log.warning("could not release the lease of %s: %s", key, exc)
+        log.info("released the lease of journal key %s (topics %s)", key, sorted(held.topics))
+
     def _release(self, now: datetime, counts: dict[str, int], high: int, low: int) -> set[str]:
         """Give up keys beyond the share: all above `high`; one when a live replica holds
         fewer than `low` and this one holds the most (ties: the first id)."""
@@ -197,18 +219,10 @@ class Leases(Collector):
             most = max(counts.values())
             first = min(r for r, n in counts.items() if n == most)
             excess = 1 if first == self.replica else 0
-        released = set()
-        for key in sorted(self._held)[: max(excess, 0)]:
-            held = self._held.pop(key)
-            released.add(key)
-            self._count("released")
+        released = set(sorted(self._held)[: max(excess, 0)])
+        for key in sorted(released):
             # Nothing more is written for it: hand it over now rather than at expiry.
-            lease = Lease(key, held.epoch, self.replica, now - 2 * self._lease, tuple(held.topics))
-            try:
-                self._store.save_lease(replace(lease, written=held.written))
-            except Exception as exc:  # it then expires on its own
-                log.warning("could not release the lease of %s: %s", key, exc)
-            log.info("released the lease of journal key %s (topics %s)", key, sorted(held.topics))
+            self._give_up(now, key)
         return released
 
     def _claim(self, key: str, stored: Lease | None, topics: set[str]) -> bool:

@@ -136,6 +136,11 @@ class EvaluationLoop:
         if self._thread.is_alive():
             self._thread.join(timeout=30)
 
+    @property
+    def running(self) -> bool:
+        """Whether the evaluation thread still runs (an evaluation may be in progress)."""
+        return self._thread.is_alive()
+
     def run(self) -> None:
         """Evaluate until stop(); the state says when this has ended, whatever ended it."""
         try:

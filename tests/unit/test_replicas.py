@@ -339,3 +339,18 @@ def test_a_replica_lists_the_missed_events_its_gauge_counts_for_a_topic_it_does_
     )
     listed = list_missed(other.snapshot, store, "orders", "orders-sub", WINDOW, 1000)
     assert listed is not None and len(listed) == 140
+
+
+def test_a_replica_that_stops_cleanly_hands_its_topics_over_at_the_next_pass() -> None:
+    store, clock = MemoryStore(), Clock()
+    group = [replica(store, clock, name, TOPICS) for name in ("a", "b", "c")]
+    run(clock, group, rounds=6)
+    a, *others = group
+    assert len(a.leases.held) == 10
+    released = _sample(a.leases, "eventaudit_topic_lease_changes_total", change="released")
+    a.leases.release_all()  # SIGTERM: after its last evaluation
+    assert a.leases.held == {}
+    run(clock, others)  # one pass, far less than the lease time
+    assert sorted(owned(others).values()) == [15, 15]
+    changes = _sample(a.leases, "eventaudit_topic_lease_changes_total", change="released")
+    assert changes == released + 10
