@@ -280,6 +280,7 @@ class Lease:
             isinstance(key, str)
             and isinstance(epoch, int)
             and _count(epoch)
+            and epoch < 2**62
             and isinstance(owner, str)
             and isinstance(expires, datetime)
             and expires.tzinfo

@@ -81,6 +81,7 @@ _DUPLICATE_KEY = 11000
 _INDEX_NOT_FOUND = 27
 _NAMESPACE_NOT_FOUND = 26
 _RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
+_LONG_AGO = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class StoredResult(NamedTuple):
@@ -181,8 +182,9 @@ class EvaluatorStore(Protocol):
         """Every stored subscription tenure."""
         ...
 
-    def save_tenures(self, tenures: Sequence[Tenure]) -> None:
-        """Store these tenures (each replaces the one of its topic and subscription)."""
+    def save_tenures(self, tenures: Sequence[Tenure], epoch: int = 0) -> list[Tenure]:
+        """Store these tenures (each replaces the one of its topic and subscription) unless
+        one was stored under a later lease `epoch`; return those refused so."""
         ...
 
     def load_bucket_results(self, since: datetime) -> list[BucketResult]:
@@ -971,7 +973,8 @@ class MongoStore:
         except PyMongoError as exc:
             raise StoreError(f"could not read a topic lease claim: {exc}") from exc
         claimed = doc.get("claimed") if doc else None
-        return claimed if isinstance(claimed, datetime) else now
+        # A claim without a readable time is not believed to be recent: stepped over.
+        return claimed if isinstance(claimed, datetime) and claimed.tzinfo else _LONG_AGO
 
     def epoch_claimed(self, key: str, epoch: int) -> bool:
         """One lookup by `_id` (pushed down to SQLite on FerretDB too)."""
@@ -1008,14 +1011,23 @@ class MongoStore:
             log.error("%d unreadable subscription tenures skipped", tenures.count(None))
         return [t for t in tenures if t is not None]
 
-    def save_tenures(self, tenures: Sequence[Tenure]) -> None:
-        """Replace each tenure by `_id` (rare: a subscription seen, gone or back)."""
+    def save_tenures(self, tenures: Sequence[Tenure], epoch: int = 0) -> list[Tenure]:
+        """Replace each tenure by `_id` (rare: a subscription seen, gone or back), unless the
+        stored one carries a later lease epoch (then the upsert's insert hits the `_id`)."""
+        refused = []
         try:
             for t in tenures:
-                doc = t.to_document()
-                self.db[TENURE_COLLECTION].replace_one({"_id": doc["_id"]}, doc, upsert=True)
+                doc = {**t.to_document(), "epoch": epoch}
+                newer = {"$or": [{"epoch": {"$lte": epoch}}, {"epoch": {"$exists": False}}]}
+                try:
+                    self.db[TENURE_COLLECTION].replace_one(
+                        {"_id": doc["_id"], **newer}, doc, upsert=True
+                    )
+                except DuplicateKeyError:
+                    refused.append(t)
         except PyMongoError as exc:
             raise StoreError(f"could not store subscription tenures: {exc}") from exc
+        return refused
 
     def load_fold_stamp(self) -> int:
         """The highest fold stamp stored (one read by `_id`)."""

@@ -36,7 +36,13 @@ from eventaudit.exporter.buckets import (
 )
 from eventaudit.exporter.leases import Fenced, Leases
 from eventaudit.exporter.subscriptions import Expectation, ExpectedSubscriptions
-from eventaudit.journal import BucketDigest, JournalBatch, MissedEvent, parse_listed
+from eventaudit.journal import (
+    BucketDigest,
+    JournalBatch,
+    JournalEntry,
+    MissedEvent,
+    parse_listed,
+)
 from eventaudit.partitions import (
     PARTITION_MS,
     folded_documents,
@@ -183,6 +189,8 @@ class Evaluator(Collector):
         """The (epoch, version) of each result held: a stored one replaces it only if later."""
         self._seen: dict[str, dict[int, tuple[int, int]]] = {}
         """Per key held elsewhere: the latest (epoch, version) read per result partition."""
+        self._seen_holder: dict[str, tuple[str, int]] = {}
+        """Per key held elsewhere: the (holder, epoch) whose writes `_seen` follows."""
 
     def evaluate(self, now: datetime) -> Snapshot:
         """Fold the journal and report everything settled by `now`. Raises StoreError; what
@@ -195,6 +203,9 @@ class Evaluator(Collector):
             # Stamp folds after any earlier process's, even with a clock stepped back, so a
             # later fold's result version is always higher and the API never takes it for an
             # earlier one. Both are read before either is kept: a failure keeps neither.
+            # The leases as they were before the results are read: any result stored since is
+            # announced by a later lease, and read then.
+            leases = self._store.load_leases() if self._leases is not None else []
             stored = self._store.load_results(oldest)
             stamp = self._store.load_fold_stamp()
             tenures = self._store.load_tenures()
@@ -202,6 +213,9 @@ class Evaluator(Collector):
             self._keep(stored)
             self._merged = max(self._merged, stamp)
             self._expected.restore(tenures)
+            for lease in leases:
+                self._seen_holder[lease.key] = (lease.owner, lease.epoch)
+                self._seen[lease.key] = dict(lease.written)
         self._expected.begin(now)
         if self._leases is not None:
             self._divide(oldest)
@@ -216,7 +230,10 @@ class Evaluator(Collector):
                 # keys, then taken again with the rest.
                 for name in taken:
                     if journal_key_of(name) is None and folded_documents(name) is None:
-                        self._fold_collection(name, span, merged, now)
+                        try:
+                            self._fold_collection(name, span, merged, now)
+                        except StoreError as exc:  # another replica re-journals it too
+                            log.warning("could not re-journal %s: %s", name, exc)
                 taken = self._take(now)
             unread = [n for n in taken if n not in self._folded]
             left: list[str] = []
@@ -232,12 +249,18 @@ class Evaluator(Collector):
             raise
         self._backlog = bool(left)
         self._results = {k: v for k, v in self._results.items() if k[1] >= oldest}
+        self._orders = {k: v for k, v in self._orders.items() if k[1] >= oldest}
+        edge = epoch_ms(oldest) - epoch_ms(oldest) % PARTITION_MS
+        for written in self._seen.values():
+            for ms in [ms for ms in written if ms < edge]:
+                del written[ms]
         self._evict(oldest)
         self._prune(oldest)
         snapshot = self._snapshot(now, frontier, merged)
         self._save_tenures()
         if self._leases is not None:
             self._leases.renew(epoch_ms(oldest) - epoch_ms(oldest) % PARTITION_MS)
+            self._leases.alive()
         return snapshot
 
     def _take(self, now: datetime) -> list[str]:
@@ -285,7 +308,8 @@ class Evaluator(Collector):
 
     def _divide(self, oldest: datetime) -> None:
         """Rebalance the leases; read afresh the state of keys just gained, and what the
-        holders of the others stored since the last read."""
+        holders of the others stored since the last read (all of a key's results when its
+        holder changed: the last writes of the one before may never have been announced)."""
         assert self._leases is not None and self._results is not None
         keys: dict[str, set[str]] = {k: set() for k in self._store.journal_keys()}
         for topic in self._expected.configured_topics | {t for t, _ in self._results}:
@@ -294,34 +318,45 @@ class Evaluator(Collector):
         held = self._leases.held
         for key in ownership.released:
             self._forget(key)
-        tenures = None
+        gained: set[str] = set()
         for key in sorted(ownership.gained):
-            topics = self._leases.topics_of(key)
             self._forget(key)
             self._seen.pop(key, None)
-            if topics:
-                self._keep(self._store.load_results(oldest, topics), replace=True)
-                tenures = self._store.load_tenures() if tenures is None else tenures
-                self._expected.adopt(tenures, topics)
+            self._seen_holder.pop(key, None)
+            gained |= self._leases.topics_of(key)
+        tenures = None
+        if gained:
+            self._keep(self._store.load_results(oldest, gained), replace=True)
+            tenures = self._store.load_tenures()
+            self._expected.adopt(tenures, gained)
         if ownership.gained:
             # Stamp after every fold the previous holders stored.
             self._merged = max(self._merged, self._store.load_fold_stamp())
+            for key in sorted(ownership.gained):
+                # The loads took time: renew before folding, not when the lease runs short.
+                self._fenced(key, self._leases.renew_key, key)
+        whole: set[str] = set()
         stale: dict[int, set[str]] = {}
-        read: list[tuple[str, int, tuple[int, int]]] = []
+        seen: dict[str, tuple[tuple[str, int], dict[int, tuple[int, int]]]] = {}
         for key, lease in self._leases.others.items():
-            seen = self._seen.setdefault(key, {})
-            for ms, order in lease.written.items():
-                if order > seen.get(ms, (-1, -1)):
-                    stale.setdefault(ms, set()).update(lease.topics)
-                    read.append((key, ms, order))
+            before = self._seen.get(key, {})
+            if self._seen_holder.get(key) != (lease.owner, lease.epoch):
+                whole |= set(lease.topics)
+            else:
+                for ms, order in lease.written.items():
+                    if order > before.get(ms, (-1, -1)):
+                        stale.setdefault(ms, set()).update(lease.topics)
+            seen[key] = ((lease.owner, lease.epoch), dict(lease.written))
+        fresh: list[StoredResult] = []
+        if whole:
+            fresh += self._store.load_results(oldest, whole)
+        if stale:
+            fresh += self._store.load_results(oldest, set().union(*stale.values()), set(stale))
+        self._keep([r for r in fresh if journal_key(r.result.topic) not in held])
+        for key, (holder, written) in seen.items():
+            self._seen_holder[key], self._seen[key] = holder, written
         foreign = {t for t, _ in self._results if journal_key(t) not in held}
         foreign |= {t for t in self._expected.configured_topics if journal_key(t) not in held}
-        if stale:
-            topics = set().union(*stale.values())
-            fresh = self._store.load_results(oldest, topics, set(stale))
-            self._keep([r for r in fresh if journal_key(r.result.topic) not in held])
-            for key, ms, order in read:
-                self._seen[key][ms] = order
         if foreign:
             self._expected.adopt(
                 tenures if tenures is not None else self._store.load_tenures(), foreign
@@ -342,13 +377,19 @@ class Evaluator(Collector):
         for key, tenures in sorted(by_key.items()):
             try:
                 self._fence(key)
-                self._store.save_tenures(tenures)
+                epoch = self._leases.epoch(key) if self._leases is not None else 0
+                refused = self._store.save_tenures(tenures, epoch)
             except Fenced:
                 self._forget(key)
                 continue
             except StoreError as exc:
                 log.warning("could not store %d subscription tenures: %s", len(tenures), exc)
                 return
+            if refused and self._leases is not None:
+                # Stored since by a later holder of the key: this replica lost it.
+                self._leases.refused(key, "a later epoch's subscription tenure is stored")
+                self._forget(key)
+                continue
             self._expected.stored(tenures)
 
     def _fold_collection(
@@ -422,6 +463,10 @@ class Evaluator(Collector):
         any more (kept a bucket longer), so the collections the evaluator reads and writes by
         `_id` stay the size of the longest window. A failure is logged and retried next time."""
         before = oldest - self._bucket
+        if self._leases is not None:
+            # Several replicas prune, each by its own clock and windows (which may differ for
+            # a while during a rollout): a partition more for what a holder may still fold.
+            before -= timedelta(milliseconds=PARTITION_MS)
         if self._pruned is not None and before - self._pruned < PRUNE_EVERY:
             return
         try:
@@ -452,12 +497,13 @@ class Evaluator(Collector):
         bucket_ms = self._bucket // timedelta(milliseconds=1)
         starts: dict[int, datetime] = {}  # bucket start in ms -> as a datetime, made once
         topics: set[str] = set()
+        misfiled: list[JournalEntry] = []
         for batch in batches:
             counts["malformed"] += batch.malformed
             for entry in batch.entries:
                 if entry.topic not in topics:
                     if _key_of(entry.topic) != journal:
-                        counts["misfiled"] += 1
+                        misfiled.append(entry)
                         continue
                     topics.add(entry.topic)
                 start_ms = entry.publish_ms - entry.publish_ms % bucket_ms
@@ -494,6 +540,11 @@ class Evaluator(Collector):
                 counts["folded"] += 1
         for (topic, sub), ms in first_receipts.items():
             self._expected.saw_receipt(topic, sub, from_epoch_ms(ms))
+        if misfiled:
+            # Not written by eventaudit's writers: journaled again under its topic's key, for
+            # the replica that holds that key's lease (counted and logged).
+            counts["misfiled"] += len(misfiled)
+            self._store.append_journal(misfiled, now)
         if self._leases is not None and self._leases.saw_topics(journal, topics):
             self._leases.renew_key(journal)  # a new topic is named before anything of it is
         filters = {topic: self._expected.filters(topic) for topic in {t for t, _ in touched}}
@@ -525,11 +576,12 @@ class Evaluator(Collector):
             log.warning(
                 "journal entries not counted: %d older than the longest window, %d more than "
                 "the publish time tolerance ahead, %d of buckets evaluated before the journal, "
-                "%d malformed",
+                "%d malformed, %d misfiled (journaled again under their topic's key)",
                 counts["too_old"],
                 counts["too_new"],
                 counts["legacy"],
                 counts["malformed"],
+                counts["misfiled"],
             )
 
     def _evict(self, oldest: datetime) -> None:

@@ -41,12 +41,19 @@ from datetime import UTC, datetime, timedelta
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from eventaudit.partitions import journal_key
 from eventaudit.records import Lease
 from eventaudit.store import EvaluatorStore
 
 log = logging.getLogger(__name__)
 
 LEASE_CHANGES = ("acquired", "released", "lost")
+CLAIM_PROBES = 16
+"""Epochs tried per key per pass past claims whose claimer never stored its lease."""
+MAX_EPOCH = 2**62
+MAX_LEASE_TOPICS = 64
+"""Topics a stored lease may name (they all hash to its key; more is not one of ours)."""
+_SKEW = timedelta(minutes=1)
 
 
 class Fenced(Exception):
@@ -79,6 +86,13 @@ class Ownership:
     """live replicas, this one included"""
     unowned: frozenset[str]
     """known keys no live replica holds after this pass"""
+
+
+def _own_topics(lease: Lease) -> Lease:
+    """The lease with only the topics that hash to its key (at most MAX_LEASE_TOPICS): a
+    stored lease naming others is not believed about them."""
+    topics = tuple(t for t in lease.topics if journal_key(t) == lease.key)[:MAX_LEASE_TOPICS]
+    return lease if topics == lease.topics else replace(lease, topics=topics)
 
 
 class Leases(Collector):
@@ -114,6 +128,7 @@ class Leases(Collector):
         self._changes = dict.fromkeys(LEASE_CHANGES, 0)
         self._replicas = 1
         self._unowned: frozenset[str] = frozenset()
+        self._next_epoch: dict[str, int] = {}
 
     @property
     def lease(self) -> timedelta:
@@ -138,10 +153,14 @@ class Leases(Collector):
         """Say this replica is alive, release what is beyond its share, claim free keys up to
         it. `keys`: every journal key known, with the topics known of it. Raises StoreError."""
         now = self._clock()
-        self._store.save_replica(self.replica, now + self._lease)
-        replicas = {r for r, until in self._store.load_replicas().items() if until > now}
+        # Times further ahead than any replica renews to are not believed (a clock far ahead,
+        # or a hand-written document): such a lease or heartbeat counts as expired.
+        horizon = now + 2 * self._lease + _SKEW
+        replicas = {r for r, until in self._store.load_replicas().items() if now < until <= horizon}
         replicas.add(self.replica)
-        stored = {lease.key: lease for lease in self._store.load_leases()}
+        stored = {
+            lease.key: _own_topics(lease) for lease in self._store.load_leases() if lease.epoch
+        }
         known = {k: set(t) for k, t in keys.items()}
         for key, lease in stored.items():
             known.setdefault(key, set()).update(lease.topics)
@@ -149,7 +168,7 @@ class Leases(Collector):
             known.setdefault(key, set()).update(held.topics)
 
         def live(lease: Lease) -> bool:
-            return lease.expires > now
+            return now < lease.expires <= horizon
 
         counts = dict.fromkeys(replicas, 0)
         for key, lease in stored.items():
@@ -229,16 +248,25 @@ class Leases(Collector):
         """Claim the next epoch of `key`; True when this replica now holds it. The lease runs
         from before the claim was sent, by both clocks."""
         now, started = self._clock(), self._monotonic()
-        epoch = (stored.epoch if stored else 0) + 1
-        for _ in range(2):
+        # Claims are contiguous (an epoch is tried only once every lower one is claimed), so a
+        # holder of epoch e is fenced by the claim of e + 1 alone. Claims whose claimer never
+        # stored its lease are stepped over, CLAIM_PROBES a pass, resuming where the last
+        # pass stopped.
+        epoch = max((stored.epoch if stored else 0) + 1, self._next_epoch.get(key, 0))
+        for _ in range(CLAIM_PROBES):
+            if epoch >= MAX_EPOCH:
+                log.error("journal key %s: lease epochs exhausted, not claimed", key)
+                return False
             claimed = self._store.claim_epoch(key, epoch, self.replica, now)
             if claimed is None:
                 break
-            if claimed + self._lease > now:
+            if now - self._lease < claimed <= now + _SKEW:
                 return False  # claimed by another replica just now
-            epoch += 1  # claimed by one that never stored its lease: long gone
+            epoch += 1  # claimed by one that never stored its lease (or a hostile claim)
+            self._next_epoch[key] = epoch
         else:
             return False
+        self._next_epoch.pop(key, None)
         held = Held(epoch, started + (self._lease - self._margin).total_seconds(), set(topics))
         lease = Lease(key, epoch, self.replica, now + self._lease, tuple(sorted(topics)))
         if not self._store.save_lease(lease):
@@ -257,9 +285,18 @@ class Leases(Collector):
         held = self._held.get(key)
         if held is None:
             raise Fenced(key)
-        if self._monotonic() > held.deadline or self._store.epoch_claimed(key, held.epoch + 1):
+        left = held.deadline - self._monotonic()
+        if left < 0 or self._store.epoch_claimed(key, held.epoch + 1):
             self._lose(key, "its lease expired or passed to another replica")
             raise Fenced(key)
+        if left < (self._lease / 2).total_seconds():
+            # A long pass: renew now rather than at its end, before the lease runs out.
+            self._renew(key)
+
+    def refused(self, key: str, why: str) -> None:
+        """The store refused a write for `key` (a later epoch's is stored): lost, counted."""
+        if key in self._held:
+            self._lose(key, why)
 
     def _lose(self, key: str, why: str) -> None:
         self._held.pop(key, None)
@@ -284,6 +321,11 @@ class Leases(Collector):
         held.topics |= topics
         return True
 
+    def alive(self) -> None:
+        """Say this replica is alive for the lease time (after a pass that succeeded: a replica
+        whose evaluations fail is not given a share of the topics). Raises StoreError."""
+        self._store.save_replica(self.replica, self._clock() + self._lease)
+
     def renew(self, oldest_partition_ms: int) -> None:
         """Renew every held lease, with what was written where; partitions before
         `oldest_partition_ms` are forgotten. Raises StoreError."""
@@ -297,8 +339,13 @@ class Leases(Collector):
 
     def renew_key(self, key: str) -> None:
         """Renew one held lease (fenced first). Raises Fenced, StoreError."""
-        now, started = self._clock(), self._monotonic()
         self.fence(key)
+        if key in self._held:
+            self._renew(key)
+
+    def _renew(self, key: str) -> None:
+        """Store the held lease with a new expiry; its deadline moves only once stored."""
+        now, started = self._clock(), self._monotonic()
         held = self._held[key]
         lease = Lease(key, held.epoch, self.replica, now + self._lease, tuple(sorted(held.topics)))
         if not self._store.save_lease(replace(lease, written=dict(held.written))):

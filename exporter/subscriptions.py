@@ -270,8 +270,12 @@ class ExpectedSubscriptions:
                     since=tenure.since,
                     until=None if standing else tenure.until,
                 )
+            # Without a tenure: expected from the start when this replica evaluates the topic
+            # (its tenure is stored at the end of this evaluation); on the others, only once
+            # the holder stored when it began (else a subscription configured here first would
+            # be expected in buckets from before it existed).
             for name in (configured | set(listing)) - set(out):
-                if not self.excluded(topic, name):
+                if own and not self.excluded(topic, name):
                     out[name] = Expectation(standing=True)
             return out
 

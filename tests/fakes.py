@@ -72,6 +72,7 @@ class MemoryStore:
         self.digest_reads = 0
         self.fold_stamp = 0
         self.tenures: dict[tuple[str, str], Tenure] = {}
+        self.tenure_epochs: dict[tuple[str, str], int] = {}
         self.fail_next = 0
         self._lock = threading.Lock()
 
@@ -363,11 +364,17 @@ class MemoryStore:
             self._check()
             return list(self.tenures.values())
 
-    def save_tenures(self, tenures: Sequence[Tenure]) -> None:
+    def save_tenures(self, tenures: Sequence[Tenure], epoch: int = 0) -> list[Tenure]:
         with self._lock:
             self._check()
+            refused = []
             for t in tenures:
-                self.tenures[(t.topic, t.subscription)] = t
+                key = (t.topic, t.subscription)
+                if self.tenure_epochs.get(key, 0) > epoch:
+                    refused.append(t)
+                    continue
+                self.tenures[key], self.tenure_epochs[key] = t, epoch
+            return refused
 
     def load_fold_stamp(self) -> int:
         with self._lock:

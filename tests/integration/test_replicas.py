@@ -269,3 +269,31 @@ def test_three_replicas_on_ferretdb_split_the_topics_and_serve_the_same_numbers(
     assert memory.owned(replicas) == {"a": 10, "b": 10, "c": 10}
     expected = {(t, f"{t}-sub"): (3, 2) for t in memory.TOPICS}
     assert [memory.numbers(r.snapshot) for r in replicas] == [expected] * 3
+
+
+def test_ferretdb_enforces_what_fencing_relies_on(store: MongoStore) -> None:
+    """One claim of an epoch succeeds; a lease or tenure of an earlier epoch never replaces a
+    later one's; hostile claim and lease documents are read without raising."""
+    from eventaudit.records import Tenure
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    key = journal_key("orders")
+    assert store.claim_epoch(key, 1, "a", now) is None
+    assert store.claim_epoch(key, 1, "b", now) == now  # taken, and when
+    assert store.epoch_claimed(key, 1) and not store.epoch_claimed(key, 2)
+    store.db["ExporterLeaseClaim"].insert_one({"_id": f"{key}|2", "claimed": "soon"})
+    assert store.claim_epoch(key, 2, "b", now) == datetime(1970, 1, 1, tzinfo=UTC)  # stale
+    later = Lease(key, 5, "b", now, ("orders",), {600_000: (5, 7)})
+    assert store.save_lease(later)
+    assert not store.save_lease(Lease(key, 4, "a", now, ("orders",)))
+    store.db["ExporterLease"].insert_many(
+        [{"_id": "x", "epoch": "1"}, {"_id": "y", "epoch": 2**62, "owner": "a", "expires": now}]
+    )
+    assert store.load_leases() == [later]
+    gone = Tenure("orders", "old-sub", now, now, "")
+    stale = Tenure("orders", "old-sub", now, None, "")
+    assert store.save_tenures([gone], epoch=5) == []
+    assert store.save_tenures([stale], epoch=4) == [stale]
+    assert store.load_tenures() == [gone]
+    store.save_replica("a", now)
+    assert store.load_replicas() == {"a": now}

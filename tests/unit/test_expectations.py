@@ -305,7 +305,7 @@ def test_a_failed_tenure_write_is_retried_by_the_next_evaluation(
     listing.subs = [SubscriptionInfo("new")]
     real = store.save_tenures
 
-    def failing(tenures: object) -> None:
+    def failing(tenures: object, epoch: int = 0) -> None:
         raise StoreError("down")
 
     monkeypatch.setattr(store, "save_tenures", failing)

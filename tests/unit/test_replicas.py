@@ -5,6 +5,7 @@ same on FerretDB with real processes in tests/integration/test_replicas.py."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -18,8 +19,8 @@ from eventaudit.exporter.leases import Leases
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 from eventaudit.journal import JournalEntry
 from eventaudit.partitions import journal_key
-from eventaudit.records import BucketResult, Lease, PublishRecord, Receipt
-from eventaudit.store import AuditStore, StoreError
+from eventaudit.records import BucketResult, Lease, PublishRecord, Receipt, Tenure
+from eventaudit.store import AuditStore, StoredResult, StoreError
 from tests.fakes import MemoryStore
 
 BUCKET = timedelta(seconds=10)
@@ -261,6 +262,7 @@ def test_a_released_key_is_handed_over_without_waiting_for_expiry() -> None:
         {"_id": "k", "epoch": 1, "owner": "a", "expires": T0, "written": ["1:2: 3"]},
         {"_id": "k", "epoch": 1, "owner": "a", "expires": T0, "written": "1:2:3"},
         {"_id": 5, "epoch": 1, "owner": "a", "expires": T0},
+        {"_id": "k", "epoch": 2**62, "owner": "a", "expires": T0},  # no room for a successor
     ],
 )
 def test_hostile_stored_leases_are_not_leases(doc: dict[str, object]) -> None:
@@ -282,7 +284,11 @@ def test_entries_of_a_topic_in_another_keys_journal_are_counted_misfiled() -> No
     store.inject_journal({"_id": "x", "entries": [entry.to_document()]}, name)
     run(clock, group)
     assert _sample(a.evaluator, "eventaudit_journal_entries_total", outcome="misfiled") == 1
-    assert not any(k.startswith("payments|") for k in store.buckets)
+    # Journaled again under its topic's key, and folded by that key's holder (here a again:
+    # the only replica), never by the holder of the collection it was found in.
+    run(clock, group)
+    assert store.buckets[f"payments|{journal_entry_bucket(entry)}"].published == 1
+    assert journal_key("payments") in a.leases.held
 
 
 def _sample(collector: Collector, name: str, **labels: str) -> float:
@@ -354,3 +360,157 @@ def test_a_replica_that_stops_cleanly_hands_its_topics_over_at_the_next_pass() -
     assert sorted(owned(others).values()) == [15, 15]
     changes = _sample(a.leases, "eventaudit_topic_lease_changes_total", change="released")
     assert changes == released + 10
+
+
+def journal_entry_bucket(entry: JournalEntry) -> int:
+    ms = entry.publish_ms
+    return ms - ms % int(BUCKET.total_seconds() * 1000)
+
+
+def test_a_holder_that_dies_before_announcing_its_last_results_is_read_whole_by_the_others() -> (
+    None
+):
+    """The holder stored results for late receipts and died before renewing its lease (which
+    says where it wrote): the replicas that do not hold the topic read all of its results
+    again once its successor holds it, rather than serve the old counts until they age out."""
+    store, clock = LeaseFailingStore(), Clock()
+    group = [replica(store, clock, name, ["orders"]) for name in ("a", "b", "c")]
+    when = T0 + timedelta(seconds=5)
+    traffic(store, ["orders"], when, 6, lost=6)
+    run(clock, group, rounds=6)
+    [holder] = [r for r in group if r.leases.held]
+    others = [r for r in group if r is not holder]
+    late = [
+        Receipt("orders-sub", f"orders-{when.timestamp():.0f}-{i}", "orders", None, "m", when,
+                when, clock.now)
+        for i in range(4)
+    ]  # fmt: skip
+    store.record_receipts(late, clock.now)
+    clock.advance(BUCKET.total_seconds(), *(r.name for r in group))
+    store.fail_leases = True
+    with pytest.raises(StoreError):
+        holder.evaluator.evaluate(clock.now)  # results stored, lease not renewed: then killed
+    store.fail_leases = False
+    run(clock, others, rounds=5)
+    assert sum(len(r.leases.held) for r in others) == 1
+    assert [numbers(r.snapshot) for r in others] == [{("orders", "orders-sub"): (6, 4)}] * 2
+
+
+class SlowStore(MemoryStore):
+    """Reading results takes `seconds` of the replicas' monotonic clocks (FerretDB reading
+    whole partitions under load)."""
+
+    clock: Clock | None = None
+    seconds = 0.0
+
+    def load_results(
+        self,
+        since: datetime,
+        topics: Collection[str] | None = None,
+        partitions: Collection[int] | None = None,
+    ) -> list[StoredResult]:
+        if self.clock is not None and self.seconds:
+            for name in self.clock.monotonic:
+                self.clock.monotonic[name] += self.seconds
+        return super().load_results(since, topics, partitions)
+
+
+def test_a_slow_takeover_keeps_the_keys_it_gained() -> None:
+    """Reading a gained key's results takes most of the lease: the leases are renewed before
+    folding, not refused at the first write (which would repeat at every pass)."""
+    store, clock = SlowStore(), Clock()
+    store.clock = clock
+    group = [replica(store, clock, name, TOPICS) for name in ("a", "b")]
+    b = group[1]
+    run(clock, group, rounds=4)
+    assert owned(group) == {"a": 15, "b": 15}
+    # Each read takes 12 s of the lease's 30 (a write is refused past 24): one read for all
+    # the keys gained, and their leases renewed after it.
+    store.seconds = 12.0
+    for _ in range(5):  # a dies: b takes its keys over, one slow read
+        run(clock, [b])
+    assert owned([b]) == {"b": 30}
+    assert _sample(b.leases, "eventaudit_lease_fenced_writes_total") == 0
+
+
+def test_claims_step_over_any_number_of_abandoned_epochs() -> None:
+    """Claimers that died before storing their lease leave claims behind: the next claimer
+    steps over them (a bounded number a pass), so the key is never orphaned for good."""
+    store, clock = MemoryStore(), Clock()
+    key = journal_key("orders")
+    for epoch in range(1, 41):
+        store.claims[(key, epoch)] = T0 - timedelta(hours=1)
+    [a] = group = [replica(store, clock, "a", ["orders"])]
+    run(clock, group, rounds=3)
+    assert a.leases.epoch(key) == 41
+
+
+@pytest.mark.parametrize(
+    "ghost",
+    [
+        T0 + timedelta(days=365),  # a clock far ahead, or a hand-written heartbeat
+        T0 + timedelta(seconds=20),  # a replica that died just now: gone after the lease
+    ],
+)
+def test_a_ghost_heartbeat_does_not_keep_the_split_off_balance(ghost: datetime) -> None:
+    store, clock = MemoryStore(), Clock()
+    store.replicas["ghost"] = ghost
+    group = [replica(store, clock, name, TOPICS) for name in ("a", "b", "c")]
+    run(clock, group, rounds=8)
+    assert owned(group) == {"a": 10, "b": 10, "c": 10}
+    changes = sum(
+        _sample(r.leases, "eventaudit_topic_lease_changes_total", change="acquired") for r in group
+    )
+    run(clock, group, rounds=5)
+    assert owned(group) == {"a": 10, "b": 10, "c": 10}
+    after = sum(
+        _sample(r.leases, "eventaudit_topic_lease_changes_total", change="acquired") for r in group
+    )
+    assert after == changes  # no churn
+
+
+def test_a_lease_expiring_in_a_hundred_years_is_not_believed() -> None:
+    store, clock = MemoryStore(), Clock()
+    key = journal_key("orders")
+    store.leases[key] = Lease(key, 3, "ghost", T0 + timedelta(days=36500), ("orders",))
+    store.claims.update({(key, e): T0 - timedelta(days=1) for e in (1, 2, 3)})
+    [a] = group = [replica(store, clock, "a", ["orders"])]
+    run(clock, group)
+    assert a.leases.epoch(key) == 4
+
+
+def test_a_paused_holders_late_tenure_never_replaces_its_successors() -> None:
+    store = MemoryStore()
+    gone = Tenure("orders", "old-sub", T0, T0 + timedelta(minutes=5), "")
+    stale = Tenure("orders", "old-sub", T0, None, "")
+    assert store.save_tenures([gone], epoch=2) == []
+    assert store.save_tenures([stale], epoch=1) == [stale]
+    assert store.tenures[("orders", "old-sub")] == gone
+    assert store.save_tenures([stale], epoch=3) == []
+
+
+def test_a_subscription_configured_only_on_a_replica_that_does_not_hold_the_topic() -> None:
+    """A rolling configuration change: b expects `orders-new`, the holder does not yet. b must
+    not report it (it would count every bucket since before it existed as missed)."""
+    store, clock = MemoryStore(), Clock()
+    clock.monotonic.update(a=0.0, b=0.0)
+    a = replica(store, clock, "a", ["orders"])
+    run(clock, [a], rounds=2)
+    leases = Leases(store, "b", LEASE, lambda: clock.now, lambda: clock.monotonic["b"])
+    expected = ExpectedSubscriptions({"orders": {"orders-sub", "orders-new"}}, set(), None)
+    b = Replica("b", leases, Evaluator(store, expected, [WINDOW], BUCKET, SETTLE, leases=leases))
+    traffic(store, ["orders"], clock.now - timedelta(seconds=45), 3)
+    run(clock, [a, b], rounds=3)
+    assert not b.leases.held
+    assert b.snapshot is not None and ("orders", "orders-new") not in b.snapshot.subscriptions
+    assert numbers(b.snapshot) == numbers(a.snapshot) == {("orders", "orders-sub"): (3, 3)}
+
+
+def test_result_orders_are_kept_only_for_buckets_a_window_reaches() -> None:
+    store, clock = MemoryStore(), Clock()
+    [a] = group = [replica(store, clock, "a", ["orders"])]
+    for _ in range(6 * 13):  # 13 minutes of traffic in every bucket
+        traffic(store, ["orders"], clock.now - timedelta(seconds=35), 1)
+        run(clock, group)
+    window_buckets = int(WINDOW.length / BUCKET) + int(SETTLE / BUCKET) + 2
+    assert 0 < len(a.evaluator._orders) <= window_buckets
