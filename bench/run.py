@@ -11,12 +11,18 @@
   subscriptions each), the steady evaluation (100 new events per 10 s bucket), the first
   evaluation after a restart, a /metrics scrape and an /api/v1/missed listing, as ratios of
   much history to little; then a burst of 100,000 events folded at once (events/s, RSS).
+- replicas (not part of `make bench`'s default three): 30 topics with traffic in every 10 s
+  bucket; the steady evaluation of one exporter without leases (the baseline), of one with
+  leases (holding all 30 topics: the cost of leases and fencing), and of three replicas
+  dividing the topics (each one's pass: folding a third, reading what the others stored).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import operator
 import os
 import shutil
 import tempfile
@@ -37,6 +43,7 @@ from eventaudit.contract import utc_now_ms
 from eventaudit.exporter.buckets import Window
 from eventaudit.exporter.collector import CompletionCollector, EvaluationState
 from eventaudit.exporter.evaluator import Evaluator, list_missed
+from eventaudit.exporter.leases import Leases
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 from eventaudit.publisher.app import PublisherDeps, create_app
 from eventaudit.publisher.audited import AuditedPublisher, PublisherMetrics, RecordBuffer
@@ -302,6 +309,86 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+REPLICA_TOPICS = [f"bench-topic-{i:02d}" for i in range(30)]
+
+
+def _multi_topic_events(store: MongoStore, tick: datetime, k: int, per_topic: int) -> int:
+    """`per_topic` events on each REPLICA_TOPICS topic published in the bucket that settles
+    at `tick`, received on two subscriptions each; how many events."""
+    when = [_ms(tick - timedelta(seconds=39) + timedelta(seconds=9 * i / per_topic))
+            for i in range(per_topic)]  # fmt: skip
+    records = [
+        PublishRecord(f"{t}-{k}-{i}", "t" * 32, t, "{}", str(i), w)
+        for t in REPLICA_TOPICS
+        for i, w in enumerate(when)
+    ]
+    store.insert_publish_records(records, utc_now_ms())
+    for sub in ("a", "b"):
+        receipts = [
+            Receipt(f"{r.topic}-{sub}", r.event_id, r.topic, None, "m", w, w, w)
+            for r in records
+            for w in (r.publish_time,)
+        ]
+        store.record_receipts(receipts, utc_now_ms())
+    return len(records)
+
+
+def _replica_group(store: MongoStore, n: int, clock: Callable[[], datetime]) -> list[Evaluator]:
+    """`n` exporter replicas with leases (0: one without)."""
+    group = []
+    for i in range(max(n, 1)):
+        expected = ExpectedSubscriptions(
+            {t: {f"{t}-a", f"{t}-b"} for t in REPLICA_TOPICS}, set(), None
+        )
+        leases = Leases(store, f"r{i}", timedelta(seconds=60), clock) if n else None
+        group.append(
+            Evaluator(
+                store,
+                expected,
+                [Window.parse(w, timedelta(seconds=10)) for w in ("1m", "5m", "1h")],
+                timedelta(seconds=10),
+                timedelta(seconds=30),
+                leases=leases,
+            )
+        )
+    return group
+
+
+def bench_replicas(uri: str) -> None:
+    """Steady evaluation per pass: no leases, one replica with leases, three replicas."""
+    medians = {}
+    for n in (0, 1, 3):
+        store = MongoStore(uri, f"bench_replicas_{n}_{uuid.uuid4().hex[:6]}", timeout_seconds=60)
+        start = datetime.now(UTC).replace(microsecond=0)
+        now = [start - timedelta(seconds=start.second % 10)]  # buckets settle at each tick
+        group = _replica_group(store, n, functools.partial(operator.itemgetter(0), now))
+        passes: list[list[float]] = [[] for _ in group]
+        for k in range(24):
+            now[0] += timedelta(seconds=10)
+            _multi_topic_events(store, now[0], k, 20)
+            for i, ev in enumerate(group):
+                started = time.perf_counter()
+                snapshot = ev.evaluate(now[0])
+                passes[i].append(time.perf_counter() - started)
+        # Every replica serves every topic, all settled events counted.
+        for t in REPLICA_TOPICS:
+            assert snapshot.subscriptions[(t, f"{t}-a")]["1m"].published == 120, t
+        steady = [sorted(p[-12:])[6] for p in passes]  # after the split has settled
+        medians[n] = steady
+        label = {0: "1 exporter, no leases", 1: "1 replica, leases", 3: "3 replicas"}[n]
+        print(
+            f"replicas {label:>22}: steady pass (600 events per 10 s bucket, 30 topics, 2 "
+            f"subscriptions each) {', '.join(f'{s * 1000:.0f}' for s in steady)} ms"
+        )
+        store.close()
+    base, one, three = medians[0][0], medians[1][0], medians[3]
+    print(
+        f"replicas       ratios: leases / none {one / base:.2f}; busiest of 3 replicas / one "
+        f"exporter {max(three) / base:.2f}; the 3 passes summed / one exporter "
+        f"{sum(three) / base:.2f}"
+    )
+
+
 def bench_exporter(uri: str, sizes: list[int], ferret_pid: int) -> None:
     """Steady evaluation, scrape and /api/v1/missed with little and much history, and a burst."""
     now = datetime.now(UTC)
@@ -382,6 +469,8 @@ def main() -> None:
                 bench_publisher(store, args.events)
             elif which == "subscriber":
                 bench_subscriber(store, args.events)
+            elif which == "replicas":
+                bench_replicas(f"mongodb://127.0.0.1:{fport}/")
             else:
                 ferret = services[0].proc
                 assert ferret is not None
