@@ -37,6 +37,7 @@ from eventaudit.records import (
     DEAD_LETTER_COLLECTION,
     DIGEST_COLLECTION,
     JOURNAL_COLLECTION,
+    LEASE_COLLECTION,
     PUBLISH_COLLECTION,
     RECEIVED_COLLECTION,
 )
@@ -45,6 +46,8 @@ JOURNAL_SLOT_MS = 10_000
 """A writer's journal collection changes every 10 s of its clock."""
 PARTITION_MS = 600_000
 """Digests and results: one collection per 10 minutes of bucket start."""
+LEASE_SLOT_MS = 60_000
+"""Topic lease documents: one collection per minute of renewal time."""
 RECORD_PARTITION_MS = 3_600_000
 """Publish records and receipts: one collection per hour of publish time."""
 TAKEN_JOURNAL = "EventJournalTaken"
@@ -63,7 +66,7 @@ _FOLDED = re.compile(
 )
 _PARTITIONED = re.compile(
     rf"({DIGEST_COLLECTION}|{BUCKET_COLLECTION}|{PUBLISH_COLLECTION}|{RECEIVED_COLLECTION}"
-    rf"|{DEAD_LETTER_COLLECTION})"
+    rf"|{DEAD_LETTER_COLLECTION}|{LEASE_COLLECTION})"
     r"_(-?[0-9]{1,15})"
 )
 _SPANS = {
@@ -72,6 +75,7 @@ _SPANS = {
     PUBLISH_COLLECTION: RECORD_PARTITION_MS,
     RECEIVED_COLLECTION: RECORD_PARTITION_MS,
     DEAD_LETTER_COLLECTION: RECORD_PARTITION_MS,
+    LEASE_COLLECTION: LEASE_SLOT_MS,
 }
 RECORD_PREFIXES = (PUBLISH_COLLECTION, RECEIVED_COLLECTION, DEAD_LETTER_COLLECTION)
 """Hourly record collections: retention drops the hours past it."""
@@ -137,6 +141,19 @@ def folded_documents(name: str) -> int | None:
     collection not (yet) folded."""
     match = _FOLDED.fullmatch(name)
     return None if match is None else int(match.group(3))
+
+
+def lease_slot(renewed: datetime) -> str:
+    """The lease collection a lease document renewed at `renewed` goes to."""
+    return _named(LEASE_COLLECTION, epoch_ms(renewed), LEASE_SLOT_MS)
+
+
+def lease_slots(since: datetime, until: datetime) -> list[str]:
+    """The lease collections of every slot from `since`'s to `until`'s."""
+    first, last = epoch_ms(since), epoch_ms(until)
+    first -= first % LEASE_SLOT_MS
+    first = max(first, last - last % LEASE_SLOT_MS - 1000 * LEASE_SLOT_MS)  # 1000 at most
+    return [f"{LEASE_COLLECTION}_{ms}" for ms in range(first, last + 1, LEASE_SLOT_MS)]
 
 
 def bucket_partition(prefix: str, start: datetime) -> str:

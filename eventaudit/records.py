@@ -17,6 +17,7 @@ JOURNAL_COLLECTION = "EventJournal"
 TENURE_COLLECTION = "SubscriptionTenure"
 DIGEST_COLLECTION = "BucketDigest"
 LEASE_COLLECTION = "ExporterLease"
+"""Prefix of the lease collections, one per LEASE_SLOT_MS of renewal time."""
 LEASE_CLAIM_COLLECTION = "ExporterLeaseClaim"
 REPLICA_COLLECTION = "ExporterReplica"
 
@@ -258,11 +259,25 @@ class Lease:
     """the key's topics, as its holder knows them"""
     written: dict[int, tuple[int, int]] = field(default_factory=dict)
     """result partition start (ms) -> the (epoch, version) of the latest results stored there"""
+    renewed: datetime | None = None
+    """when its holder wrote it (of two writes of one epoch, the later counts)"""
+    seq: int = 0
+    """the holder's count of its lease writes (orders two writes of one millisecond)"""
+
+    @property
+    def order(self) -> tuple[int, datetime, int]:
+        """Which of a key's lease documents counts: the latest epoch, then the latest write."""
+        return self.epoch, self.renewed or self.expires, self.seq
 
     def to_document(self) -> dict[str, Any]:
-        """The `ExporterLease` document."""
+        """An `ExporterLease_<slot>` document: one is inserted at every renewal (an insert
+        reads nothing, on FerretDB too), and the latest of a key counts."""
+        renewed = self.renewed or self.expires
         return {
-            "_id": self.key,
+            "_id": f"{self.key}|{self.epoch}|{self.seq}|{self.owner}",
+            "key": self.key,
+            "renewed": renewed,
+            "seq": self.seq,
             "epoch": self.epoch,
             "owner": self.owner,
             "expires": self.expires,
@@ -274,10 +289,16 @@ class Lease:
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> Lease | None:
         """Inverse of to_document; None for a document that is not one."""
-        key, epoch, owner, expires = (doc.get(k) for k in ("_id", "epoch", "owner", "expires"))
-        topics, written = doc.get("topics", []), doc.get("written", [])
+        key, epoch, owner, expires = (doc.get(k) for k in ("key", "epoch", "owner", "expires"))
+        topics, written, renewed = doc.get("topics", []), doc.get("written", []), doc.get("renewed")
+        seq = doc.get("seq", 0)
         if not (
             isinstance(key, str)
+            and isinstance(seq, int)
+            and _count(seq)
+            and isinstance(renewed, datetime)
+            and renewed.tzinfo
+            and _SANE <= renewed < _INSANE
             and isinstance(epoch, int)
             and _count(epoch)
             and epoch < 2**62
@@ -300,6 +321,8 @@ class Lease:
             expires,
             tuple(topics),
             {p[0]: (p[1], p[2]) for p in parsed if p is not None},
+            renewed,
+            seq,
         )
 
 

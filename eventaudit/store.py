@@ -50,6 +50,8 @@ from eventaudit.partitions import (
     journal_collection,
     journal_key,
     journal_key_of,
+    lease_slot,
+    lease_slots,
     partition_start,
     partitions_before,
     partitions_of,
@@ -202,13 +204,17 @@ class EvaluatorStore(Protocol):
         every one the window reaches), with its (epoch, version)."""
         ...
 
-    def load_leases(self) -> list[Lease]:
-        """Every topic lease (one per journal key)."""
+    def load_leases(self, since: datetime, until: datetime) -> list[Lease]:
+        """The latest lease document of each journal key written in [since, until] (give or
+        take a slot)."""
         ...
 
-    def save_lease(self, lease: Lease) -> bool:
-        """Store the lease of its epoch's holder; False (nothing stored) when a later epoch's
-        lease is stored."""
+    def save_leases(self, leases: Sequence[Lease]) -> None:
+        """Store these lease documents (each at its `renewed` time)."""
+        ...
+
+    def drop_lease_slots(self, before: datetime) -> int:
+        """Drop the lease collections of slots wholly before `before`; how many."""
         ...
 
     def claim_epoch(self, key: str, epoch: int, owner: str, now: datetime) -> datetime | None:
@@ -933,30 +939,41 @@ class MongoStore:
 
     # -- exporter replicas: topic leases ----------------------------------------------------
 
-    def load_leases(self) -> list[Lease]:
-        """Every topic lease (a small collection: one per journal key)."""
-        leases = [
-            Lease.from_document(d) if d is not None else None
-            for d in self._decoded(LEASE_COLLECTION, "topic leases")
-        ]
-        if None in leases:
-            log.error("%d unreadable topic leases skipped", leases.count(None))
-        return [lease for lease in leases if lease is not None]
+    def load_leases(self, since: datetime, until: datetime) -> list[Lease]:
+        """Read the lease collections of the slots from `since` to `until` (by name: a slot
+        no one wrote in is an empty read), and keep each key's latest document."""
+        latest: dict[str, Lease] = {}
+        bad = 0
+        for name in lease_slots(since, until):
+            for doc in self._decoded(name, "topic leases"):
+                lease = Lease.from_document(doc) if doc is not None else None
+                if lease is None:
+                    bad += 1
+                elif lease.key not in latest or lease.order > latest[lease.key].order:
+                    latest[lease.key] = lease
+        if bad:
+            log.error("%d unreadable topic lease documents skipped", bad)
+        return list(latest.values())
 
-    def save_lease(self, lease: Lease) -> bool:
-        """Replace the lease unless a later epoch's is stored (then the upsert's insert hits
-        the `_id` taken: False)."""
+    def save_leases(self, leases: Sequence[Lease]) -> None:
+        """Insert each lease document into the collection of its renewal's slot: an insert
+        reads nothing, on FerretDB too (an update by `_id` reads the whole collection)."""
+        by_slot: dict[str, list[dict[str, Any]]] = {}
+        for lease in leases:
+            doc = lease.to_document()
+            by_slot.setdefault(lease_slot(doc["renewed"]), []).append(doc)
+        for name, docs in by_slot.items():
+            _insert_new(self.db[name], docs, "topic leases")
+
+    def drop_lease_slots(self, before: datetime) -> int:
+        """Drop the lease collections of slots that end before `before`."""
         try:
-            self.db[LEASE_COLLECTION].replace_one(
-                {"_id": lease.key, "epoch": {"$lte": lease.epoch}},
-                lease.to_document(),
-                upsert=True,
-            )
-        except DuplicateKeyError:
-            return False
+            old = partitions_before(self._collections(), LEASE_COLLECTION, before)
+            for name in old:
+                self.db.drop_collection(name)
         except PyMongoError as exc:
-            raise StoreError(f"could not store a topic lease: {exc}") from exc
-        return True
+            raise StoreError(f"could not drop old topic leases: {exc}") from exc
+        return len(old)
 
     def claim_epoch(self, key: str, epoch: int, owner: str, now: datetime) -> datetime | None:
         """An insert of `key|epoch`: the one claim of it that succeeds."""

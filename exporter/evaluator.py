@@ -205,7 +205,7 @@ class Evaluator(Collector):
             # earlier one. Both are read before either is kept: a failure keeps neither.
             # The leases as they were before the results are read: any result stored since is
             # announced by a later lease, and read then.
-            leases = self._store.load_leases() if self._leases is not None else []
+            leases = self._leases.stored() if self._leases is not None else []
             stored = self._store.load_results(oldest)
             stamp = self._store.load_fold_stamp()
             tenures = self._store.load_tenures()
@@ -268,7 +268,7 @@ class Evaluator(Collector):
         of an earlier release; note the taken ones folded already."""
         keys = None
         if self._leases is not None:
-            keys = [k for k in sorted(self._leases.held) if self._fenced(k, self._leases.fence, k)]
+            keys = [k for k in sorted(self._leases.held) if self._fenced(k, self._leases.verify, k)]
         taken = self._store.take_journal(now, keys)
         self._folded = {n: v for n, v in self._folded.items() if n in taken}
         for name in taken:

@@ -11,8 +11,11 @@ holds the key's lease. Each evaluation pass, every replica
 - claims free keys (never held, released, or expired) up to its share: a claim inserts
   `key|epoch` into `ExporterLeaseClaim`, where exactly one insert of an `_id` succeeds, on
   MongoDB and FerretDB alike;
-- renews the leases it holds once it has stored its results (`ExporterLease`, with the
-  result partitions it wrote to, so the other replicas re-read only those).
+- renews the leases it holds once it has stored its results, with the result partitions it
+  wrote to (so the other replicas re-read only those): one insert of a document per key into
+  `ExporterLease_<minute>` (an update by `_id` would read the whole collection on FerretDB);
+  the latest document of a key counts (epoch, then write time), and the minutes no live
+  lease can be in are dropped.
 
 Fencing: before every write for a key (taking its journal, digests, results, marking a
 journal folded, tenures, the lease), `fence(key)` checks that the lease was renewed less
@@ -54,6 +57,7 @@ MAX_EPOCH = 2**62
 MAX_LEASE_TOPICS = 64
 """Topics a stored lease may name (they all hash to its key; more is not one of ours)."""
 _SKEW = timedelta(minutes=1)
+PRUNE_EVERY = timedelta(minutes=5)
 
 
 class Fenced(Exception):
@@ -129,6 +133,8 @@ class Leases(Collector):
         self._replicas = 1
         self._unowned: frozenset[str] = frozenset()
         self._next_epoch: dict[str, int] = {}
+        self._prune_due = -math.inf
+        self._seq = 0
 
     @property
     def lease(self) -> timedelta:
@@ -158,9 +164,8 @@ class Leases(Collector):
         horizon = now + 2 * self._lease + _SKEW
         replicas = {r for r, until in self._store.load_replicas().items() if now < until <= horizon}
         replicas.add(self.replica)
-        stored = {
-            lease.key: _own_topics(lease) for lease in self._store.load_leases() if lease.epoch
-        }
+        stored = {lease.key: _own_topics(lease) for lease in self.stored() if lease.epoch}
+        self._prune(now)
         known = {k: set(t) for k, t in keys.items()}
         for key, lease in stored.items():
             known.setdefault(key, set()).update(lease.topics)
@@ -224,10 +229,32 @@ class Leases(Collector):
         self._count("released")
         lease = Lease(key, held.epoch, self.replica, now - 2 * self._lease, tuple(held.topics))
         try:
-            self._store.save_lease(replace(lease, written=held.written))
+            self._store.save_leases([self._stamped(replace(lease, written=held.written), now)])
         except Exception as exc:  # it then expires on its own
             log.warning("could not release the lease of %s: %s", key, exc)
         log.info("released the lease of journal key %s (topics %s)", key, sorted(held.topics))
+
+    def _stamped(self, lease: Lease, now: datetime) -> Lease:
+        """The lease as written now: its write time and this process's write count (the first
+        count is the clock's microseconds: a restarted process with the same replica id counts
+        on from past its predecessor's)."""
+        self._seq = max(self._seq + 1, int(now.timestamp() * 1_000_000))
+        return replace(lease, renewed=now, seq=self._seq)
+
+    def stored(self) -> list[Lease]:
+        """Each key's latest lease document, of those a live lease could still be in."""
+        now = self._clock()
+        return self._store.load_leases(now - 2 * self._lease - _SKEW, now + _SKEW)
+
+    def _prune(self, now: datetime) -> None:
+        """Every PRUNE_EVERY, drop the lease collections no live lease can be in any more."""
+        if self._monotonic() < self._prune_due:
+            return
+        self._prune_due = self._monotonic() + PRUNE_EVERY.total_seconds()
+        try:
+            self._store.drop_lease_slots(now - 4 * self._lease - 2 * _SKEW)
+        except Exception as exc:  # retried at the next prune
+            log.warning("could not drop old topic lease collections: %s", exc)
 
     def _release(self, now: datetime, counts: dict[str, int], high: int, low: int) -> set[str]:
         """Give up keys beyond the share: all above `high`; one when a live replica holds
@@ -269,9 +296,7 @@ class Leases(Collector):
         self._next_epoch.pop(key, None)
         held = Held(epoch, started + (self._lease - self._margin).total_seconds(), set(topics))
         lease = Lease(key, epoch, self.replica, now + self._lease, tuple(sorted(topics)))
-        if not self._store.save_lease(lease):
-            self._count("lost")
-            return False
+        self._store.save_leases([self._stamped(lease, now)])
         self._held[key] = held
         self._count("acquired")
         log.info(
@@ -281,17 +306,27 @@ class Leases(Collector):
 
     def fence(self, key: str) -> None:
         """Raise Fenced (counted, logged) unless this replica still holds `key`: renewed less
-        than the lease minus the margin ago, and the next epoch unclaimed. Raises StoreError."""
+        than the lease minus the margin ago (no other replica claims it before the lease has
+        run out by its own clock, a margin later). Once half the lease is gone, renew it (a
+        long pass). Raises StoreError."""
         held = self._held.get(key)
         if held is None:
             raise Fenced(key)
         left = held.deadline - self._monotonic()
-        if left < 0 or self._store.epoch_claimed(key, held.epoch + 1):
-            self._lose(key, "its lease expired or passed to another replica")
+        if left < 0:
+            self._lose(key, "its lease expired")
             raise Fenced(key)
         if left < (self._lease / 2).total_seconds():
-            # A long pass: renew now rather than at its end, before the lease runs out.
             self._renew(key)
+
+    def verify(self, key: str) -> None:
+        """fence(), and that no one claimed the next epoch (one lookup by `_id`): once a pass
+        per key, for clocks further apart than the margin. Raises Fenced, StoreError."""
+        self.fence(key)
+        held = self._held[key]
+        if self._store.epoch_claimed(key, held.epoch + 1):
+            self._lose(key, "another replica claimed its lease")
+            raise Fenced(key)
 
     def refused(self, key: str, why: str) -> None:
         """The store refused a write for `key` (a later epoch's is stored): lost, counted."""
@@ -327,31 +362,43 @@ class Leases(Collector):
         self._store.save_replica(self.replica, self._clock() + self._lease)
 
     def renew(self, oldest_partition_ms: int) -> None:
-        """Renew every held lease, with what was written where; partitions before
-        `oldest_partition_ms` are forgotten. Raises StoreError."""
+        """Renew every held lease (fenced first), with what was written where, in one batch;
+        partitions before `oldest_partition_ms` are forgotten. Raises StoreError."""
+        keys = []
         for key in sorted(self._held):
             held = self._held[key]
             held.written = {ms: o for ms, o in held.written.items() if ms >= oldest_partition_ms}
             try:
-                self.renew_key(key)
+                self.fence(key)
             except Fenced:
                 continue
+            keys.append(key)
+        self._renew(*keys)
 
     def renew_key(self, key: str) -> None:
         """Renew one held lease (fenced first). Raises Fenced, StoreError."""
         self.fence(key)
-        if key in self._held:
-            self._renew(key)
-
-    def _renew(self, key: str) -> None:
-        """Store the held lease with a new expiry; its deadline moves only once stored."""
-        now, started = self._clock(), self._monotonic()
-        held = self._held[key]
-        lease = Lease(key, held.epoch, self.replica, now + self._lease, tuple(sorted(held.topics)))
-        if not self._store.save_lease(replace(lease, written=dict(held.written))):
-            self._lose(key, "a later epoch's lease is stored")
+        self._renew(key)
+        if key not in self._held:
             raise Fenced(key)
-        held.deadline = started + (self._lease - self._margin).total_seconds()
+
+    def _renew(self, *keys: str) -> None:
+        """Store held leases with a new expiry (one command); each deadline moves only once
+        stored. A lease refused (a later epoch's is stored) is lost."""
+        keys = tuple(k for k in keys if k in self._held)
+        if not keys:
+            return
+        now, started = self._clock(), self._monotonic()
+        leases = []
+        for key in keys:
+            held = self._held[key]
+            lease = Lease(
+                key, held.epoch, self.replica, now + self._lease, tuple(sorted(held.topics))
+            )
+            leases.append(self._stamped(replace(lease, written=dict(held.written)), now))
+        self._store.save_leases(leases)
+        for key in keys:
+            self._held[key].deadline = started + (self._lease - self._margin).total_seconds()
 
     def topics_of(self, key: str) -> set[str]:
         """The topics known of a key."""

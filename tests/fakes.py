@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Collection, Iterable, Iterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from eventaudit.contract import epoch_ms
@@ -289,19 +289,30 @@ class MemoryStore:
                 )
             ]
 
-    def load_leases(self) -> list[Lease]:
+    def load_leases(self, since: datetime, until: datetime) -> list[Lease]:
         with self._lock:
             self._check()
-            return list(self.leases.values())
+            return [
+                lease
+                for lease in self.leases.values()
+                if since - timedelta(minutes=1) <= (lease.renewed or lease.expires) <= until
+            ]
 
-    def save_lease(self, lease: Lease) -> bool:
+    def save_leases(self, leases: Sequence[Lease]) -> None:
         with self._lock:
             self._check()
-            stored = self.leases.get(lease.key)
-            if stored is not None and stored.epoch > lease.epoch:
-                return False
-            self.leases[lease.key] = lease
-            return True
+            for lease in leases:
+                stored = self.leases.get(lease.key)
+                if stored is None or lease.order > stored.order:
+                    self.leases[lease.key] = lease
+
+    def drop_lease_slots(self, before: datetime) -> int:
+        with self._lock:
+            self._check()
+            old = [k for k, v in self.leases.items() if (v.renewed or v.expires) < before]
+            for k in old:
+                del self.leases[k]
+            return len(old)
 
     def claim_epoch(self, key: str, epoch: int, owner: str, now: datetime) -> datetime | None:
         with self._lock:

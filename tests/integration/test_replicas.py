@@ -12,14 +12,14 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from eventaudit.exporter.evaluator import JOURNAL_DROP_GRACE
-from eventaudit.partitions import journal_key, partitions_of
+from eventaudit.partitions import journal_key, lease_slot, partitions_of
 from eventaudit.records import BUCKET_COLLECTION, Lease
 from eventaudit.store import MongoStore
 from tests.conftest import PROJECT, Ferret, service_env, unique, wait_for
@@ -48,8 +48,12 @@ class Cluster:
     def held(self, replica: str) -> int:
         return int(self.metric(replica, "eventaudit_topic_leases_held") or 0)
 
+    def leases(self) -> list[Lease]:
+        now = datetime.now(UTC)
+        return self.store.load_leases(now - timedelta(minutes=2), now + timedelta(minutes=1))
+
     def lease(self, topic: str) -> Lease:
-        [lease] = [x for x in self.store.load_leases() if x.key == journal_key(topic)]
+        [lease] = [x for x in self.leases() if x.key == journal_key(topic)]
         return lease
 
     def owner(self, topic: str) -> str:
@@ -219,7 +223,7 @@ def test_a_paused_holders_late_writes_are_refused_and_counted(cluster: Cluster) 
     c = cluster
     topic = c.topics[1]
     victim = c.owner(topic)
-    held = [lease for lease in c.store.load_leases() if lease.owner == victim]
+    held = [lease for lease in c.leases() if lease.owner == victim]
     assert len(held) == 10
     process = c.procs[victim].proc
     assert process is not None
@@ -283,13 +287,25 @@ def test_ferretdb_enforces_what_fencing_relies_on(store: MongoStore) -> None:
     assert store.epoch_claimed(key, 1) and not store.epoch_claimed(key, 2)
     store.db["ExporterLeaseClaim"].insert_one({"_id": f"{key}|2", "claimed": "soon"})
     assert store.claim_epoch(key, 2, "b", now) == datetime(1970, 1, 1, tzinfo=UTC)  # stale
-    later = Lease(key, 5, "b", now, ("orders",), {600_000: (5, 7)})
-    assert store.save_lease(later)
-    assert not store.save_lease(Lease(key, 4, "a", now, ("orders",)))
-    store.db["ExporterLease"].insert_many(
-        [{"_id": "x", "epoch": "1"}, {"_id": "y", "epoch": 2**62, "owner": "a", "expires": now}]
+    # Lease documents are inserted; the latest epoch of a key counts, then the latest write,
+    # whatever order they were written in (a paused holder's late renewal changes nothing).
+    later = Lease(key, 5, "b", now, ("orders",), {600_000: (5, 7)}, now, seq=1)
+    renewed = replace(
+        later, renewed=now + timedelta(seconds=10), expires=now + timedelta(seconds=30), seq=2
     )
-    assert store.load_leases() == [later]
+    store.save_leases([later, renewed])
+    store.save_leases([Lease(key, 4, "a", now, ("orders",), {}, now + timedelta(seconds=20), 3)])
+    other = Lease(journal_key("payments"), 1, "a", now, ("payments",), {}, now)
+    store.save_leases([other])
+    store.db[lease_slot(now)].insert_many(
+        [{"_id": "x", "key": "x", "epoch": "1"}, {"_id": "y", "key": "y", "epoch": 2**62}]
+    )
+    window = (now - timedelta(minutes=1), now + timedelta(minutes=1))
+    assert sorted(store.load_leases(*window), key=lambda x: x.key) == sorted(
+        [renewed, other], key=lambda x: x.key
+    )
+    assert store.drop_lease_slots(now + timedelta(minutes=2)) == 1
+    assert store.load_leases(*window) == []
     gone = Tenure("orders", "old-sub", now, now, "")
     stale = Tenure("orders", "old-sub", now, None, "")
     assert store.save_tenures([gone], epoch=5) == []

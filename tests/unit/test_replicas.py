@@ -5,7 +5,7 @@ same on FerretDB with real processes in tests/integration/test_replicas.py."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -241,28 +241,41 @@ def test_a_released_key_is_handed_over_without_waiting_for_expiry() -> None:
     assert _sample(a.leases, "eventaudit_topic_lease_changes_total", change="released") == 15
 
 
+GOOD_LEASE = {"key": "k", "renewed": T0, "epoch": 1, "owner": "a", "expires": T0}
+
+
+def _without(name: str) -> dict[str, object]:
+    return {k: v for k, v in GOOD_LEASE.items() if k != name}
+
+
 @pytest.mark.parametrize(
     "doc",
     [
-        {"_id": "k", "epoch": -1, "owner": "a", "expires": T0},
-        {"_id": "k", "epoch": True, "owner": "a", "expires": T0},
-        {"_id": "k", "epoch": 2**63, "owner": "a", "expires": T0},
-        {"_id": "k", "epoch": 1, "owner": 7, "expires": T0},
-        {"_id": "k", "epoch": 1, "owner": "a", "expires": "soon"},
-        {"_id": "k", "epoch": 1, "owner": "a", "expires": datetime(2026, 1, 1)},  # naive
-        {"_id": "k", "epoch": 1, "owner": "a", "expires": datetime(9999, 1, 1, tzinfo=UTC)},
-        {"_id": "k", "epoch": 1, "owner": "a", "expires": T0, "topics": "orders"},
-        {"_id": "k", "epoch": 1, "owner": "a", "expires": T0, "topics": [1]},
-        {"_id": "k", "epoch": 1, "owner": "a", "expires": T0, "written": [[1, 2, 3]]},
-        {"_id": "k", "epoch": 1, "owner": "a", "expires": T0, "written": ["1:2"]},
-        {"_id": "k", "epoch": 1, "owner": "a", "expires": T0, "written": ["1:2:-3"]},
-        {"_id": "k", "epoch": 1, "owner": "a", "expires": T0, "written": ["1:2:3\n"]},
-        {"_id": "k", "epoch": 1, "owner": "a", "expires": T0, "written": ["1:2:\u0663"]},
-        {"_id": "k", "epoch": 1, "owner": "a", "expires": T0, "written": [f"1:2:{2**63}"]},
-        {"_id": "k", "epoch": 1, "owner": "a", "expires": T0, "written": ["1:2: 3"]},
-        {"_id": "k", "epoch": 1, "owner": "a", "expires": T0, "written": "1:2:3"},
-        {"_id": 5, "epoch": 1, "owner": "a", "expires": T0},
-        {"_id": "k", "epoch": 2**62, "owner": "a", "expires": T0},  # no room for a successor
+        {**GOOD_LEASE, "epoch": -1},
+        {**GOOD_LEASE, "epoch": True},
+        {**GOOD_LEASE, "epoch": 2**63},
+        {**GOOD_LEASE, "epoch": 2**62},  # no room for a successor's epoch
+        {**GOOD_LEASE, "epoch": "1"},
+        {**GOOD_LEASE, "owner": 7},
+        {**GOOD_LEASE, "expires": "soon"},
+        {**GOOD_LEASE, "expires": datetime(2026, 1, 1)},  # naive
+        {**GOOD_LEASE, "expires": datetime(9999, 1, 1, tzinfo=UTC)},
+        {**GOOD_LEASE, "topics": "orders"},
+        {**GOOD_LEASE, "topics": [1]},
+        {**GOOD_LEASE, "written": [[1, 2, 3]]},  # the nested form FerretDB cannot store
+        {**GOOD_LEASE, "written": ["1:2"]},
+        {**GOOD_LEASE, "written": ["1:2:-3"]},
+        {**GOOD_LEASE, "written": ["1:2:3\n"]},
+        {**GOOD_LEASE, "written": ["1:2:\u0663"]},  # Arabic-Indic 3
+        {**GOOD_LEASE, "written": [f"1:2:{2**63}"]},
+        {**GOOD_LEASE, "written": ["1:2: 3"]},
+        {**GOOD_LEASE, "written": "1:2:3"},
+        {**GOOD_LEASE, "renewed": "now"},
+        {**GOOD_LEASE, "renewed": datetime(2026, 1, 1)},  # naive
+        {**GOOD_LEASE, "key": 5},
+        _without("renewed"),
+        _without("key"),
+        _without("owner"),
     ],
 )
 def test_hostile_stored_leases_are_not_leases(doc: dict[str, object]) -> None:
@@ -270,7 +283,7 @@ def test_hostile_stored_leases_are_not_leases(doc: dict[str, object]) -> None:
 
 
 def test_a_stored_lease_reads_back() -> None:
-    lease = Lease("k", 3, "a", T0, ("orders",), {600_000: (3, 17)})
+    lease = Lease("k", 3, "a", T0, ("orders",), {600_000: (3, 17)}, T0 - timedelta(seconds=5))
     assert Lease.from_document(lease.to_document()) == lease
 
 
@@ -305,10 +318,10 @@ class LeaseFailingStore(MemoryStore):
 
     fail_leases = False
 
-    def save_lease(self, lease: Lease) -> bool:
+    def save_leases(self, leases: Sequence[Lease]) -> None:
         if self.fail_leases:
-            raise StoreError("injected: save_lease")
-        return super().save_lease(lease)
+            raise StoreError("injected: save_leases")
+        super().save_leases(leases)
 
 
 def test_a_replica_lists_the_missed_events_its_gauge_counts_for_a_topic_it_does_not_hold() -> None:
@@ -472,7 +485,7 @@ def test_a_ghost_heartbeat_does_not_keep_the_split_off_balance(ghost: datetime) 
 def test_a_lease_expiring_in_a_hundred_years_is_not_believed() -> None:
     store, clock = MemoryStore(), Clock()
     key = journal_key("orders")
-    store.leases[key] = Lease(key, 3, "ghost", T0 + timedelta(days=36500), ("orders",))
+    store.leases[key] = Lease(key, 3, "ghost", T0 + timedelta(days=36500), ("orders",), {}, T0)
     store.claims.update({(key, e): T0 - timedelta(days=1) for e in (1, 2, 3)})
     [a] = group = [replica(store, clock, "a", ["orders"])]
     run(clock, group)
