@@ -46,8 +46,8 @@ JOURNAL_SLOT_MS = 10_000
 """A writer's journal collection changes every 10 s of its clock."""
 PARTITION_MS = 600_000
 """Digests and results: one collection per 10 minutes of bucket start."""
-LEASE_SLOT_MS = 60_000
-"""Topic lease documents: one collection per minute of renewal time."""
+LEASE_SLOT_MS = 15_000
+"""Topic lease documents: one collection per 15 s of renewal time."""
 RECORD_PARTITION_MS = 3_600_000
 """Publish records and receipts: one collection per hour of publish time."""
 TAKEN_JOURNAL = "EventJournalTaken"

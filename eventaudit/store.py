@@ -226,6 +226,10 @@ class EvaluatorStore(Protocol):
         """Whether `epoch` of `key`'s lease was claimed (one lookup by `_id`)."""
         ...
 
+    def claimed_epochs(self, pairs: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+        """Which of these (key, epoch) were claimed (one query)."""
+        ...
+
     def save_replica(self, replica: str, expires: datetime) -> None:
         """This replica is alive until `expires` unless it says so again."""
         ...
@@ -999,6 +1003,18 @@ class MongoStore:
             return self.db[LEASE_CLAIM_COLLECTION].find_one({"_id": f"{key}|{epoch}"}) is not None
         except PyMongoError as exc:
             raise StoreError(f"could not read a topic lease claim: {exc}") from exc
+
+    def claimed_epochs(self, pairs: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+        """One `$in` of `_id`s (on FerretDB a read of the claims, one small document per lease
+        change)."""
+        if not pairs:
+            return []
+        ids = {f"{key}|{epoch}": (key, epoch) for key, epoch in pairs}
+        try:
+            found = self.db[LEASE_CLAIM_COLLECTION].find({"_id": {"$in": sorted(ids)}}, {"_id": 1})
+            return sorted(ids[d["_id"]] for d in found if d.get("_id") in ids)
+        except PyMongoError as exc:
+            raise StoreError(f"could not read topic lease claims: {exc}") from exc
 
     def save_replica(self, replica: str, expires: datetime) -> None:
         """Upsert this replica's heartbeat."""

@@ -181,6 +181,8 @@ class Evaluator(Collector):
         self._backlog = False
         self._pruned: datetime | None = None
         self._cached_events = 0
+        self._growth = 0
+        """Entries folded since the cache was last measured (an upper bound of its growth)."""
         self._folded: dict[str, _Folded] = {}
         """Taken journal collections folded whole, waiting for JOURNAL_DROP_GRACE to drop."""
         self._saves = 0
@@ -189,6 +191,8 @@ class Evaluator(Collector):
         """The (epoch, version) of each result held: a stored one replaces it only if later."""
         self._seen: dict[str, dict[int, tuple[int, int]]] = {}
         """Per key held elsewhere: the latest (epoch, version) read per result partition."""
+        self._journal_keys: set[str] = set()
+        self._keys_listed: datetime | None = None
         self._seen_holder: dict[str, tuple[str, int]] = {}
         """Per key held elsewhere: the (holder, epoch) whose writes `_seen` follows."""
 
@@ -218,7 +222,7 @@ class Evaluator(Collector):
                 self._seen[lease.key] = dict(lease.written)
         self._expected.begin(now)
         if self._leases is not None:
-            self._divide(oldest)
+            self._divide(now, oldest)
         merged = max(epoch_ms(now), self._merged + 1)
         self._saves = 0
         span = (oldest, now + PUBLISH_TIME_TOLERANCE)
@@ -268,7 +272,9 @@ class Evaluator(Collector):
         of an earlier release; note the taken ones folded already."""
         keys = None
         if self._leases is not None:
-            keys = [k for k in sorted(self._leases.held) if self._fenced(k, self._leases.verify, k)]
+            for key in self._leases.verify_all():
+                self._forget(key)
+            keys = sorted(self._leases.held)
         taken = self._store.take_journal(now, keys)
         self._folded = {n: v for n, v in self._folded.items() if n in taken}
         for name in taken:
@@ -306,12 +312,19 @@ class Evaluator(Collector):
             if replace or item.order > self._orders.get(key, (-1, -1)):
                 self._results[key], self._orders[key] = item.result, item.order
 
-    def _divide(self, oldest: datetime) -> None:
+    def _divide(self, now: datetime, oldest: datetime) -> None:
         """Rebalance the leases; read afresh the state of keys just gained, and what the
         holders of the others stored since the last read (all of a key's results when its
         holder changed: the last writes of the one before may never have been announced)."""
         assert self._leases is not None and self._results is not None
-        keys: dict[str, set[str]] = {k: set() for k in self._store.journal_keys()}
+        if self._keys_listed is None or not (
+            self._keys_listed <= now < self._keys_listed + 3 * self._bucket
+        ):
+            # Topics first seen in the journal: listed every few passes (a listing of every
+            # collection); configured topics and those with results are known anyway.
+            self._journal_keys = self._store.journal_keys()
+            self._keys_listed = now
+        keys: dict[str, set[str]] = {k: set() for k in self._journal_keys}
         for topic in self._expected.configured_topics | {t for t, _ in self._results}:
             keys.setdefault(journal_key(topic), set()).add(topic)
         ownership = self._leases.rebalance(keys)
@@ -419,7 +432,8 @@ class Evaluator(Collector):
             elif new and key is not None:
                 self._fence(key)
                 self._fold(new, span, merged, now, key)
-                self._evict(span[0])
+                if self._cached_events + self._growth > CACHE_EVENTS:
+                    self._evict(span[0])  # a burst: memory follows a round
             seen.update(b.id for b in new if b.id is not None)
         self._fence(key)
         self._folded.pop(name, None)
@@ -569,6 +583,7 @@ class Evaluator(Collector):
             self._digests.pop(key, None)
             self._digests[key] = digest
         self._results.update(((r.topic, r.start), r) for r in fresh)
+        self._growth += counts["folded"]
         with self._lock:
             for outcome, n in counts.items():
                 self._counts[outcome] += n
@@ -600,6 +615,7 @@ class Evaluator(Collector):
             size += events
         # Counted here, on the evaluation thread: a scrape must not walk digests being folded.
         self._digests, self._cached_events = dict(reversed(kept)), size
+        self._growth = 0
 
     @property
     def folded_journals(self) -> frozenset[str]:

@@ -244,7 +244,9 @@ class Leases(Collector):
     def stored(self) -> list[Lease]:
         """Each key's latest lease document, of those a live lease could still be in."""
         now = self._clock()
-        return self._store.load_leases(now - 2 * self._lease - _SKEW, now + _SKEW)
+        # A live lease was written within the lease time (by its holder's clock, at most the
+        # margin apart); older keys' epochs are remembered, or found by claiming.
+        return self._store.load_leases(now - self._lease - 2 * self._margin, now + self._margin)
 
     def _prune(self, now: datetime) -> None:
         """Every PRUNE_EVERY, drop the lease collections no live lease can be in any more."""
@@ -319,14 +321,21 @@ class Leases(Collector):
         if left < (self._lease / 2).total_seconds():
             self._renew(key)
 
-    def verify(self, key: str) -> None:
-        """fence(), and that no one claimed the next epoch (one lookup by `_id`): once a pass
-        per key, for clocks further apart than the margin. Raises Fenced, StoreError."""
-        self.fence(key)
-        held = self._held[key]
-        if self._store.epoch_claimed(key, held.epoch + 1):
+    def verify_all(self) -> set[str]:
+        """fence() every held key, and check that no one claimed its next epoch (one query for
+        all): once a pass, for clocks further apart than the margin. Returns the keys lost
+        (counted, logged). Raises StoreError."""
+        lost = set()
+        for key in sorted(self._held):
+            try:
+                self.fence(key)
+            except Fenced:
+                lost.add(key)
+        pairs = [(key, held.epoch + 1) for key, held in self._held.items()]
+        for key, _ in self._store.claimed_epochs(pairs):
             self._lose(key, "another replica claimed its lease")
-            raise Fenced(key)
+            lost.add(key)
+        return lost
 
     def refused(self, key: str, why: str) -> None:
         """The store refused a write for `key` (a later epoch's is stored): lost, counted."""

@@ -327,6 +327,11 @@ class MemoryStore:
             self._check()
             return (key, epoch) in self.claims
 
+    def claimed_epochs(self, pairs: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+        with self._lock:
+            self._check()
+            return sorted(p for p in pairs if p in self.claims)
+
     def save_replica(self, replica: str, expires: datetime) -> None:
         with self._lock:
             self._check()
