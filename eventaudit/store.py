@@ -41,6 +41,7 @@ from eventaudit.journal import (
     parse_journal_document,
 )
 from eventaudit.partitions import (
+    PARTITION_MS,
     RECORD_PREFIXES,
     bucket_partition,
     folded_journal,
@@ -52,7 +53,6 @@ from eventaudit.partitions import (
     journal_key_of,
     lease_slot,
     lease_slots,
-    partition_start,
     partitions_before,
     partitions_of,
     partitions_since,
@@ -84,6 +84,8 @@ _INDEX_NOT_FOUND = 27
 _NAMESPACE_NOT_FOUND = 26
 _RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
 _LONG_AGO = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_LEASES_PER_DOCUMENT = 1000
+"""Leases one lease document holds (a replica holding more writes more documents)."""
 
 
 class StoredResult(NamedTuple):
@@ -921,14 +923,16 @@ class MongoStore:
         latest: dict[str, StoredResult] = {}
         query: dict[str, Any] = {} if topics is None else {"topic": {"$in": sorted(topics)}}
         try:
-            names = self._collections()
-            sources = [
-                (n, False)
-                for n in partitions_since(names, BUCKET_COLLECTION, since)
-                if partitions is None or partition_start(n, BUCKET_COLLECTION) in partitions
-            ]
-            if partitions is None and BUCKET_COLLECTION in names:
-                sources.append((BUCKET_COLLECTION, True))
+            if partitions is not None:
+                # Named, not listed (a listing of every collection costs more than the read);
+                # a partition no longer there reads empty.
+                starts = sorted(ms for ms in partitions if ms + PARTITION_MS > epoch_ms(since))
+                sources = [(f"{BUCKET_COLLECTION}_{ms}", False) for ms in starts]
+            else:
+                names = self._collections()
+                sources = [(n, False) for n in partitions_since(names, BUCKET_COLLECTION, since)]
+                if BUCKET_COLLECTION in names:
+                    sources.append((BUCKET_COLLECTION, True))
             for name, legacy in sources:
                 for doc in self.db[name].find(query):
                     read = _read_result(doc, legacy)
@@ -945,29 +949,34 @@ class MongoStore:
 
     def load_leases(self, since: datetime, until: datetime) -> list[Lease]:
         """Read the lease collections of the slots from `since` to `until` (by name: a slot
-        no one wrote in is an empty read), and keep each key's latest document."""
+        no one wrote in is an empty read), and keep each key's latest lease."""
         latest: dict[str, Lease] = {}
         bad = 0
         for name in lease_slots(since, until):
             for doc in self._decoded(name, "topic leases"):
-                lease = Lease.from_document(doc) if doc is not None else None
-                if lease is None:
+                entries = doc.get("leases") if doc is not None else None
+                if not isinstance(entries, list) or len(entries) > MAX_LEASES_PER_DOCUMENT:
                     bad += 1
-                elif lease.key not in latest or lease.order > latest[lease.key].order:
-                    latest[lease.key] = lease
+                    continue
+                for entry in entries:
+                    lease = Lease.from_document(entry) if isinstance(entry, dict) else None
+                    if lease is None:
+                        bad += 1
+                    elif lease.key not in latest or lease.order > latest[lease.key].order:
+                        latest[lease.key] = lease
         if bad:
-            log.error("%d unreadable topic lease documents skipped", bad)
+            log.error("%d unreadable topic leases skipped", bad)
         return list(latest.values())
 
     def save_leases(self, leases: Sequence[Lease]) -> None:
-        """Insert each lease document into the collection of its renewal's slot: an insert
-        reads nothing, on FerretDB too (an update by `_id` reads the whole collection)."""
-        by_slot: dict[str, list[dict[str, Any]]] = {}
-        for lease in leases:
-            doc = lease.to_document()
-            by_slot.setdefault(lease_slot(doc["renewed"]), []).append(doc)
-        for name, docs in by_slot.items():
-            _insert_new(self.db[name], docs, "topic leases")
+        """Insert one document holding the leases (a replica renews all it holds at once)
+        into the collection of the slot of the first one's renewal: an insert reads nothing,
+        on FerretDB too (an update by `_id` reads the whole collection)."""
+        entries = [lease.to_document() for lease in leases]
+        for i in range(0, len(entries), MAX_LEASES_PER_DOCUMENT):
+            part = entries[i : i + MAX_LEASES_PER_DOCUMENT]
+            doc = {"_id": part[0]["_id"], "renewed": part[0]["renewed"], "leases": part}
+            _insert_new(self.db[lease_slot(part[0]["renewed"])], [doc], "topic leases")
 
     def drop_lease_slots(self, before: datetime) -> int:
         """Drop the lease collections of slots that end before `before`."""

@@ -357,6 +357,8 @@ class Evaluator(Collector):
                 whole |= set(lease.topics)
             else:
                 for ms, order in lease.written.items():
+                    if ms % PARTITION_MS or ms + PARTITION_MS <= epoch_ms(oldest):
+                        continue  # not a partition, or one no window reaches
                     if order > before.get(ms, (-1, -1)):
                         stale.setdefault(ms, set()).update(lease.topics)
             seen[key] = ((lease.owner, lease.epoch), dict(lease.written))
