@@ -38,6 +38,7 @@ from eventaudit.records import (
     DIGEST_COLLECTION,
     JOURNAL_COLLECTION,
     LEASE_COLLECTION,
+    NEWS_COLLECTION,
     PUBLISH_COLLECTION,
     RECEIVED_COLLECTION,
 )
@@ -66,7 +67,7 @@ _FOLDED = re.compile(
 )
 _PARTITIONED = re.compile(
     rf"({DIGEST_COLLECTION}|{BUCKET_COLLECTION}|{PUBLISH_COLLECTION}|{RECEIVED_COLLECTION}"
-    rf"|{DEAD_LETTER_COLLECTION}|{LEASE_COLLECTION})"
+    rf"|{DEAD_LETTER_COLLECTION}|{LEASE_COLLECTION}|{NEWS_COLLECTION})"
     r"_(-?[0-9]{1,15})"
 )
 _SPANS = {
@@ -76,6 +77,7 @@ _SPANS = {
     RECEIVED_COLLECTION: RECORD_PARTITION_MS,
     DEAD_LETTER_COLLECTION: RECORD_PARTITION_MS,
     LEASE_COLLECTION: LEASE_SLOT_MS,
+    NEWS_COLLECTION: LEASE_SLOT_MS,
 }
 RECORD_PREFIXES = (PUBLISH_COLLECTION, RECEIVED_COLLECTION, DEAD_LETTER_COLLECTION)
 """Hourly record collections: retention drops the hours past it."""
@@ -143,17 +145,17 @@ def folded_documents(name: str) -> int | None:
     return None if match is None else int(match.group(3))
 
 
-def lease_slot(renewed: datetime) -> str:
-    """The lease collection a lease document renewed at `renewed` goes to."""
-    return _named(LEASE_COLLECTION, epoch_ms(renewed), LEASE_SLOT_MS)
+def lease_slot(renewed: datetime, prefix: str = LEASE_COLLECTION) -> str:
+    """The lease (or news) collection a lease document renewed at `renewed` goes to."""
+    return _named(prefix, epoch_ms(renewed), LEASE_SLOT_MS)
 
 
-def lease_slots(since: datetime, until: datetime) -> list[str]:
-    """The lease collections of every slot from `since`'s to `until`'s."""
+def lease_slots(since: datetime, until: datetime, prefix: str = LEASE_COLLECTION) -> list[str]:
+    """The lease (or news) collections of every slot from `since`'s to `until`'s."""
     first, last = epoch_ms(since), epoch_ms(until)
     first -= first % LEASE_SLOT_MS
     first = max(first, last - last % LEASE_SLOT_MS - 1000 * LEASE_SLOT_MS)  # 1000 at most
-    return [f"{LEASE_COLLECTION}_{ms}" for ms in range(first, last + 1, LEASE_SLOT_MS)]
+    return [f"{prefix}_{ms}" for ms in range(first, last + 1, LEASE_SLOT_MS)]
 
 
 def bucket_partition(prefix: str, start: datetime) -> str:

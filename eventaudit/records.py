@@ -18,6 +18,8 @@ TENURE_COLLECTION = "SubscriptionTenure"
 DIGEST_COLLECTION = "BucketDigest"
 LEASE_COLLECTION = "ExporterLease"
 """Prefix of the lease collections, one per LEASE_SLOT_MS of renewal time."""
+NEWS_COLLECTION = "ExporterNews"
+"""Prefix of the collections of results told with leases, one per LEASE_SLOT_MS."""
 LEASE_CLAIM_COLLECTION = "ExporterLeaseClaim"
 REPLICA_COLLECTION = "ExporterReplica"
 
@@ -263,6 +265,16 @@ class Lease:
     """when its holder wrote it (of two writes of one epoch, the later counts)"""
     seq: int = 0
     """the holder's count of its lease writes (orders two writes of one millisecond)"""
+    prev: int = 0
+    """`seq` of the holder's previous write of this key's lease (0: none): a reader that
+    has read that one and every later one has missed nothing in between"""
+    recent: tuple[dict[str, Any], ...] = ()
+    """the result documents the holder stored since its previous write of this lease (stored
+    apart, in `ExporterNews_<slot>`: only readers that have not read them yet read them)"""
+    complete: bool = True
+    """whether `recent` holds all of them (else readers read the partitions `written` names)"""
+    told: int = 0
+    """how many results this write carries (read back: `recent` comes from the news apart)"""
 
     @property
     def order(self) -> tuple[int, datetime, int]:
@@ -278,6 +290,9 @@ class Lease:
             "key": self.key,
             "renewed": renewed,
             "seq": self.seq,
+            "prev": self.prev,
+            "complete": self.complete,
+            "told": len(self.recent) if self.recent else self.told,
             "epoch": self.epoch,
             "owner": self.owner,
             "expires": self.expires,
@@ -291,11 +306,17 @@ class Lease:
         """Inverse of to_document; None for a document that is not one."""
         key, epoch, owner, expires = (doc.get(k) for k in ("key", "epoch", "owner", "expires"))
         topics, written, renewed = doc.get("topics", []), doc.get("written", []), doc.get("renewed")
-        seq = doc.get("seq", 0)
+        seq, prev, complete = doc.get("seq", 0), doc.get("prev", 0), doc.get("complete", True)
+        told = doc.get("told", 0)
         if not (
-            isinstance(key, str)
+            isinstance(told, int)
+            and _count(told)
+            and isinstance(key, str)
             and isinstance(seq, int)
             and _count(seq)
+            and isinstance(prev, int)
+            and _count(prev)
+            and isinstance(complete, bool)
             and isinstance(renewed, datetime)
             and renewed.tzinfo
             and _SANE <= renewed < _INSANE
@@ -323,6 +344,10 @@ class Lease:
             {p[0]: (p[1], p[2]) for p in parsed if p is not None},
             renewed,
             seq,
+            prev,
+            (),
+            complete,
+            told,
         )
 
 

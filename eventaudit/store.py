@@ -65,6 +65,7 @@ from eventaudit.records import (
     DIGEST_COLLECTION,
     LEASE_CLAIM_COLLECTION,
     LEASE_COLLECTION,
+    NEWS_COLLECTION,
     PUBLISH_COLLECTION,
     RECEIVED_COLLECTION,
     REPLICA_COLLECTION,
@@ -212,7 +213,13 @@ class EvaluatorStore(Protocol):
         ...
 
     def save_leases(self, leases: Sequence[Lease]) -> None:
-        """Store these lease documents (each at its `renewed` time)."""
+        """Store these lease documents (each at its `renewed` time), and apart the results
+        they carry (`recent`)."""
+        ...
+
+    def load_news(self, since: datetime, until: datetime) -> dict[tuple[str, int], list[Any]]:
+        """The results carried by lease writes in [since, until] (give or take a slot), by
+        (key, seq) of the lease write."""
         ...
 
     def drop_lease_slots(self, before: datetime) -> int:
@@ -387,6 +394,21 @@ def _insert_new(
     except PyMongoError as exc:
         raise StoreError(f"{what} not written: {exc}") from exc
     return []
+
+
+def result_document(r: BucketResult, now: datetime, version: int, epoch: int) -> dict[str, Any]:
+    """A bucket result as stored: one version of it, by the holder of lease `epoch`."""
+    doc = r.to_document(now)
+    doc.update({"_id": f"{r.key}|{epoch}.{version}", "key": r.key, "version": version})
+    if epoch:
+        doc["epoch"] = epoch
+    return doc
+
+
+def parse_result(doc: dict[str, Any]) -> StoredResult | None:
+    """A stored result document (from a partition, or carried by a lease) with its (epoch,
+    version); None (logged) for one that is not."""
+    return _read_result(doc, legacy=False)
 
 
 def _read_result(doc: dict[str, Any], legacy: bool) -> StoredResult | None:
@@ -894,10 +916,7 @@ class MongoStore:
         a holder it took over from, whatever their clocks."""
         by_partition: dict[str, list[dict[str, Any]]] = {}
         for r in results:
-            doc = r.to_document(now)
-            doc.update({"_id": f"{r.key}|{epoch}.{version}", "key": r.key, "version": version})
-            if epoch:
-                doc["epoch"] = epoch
+            doc = result_document(r, now, version, epoch)
             by_partition.setdefault(bucket_partition(BUCKET_COLLECTION, r.start), []).append(doc)
         try:
             for name, docs in by_partition.items():
@@ -975,13 +994,42 @@ class MongoStore:
         entries = [lease.to_document() for lease in leases]
         for i in range(0, len(entries), MAX_LEASES_PER_DOCUMENT):
             part = entries[i : i + MAX_LEASES_PER_DOCUMENT]
-            doc = {"_id": part[0]["_id"], "renewed": part[0]["renewed"], "leases": part}
-            _insert_new(self.db[lease_slot(part[0]["renewed"])], [doc], "topic leases")
+            news = [
+                {"key": lease.key, "seq": lease.seq, "recent": list(lease.recent)}
+                for lease in leases[i : i + MAX_LEASES_PER_DOCUMENT]
+                if lease.recent
+            ]
+            renewed = part[0]["renewed"]
+            if news:
+                # First: a lease write whose news is missing is read from the partitions.
+                doc = {"_id": part[0]["_id"], "renewed": renewed, "news": news}
+                _insert_new(self.db[lease_slot(renewed, NEWS_COLLECTION)], [doc], "lease news")
+            doc = {"_id": part[0]["_id"], "renewed": renewed, "leases": part}
+            _insert_new(self.db[lease_slot(renewed)], [doc], "topic leases")
+
+    def load_news(self, since: datetime, until: datetime) -> dict[tuple[str, int], list[Any]]:
+        """Read the news collections of the slots from `since` to `until` (by name)."""
+        found: dict[tuple[str, int], list[Any]] = {}
+        for name in lease_slots(since, until, NEWS_COLLECTION):
+            for doc in self._decoded(name, "lease news"):
+                items = doc.get("news") if doc is not None else None
+                for item in items if isinstance(items, list) else []:
+                    key, seq = (
+                        (item.get(k) for k in ("key", "seq"))
+                        if isinstance(item, dict)
+                        else (None, None)
+                    )
+                    recent = item.get("recent") if isinstance(item, dict) else None
+                    if isinstance(key, str) and isinstance(seq, int) and isinstance(recent, list):
+                        found[(key, seq)] = recent
+        return found
 
     def drop_lease_slots(self, before: datetime) -> int:
         """Drop the lease collections of slots that end before `before`."""
         try:
-            old = partitions_before(self._collections(), LEASE_COLLECTION, before)
+            names = self._collections()
+            old = partitions_before(names, LEASE_COLLECTION, before)
+            old += partitions_before(names, NEWS_COLLECTION, before)
             for name in old:
                 self.db.drop_collection(name)
         except PyMongoError as exc:

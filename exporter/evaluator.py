@@ -49,8 +49,14 @@ from eventaudit.partitions import (
     journal_key,
     journal_key_of,
 )
-from eventaudit.records import BucketCounts, BucketResult
-from eventaudit.store import EvaluatorStore, StoredResult, StoreError
+from eventaudit.records import BucketCounts, BucketResult, Lease
+from eventaudit.store import (
+    EvaluatorStore,
+    StoredResult,
+    StoreError,
+    parse_result,
+    result_document,
+)
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +200,8 @@ class Evaluator(Collector):
         self._journal_keys: set[str] = set()
         self._keys_listed: datetime | None = None
         self._seen_holder: dict[str, tuple[str, int]] = {}
+        self._seen_seq: dict[str, int] = {}
+        """Per key held elsewhere: the seq of the last lease document of its holder read."""
         """Per key held elsewhere: the (holder, epoch) whose writes `_seen` follows."""
 
     def evaluate(self, now: datetime) -> Snapshot:
@@ -220,6 +228,7 @@ class Evaluator(Collector):
             for lease in leases:
                 self._seen_holder[lease.key] = (lease.owner, lease.epoch)
                 self._seen[lease.key] = dict(lease.written)
+                self._seen_seq[lease.key] = lease.seq
         self._expected.begin(now)
         if self._leases is not None:
             self._divide(now, oldest)
@@ -336,6 +345,7 @@ class Evaluator(Collector):
             self._forget(key)
             self._seen.pop(key, None)
             self._seen_holder.pop(key, None)
+            self._seen_seq.pop(key, None)
             gained |= self._leases.topics_of(key)
         tenures = None
         if gained:
@@ -350,32 +360,70 @@ class Evaluator(Collector):
                 self._fenced(key, self._leases.renew_key, key)
         whole: set[str] = set()
         stale: dict[int, set[str]] = {}
-        seen: dict[str, tuple[tuple[str, int], dict[int, tuple[int, int]]]] = {}
+        seen: dict[str, tuple[tuple[str, int], dict[int, tuple[int, int]], int]] = {}
+        fresh: list[StoredResult] = []
+        unread = [
+            e.renewed or e.expires
+            for key, lease in self._leases.others.items()
+            for e in self._leases.entries(key)
+            if e.seq > self._seen_seq.get(key, 0)
+        ]
+        news = self._store.load_news(min(unread), now) if unread else {}
         for key, lease in self._leases.others.items():
             before = self._seen.get(key, {})
             if self._seen_holder.get(key) != (lease.owner, lease.epoch):
                 whole |= set(lease.topics)
-            else:
+            elif not self._told(key, lease, news, fresh):
                 for ms, order in lease.written.items():
                     if ms % PARTITION_MS or ms + PARTITION_MS <= epoch_ms(oldest):
                         continue  # not a partition, or one no window reaches
                     if order > before.get(ms, (-1, -1)):
                         stale.setdefault(ms, set()).update(lease.topics)
-            seen[key] = ((lease.owner, lease.epoch), dict(lease.written))
-        fresh: list[StoredResult] = []
+            seen[key] = ((lease.owner, lease.epoch), dict(lease.written), lease.seq)
         if whole:
             fresh += self._store.load_results(oldest, whole)
         if stale:
             fresh += self._store.load_results(oldest, set().union(*stale.values()), set(stale))
         self._keep([r for r in fresh if journal_key(r.result.topic) not in held])
-        for key, (holder, written) in seen.items():
-            self._seen_holder[key], self._seen[key] = holder, written
+        for key, (holder, written, seq) in seen.items():
+            self._seen_holder[key], self._seen[key], self._seen_seq[key] = holder, written, seq
         foreign = {t for t, _ in self._results if journal_key(t) not in held}
         foreign |= {t for t in self._expected.configured_topics if journal_key(t) not in held}
         if foreign:
             self._expected.adopt(
                 tenures if tenures is not None else self._store.load_tenures(), foreign
             )
+
+    def _told(
+        self,
+        key: str,
+        latest: Lease,
+        news: dict[tuple[str, int], list[Any]],
+        fresh: list[StoredResult],
+    ) -> bool:
+        """Take the results the holder of `key` stored since this replica last read, from
+        its lease documents; False when they do not hold them all (one missed, one that
+        could not carry them all): the partitions its lease names are read instead."""
+        assert self._leases is not None
+        last = self._seen_seq.get(key, 0)
+        entries = [
+            e
+            for e in self._leases.entries(key)
+            if (e.owner, e.epoch) == (latest.owner, latest.epoch) and e.seq > last
+        ]
+        previous = last
+        for entry in entries:
+            told = len(news.get((key, entry.seq), []))
+            if entry.prev != previous or not entry.complete or told != entry.told:
+                return False
+            previous = entry.seq
+        topics = set(latest.topics)
+        for entry in entries:
+            for doc in news.get((key, entry.seq), []):
+                stored = parse_result(doc) if isinstance(doc, dict) else None
+                if stored is not None and stored.result.topic in topics:
+                    fresh.append(stored)
+        return True
 
     def _owns(self, topic: str) -> bool:
         """Whether this replica evaluates `topic`."""
@@ -578,7 +626,8 @@ class Evaluator(Collector):
             self._orders[(r.topic, r.start)] = order
             if self._leases is not None:
                 ms = epoch_ms(r.start)
-                self._leases.wrote(journal, ms - ms % PARTITION_MS, order)
+                doc = result_document(r, now, order[1], epoch)
+                self._leases.wrote(journal, ms - ms % PARTITION_MS, order, doc)
         # Commit in memory only once everything is stored; the digests just folded into are
         # the most recently used.
         for key, digest in touched.items():

@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -54,6 +55,9 @@ LEASE_CHANGES = ("acquired", "released", "lost")
 CLAIM_PROBES = 16
 """Epochs tried per key per pass past claims whose claimer never stored its lease."""
 MAX_EPOCH = 2**62
+RECENT_RESULTS = 32
+"""Result documents a lease write carries per key (what one pass usually stores: the newest
+buckets); more are read from the partitions instead."""
 MAX_LEASE_TOPICS = 64
 """Topics a stored lease may name (they all hash to its key; more is not one of ours)."""
 _SKEW = timedelta(minutes=1)
@@ -77,6 +81,11 @@ class Held:
     """monotonic time until which it may write without renewing"""
     topics: set[str] = field(default_factory=set)
     written: dict[int, tuple[int, int]] = field(default_factory=dict)
+    recent: list[dict[str, Any]] = field(default_factory=list)
+    """result documents stored since the lease was last written (told to the others with it)"""
+    complete: bool = True
+    """whether `recent` holds every one of them (at most RECENT_RESULTS)"""
+    last_seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,7 @@ class Leases(Collector):
         self._next_epoch: dict[str, int] = {}
         self._prune_due = -math.inf
         self._seq = 0
+        self._entries: dict[str, list[Lease]] = {}
 
     @property
     def lease(self) -> timedelta:
@@ -229,24 +239,45 @@ class Leases(Collector):
         self._count("released")
         lease = Lease(key, held.epoch, self.replica, now - 2 * self._lease, tuple(held.topics))
         try:
-            self._store.save_leases([self._stamped(replace(lease, written=held.written), now)])
+            self._store.save_leases(
+                [self._stamped(replace(lease, written=held.written), now, held)]
+            )
         except Exception as exc:  # it then expires on its own
             log.warning("could not release the lease of %s: %s", key, exc)
         log.info("released the lease of journal key %s (topics %s)", key, sorted(held.topics))
 
-    def _stamped(self, lease: Lease, now: datetime) -> Lease:
+    def _stamped(self, lease: Lease, now: datetime, held: Held | None = None) -> Lease:
         """The lease as written now: its write time and this process's write count (the first
         count is the clock's microseconds: a restarted process with the same replica id counts
-        on from past its predecessor's)."""
+        on from past its predecessor's); with the results stored since it was last written."""
         self._seq = max(self._seq + 1, int(now.timestamp() * 1_000_000))
-        return replace(lease, renewed=now, seq=self._seq)
+        lease = replace(lease, renewed=now, seq=self._seq)
+        if held is not None:
+            lease = replace(
+                lease, prev=held.last_seq, recent=tuple(held.recent), complete=held.complete
+            )
+            held.recent, held.complete, held.last_seq = [], True, self._seq
+        return lease
 
     def stored(self) -> list[Lease]:
-        """Each key's latest lease document, of those a live lease could still be in."""
+        """Each key's latest lease document, of those a live lease could still be in; the
+        others' lease documents of that time are kept for entries()."""
         now = self._clock()
         # A live lease was written within the lease time (by its holder's clock, at most the
         # margin apart); older keys' epochs are remembered, or found by claiming.
-        return self._store.load_leases(now - self._lease - 2 * self._margin, now + self._margin)
+        every = self._store.load_leases(now - self._lease - 2 * self._margin, now + self._margin)
+        latest: dict[str, Lease] = {}
+        entries: dict[str, list[Lease]] = {}
+        for lease in every:
+            entries.setdefault(lease.key, []).append(lease)
+            if lease.key not in latest or lease.order > latest[lease.key].order:
+                latest[lease.key] = lease
+        self._entries = {k: sorted(v, key=lambda x: x.order) for k, v in entries.items()}
+        return list(latest.values())
+
+    def entries(self, key: str) -> list[Lease]:
+        """Every lease document of `key` the last pass read, oldest first."""
+        return self._entries.get(key, [])
 
     def _prune(self, now: datetime) -> None:
         """Every PRUNE_EVERY, drop the lease collections no live lease can be in any more."""
@@ -298,7 +329,7 @@ class Leases(Collector):
         self._next_epoch.pop(key, None)
         held = Held(epoch, started + (self._lease - self._margin).total_seconds(), set(topics))
         lease = Lease(key, epoch, self.replica, now + self._lease, tuple(sorted(topics)))
-        self._store.save_leases([self._stamped(lease, now)])
+        self._store.save_leases([self._stamped(lease, now, held)])
         self._held[key] = held
         self._count("acquired")
         log.info(
@@ -349,11 +380,21 @@ class Leases(Collector):
         self._count("lost")
         log.warning("a write for journal key %s refused: %s", key, why)
 
-    def wrote(self, key: str, partition_ms: int, order: tuple[int, int]) -> None:
-        """Results of `key` were stored in the result partition starting at `partition_ms`."""
+    def wrote(
+        self, key: str, partition_ms: int, order: tuple[int, int], doc: dict[str, Any]
+    ) -> None:
+        """The result document `doc` of `key` was stored in the result partition starting at
+        `partition_ms`: told to the others with the next write of the lease (at most
+        RECENT_RESULTS of them; past that, they read the partitions)."""
         held = self._held.get(key)
-        if held is not None and order > held.written.get(partition_ms, (-1, -1)):
+        if held is None:
+            return
+        if order > held.written.get(partition_ms, (-1, -1)):
             held.written[partition_ms] = order
+        if held.complete and len(held.recent) < RECENT_RESULTS:
+            held.recent.append(doc)
+        else:
+            held.recent, held.complete = [], False
 
     def saw_topics(self, key: str, topics: set[str]) -> bool:
         """A held key's journal holds `topics`; True when some were not known of it (its
@@ -404,7 +445,7 @@ class Leases(Collector):
             lease = Lease(
                 key, held.epoch, self.replica, now + self._lease, tuple(sorted(held.topics))
             )
-            leases.append(self._stamped(replace(lease, written=dict(held.written)), now))
+            leases.append(self._stamped(replace(lease, written=dict(held.written)), now, held))
         self._store.save_leases(leases)
         for key in keys:
             self._held[key].deadline = started + (self._lease - self._margin).total_seconds()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Collection, Iterable, Iterator, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -64,7 +65,8 @@ class MemoryStore:
         self.journals: dict[str, dict[Any, dict[str, Any]]] = {}  # collection -> _id -> doc
         self._taken = 0
         self.versions: dict[str, tuple[int, int]] = {}  # stored result's (epoch, version)
-        self.leases: dict[str, Lease] = {}
+        self.leases: dict[str, Lease] = {}  # the latest document of each key
+        self.lease_log: list[Lease] = []  # every lease document written
         self.claims: dict[tuple[str, int], datetime] = {}
         self.replicas: dict[str, datetime] = {}
         self.journal_written: list[dict[str, Any]] = []  # every journal document ever appended
@@ -290,11 +292,13 @@ class MemoryStore:
             ]
 
     def load_leases(self, since: datetime, until: datetime) -> list[Lease]:
+        """Every lease document written in the time (those a test put in `leases` too)."""
         with self._lock:
             self._check()
+            every = {id(x): x for x in [*self.lease_log, *self.leases.values()]}
             return [
-                lease
-                for lease in self.leases.values()
+                replace(lease, recent=(), told=len(lease.recent) or lease.told)
+                for lease in every.values()
                 if since - timedelta(minutes=1) <= (lease.renewed or lease.expires) <= until
             ]
 
@@ -302,17 +306,29 @@ class MemoryStore:
         with self._lock:
             self._check()
             for lease in leases:
+                self.lease_log.append(lease)
                 stored = self.leases.get(lease.key)
                 if stored is None or lease.order > stored.order:
                     self.leases[lease.key] = lease
 
+    def load_news(self, since: datetime, until: datetime) -> dict[tuple[str, int], list[Any]]:
+        with self._lock:
+            self._check()
+            return {
+                (x.key, x.seq): list(x.recent)
+                for x in self.lease_log
+                if x.recent and since - timedelta(minutes=1) <= (x.renewed or x.expires) <= until
+            }
+
     def drop_lease_slots(self, before: datetime) -> int:
         with self._lock:
             self._check()
-            old = [k for k, v in self.leases.items() if (v.renewed or v.expires) < before]
-            for k in old:
+            kept = [x for x in self.lease_log if (x.renewed or x.expires) >= before]
+            dropped = len(self.lease_log) - len(kept)
+            self.lease_log = kept
+            for k in [k for k, v in self.leases.items() if (v.renewed or v.expires) < before]:
                 del self.leases[k]
-            return len(old)
+            return dropped
 
     def claim_epoch(self, key: str, epoch: int, owner: str, now: datetime) -> datetime | None:
         with self._lock:

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
 
+from eventaudit.exporter import leases as leases_module
 from eventaudit.exporter.buckets import Window
 from eventaudit.exporter.evaluator import Evaluator, Snapshot, list_missed
 from eventaudit.exporter.leases import Leases
@@ -528,3 +529,44 @@ def test_result_orders_are_kept_only_for_buckets_a_window_reaches() -> None:
         run(clock, group)
     window_buckets = int(WINDOW.length / BUCKET) + int(SETTLE / BUCKET) + 2
     assert 0 < len(a.evaluator._orders) <= window_buckets
+
+
+@pytest.mark.parametrize("carried", [32, 2])
+def test_the_others_learn_a_holders_results_from_its_leases_or_its_partitions(
+    carried: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A holder's lease writes carry the results it stored since the last one (at most
+    RECENT_RESULTS): the others read no partition. Past that, they read the partitions the
+    lease names; the numbers are the same either way."""
+    monkeypatch.setattr(leases_module, "RECENT_RESULTS", carried)
+    store, clock = CountingStore(), Clock()
+    group = [replica(store, clock, name, ["orders"]) for name in ("a", "b")]
+    run(clock, group, rounds=3)
+    other = next(r for r in group if not r.leases.held)
+    reads = store.partition_reads
+    for second in range(0, 60, 10):  # late receipts of 6 buckets at once, then traffic
+        traffic(store, ["orders"], clock.now - timedelta(seconds=90 + second), 2)
+    for _ in range(6):
+        traffic(store, ["orders"], clock.now - timedelta(seconds=35), 1)
+        run(clock, group)
+    holder = next(r for r in group if r.leases.held)
+    assert (
+        numbers(other.snapshot) == numbers(holder.snapshot) == {("orders", "orders-sub"): (18, 18)}
+    )
+    assert (store.partition_reads - reads > 0) == (carried < 6)
+
+
+class CountingStore(MemoryStore):
+    """Counts reads of named result partitions (the others' fallback)."""
+
+    partition_reads = 0
+
+    def load_results(
+        self,
+        since: datetime,
+        topics: Collection[str] | None = None,
+        partitions: Collection[int] | None = None,
+    ) -> list[StoredResult]:
+        if partitions is not None:
+            self.partition_reads += 1
+        return super().load_results(since, topics, partitions)
