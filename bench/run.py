@@ -354,7 +354,7 @@ def _replica_group(store: MongoStore, n: int, clock: Callable[[], datetime]) -> 
     return group
 
 
-def bench_replicas(uri: str) -> None:
+def bench_replicas(uri: str, per_topic: int = 20) -> None:
     """Steady evaluation per pass: no leases, one replica with leases, three replicas."""
     medians = {}
     for n in (0, 1, 3):
@@ -365,20 +365,20 @@ def bench_replicas(uri: str) -> None:
         passes: list[list[float]] = [[] for _ in group]
         for k in range(24):
             now[0] += timedelta(seconds=10)
-            _multi_topic_events(store, now[0], k, 20)
+            _multi_topic_events(store, now[0], k, per_topic)
             for i, ev in enumerate(group):
                 started = time.perf_counter()
                 snapshot = ev.evaluate(now[0])
                 passes[i].append(time.perf_counter() - started)
         # Every replica serves every topic, all settled events counted.
         for t in REPLICA_TOPICS:
-            assert snapshot.subscriptions[(t, f"{t}-a")]["1m"].published == 120, t
+            assert snapshot.subscriptions[(t, f"{t}-a")]["1m"].published == 6 * per_topic, t
         steady = [sorted(p[-12:])[6] for p in passes]  # after the split has settled
         medians[n] = steady
         label = {0: "1 exporter, no leases", 1: "1 replica, leases", 3: "3 replicas"}[n]
         print(
-            f"replicas {label:>22}: steady pass (600 events per 10 s bucket, 30 topics, 2 "
-            f"subscriptions each) {', '.join(f'{s * 1000:.0f}' for s in steady)} ms"
+            f"replicas {label:>22}: steady pass ({30 * per_topic} events per 10 s bucket, 30 "
+            f"topics, 2 subscriptions each) {', '.join(f'{s * 1000:.0f}' for s in steady)} ms"
         )
         store.close()
     base, one, three = medians[0][0], medians[1][0], medians[3]
@@ -447,6 +447,12 @@ def main() -> None:
         default="10000,1000000",
         help="exporter: events of history to compare, comma-separated",
     )
+    parser.add_argument(
+        "--topic-rate",
+        type=int,
+        default=20,
+        help="replicas: events per topic per 10 s bucket (30 topics)",
+    )
     args = parser.parse_args()
     sizes = [int(x) for x in args.stored.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="eventaudit-bench-"))
@@ -470,7 +476,7 @@ def main() -> None:
             elif which == "subscriber":
                 bench_subscriber(store, args.events)
             elif which == "replicas":
-                bench_replicas(f"mongodb://127.0.0.1:{fport}/")
+                bench_replicas(f"mongodb://127.0.0.1:{fport}/", args.topic_rate)
             else:
                 ferret = services[0].proc
                 assert ferret is not None
