@@ -277,9 +277,11 @@ class Lease:
     """how many results this write carries (read back: `recent` comes from the news apart)"""
 
     @property
-    def order(self) -> tuple[int, datetime, int]:
-        """Which of a key's lease documents counts: the latest epoch, then the latest write."""
-        return self.epoch, self.renewed or self.expires, self.seq
+    def order(self) -> tuple[int, int]:
+        """Which of a key's lease documents counts: the latest epoch, then its holder's latest
+        write (one process writes an epoch's leases; its count never steps back, its clock
+        might)."""
+        return self.epoch, self.seq
 
     def to_document(self) -> dict[str, Any]:
         """An `ExporterLease_<slot>` document: one is inserted at every renewal (an insert
@@ -330,6 +332,7 @@ class Lease:
             and isinstance(topics, list)
             and all(isinstance(t, str) for t in topics)
             and isinstance(written, list)
+            and len(written) <= MAX_WRITTEN
         ):
             return None
         parsed = [_counts(w) for w in written]
@@ -349,6 +352,10 @@ class Lease:
             complete,
             told,
         )
+
+
+MAX_WRITTEN = 1024
+"""Result partitions a lease may name (a week of 10-minute partitions; the window's are fewer)."""
 
 
 def _counts(value: Any) -> tuple[int, int, int] | None:

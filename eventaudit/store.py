@@ -26,6 +26,7 @@ from pymongo.database import Database
 from pymongo.errors import (
     AutoReconnect,
     BulkWriteError,
+    DocumentTooLarge,
     DuplicateKeyError,
     OperationFailure,
     PyMongoError,
@@ -85,6 +86,8 @@ _INDEX_NOT_FOUND = 27
 _NAMESPACE_NOT_FOUND = 26
 _RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
 _LONG_AGO = datetime(1970, 1, 1, tzinfo=UTC)
+NEWS_BYTES = 4 * 2**20
+"""Bytes of told results per news document (BSON holds 16 MiB)."""
 MAX_LEASES_PER_DOCUMENT = 1000
 """Leases one lease document holds (a replica holding more writes more documents)."""
 
@@ -208,8 +211,7 @@ class EvaluatorStore(Protocol):
         ...
 
     def load_leases(self, since: datetime, until: datetime) -> list[Lease]:
-        """The latest lease document of each journal key written in [since, until] (give or
-        take a slot)."""
+        """Every lease entry written in [since, until] (give or take a slot), in no order."""
         ...
 
     def save_leases(self, leases: Sequence[Lease]) -> None:
@@ -231,8 +233,9 @@ class EvaluatorStore(Protocol):
         claimed (exactly one claim of an epoch succeeds, on every server)."""
         ...
 
-    def epoch_claimed(self, key: str, epoch: int) -> bool:
-        """Whether `epoch` of `key`'s lease was claimed (one lookup by `_id`)."""
+    def epoch_claimed(self, key: str, epoch: int) -> datetime | None:
+        """When `epoch` of `key`'s lease was claimed (None: not claimed; one lookup by
+        `_id`)."""
         ...
 
     def claimed_epochs(self, pairs: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
@@ -968,8 +971,9 @@ class MongoStore:
 
     def load_leases(self, since: datetime, until: datetime) -> list[Lease]:
         """Read the lease collections of the slots from `since` to `until` (by name: a slot
-        no one wrote in is an empty read), and keep each key's latest lease."""
-        latest: dict[str, Lease] = {}
+        no one wrote in is an empty read); every entry (each key's latest counts, and the
+        ones before it say which results were told since)."""
+        every: list[Lease] = []
         bad = 0
         for name in lease_slots(since, until):
             for doc in self._decoded(name, "topic leases"):
@@ -981,11 +985,11 @@ class MongoStore:
                     lease = Lease.from_document(entry) if isinstance(entry, dict) else None
                     if lease is None:
                         bad += 1
-                    elif lease.key not in latest or lease.order > latest[lease.key].order:
-                        latest[lease.key] = lease
+                    else:
+                        every.append(lease)
         if bad:
             log.error("%d unreadable topic leases skipped", bad)
-        return list(latest.values())
+        return every
 
     def save_leases(self, leases: Sequence[Lease]) -> None:
         """Insert one document holding the leases (a replica renews all it holds at once)
@@ -994,16 +998,35 @@ class MongoStore:
         entries = [lease.to_document() for lease in leases]
         for i in range(0, len(entries), MAX_LEASES_PER_DOCUMENT):
             part = entries[i : i + MAX_LEASES_PER_DOCUMENT]
+            renewed = part[0]["renewed"]
             news = [
                 {"key": lease.key, "seq": lease.seq, "recent": list(lease.recent)}
                 for lease in leases[i : i + MAX_LEASES_PER_DOCUMENT]
                 if lease.recent
             ]
-            renewed = part[0]["renewed"]
-            if news:
-                # First: a lease write whose news is missing is read from the partitions.
-                doc = {"_id": part[0]["_id"], "renewed": renewed, "news": news}
-                _insert_new(self.db[lease_slot(renewed, NEWS_COLLECTION)], [doc], "lease news")
+            # First, and never in the way of the leases: a lease write whose news is missing
+            # (or short) is read from the partitions instead. Documents of at most NEWS_BYTES.
+            docs: list[dict[str, Any]] = []
+            size = NEWS_BYTES
+            for item in news:
+                try:
+                    length = len(bson.encode(item))
+                except (InvalidDocument, OverflowError) as exc:
+                    log.warning("lease news of %s not written: %s", item["key"], exc)
+                    continue
+                if length > NEWS_BYTES:
+                    continue  # its readers read the partitions
+                if size + length > NEWS_BYTES:
+                    docs.append({"_id": f"{part[0]['_id']}|{len(docs)}", "renewed": renewed,
+                                 "news": []})  # fmt: skip
+                    size = 0
+                docs[-1]["news"].append(item)
+                size += length
+            try:
+                if docs:
+                    _insert_new(self.db[lease_slot(renewed, NEWS_COLLECTION)], docs, "lease news")
+            except (StoreError, InvalidDocument, DocumentTooLarge) as exc:
+                log.warning("lease news not written (read from the partitions): %s", exc)
             doc = {"_id": part[0]["_id"], "renewed": renewed, "leases": part}
             _insert_new(self.db[lease_slot(renewed)], [doc], "topic leases")
 
@@ -1054,12 +1077,16 @@ class MongoStore:
         # A claim without a readable time is not believed to be recent: stepped over.
         return claimed if isinstance(claimed, datetime) and claimed.tzinfo else _LONG_AGO
 
-    def epoch_claimed(self, key: str, epoch: int) -> bool:
+    def epoch_claimed(self, key: str, epoch: int) -> datetime | None:
         """One lookup by `_id` (pushed down to SQLite on FerretDB too)."""
         try:
-            return self.db[LEASE_CLAIM_COLLECTION].find_one({"_id": f"{key}|{epoch}"}) is not None
+            doc = self.db[LEASE_CLAIM_COLLECTION].find_one({"_id": f"{key}|{epoch}"})
         except PyMongoError as exc:
             raise StoreError(f"could not read a topic lease claim: {exc}") from exc
+        if doc is None:
+            return None
+        claimed = doc.get("claimed")
+        return claimed if isinstance(claimed, datetime) and claimed.tzinfo else _LONG_AGO
 
     def claimed_epochs(self, pairs: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
         """One `$in` of `_id`s (on FerretDB a read of the claims, one small document per lease

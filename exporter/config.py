@@ -59,7 +59,7 @@ class ExporterSettings(CommonSettings):
     lease_seconds: float = Field(
         30.0,
         ge=1,
-        le=3600,
+        le=600,
         allow_inf_nan=False,
         description="how long a replica's lease of a topic lasts unless renewed (each "
         "evaluation renews it); another replica takes the topic over within this plus one "

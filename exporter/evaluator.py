@@ -368,15 +368,19 @@ class Evaluator(Collector):
             for e in self._leases.entries(key)
             if e.seq > self._seen_seq.get(key, 0)
         ]
-        news = self._store.load_news(min(unread), now) if unread else {}
+        news = self._store.load_news(min(unread), max(unread)) if unread else {}
         for key, lease in self._leases.others.items():
             before = self._seen.get(key, {})
             if self._seen_holder.get(key) != (lease.owner, lease.epoch):
                 whole |= set(lease.topics)
             elif not self._told(key, lease, news, fresh):
                 for ms, order in lease.written.items():
-                    if ms % PARTITION_MS or ms + PARTITION_MS <= epoch_ms(oldest):
-                        continue  # not a partition, or one no window reaches
+                    if (
+                        ms % PARTITION_MS
+                        or ms + PARTITION_MS <= epoch_ms(oldest)
+                        or ms > epoch_ms(now + PUBLISH_TIME_TOLERANCE)
+                    ):
+                        continue  # not a partition, or one no bucket can be in
                     if order > before.get(ms, (-1, -1)):
                         stale.setdefault(ms, set()).update(lease.topics)
             seen[key] = ((lease.owner, lease.epoch), dict(lease.written), lease.seq)
@@ -411,12 +415,16 @@ class Evaluator(Collector):
             for e in self._leases.entries(key)
             if (e.owner, e.epoch) == (latest.owner, latest.epoch) and e.seq > last
         ]
+        if latest.seq < last:
+            return False  # what was read last is not this holder's chain (hostile, or odd)
         previous = last
         for entry in entries:
             told = len(news.get((key, entry.seq), []))
             if entry.prev != previous or not entry.complete or told != entry.told:
                 return False
             previous = entry.seq
+        if previous != latest.seq:
+            return False
         topics = set(latest.topics)
         for entry in entries:
             for doc in news.get((key, entry.seq), []):

@@ -52,8 +52,6 @@ from eventaudit.store import EvaluatorStore
 log = logging.getLogger(__name__)
 
 LEASE_CHANGES = ("acquired", "released", "lost")
-CLAIM_PROBES = 16
-"""Epochs tried per key per pass past claims whose claimer never stored its lease."""
 MAX_EPOCH = 2**62
 RECENT_RESULTS = 32
 """Result documents a lease write carries per key (what one pass usually stores: the newest
@@ -141,7 +139,8 @@ class Leases(Collector):
         self._changes = dict.fromkeys(LEASE_CHANGES, 0)
         self._replicas = 1
         self._unowned: frozenset[str] = frozenset()
-        self._next_epoch: dict[str, int] = {}
+        self._epochs: dict[str, int] = {}
+        """The highest epoch of each key this replica has seen claimed or stored."""
         self._prune_due = -math.inf
         self._seq = 0
         self._entries: dict[str, list[Lease]] = {}
@@ -270,6 +269,7 @@ class Leases(Collector):
         entries: dict[str, list[Lease]] = {}
         for lease in every:
             entries.setdefault(lease.key, []).append(lease)
+            self._epochs[lease.key] = max(self._epochs.get(lease.key, 0), lease.epoch)
             if lease.key not in latest or lease.order > latest[lease.key].order:
                 latest[lease.key] = lease
         self._entries = {k: sorted(v, key=lambda x: x.order) for k, v in entries.items()}
@@ -308,25 +308,24 @@ class Leases(Collector):
         """Claim the next epoch of `key`; True when this replica now holds it. The lease runs
         from before the claim was sent, by both clocks."""
         now, started = self._clock(), self._monotonic()
-        # Claims are contiguous (an epoch is tried only once every lower one is claimed), so a
-        # holder of epoch e is fenced by the claim of e + 1 alone. Claims whose claimer never
-        # stored its lease are stepped over, CLAIM_PROBES a pass, resuming where the last
-        # pass stopped.
-        epoch = max((stored.epoch if stored else 0) + 1, self._next_epoch.get(key, 0))
-        for _ in range(CLAIM_PROBES):
-            if epoch >= MAX_EPOCH:
-                log.error("journal key %s: lease epochs exhausted, not claimed", key)
-                return False
-            claimed = self._store.claim_epoch(key, epoch, self.replica, now)
-            if claimed is None:
-                break
-            if now - self._lease < claimed <= now + _SKEW:
-                return False  # claimed by another replica just now
-            epoch += 1  # claimed by one that never stored its lease (or a hostile claim)
-            self._next_epoch[key] = epoch
-        else:
+        # Claims are contiguous (an epoch is claimed only once every lower one is), so a
+        # holder of epoch e is fenced by the claim of e + 1 alone, and the first epoch not
+        # claimed is found by doubling then halving from the last one known.
+        known = max(stored.epoch if stored else 0, self._epochs.get(key, 0))
+        epoch = self._first_unclaimed(key, known + 1)
+        if epoch is None or epoch >= MAX_EPOCH:
+            log.error("journal key %s: no lease epoch left to claim", key)
             return False
-        self._next_epoch.pop(key, None)
+        if epoch > known + 1:
+            # Claimed since the lease this replica read: by one that holds it now, unless
+            # that claim is older than a lease (its claimer never stored its lease).
+            last = self._store.epoch_claimed(key, epoch - 1)
+            if last is not None and now - self._lease < last <= now + _SKEW:
+                self._epochs[key] = epoch - 1
+                return False
+        if self._store.claim_epoch(key, epoch, self.replica, now) is not None:
+            self._epochs[key] = epoch
+            return False  # claimed by another replica just now
         held = Held(epoch, started + (self._lease - self._margin).total_seconds(), set(topics))
         lease = Lease(key, epoch, self.replica, now + self._lease, tuple(sorted(topics)))
         self._store.save_leases([self._stamped(lease, now, held)])
@@ -337,10 +336,31 @@ class Leases(Collector):
         )
         return True
 
+    def _first_unclaimed(self, key: str, start: int) -> int | None:
+        """The first epoch from `start` on that no one claimed (claims are contiguous): a few
+        lookups by `_id`, however many epochs were claimed since."""
+        if self._store.epoch_claimed(key, start) is None:
+            return start
+        low, step = start, 1  # low: claimed
+        while True:
+            if low + step >= MAX_EPOCH:
+                return None
+            if self._store.epoch_claimed(key, low + step) is None:
+                high = low + step  # not claimed
+                break
+            low, step = low + step, step * 2
+        while high - low > 1:
+            middle = (low + high) // 2
+            if self._store.epoch_claimed(key, middle) is None:
+                high = middle
+            else:
+                low = middle
+        return high
+
     def fence(self, key: str) -> None:
         """Raise Fenced (counted, logged) unless this replica still holds `key`: renewed less
         than the lease minus the margin ago (no other replica claims it before the lease has
-        run out by its own clock, a margin later). Once half the lease is gone, renew it (a
+        run out by its own clock, a margin later). With a quarter of it left, renew it (a
         long pass). Raises StoreError."""
         held = self._held.get(key)
         if held is None:
@@ -349,7 +369,8 @@ class Leases(Collector):
         if left < 0:
             self._lose(key, "its lease expired")
             raise Fenced(key)
-        if left < (self._lease / 2).total_seconds():
+        if left < (self._lease / 4).total_seconds():
+            # A long pass: renew now, before the lease runs out (a pass renews at its end).
             self._renew(key)
 
     def verify_all(self) -> set[str]:
@@ -357,10 +378,10 @@ class Leases(Collector):
         all): once a pass, for clocks further apart than the margin. Returns the keys lost
         (counted, logged). Raises StoreError."""
         lost = set()
+        now = self._monotonic()
         for key in sorted(self._held):
-            try:
-                self.fence(key)
-            except Fenced:
+            if self._held[key].deadline < now:
+                self._lose(key, "its lease expired")
                 lost.add(key)
         pairs = [(key, held.epoch + 1) for key, held in self._held.items()]
         for key, _ in self._store.claimed_epochs(pairs):

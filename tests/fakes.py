@@ -338,10 +338,10 @@ class MemoryStore:
             self.claims[(key, epoch)] = now
             return None
 
-    def epoch_claimed(self, key: str, epoch: int) -> bool:
+    def epoch_claimed(self, key: str, epoch: int) -> datetime | None:
         with self._lock:
             self._check()
-            return (key, epoch) in self.claims
+            return self.claims.get((key, epoch))
 
     def claimed_epochs(self, pairs: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
         with self._lock:

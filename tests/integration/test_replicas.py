@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,7 +21,7 @@ import pytest
 from eventaudit.exporter.evaluator import JOURNAL_DROP_GRACE
 from eventaudit.partitions import journal_key, lease_slot, partitions_of
 from eventaudit.records import BUCKET_COLLECTION, Lease
-from eventaudit.store import MongoStore
+from eventaudit.store import MongoStore, StoredResult
 from tests.conftest import PROJECT, Ferret, service_env, unique, wait_for
 from tests.integration.harness import audited_publisher, audited_subscriber, received_count
 from tests.integration.http_client import metric
@@ -301,9 +301,16 @@ def test_ferretdb_enforces_what_fencing_relies_on(store: MongoStore) -> None:
         [{"_id": "x", "key": "x", "epoch": "1"}, {"_id": "y", "key": "y", "epoch": 2**62}]
     )
     window = (now - timedelta(minutes=1), now + timedelta(minutes=1))
-    assert sorted(store.load_leases(*window), key=lambda x: x.key) == sorted(
-        [renewed, other], key=lambda x: x.key
-    )
+    every = store.load_leases(*window)
+    assert len(every) == 4  # every entry: the chain of a key's writes is read too
+    latest = {x.key: x for x in sorted(every, key=lambda x: x.order)}
+    assert latest == {key: renewed, other.key: other}
+    # Told results are kept apart; one that cannot be stored never stops the lease.
+    huge = {"_id": "r", "blob": "x" * (5 * 2**20)}
+    told = Lease(journal_key("news"), 1, "a", now, ("news",), {}, now, 9, 0, (huge, {"a": 1}))
+    store.save_leases([told])
+    assert [x.told for x in store.load_leases(*window) if x.key == told.key] == [2]
+    assert store.load_news(*window) == {}  # too big for a news document: read from partitions
     # One document per save (a replica renews all its leases at once), in its first's slot.
     slots = {lease_slot(now + timedelta(seconds=s)) for s in (0, 20)}
     assert store.drop_lease_slots(now + timedelta(minutes=2)) == len(slots)
@@ -315,3 +322,40 @@ def test_ferretdb_enforces_what_fencing_relies_on(store: MongoStore) -> None:
     assert store.load_tenures() == [gone]
     store.save_replica("a", now)
     assert store.load_replicas() == {"a": now}
+
+
+class _CountingStore(MongoStore):
+    partition_reads = 0
+
+    def load_results(
+        self,
+        since: datetime,
+        topics: Collection[str] | None = None,
+        partitions: Collection[int] | None = None,
+    ) -> list[StoredResult]:
+        if partitions is not None:
+            self.partition_reads += 1
+        return super().load_results(since, topics, partitions)
+
+
+def test_on_ferretdb_the_others_take_a_holders_results_from_its_lease_writes(
+    ferret: Ferret,
+) -> None:
+    """The default lease (3 buckets): each pass, a replica that does not hold the topic takes
+    the results the holder stored from its lease writes, and reads no result partition."""
+    from tests.unit import test_replicas as memory
+
+    store = _CountingStore(ferret.uri, unique("db").replace("-", "_"))
+    try:
+        clock = memory.Clock()
+        group = [memory.replica(store, clock, name, ["orders"]) for name in ("a", "b")]
+        memory.run(clock, group, rounds=4)
+        reads = store.partition_reads
+        for _ in range(6):
+            memory.traffic(store, ["orders"], clock.now - timedelta(seconds=35), 2)
+            memory.run(clock, group)
+        assert store.partition_reads == reads
+        numbers = [memory.numbers(r.snapshot) for r in group]
+        assert numbers == [{("orders", "orders-sub"): (12, 12)}] * 2
+    finally:
+        store.close()

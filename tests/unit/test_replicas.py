@@ -6,7 +6,7 @@ same on FerretDB with real processes in tests/integration/test_replicas.py."""
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -453,11 +453,21 @@ def test_claims_step_over_any_number_of_abandoned_epochs() -> None:
     steps over them (a bounded number a pass), so the key is never orphaned for good."""
     store, clock = MemoryStore(), Clock()
     key = journal_key("orders")
-    for epoch in range(1, 41):
+    for epoch in range(1, 201):  # every rolling deploy moves the epochs on
         store.claims[(key, epoch)] = T0 - timedelta(hours=1)
     [a] = group = [replica(store, clock, "a", ["orders"])]
-    run(clock, group, rounds=3)
-    assert a.leases.epoch(key) == 41
+    run(clock, group)  # one pass: doubling, then halving, from the last epoch known
+    assert a.leases.epoch(key) == 201
+
+
+def test_a_claim_made_just_now_past_the_lease_read_is_not_stepped_over() -> None:
+    store, clock = MemoryStore(), Clock()
+    key = journal_key("orders")
+    store.claims.update({(key, e): T0 - timedelta(hours=1) for e in range(1, 7)})
+    store.claims[(key, 7)] = T0 + timedelta(seconds=5)  # another replica, 5 s before
+    [a] = group = [replica(store, clock, "a", ["orders"])]
+    run(clock, group)
+    assert a.leases.held == {}
 
 
 @pytest.mark.parametrize(
@@ -570,3 +580,33 @@ class CountingStore(MemoryStore):
         if partitions is not None:
             self.partition_reads += 1
         return super().load_results(since, topics, partitions)
+
+
+def test_each_pass_writes_each_replicas_leases_once() -> None:
+    """With the default lease (3 buckets), a pass renews every key in one write at its end,
+    never one by one at its start: the others read one lease write a pass per key."""
+    store, clock = MemoryStore(), Clock()
+    group = [replica(store, clock, name, TOPICS) for name in ("a", "b", "c")]
+    run(clock, group, rounds=8)
+    before = len(store.lease_log)
+    run(clock, group, rounds=3)
+    assert len(store.lease_log) - before == 3 * 30
+
+
+def test_an_odd_lease_entry_does_not_leave_the_others_behind_for_good() -> None:
+    """An entry of the holder's key, owner and epoch with a huge write count (hand-written,
+    corrupt): once it is gone, the others follow the holder's writes again."""
+    store, clock = MemoryStore(), Clock()
+    group = [replica(store, clock, name, ["orders"]) for name in ("a", "b")]
+    run(clock, group, rounds=4)
+    holder = next(r for r in group if r.leases.held)
+    other = next(r for r in group if r is not holder)
+    [lease] = [x for x in store.leases.values()]
+    store.lease_log.append(replace(lease, seq=2**61, renewed=clock.now, prev=0))
+    run(clock, group)
+    store.lease_log = [x for x in store.lease_log if x.seq != 2**61]
+    store.leases = {lease.key: max((x for x in store.lease_log), key=lambda x: x.order)}
+    for _ in range(4):
+        traffic(store, ["orders"], clock.now - timedelta(seconds=35), 2)
+        run(clock, group)
+    assert numbers(other.snapshot) == numbers(holder.snapshot) == {("orders", "orders-sub"): (8, 8)}
