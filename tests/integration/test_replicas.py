@@ -49,8 +49,10 @@ class Cluster:
         return int(self.metric(replica, "eventaudit_topic_leases_held") or 0)
 
     def leases(self) -> list[Lease]:
+        """Each key's latest lease entry."""
         now = datetime.now(UTC)
-        return self.store.load_leases(now - timedelta(minutes=2), now + timedelta(minutes=1))
+        every = self.store.load_leases(now - timedelta(minutes=2), now + timedelta(minutes=1))
+        return list({x.key: x for x in sorted(every, key=lambda x: x.order)}.values())
 
     def lease(self, topic: str) -> Lease:
         [lease] = [x for x in self.leases() if x.key == journal_key(topic)]
