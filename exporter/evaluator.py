@@ -209,29 +209,29 @@ class Evaluator(Collector):
         was stored before the failure stands, the rest of the journal is folded next time."""
         frontier = settled_frontier(now, self._settle, self._bucket)
         oldest = frontier - self._span
-        if self._results is None:
+        first = self._results is None
+        if first:
             # First evaluation of this process: resume from the stored results; the journal
             # holds whatever the previous process had not folded (and maybe some it had).
             # Stamp folds after any earlier process's, even with a clock stepped back, so a
             # later fold's result version is always higher and the API never takes it for an
-            # earlier one. Both are read before either is kept: a failure keeps neither.
-            # The leases as they were before the results are read: any result stored since is
-            # announced by a later lease, and read then.
-            leases = self._leases.stored() if self._leases is not None else []
-            stored = self._store.load_results(oldest)
+            # earlier one.
             stamp = self._store.load_fold_stamp()
             tenures = self._store.load_tenures()
-            self._results, self._orders = {}, {}
-            self._keep(stored)
             self._merged = max(self._merged, stamp)
             self._expected.restore(tenures)
-            for lease in leases:
-                self._seen_holder[lease.key] = (lease.owner, lease.epoch)
-                self._seen[lease.key] = dict(lease.written)
-                self._seen_seq[lease.key] = lease.seq
         self._expected.begin(now)
         if self._leases is not None:
-            self._divide(now, oldest)
+            self._divide(now, oldest, first)
+        if first:
+            # Read once claims are made (a key's previous holder stopped writing before it
+            # could be claimed), and after the leases were read (a result stored since is
+            # told by a later lease write, and read then). A failure keeps nothing: the next
+            # evaluation reads again.
+            stored = self._store.load_results(oldest)
+            self._results, self._orders = {}, {}
+            self._keep(stored)
+        assert self._results is not None
         merged = max(epoch_ms(now), self._merged + 1)
         self._saves = 0
         span = (oldest, now + PUBLISH_TIME_TOLERANCE)
@@ -321,11 +321,12 @@ class Evaluator(Collector):
             if replace or item.order > self._orders.get(key, (-1, -1)):
                 self._results[key], self._orders[key] = item.result, item.order
 
-    def _divide(self, now: datetime, oldest: datetime) -> None:
+    def _divide(self, now: datetime, oldest: datetime, first: bool = False) -> None:
         """Rebalance the leases; read afresh the state of keys just gained, and what the
         holders of the others stored since the last read (all of a key's results when its
         holder changed: the last writes of the one before may never have been announced)."""
-        assert self._leases is not None and self._results is not None
+        assert self._leases is not None
+        results = self._results or {}
         if self._keys_listed is None or not (
             self._keys_listed <= now < self._keys_listed + 3 * self._bucket
         ):
@@ -334,10 +335,20 @@ class Evaluator(Collector):
             self._journal_keys = self._store.journal_keys()
             self._keys_listed = now
         keys: dict[str, set[str]] = {k: set() for k in self._journal_keys}
-        for topic in self._expected.configured_topics | {t for t, _ in self._results}:
+        for topic in self._expected.configured_topics | {t for t, _ in results}:
             keys.setdefault(journal_key(topic), set()).add(topic)
         ownership = self._leases.rebalance(keys)
         held = self._leases.held
+        if first:
+            # Every result is read next, after these claims: follow each holder from the
+            # leases just read (older than that read).
+            for key, lease in self._leases.others.items():
+                self._seen_holder[key] = (lease.owner, lease.epoch)
+                self._seen[key], self._seen_seq[key] = dict(lease.written), lease.seq
+            self._merged = max(self._merged, self._store.load_fold_stamp())
+            for key in sorted(ownership.gained):
+                self._fenced(key, self._leases.renew_key, key)
+            return
         for key in ownership.released:
             self._forget(key)
         gained: set[str] = set()
@@ -391,7 +402,7 @@ class Evaluator(Collector):
         self._keep([r for r in fresh if journal_key(r.result.topic) not in held])
         for key, (holder, written, seq) in seen.items():
             self._seen_holder[key], self._seen[key], self._seen_seq[key] = holder, written, seq
-        foreign = {t for t, _ in self._results if journal_key(t) not in held}
+        foreign = {t for t, _ in results if journal_key(t) not in held}
         foreign |= {t for t in self._expected.configured_topics if journal_key(t) not in held}
         if foreign:
             self._expected.adopt(

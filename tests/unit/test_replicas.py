@@ -610,3 +610,37 @@ def test_an_odd_lease_entry_does_not_leave_the_others_behind_for_good() -> None:
         traffic(store, ["orders"], clock.now - timedelta(seconds=35), 2)
         run(clock, group)
     assert numbers(other.snapshot) == numbers(holder.snapshot) == {("orders", "orders-sub"): (8, 8)}
+
+
+def test_a_replicas_first_evaluation_reads_the_stored_results_once() -> None:
+    """A restarted replica claims its topics, then reads every stored result once (after the
+    claims, so whatever their previous holders stored is in it): not once for every topic
+    and again for those it claimed."""
+    store, clock = WholeReadsStore(), Clock()
+    group = [replica(store, clock, "a", TOPICS)]
+    traffic(store, TOPICS, T0 + timedelta(seconds=5), 2)
+    run(clock, group, rounds=6)
+    group[0].leases.release_all()  # SIGTERM
+    restarted = [replica(store, clock, "a2", TOPICS)]
+    store.whole_reads = 0
+    run(clock, restarted)
+    assert store.whole_reads == 1
+    assert len(restarted[0].leases.held) == 30
+    expected = {(t, f"{t}-sub"): (2, 2) for t in TOPICS}
+    assert numbers(restarted[0].snapshot) == expected
+
+
+class WholeReadsStore(MemoryStore):
+    """Counts reads of every result in the window (not of named partitions)."""
+
+    whole_reads = 0
+
+    def load_results(
+        self,
+        since: datetime,
+        topics: Collection[str] | None = None,
+        partitions: Collection[int] | None = None,
+    ) -> list[StoredResult]:
+        if partitions is None:
+            self.whole_reads += 1
+        return super().load_results(since, topics, partitions)
