@@ -93,10 +93,6 @@ class Ownership:
     gained: frozenset[str]
     """keys claimed by this pass (their state elsewhere must be read afresh)"""
     released: frozenset[str]
-    replicas: int
-    """live replicas, this one included"""
-    unowned: frozenset[str]
-    """known keys no live replica holds after this pass"""
 
 
 def _own_topics(lease: Lease) -> Lease:
@@ -219,7 +215,7 @@ class Leases(Collector):
         )
         with self._lock:
             self._replicas, self._unowned = len(replicas), unowned
-        return Ownership(frozenset(gained), frozenset(released), len(replicas), unowned)
+        return Ownership(frozenset(gained), frozenset(released))
 
     def release_all(self) -> None:
         """Hand every held lease over now (a clean stop): the others claim them at their next

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from eventaudit.contract import epoch_ms
 from eventaudit.journal import (
@@ -40,6 +40,7 @@ from eventaudit.records import BucketResult, Lease, PublishRecord, Receipt, Tenu
 from eventaudit.store import (
     AuditStore,
     DuplicatePublishes,
+    EvaluatorStore,
     StoredResult,
     StoreError,
     classify_duplicates,
@@ -466,3 +467,24 @@ class MemoryStore:
 def _implements_protocol(store: MemoryStore) -> AuditStore:
     # mypy checks here, once, that MemoryStore has every method of the real store's interface.
     return store
+
+
+class CountsResultReads:
+    """Mixed into a store (MemoryStore or MongoStore): counts reads of stored results, of
+    every result in the window (`whole_reads`) and of named partitions (`partition_reads`)."""
+
+    whole_reads = 0
+    partition_reads = 0
+
+    def load_results(
+        self,
+        since: datetime,
+        topics: Collection[str] | None = None,
+        partitions: Collection[int] | None = None,
+    ) -> list[StoredResult]:
+        if partitions is None:
+            self.whole_reads += 1
+        else:
+            self.partition_reads += 1
+        # Mixed in before a store class: super() is that store.
+        return cast(EvaluatorStore, super()).load_results(since, topics, partitions)

@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,8 +21,9 @@ import pytest
 from eventaudit.exporter.evaluator import JOURNAL_DROP_GRACE
 from eventaudit.partitions import journal_key, lease_slot, partitions_of
 from eventaudit.records import BUCKET_COLLECTION, Lease
-from eventaudit.store import MongoStore, StoredResult
+from eventaudit.store import MongoStore
 from tests.conftest import PROJECT, Ferret, service_env, unique, wait_for
+from tests.fakes import CountsResultReads
 from tests.integration.harness import audited_publisher, audited_subscriber, received_count
 from tests.integration.http_client import metric
 from tools import stack
@@ -326,18 +327,8 @@ def test_ferretdb_enforces_what_fencing_relies_on(store: MongoStore) -> None:
     assert store.load_replicas() == {"a": now}
 
 
-class _CountingStore(MongoStore):
-    partition_reads = 0
-
-    def load_results(
-        self,
-        since: datetime,
-        topics: Collection[str] | None = None,
-        partitions: Collection[int] | None = None,
-    ) -> list[StoredResult]:
-        if partitions is not None:
-            self.partition_reads += 1
-        return super().load_results(since, topics, partitions)
+class _CountingStore(CountsResultReads, MongoStore):
+    """MongoStore counting its reads of stored results."""
 
 
 def test_on_ferretdb_the_others_take_a_holders_results_from_its_lease_writes(

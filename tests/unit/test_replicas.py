@@ -22,7 +22,7 @@ from eventaudit.journal import JournalEntry
 from eventaudit.partitions import journal_key
 from eventaudit.records import BucketResult, Lease, PublishRecord, Receipt, Tenure
 from eventaudit.store import AuditStore, StoredResult, StoreError
-from tests.fakes import MemoryStore
+from tests.fakes import CountsResultReads, MemoryStore
 
 BUCKET = timedelta(seconds=10)
 SETTLE = timedelta(seconds=30)
@@ -566,22 +566,6 @@ def test_the_others_learn_a_holders_results_from_its_leases_or_its_partitions(
     assert (store.partition_reads - reads > 0) == (carried < 6)
 
 
-class CountingStore(MemoryStore):
-    """Counts reads of named result partitions (the others' fallback)."""
-
-    partition_reads = 0
-
-    def load_results(
-        self,
-        since: datetime,
-        topics: Collection[str] | None = None,
-        partitions: Collection[int] | None = None,
-    ) -> list[StoredResult]:
-        if partitions is not None:
-            self.partition_reads += 1
-        return super().load_results(since, topics, partitions)
-
-
 def test_each_pass_writes_each_replicas_leases_once() -> None:
     """With the default lease (3 buckets), a pass renews every key in one write at its end,
     never one by one at its start: the others read one lease write a pass per key."""
@@ -616,7 +600,7 @@ def test_a_replicas_first_evaluation_reads_the_stored_results_once() -> None:
     """A restarted replica claims its topics, then reads every stored result once (after the
     claims, so whatever their previous holders stored is in it): not once for every topic
     and again for those it claimed."""
-    store, clock = WholeReadsStore(), Clock()
+    store, clock = CountingStore(), Clock()
     group = [replica(store, clock, "a", TOPICS)]
     traffic(store, TOPICS, T0 + timedelta(seconds=5), 2)
     run(clock, group, rounds=6)
@@ -630,17 +614,5 @@ def test_a_replicas_first_evaluation_reads_the_stored_results_once() -> None:
     assert numbers(restarted[0].snapshot) == expected
 
 
-class WholeReadsStore(MemoryStore):
-    """Counts reads of every result in the window (not of named partitions)."""
-
-    whole_reads = 0
-
-    def load_results(
-        self,
-        since: datetime,
-        topics: Collection[str] | None = None,
-        partitions: Collection[int] | None = None,
-    ) -> list[StoredResult]:
-        if partitions is None:
-            self.whole_reads += 1
-        return super().load_results(since, topics, partitions)
+class CountingStore(CountsResultReads, MemoryStore):
+    """MemoryStore counting its reads of stored results."""

@@ -67,6 +67,17 @@ def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
             ["--windows", "1h", "--settle-delay", "30s", "--bucket", "10s", "--retention", "3639s"],
             "retention must cover",
         ),
+        # Topic leases: at least 3 buckets (each evaluation renews), at most 600 s; a replica
+        # id is ASCII letters, digits and . _ : -, 128 at most.
+        (["--lease-seconds", "29"], "at least 3 buckets"),
+        (["--lease-seconds", "601"], "--lease-seconds"),
+        (["--lease-seconds", "\u0663\u0660"], "--lease-seconds"),
+        (["--lease-seconds", "nan"], "--lease-seconds"),
+        (["--lease-seconds", "1e400"], "--lease-seconds"),
+        (["--replica-id", "r0\n"], "replica id"),
+        (["--replica-id", "r\u0660"], "replica id"),
+        (["--replica-id", "a b"], "replica id"),
+        (["--replica-id", "r" * 129], "replica id"),
         (["--topics", "create-user\nx"], "Pub/Sub id"),
         (["--topics", "ab"], "Pub/Sub id"),
         (["--topics", "bad topic/x"], "Pub/Sub id"),
