@@ -14,6 +14,7 @@ from eventaudit.serving import BackgroundServer, parse_listen_address
 
 __all__ = [
     "BackgroundServer",
+    "echo",
     "json_error",
     "metrics_view",
     "parse_listen_address",
@@ -21,6 +22,18 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+ECHO_LIMIT = 64
+
+
+def echo(value: str, limit: int = ECHO_LIMIT) -> str:
+    """`value` quoted for an error message: repr-escaped (a newline, an ANSI escape or a lone
+    surrogate shows as its escape, never acts) and cut to `limit` characters, so an answer or
+    a log line never carries the input whole (a 1 MiB key, a JSON value nested 980 deep)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
 
 
 def json_error(status: int, message: str, **extra: Any) -> tuple[Response, int]:

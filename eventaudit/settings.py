@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
-from collections.abc import Sequence
-from typing import Annotated, ClassVar, Literal, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pymongo.errors import PyMongoError
 from pymongo.uri_parser_shared import _validate_uri
@@ -69,6 +77,37 @@ def _reason_without_credentials(uri: str) -> str:
     return _BAD_CREDENTIALS
 
 
+# Numbers as people type them in ASCII, matched whole: no sign, exponent, `_`, `nan` or `inf`,
+# and no other script's digits (pydantic alone reads ' 8', '8.0', '3_0' and '1e1').
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,18}")
+_DECIMAL_NUMBER = re.compile(r"[0-9]{1,15}(?:\.[0-9]{1,15})?")
+# A Google Cloud project id (6 to 30 of a-z 0-9 -, a letter first, no hyphen last), or a
+# legacy domain-scoped one (`example.com:my-project`).
+_PROJECT_ID = re.compile(r"(?:[a-z0-9][a-z0-9.-]{0,61}[a-z0-9]:)?[a-z][a-z0-9-]{4,28}[a-z0-9]")
+# A database name both MongoDB (no `/\. "$`, under 64 bytes) and FerretDB accept.
+_DATABASE = re.compile(r"[A-Za-z0-9_-]{1,63}")
+_UNPRINTABLE = "must be printable, without control characters or surrounding whitespace"
+
+
+def text_problem(value: str) -> str | None:
+    """Why a setting's text cannot be taken as typed (a newline, a tab, an escape, surrounding
+    whitespace), or None. Never quotes the value (it may be a URI with a password)."""
+    if value != value.strip() or not value.isprintable():
+        return _UNPRINTABLE
+    return None
+
+
+def split_list(text: str) -> list[str]:
+    """Items of a comma-separated setting, spaces around them dropped; "" is no items.
+    ValueError for an empty item (`a,,b`, a trailing comma): a typo, not a shorter list."""
+    if not text:
+        return []
+    items = [part.strip(" ") for part in text.split(",")]
+    if "" in items:
+        raise ValueError("empty item in the comma-separated list")
+    return items
+
+
 class CommonSettings(BaseSettings):
     """Store, Pub/Sub project and logging: what every eventaudit process needs.
 
@@ -109,10 +148,42 @@ class CommonSettings(BaseSettings):
         30.0, gt=0, le=3600, description="an HTTP connection idle this long is closed"
     )
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _as_typed(cls, value: Any, info: ValidationInfo) -> Any:
+        # Every setting from a flag or the environment arrives as text: take it only as typed.
+        if not isinstance(value, str) or info.field_name is None:
+            return value
+        problem = text_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        annotation = cls.model_fields[info.field_name].annotation
+        if annotation is int and not _WHOLE_NUMBER.fullmatch(value):
+            raise ValueError("must be a whole number in ASCII digits, like 8")
+        if annotation is float and not _DECIMAL_NUMBER.fullmatch(value):
+            raise ValueError("must be a number in ASCII digits, like 8 or 2.5")
+        return value
+
     @field_validator("mongo_uri")
     @classmethod
     def _mongo_uri(cls, value: str) -> str:
         return validate_mongo_uri(value)
+
+    @field_validator("project")
+    @classmethod
+    def _project(cls, value: str) -> str:
+        if not _PROJECT_ID.fullmatch(value):
+            raise ValueError(
+                "not a Google Cloud project id (6 to 30 of a-z 0-9 -, starting with a letter)"
+            )
+        return value
+
+    @field_validator("database")
+    @classmethod
+    def _database(cls, value: str) -> str:
+        if not _DATABASE.fullmatch(value):
+            raise ValueError("a database name is 1 to 63 of A-Z a-z 0-9 _ -")
+        return value
 
     @model_validator(mode="after")
     def _shutdown_fits_a_store_write(self) -> CommonSettings:
@@ -137,17 +208,42 @@ class CommonSettings(BaseSettings):
 S = TypeVar("S", bound=CommonSettings)
 
 
+def _flag_values(args: Sequence[str]) -> Iterator[tuple[str, str]]:
+    """(flag, value) of each value in `args`, as typed: `--flag=value` and `--flag value`."""
+    flag = None
+    for arg in args:
+        if arg.startswith("--"):
+            flag, sep, value = arg.partition("=")
+            if sep:
+                yield flag.lower(), value
+                flag = None
+        elif flag is not None:
+            yield flag.lower(), arg
+            flag = None
+
+
 def load_settings(cls: type[S], argv: Sequence[str] | None = None) -> S:
     """Parse flags and environment into `cls`; report every invalid value and exit 1."""
     args = list(sys.argv[1:] if argv is None else argv)
+    # pydantic-settings cuts `--flag=value` at a newline (`value\nmore` is read as `value`):
+    # the values are checked as typed here, before it parses them.
+    problems = {flag: p for flag, value in _flag_values(args) if (p := text_problem(value))}
+    errors = [(flag, f"Value error, {problem}") for flag, problem in problems.items()]
     try:
-        return cls(_cli_parse_args=args, _cli_prog_name=cls.prog)
+        settings = cls(_cli_parse_args=args, _cli_prog_name=cls.prog)
     except ValidationError as exc:
-        print(f"{cls.__name__}: {exc.error_count()} invalid setting(s):", file=sys.stderr)
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"]) or "settings"
-            print(f"  --{where.replace('_', '-')}: {err['msg']}", file=sys.stderr)
-        raise SystemExit(1) from None
+            flag = "--" + where.replace("_", "-")
+            if flag not in problems:
+                errors.append((flag, err["msg"]))
+    else:
+        if not errors:
+            return settings
+    print(f"{cls.__name__}: {len(errors)} invalid setting(s):", file=sys.stderr)
+    for flag, msg in errors:
+        print(f"  {flag}: {msg}", file=sys.stderr)
+    raise SystemExit(1) from None
 
 
 def configure_logging(level: str) -> None:

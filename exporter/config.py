@@ -12,19 +12,20 @@ from pydantic import Field, field_validator, model_validator
 
 from eventaudit.contract import is_pubsub_id
 from eventaudit.exporter.buckets import Window, parse_duration
-from eventaudit.settings import CommonSettings, ListenAddress
+from eventaudit.http import echo
+from eventaudit.settings import CommonSettings, ListenAddress, split_list
 
 
 def _pubsub_id(text: str) -> str:
     if not is_pubsub_id(text):
-        raise ValueError(f"{text!r} is not a Pub/Sub id")
+        raise ValueError(f"{echo(text)} is not a Pub/Sub id")
     return text
 
 
 def _pair(text: str) -> tuple[str, str]:
     topic, sep, sub = text.partition(":")
     if not sep or not topic or not sub:
-        raise ValueError(f"expected TOPIC:SUBSCRIPTION, got {text!r}")
+        raise ValueError(f"expected TOPIC:SUBSCRIPTION, got {echo(text)}")
     return _pubsub_id(topic), _pubsub_id(sub)
 
 
@@ -65,8 +66,8 @@ class ExporterSettings(CommonSettings):
         "evaluation renews it); another replica takes the topic over within this plus one "
         "bucket of the holder's death. At least 3 buckets",
     )
-    replica_id: str = Field(
-        "",
+    replica_id: str | None = Field(
+        None,
         description="this exporter replica's name in topic leases (default: host name, "
         "process id and a random suffix)",
     )
@@ -88,22 +89,29 @@ class ExporterSettings(CommonSettings):
     @field_validator("expected_subscriptions", "excluded_subscriptions")
     @classmethod
     def _pairs(cls, value: str) -> str:
-        for item in _split(value):
+        for item in split_list(value):
             _pair(item)
         return value
 
     @field_validator("replica_id")
     @classmethod
-    def _replica(cls, value: str) -> str:
-        if value and not _REPLICA_ID.fullmatch(value):
-            raise ValueError(f"{value!r} is not a replica id (1 to 128 of A-Z a-z 0-9 . _ : -)")
+    def _replica(cls, value: str | None) -> str | None:
+        # Given, it is used as given: an empty one is a mistake, not "pick one for me".
+        if value is not None and not _REPLICA_ID.fullmatch(value):
+            raise ValueError("not a replica id (1 to 128 of A-Z a-z 0-9 . _ : -)")
         return value
 
     @field_validator("topics")
     @classmethod
     def _topics(cls, value: str) -> str:
-        for item in _split(value):
+        for item in split_list(value):
             _pubsub_id(item)
+        return value
+
+    @field_validator("windows")
+    @classmethod
+    def _window_items(cls, value: str) -> str:
+        split_list(value)  # each item is parsed once the bucket is known
         return value
 
     @model_validator(mode="after")
@@ -150,33 +158,29 @@ class ExporterSettings(CommonSettings):
     @property
     def window_list(self) -> list[Window]:
         """Parsed windows."""
-        return [Window.parse(w, self.bucket_delta) for w in _split(self.windows)]
+        return [Window.parse(w, self.bucket_delta) for w in split_list(self.windows)]
 
     @property
     def expected_map(self) -> dict[str, set[str]]:
         """Configured topics and their configured subscriptions."""
-        out: dict[str, set[str]] = {t: set() for t in _split(self.topics)}
-        for topic, sub in map(_pair, _split(self.expected_subscriptions)):
+        out: dict[str, set[str]] = {t: set() for t in split_list(self.topics)}
+        for topic, sub in map(_pair, split_list(self.expected_subscriptions)):
             out.setdefault(topic, set()).add(sub)
         return out
 
     @property
     def excluded_set(self) -> set[tuple[str, str]]:
         """Excluded (topic, subscription) pairs."""
-        return set(map(_pair, _split(self.excluded_subscriptions)))
+        return set(map(_pair, split_list(self.excluded_subscriptions)))
 
 
 _REPLICA_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def replica_name(configured: str) -> str:
+def replica_name(configured: str | None) -> str:
     """This replica's id: the configured one, else host name, process id and a random
     suffix (a restarted process is a new replica: it claims its leases under new epochs)."""
     if configured:
         return configured
     host = re.sub(r"[^A-Za-z0-9._:-]", "-", socket.gethostname())[:80] or "exporter"
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-def _split(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]

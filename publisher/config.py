@@ -7,12 +7,13 @@ from typing import Annotated
 from pydantic import AfterValidator, Field, field_validator
 
 from eventaudit.contract import is_pubsub_id
-from eventaudit.settings import CommonSettings, ListenAddress
+from eventaudit.http import echo
+from eventaudit.settings import CommonSettings, ListenAddress, split_list
 
 
 def _topic_id(value: str) -> str:
     if not is_pubsub_id(value):
-        raise ValueError(f"not a Pub/Sub topic id: {value!r}")
+        raise ValueError(f"not a Pub/Sub topic id: {echo(value)}")
     return value
 
 
@@ -61,7 +62,7 @@ class PublisherSettings(CommonSettings):
     @field_validator("topics")
     @classmethod
     def _topics(cls, value: str) -> str:
-        for topic in _split(value):
+        for topic in split_list(value):
             _topic_id(topic)
         return value
 
@@ -73,8 +74,4 @@ class PublisherSettings(CommonSettings):
     @property
     def topic_allow_list(self) -> frozenset[str]:
         """Topics the generic route may publish to; empty means any existing topic."""
-        return frozenset(_split(self.topics))
-
-
-def _split(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+        return frozenset(split_list(self.topics))

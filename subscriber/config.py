@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from eventaudit.contract import is_pubsub_id
+from eventaudit.http import echo
 from eventaudit.settings import CommonSettings, ListenAddress
 
 
@@ -12,7 +14,7 @@ class SubscriberSettings(CommonSettings):
 
     prog = "python -m eventaudit.subscriber"
 
-    subscription: str = Field(..., min_length=3, description="subscription id to consume")
+    subscription: str = Field(..., description="subscription id to consume")
     topic: str | None = Field(
         None, description="topic id (default: looked up from the subscription)"
     )
@@ -41,3 +43,10 @@ class SubscriberSettings(CommonSettings):
     lose_fraction: float = Field(
         0.0, ge=0, le=1, description="FAULT KNOB for demos: ack this fraction of events unrecorded"
     )
+
+    @field_validator("subscription", "topic")
+    @classmethod
+    def _pubsub_id(cls, value: str | None) -> str | None:
+        if value is not None and not is_pubsub_id(value):
+            raise ValueError(f"not a Pub/Sub id: {echo(value)}")
+        return value
