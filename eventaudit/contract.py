@@ -184,10 +184,42 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# JSON a caller sends is nested at most this deep. Python's parser stops near 1000 levels, but
+# what reads the value afterwards (validation, error answers, json.dumps) recurses too, from
+# deeper in the stack: 980 levels parsed, then failed with a RecursionError (a 500).
+MAX_JSON_DEPTH = 100
+
+
+class NestedTooDeeplyError(RecursionError):
+    """JSON nested deeper than MAX_JSON_DEPTH (or than the parser can go)."""
+
+
 def loads_finite_json(text: str | bytes) -> Any:
     """`json.loads` without Python's extensions: NaN, Infinity and numbers that overflow to
-    infinity (`1e400`) are rejected with ValueError; too deep nesting raises RecursionError."""
-    return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    infinity (`1e400`) are rejected with ValueError; nesting deeper than MAX_JSON_DEPTH
+    raises NestedTooDeeplyError (a RecursionError)."""
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError as exc:
+        raise NestedTooDeeplyError(f"nested deeper than {MAX_JSON_DEPTH} levels") from exc
+    if _deeper_than(value, MAX_JSON_DEPTH):
+        raise NestedTooDeeplyError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays and objects in `value` nest more than `limit` levels (level by level:
+    no recursion)."""
+    level, depth = [value], 0
+    while level:
+        containers = [v for v in level if isinstance(v, dict | list)]
+        if not containers:
+            return False
+        depth += 1
+        if depth > limit:
+            return True
+        level = [c for v in containers for c in (v.values() if isinstance(v, dict) else v)]
+    return False
 
 
 # Options travels as a Pub/Sub attribute value, which holds at most 1024 bytes.
@@ -226,8 +258,16 @@ def normalize_options(options: object) -> str:
 # The audit keeps an event's own attributes (those a subscription filter can refer to) in its
 # publish record and journal entry, as compact JSON: at most this many bytes of it.
 MAX_EVENT_ATTRIBUTES_BYTES = 1024
-_MAX_ATTRIBUTE_KEY_BYTES = 256
 CONTRACT_ATTRIBUTES = frozenset({EVENT_ID, PUBLISH_TIME, CLOUD_TRACE_CONTEXT, TRACEPARENT, OPTIONS})
+# Pub/Sub's limits on a message (cloud.google.com/pubsub/quotas, "Resource limits"): 100
+# attributes, keys of 256 bytes, values of 1024, an ordering key of 1 KB, and a publish
+# request of 10 MB (the client library's own check: 10,000,000 bytes of PublishRequest).
+MAX_ATTRIBUTES = 100
+MAX_ATTRIBUTE_KEY_BYTES = 256
+MAX_ATTRIBUTE_VALUE_BYTES = 1024
+MAX_ORDERING_KEY_BYTES = 1024
+MAX_PUBLISH_REQUEST_BYTES = 10_000_000
+MAX_OWN_ATTRIBUTES = MAX_ATTRIBUTES - len(CONTRACT_ATTRIBUTES)
 # google-cloud-pubsub's PublisherClient.publish takes attributes as keyword arguments: these
 # names are its own parameters, and cannot be sent as attributes through it.
 _CLIENT_KEYWORDS = frozenset({"self", "topic", "data", "ordering_key", "retry", "timeout"})
@@ -235,9 +275,9 @@ _CLIENT_KEYWORDS = frozenset({"self", "topic", "data", "ordering_key", "retry", 
 
 def validate_event_attributes(attributes: object) -> dict[str, str]:
     """An event's own attributes, checked: a JSON object of strings (a JSON text or a mapping),
-    none named like the audit's own or starting with `goog`, keys 1..256 bytes, at most
-    MAX_EVENT_ATTRIBUTES_BYTES as compact JSON (what the audit keeps to evaluate filters).
-    ValueError says why."""
+    at most MAX_OWN_ATTRIBUTES of them, none named like the audit's own or starting with
+    `goog`, keys 1..256 bytes, values at most 1024, at most MAX_EVENT_ATTRIBUTES_BYTES as
+    compact JSON (what the audit keeps to evaluate filters). ValueError says why."""
     if attributes is None:
         return {}
     if isinstance(attributes, str):
@@ -249,10 +289,28 @@ def validate_event_attributes(attributes: object) -> dict[str, str]:
             raise ValueError(f"attributes are not valid JSON: {exc}") from exc
     if not isinstance(attributes, dict):
         raise ValueError("attributes must be a JSON object of string values")
+    if len(attributes) > MAX_OWN_ATTRIBUTES:
+        raise ValueError(
+            f"an event has at most {MAX_OWN_ATTRIBUTES} attributes of its own, got "
+            f"{len(attributes)} (Pub/Sub takes {MAX_ATTRIBUTES}; the audit sets "
+            f"{len(CONTRACT_ATTRIBUTES)})"
+        )
     checked: dict[str, str] = {}
     for key, value in attributes.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise ValueError("attribute keys and values must be strings")
+        # Sizes first: the messages below quote the key.
+        try:
+            size, value_size = len(key.encode()), len(value.encode())
+        except UnicodeEncodeError as exc:
+            raise ValueError("an attribute key or value is not encodable as UTF-8") from exc
+        if not 1 <= size <= MAX_ATTRIBUTE_KEY_BYTES:
+            raise ValueError(f"attribute keys are 1 to {MAX_ATTRIBUTE_KEY_BYTES} bytes")
+        if value_size > MAX_ATTRIBUTE_VALUE_BYTES:
+            raise ValueError(
+                f"attribute {key!r} is {value_size} bytes; Pub/Sub takes at most "
+                f"{MAX_ATTRIBUTE_VALUE_BYTES} a value"
+            )
         if key in CONTRACT_ATTRIBUTES:
             raise ValueError(f"attribute {key!r} is set by the audit")
         if key in _CLIENT_KEYWORDS:
@@ -261,13 +319,6 @@ def validate_event_attributes(attributes: object) -> dict[str, str]:
             )
         if key.lower().startswith("goog"):
             raise ValueError(f"attribute {key!r}: Pub/Sub reserves keys starting with goog")
-        try:
-            size = len(key.encode())
-            value.encode()
-        except UnicodeEncodeError as exc:
-            raise ValueError(f"attribute {key!r} is not encodable as UTF-8") from exc
-        if not 1 <= size <= _MAX_ATTRIBUTE_KEY_BYTES:
-            raise ValueError(f"attribute keys are 1 to {_MAX_ATTRIBUTE_KEY_BYTES} bytes")
         checked[key] = value
     encoded = json.dumps(checked, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
     if len(encoded.encode()) > MAX_EVENT_ATTRIBUTES_BYTES:

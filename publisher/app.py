@@ -20,13 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from eventaudit.contract import (
     CLOUD_TRACE_CONTEXT,
     EVENT_ID,
+    MAX_JSON_DEPTH,
     OPTIONS,
     InvalidMessageError,
     TraceContext,
     is_pubsub_id,
     loads_finite_json,
 )
-from eventaudit.http import json_error, metrics_view, register_json_errors
+from eventaudit.http import echo, json_error, metrics_view, register_json_errors
 from eventaudit.publisher.audited import (
     PUBLISH_TIMEOUTS,
     AuditedPublisher,
@@ -87,12 +88,38 @@ def _json_body(required: bool) -> dict[str, Any] | tuple[Response, int]:
         # NaN, Infinity and 1e400 (infinity once parsed) are not JSON: no JSON consumer reads them.
         body = loads_finite_json(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        return json_error(400, f"malformed JSON: {exc}")
+        return json_error(400, f"malformed JSON: {_clip(str(exc))}")
     except RecursionError:
-        return json_error(400, "malformed JSON: nested too deeply")
+        return json_error(400, f"JSON nested too deeply (at most {MAX_JSON_DEPTH} levels)")
     if not isinstance(body, dict):
         return json_error(400, f"payload must be a JSON object, got {type(body).__name__}")
     return body
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    # A parser's message may quote the input (a 5000-digit number): never all of it.
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+class HeaderNotUTF8Error(ValueError):
+    """A header whose bytes are not UTF-8."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"{name}: not UTF-8 (send UTF-8, or ASCII with JSON \\u escapes in JSON headers)"
+        )
+
+
+def _header(name: str) -> str | None:
+    """A header's text. WSGI hands header bytes over one Latin-1 character each (PEP 3333):
+    they are read as the UTF-8 they are, never as Latin-1 (raw 'é' was published as 'Ã©')."""
+    value = request.headers.get(name)
+    if value is None:
+        return None
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise HeaderNotUTF8Error(name) from None
 
 
 class PublishSlots:
@@ -159,14 +186,21 @@ def _publish(topic: str, payload: dict[str, Any]) -> PublishedEvent | tuple[Resp
 
 def _publish_in_slot(topic: str, payload: dict[str, Any]) -> PublishedEvent | tuple[Response, int]:
     try:
+        options = _header("X-Event-Options")
+        attributes = _header("X-Event-Attributes")
+        ordering_key = _header("X-Ordering-Key") or ""
+    except HeaderNotUTF8Error as exc:
+        return json_error(400, str(exc))
+    try:
         event = _deps().publisher.publish(
             topic,
             payload,
+            # ASCII by their grammar: anything else is refused (the id) or ignored (a trace).
             event_id=request.headers.get("X-Event-ID"),
             trace=TraceContext.from_headers(dict(request.headers)),
-            options=request.headers.get("X-Event-Options"),
-            attributes=request.headers.get("X-Event-Attributes"),
-            ordering_key=request.headers.get("X-Ordering-Key", ""),
+            options=options,
+            attributes=attributes,
+            ordering_key=ordering_key,
         )
     except InvalidMessageError as exc:
         return json_error(400, f"X-Event-ID: {exc}")
@@ -217,7 +251,16 @@ def create_user() -> Any:
     try:
         overrides = UserOverrides.model_validate(body)
     except ValidationError as exc:
-        return json_error(400, "invalid user fields", details=exc.errors(include_url=False))
+        # Where and why, never the input itself (980 levels of it recursed in the answer).
+        details = [
+            {
+                "loc": [_clip(p, 64) if isinstance(p, str) else p for p in e["loc"]],
+                "msg": e["msg"],
+                "type": e["type"],
+            }
+            for e in exc.errors(include_url=False, include_input=False, include_context=False)
+        ]
+        return json_error(400, "invalid user fields", details=details)
     payload = {
         "userId": str(uuid.uuid4()),
         "name": overrides.name or random.choice(_NAMES),
@@ -234,7 +277,7 @@ def create_user() -> Any:
 def publish_event(topic: str) -> Any:
     """Publish the JSON object in the body to `topic`, honouring incoming trace headers."""
     if not is_pubsub_id(topic):
-        return json_error(400, f"invalid topic id {topic!r}")
+        return json_error(400, f"invalid topic id {echo(topic)}")
     allowed = _settings().topic_allow_list
     if allowed and topic not in allowed:
         return json_error(404, f"topic {topic!r} is not published by this API")

@@ -22,9 +22,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from google.api_core import exceptions as gexc
+from google.cloud.pubsub_v1.publisher.exceptions import MessageTooLargeError
+from google.pubsub_v1.types import PublishRequest, PubsubMessage
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from eventaudit.contract import (
+    MAX_ORDERING_KEY_BYTES,
+    MAX_PUBLISH_REQUEST_BYTES,
     TraceContext,
     build_attributes,
     encode_attributes,
@@ -77,9 +81,6 @@ class InvalidAttributesError(InvalidEventError):
 
 class InvalidOrderingKeyError(InvalidEventError):
     """An ordering key Pub/Sub would refuse (empty is "no key"; at most 1024 bytes)."""
-
-
-MAX_ORDERING_KEY_BYTES = 1024
 
 
 class TopicNotFoundError(LookupError):
@@ -569,14 +570,23 @@ def encode_payload(payload: Mapping[str, Any]) -> bytes:
         raise InvalidPayloadError("payload is nested too deeply") from exc
 
 
+def publish_request_bytes(
+    path: str, data: bytes, attributes: Mapping[str, str], ordering_key: str
+) -> int:
+    """Size of the PublishRequest carrying one message, as the client library measures it."""
+    message = PubsubMessage.pb()(data=data, attributes=attributes, ordering_key=ordering_key)
+    return int(PublishRequest.pb()(topic=path, messages=[message]).ByteSize())
+
+
 class AuditedPublisher:
     """Publishes JSON events with audit attributes and records each one that Pub/Sub accepted.
 
     `publish` raises before anything reaches Pub/Sub when the event cannot be published
     (InvalidMessageError for the event id; InvalidOptionsError, InvalidPayloadError or
     InvalidEventError for an invalid topic id; TopicNotFoundError; TopicUnverifiedError, counted
-    `eventaudit_publisher_refused_total{reason="topic_unverified"}`; the client's own errors,
-    such as MessageTooLargeError); only what the client accepted is counted in flight, so
+    `eventaudit_publisher_refused_total{reason="topic_unverified"}`; MessageTooLargeError over
+    Pub/Sub's 10 MB, checked here as the client checks it; the client's own errors); only what
+    the client accepted is counted in flight, so
     `flush` never waits on a publish that never started.
     """
 
@@ -651,6 +661,21 @@ class AuditedPublisher:
         data = encode_payload(payload)
         if not is_pubsub_id(topic):
             raise InvalidEventError(f"invalid topic id {topic!r}")
+        path = self._client.topic_path(self._project, topic)
+        # The client's own size check, made before anything is asked or handed over (the
+        # client keeps state per topic and ordering key it is given); the publish time's
+        # digits are as many now as when it is stamped.
+        size = publish_request_bytes(
+            path,
+            data,
+            {**own, **build_attributes(event_id, utc_now_ms(), trace, options_text)},
+            ordering_key,
+        )
+        if size > MAX_PUBLISH_REQUEST_BYTES:
+            raise MessageTooLargeError(
+                f"the message makes a publish request of {size} bytes; Pub/Sub takes at most "
+                f"{MAX_PUBLISH_REQUEST_BYTES}"
+            )
         try:
             if not self._topics.exists(topic):
                 raise TopicNotFoundError(topic)
@@ -660,7 +685,6 @@ class AuditedPublisher:
         publish_time = utc_now_ms()
         sent = {**own, **build_attributes(event_id, publish_time, trace, options_text)}
         started = time.perf_counter()
-        path = self._client.topic_path(self._project, topic)
         try:
             if ordering_key:
                 future = self._client.publish(path, data, ordering_key=ordering_key, **sent)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -9,16 +10,19 @@ import pytest
 from eventaudit.contract import (
     PUBLISH_TIME_TOLERANCE,
     InvalidMessageError,
+    NestedTooDeeplyError,
     TraceContext,
     build_attributes,
     epoch_ms,
     from_epoch_ms,
     is_pubsub_id,
+    loads_finite_json,
     normalize_options,
     parse_ascii_int,
     parse_cloud_trace_context,
     parse_traceparent,
     read_attributes,
+    validate_event_attributes,
     validate_event_id,
 )
 
@@ -264,3 +268,48 @@ def test_pubsub_ids_are_matched_whole(text: str, valid: bool) -> None:
 )
 def test_parse_ascii_int_accepts_ascii_digits_only(text: str, value: int | None) -> None:
     assert parse_ascii_int(text) == value
+
+
+@pytest.mark.parametrize(
+    ("text", "depth_ok"),
+    [
+        ("[" * 100 + "]" * 100, True),
+        ('{"a":' * 99 + "[]" + "}" * 99, True),
+        ("[" * 101 + "]" * 101, False),
+        ('{"a":' * 100 + "[]" + "}" * 100, False),
+        ("[" * 980 + "]" * 980, False),  # parsed, then recursed elsewhere (a 500)
+        ("[" * 5000 + "]" * 5000, False),  # the parser's own RecursionError
+        ("[" + "[]," * 5000 + "[]]", True),  # wide, not deep
+    ],
+)
+def test_json_is_nested_at_most_100_levels(text: str, depth_ok: bool) -> None:
+    if depth_ok:
+        assert loads_finite_json(text) is not None
+    else:
+        with pytest.raises(NestedTooDeeplyError, match="nested deeper than 100 levels"):
+            loads_finite_json(text)
+
+
+@pytest.mark.parametrize(
+    ("attributes", "reason"),
+    [
+        ({f"k{i}": "" for i in range(95)}, None),
+        ({f"k{i}": "" for i in range(96)}, "at most 95 attributes of its own, got 96"),
+        ({"k" * 256: "v"}, None),
+        ({"k" * 257: "v"}, "keys are 1 to 256 bytes"),
+        ({"é" * 129: "v"}, "keys are 1 to 256 bytes"),
+        ({"goog" + "k" * 5000: "v"}, "keys are 1 to 256 bytes"),  # quoted whole before
+        ({"k": "v" * 1000}, None),
+        ({"k": "é" * 513}, "'k' is 1026 bytes; Pub/Sub takes at most 1024 a value"),
+        ({"k": "v" * 600, "l": "v" * 600}, "the audit keeps at most 1024"),
+        ({"k": "\ud800"}, "not encodable as UTF-8"),
+    ],
+)
+def test_own_attributes_within_pubsubs_limits(
+    attributes: dict[str, str], reason: str | None
+) -> None:
+    if reason is None:
+        assert validate_event_attributes(attributes) == attributes
+    else:
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            validate_event_attributes(attributes)

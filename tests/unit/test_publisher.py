@@ -23,6 +23,7 @@ from eventaudit.contract import InvalidMessageError
 from eventaudit.publisher.app import PublisherDeps, create_app
 from eventaudit.publisher.audited import (
     AuditedPublisher,
+    InvalidAttributesError,
     InvalidEventError,
     InvalidOptionsError,
     InvalidOrderingKeyError,
@@ -40,6 +41,7 @@ from tests.conftest import wait_for
 from tests.fakes import MemoryStore
 
 PROJECT = "p"
+SETTINGS_PROJECT = "eventaudit-test"  # the settings take only real project ids
 
 
 class FakeClient:
@@ -168,6 +170,14 @@ def test_failed_publishes_are_classified(exc: Exception, outcome: str) -> None:
         ({"topic": "orders\n"}, InvalidEventError, "invalid topic id"),
         ({"topic": "bad topic/x"}, InvalidEventError, "invalid topic id"),
         ({"topic": "goog-orders"}, InvalidEventError, "invalid topic id"),
+        # Pub/Sub's limits, checked before the client (issue 18): 106 attributes were sent
+        ({"attributes": {f"k{i}": "" for i in range(96)}}, InvalidAttributesError, "at most 95"),
+        ({"attributes": {f"k{i}": "" for i in range(101)}}, InvalidAttributesError, "at most 95"),
+        ({"attributes": {"k" * 257: "v"}}, InvalidAttributesError, "keys are 1 to 256 bytes"),
+        ({"attributes": {"k": "é" * 513}}, InvalidAttributesError, "1026 bytes"),
+        ({"payload": {"a": "x" * 10_000_000}}, MessageTooLargeError, "10000000"),
+        # its publish request: 10,000,005 to 10,000,023 bytes (as the trace's span id is long)
+        ({"payload": {"a": "x" * 9_999_770}}, MessageTooLargeError, "10000000"),
     ],
 )
 def test_rejected_before_pubsub_reaches_nothing_and_leaves_nothing_in_flight(
@@ -332,7 +342,7 @@ def test_the_api_answers_503_for_a_topic_it_cannot_verify_and_publishes_trusted_
     client.settle = "m-1"
     kit = Kit(KnownTopics(client, PROJECT, clock=Clock()), client)
     deps = PublisherDeps(kit.publisher, kit.buffer, kit.registry)
-    settings = PublisherSettings(users_topic="users", project=PROJECT)
+    settings = PublisherSettings(users_topic="users", project=SETTINGS_PROJECT)
     api = create_app(settings, deps).test_client()
     resp = api.post("/api/v1/topics/invented/events", json={"n": 1})
     assert resp.status_code == 503
@@ -343,7 +353,9 @@ def test_the_api_answers_503_for_a_topic_it_cannot_verify_and_publishes_trusted_
     assert api.post("/api/v1/users").status_code == 200  # the users topic is trusted
     assert [p[0] for p in client.published] == ["projects/p/topics/users"]
     # Naming the topics in --topics makes them publishable without the check.
-    allowed = PublisherSettings(users_topic="users", topics="invented,other", project=PROJECT)
+    allowed = PublisherSettings(
+        users_topic="users", topics="invented,other", project=SETTINGS_PROJECT
+    )
     api = create_app(allowed, deps).test_client()
     assert api.post("/api/v1/topics/invented/events", json={"n": 1}).status_code == 201
     assert api.post("/api/v1/topics/other/events", json={"n": 1}).status_code == 201
@@ -386,7 +398,7 @@ def test_the_api_answers_each_publish_outcome(
 ) -> None:
     kit = Kit()
     kit.client.settle = settle
-    settings = PublisherSettings(users_topic="orders", project=PROJECT)
+    settings = PublisherSettings(users_topic="orders", project=SETTINGS_PROJECT)
     app = create_app(settings, PublisherDeps(kit.publisher, kit.buffer, kit.registry))
     resp = app.test_client().post("/api/v1/topics/orders/events", json={"n": 1})
     assert resp.status_code == status
@@ -399,7 +411,7 @@ def test_the_api_answers_each_publish_outcome(
 def test_the_api_answers_413_for_a_message_too_large_for_pubsub() -> None:
     kit = Kit()
     kit.client.publish_raises = MessageTooLargeError("too large")
-    settings = PublisherSettings(users_topic="orders", project=PROJECT)
+    settings = PublisherSettings(users_topic="orders", project=SETTINGS_PROJECT)
     app = create_app(settings, PublisherDeps(kit.publisher, kit.buffer, kit.registry))
     resp = app.test_client().post("/api/v1/topics/orders/events", json={"n": 1})
     assert resp.status_code == 413
@@ -410,7 +422,7 @@ def test_the_api_answers_413_for_a_message_too_large_for_pubsub() -> None:
 def test_the_api_answers_503_when_the_client_is_stopped() -> None:
     kit = Kit()
     kit.client.publish_raises = RuntimeError("Cannot publish on a stopped publisher.")
-    settings = PublisherSettings(users_topic="orders", project=PROJECT)
+    settings = PublisherSettings(users_topic="orders", project=SETTINGS_PROJECT)
     app = create_app(settings, PublisherDeps(kit.publisher, kit.buffer, kit.registry))
     resp = app.test_client().post("/api/v1/topics/orders/events", json={"n": 1})
     assert resp.status_code == 503
@@ -435,7 +447,7 @@ class FatalStore(MemoryStore):
 def test_healthz_is_503_while_the_record_writer_is_not_running(caplog) -> None:
     store = FatalStore()
     kit = Kit(store=store)
-    settings = PublisherSettings(users_topic="orders", project=PROJECT)
+    settings = PublisherSettings(users_topic="orders", project=SETTINGS_PROJECT)
     client = create_app(
         settings, PublisherDeps(kit.publisher, kit.buffer, kit.registry)
     ).test_client()
@@ -466,7 +478,7 @@ def test_publishes_beyond_the_slots_answer_503_and_health_and_metrics_still_answ
 ) -> None:
     kit = Kit()  # futures settle only when the test says: Pub/Sub hangs
     settings = PublisherSettings(
-        users_topic="orders", project=PROJECT, threads=4, publish_timeout_seconds=600
+        users_topic="orders", project=SETTINGS_PROJECT, threads=4, publish_timeout_seconds=600
     )
     assert settings.publish_slots == 2
     app = create_app(settings, PublisherDeps(kit.publisher, kit.buffer, kit.registry))
@@ -534,6 +546,29 @@ def test_a_published_event_with_an_ordering_key_is_recorded_like_any() -> None:
     assert (record["messageId"], record["attributes"]) == ("m-1", '{"kind":"a"}')
     assert kit.client.published[0][2]["kind"] == "a"
     assert kit.client.resumed == []
+
+
+def test_a_message_just_under_pubsubs_limit_is_handed_to_the_client() -> None:
+    kit = Kit()
+    # Its publish request: 9,999,975 to 9,999,993 bytes (as the trace's span id is long).
+    kit.publisher.publish("orders", {"a": "x" * 9_999_740}, event_id="e-1")
+    (_, data, _) = kit.client.published[0]
+    assert len(data) == 9_999_748
+
+
+def test_raw_utf8_in_the_api_headers_is_read_as_utf8() -> None:
+    kit = Kit()
+    kit.client.settle = "m-1"
+    settings = PublisherSettings(users_topic="orders", project=SETTINGS_PROJECT)
+    app = create_app(settings, PublisherDeps(kit.publisher, kit.buffer, kit.registry))
+    raw = {  # as a WSGI server hands header bytes over: one Latin-1 character each
+        "HTTP_X_ORDERING_KEY": "clé-1".encode().decode("latin-1"),
+        "HTTP_X_EVENT_ATTRIBUTES": '{"région":"zürich"}'.encode().decode("latin-1"),
+    }
+    resp = app.test_client().post("/api/v1/topics/orders/events", json={}, environ_overrides=raw)
+    assert resp.status_code == 201, resp.get_json()
+    (_, _, sent) = kit.client.published[0]
+    assert (sent["ordering_key"], sent["région"]) == ("clé-1", "zürich")
 
 
 @pytest.mark.parametrize(
