@@ -22,7 +22,13 @@ from eventaudit.exporter import status
 from eventaudit.exporter.collector import EvaluationState
 from eventaudit.exporter.evaluator import list_missed
 from eventaudit.exporter.missed import MissedAnswers
-from eventaudit.exporter.story import event_story, parse_publish_time, search_hours, trace_forms
+from eventaudit.exporter.story import (
+    event_story,
+    parse_publish_time,
+    search_hours,
+    story_link,
+    trace_forms,
+)
 from eventaudit.http import json_error, metrics_view, register_json_errors
 from eventaudit.store import ExporterStore, StoreError
 
@@ -72,7 +78,7 @@ def missed() -> Any:
     """
     unknown = sorted(set(request.args) - _MISSED_PARAMS)
     if unknown:
-        return json_error(400, f"unknown query parameter(s): {', '.join(unknown)}")
+        return json_error(400, f"unknown query parameter(s): {_names(unknown)}")
     if any(len(request.args.getlist(k)) > 1 for k in request.args):
         return json_error(400, "each query parameter may be given once")
     topic = request.args.get("topic", "")
@@ -150,7 +156,7 @@ def missed() -> Any:
                 "fate": "lost" if e.dead_letter_attempts is None else "dead_lettered",
                 "deliveryAttempts": e.dead_letter_attempts,
                 "trace": trace_forms(e.trace_id, deps.project),
-                "story": f"/api/v1/events/{e.event_id}?publishTime={epoch_ms(e.publish_time)}",
+                "story": story_link(e.event_id, epoch_ms(e.publish_time)),
             }
             for e in answer.events[:limit]
         ],
@@ -169,7 +175,29 @@ def event(event_id: str) -> Any:
     """
     unknown = sorted(set(request.args) - {"publishTime"})
     if unknown:
-        return json_error(400, f"unknown query parameter(s): {', '.join(unknown)}")
+        return json_error(400, f"unknown query parameter(s): {_names(unknown)}")
+    return _story(event_id)
+
+
+@bp.get("/api/v1/events")
+def event_by_query() -> Any:
+    """The same story, the id given as `eventID=`: the form whose links work for every id
+    (a browser removes `.` and `..` from a path)."""
+    unknown = sorted(set(request.args) - {"eventID", "publishTime"})
+    if unknown:
+        return json_error(400, f"unknown query parameter(s): {_names(unknown)}")
+    if len(request.args.getlist("eventID")) != 1:
+        return json_error(400, "eventID must be given once")
+    return _story(request.args["eventID"])
+
+
+def _names(names: list[str]) -> str:
+    """Parameter names for an error: the first five, each cut to 64 characters."""
+    shown = [n if len(n) <= 64 else f"{n[:64]}..." for n in names[:5]]
+    return ", ".join(shown) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _story(event_id: str) -> Any:
     try:
         validate_event_id(event_id)
     except InvalidMessageError as exc:

@@ -21,6 +21,7 @@ from eventaudit.exporter.evaluator import (
     counts_bucket,
     subscription_window,
 )
+from eventaudit.exporter.story import story_link
 from eventaudit.exporter.subscriptions import Expectation
 from eventaudit.journal import MissedEvent, parse_listed
 from eventaudit.records import BucketCounts, BucketResult
@@ -224,8 +225,8 @@ def _topic_section(
         if any(w.missed for w in windows.values()):
             events = recent_missed(snapshot, topic, sub, results=results)
             items = "".join(
-                f'<li><a href="/api/v1/events/{html.escape(e.event_id)}?publishTime='
-                f'{epoch_ms(e.publish_time)}">{html.escape(e.event_id)}</a> published '
+                f'<li><a href="{html.escape(story_link(e.event_id, epoch_ms(e.publish_time)))}">'
+                f"{html.escape(e.event_id)}</a> published "
                 f"{e.publish_time:%H:%M:%S}"
                 + (
                     f", dead-lettered after {e.dead_letter_attempts} attempts"

@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import quote, urlencode
 
 from eventaudit.contract import epoch_ms, from_epoch_ms, parse_ascii_int
 from eventaudit.exporter.buckets import floor_to_bucket
@@ -55,6 +56,20 @@ def search_hours(
     while len(hours) < MAX_SEARCH_HOURS and hours[-1] > oldest:
         hours.append(hours[-1] - HOUR)
     return hours
+
+
+def story_link(event_id: str, publish_time_ms: int | None = None) -> str:
+    """The path (and query) of an event's story, for every accepted eventID.
+
+    `.` and `..` are dot segments: browsers and curl remove them from a path before asking
+    (RFC 3986, 5.2.4), so `/api/v1/events/..` went to `/api/v1/`. Their stories are asked
+    by query, `/api/v1/events?eventID=..`, which every client leaves alone.
+    """
+    query = {} if publish_time_ms is None else {"publishTime": str(publish_time_ms)}
+    if event_id in (".", ".."):
+        return "/api/v1/events?" + urlencode({"eventID": event_id, **query})
+    path = "/api/v1/events/" + quote(event_id, safe=":")
+    return f"{path}?{urlencode(query)}" if query else path
 
 
 def trace_forms(trace_id: str, project: str) -> dict[str, str]:

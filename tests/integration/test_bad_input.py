@@ -683,6 +683,37 @@ def test_exporter_rejects_bad_query(store, query, status, message) -> None:
     assert message.lower() in resp.get_json()["error"].lower()
 
 
+# (path, status, error fragment): the story by query (the form links to `.` and `..` use),
+# and error answers that quote no input whole.
+EXPORTER_BAD_STORY_QUERY = [
+    ("/api/v1/events", 400, "eventID must be given once"),
+    ("/api/v1/events?eventID=e1&eventID=e2", 400, "eventID must be given once"),
+    ("/api/v1/events?eventID=", 400, "eventID: missing"),
+    ("/api/v1/events?eventID=bad%20id", 400, "eventID: malformed"),
+    ("/api/v1/events?eventID=..%2F", 400, "eventID: malformed"),
+    ("/api/v1/events?eventID=e1%0A", 400, "eventID: malformed"),
+    ("/api/v1/events?eventID=%FF", 400, "eventID: malformed"),
+    ("/api/v1/events?eventID=e1&publishTime=1e3", 400, "publishTime must be epoch"),
+    ("/api/v1/events?eventID=e1&publishTime=1&publishTime=2", 400, "once"),
+    ("/api/v1/events?eventID=e1&topic=t-1", 400, "unknown query parameter(s): topic"),
+    ("/api/v1/events?eventID=e1&" + "p" * 5000 + "=1", 400, "unknown query parameter(s): ppp"),
+    ("/api/v1/events/e1?" + "p" * 5000 + "=1", 400, "unknown query parameter(s): ppp"),
+    ("/api/v1/missed?" + "&".join(f"x{i}=1" for i in range(2000)), 400, "and 1995 more"),
+    ("/api/v1/events?eventID=no-such-event", 404, "no publish record of event no-such-event"),
+]
+
+
+@pytest.mark.parametrize(("path", "status", "message"), EXPORTER_BAD_STORY_QUERY)
+def test_exporter_rejects_bad_story_query(store, path, status, message) -> None:
+    exporter = exporter_kit(store, ["t-1"], list_subscriptions=False)
+    EvaluationLoop(exporter.evaluator, exporter.state, store, BUCKET, timedelta(days=1)).run_once()
+    app = create_exporter_app(ExporterDeps(store, exporter.state, exporter.registry))
+    resp = app.test_client().get(path)
+    assert (resp.status_code, resp.get_json()["status"]) == (status, status)
+    assert message in resp.get_json()["error"]
+    assert len(resp.get_data()) <= 1024, resp.get_data()[:300]
+
+
 def test_message_without_event_id_is_counted_invalid_and_acked(store, topic_factory) -> None:
     topic, (sub,) = topic_factory(1)
     client = pubsub_v1.PublisherClient()

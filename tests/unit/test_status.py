@@ -3,8 +3,10 @@ command's rendering: pure logic on an evaluation of the in-memory store."""
 
 from __future__ import annotations
 
+import html
 import io
 import math
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -174,3 +176,48 @@ def test_a_hostile_filter_in_the_not_audited_list_is_escaped() -> None:
     page = render(state)
     assert "<script>" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+# Every accepted eventID, as the status page and /api/v1/missed link to its story: `.` and `..`
+# are path segments a browser or curl removes (RFC 3986 5.2.4), so their links went elsewhere.
+LINKED_IDS = [".", "..", "...", "a:b", "-", "_", "e.1", "x" * 128]
+
+
+def _missed_everywhere(event_ids: list[str]) -> tuple[MemoryStore, Snapshot]:
+    store = MemoryStore()
+    for i, event_id in enumerate(event_ids):
+        when = datetime(2026, 11, 27, 12, 20, i, tzinfo=UTC)
+        store.insert_publish_records(
+            [PublishRecord(event_id, "a" * 32, TOPIC, "{}", "m", when)], when
+        )
+    expected = ExpectedSubscriptions({TOPIC: {"orders-audit"}}, set(), None)
+    hour = [Window("1h", timedelta(hours=1))]
+    evaluator = Evaluator(store, expected, hour, timedelta(seconds=10), timedelta(seconds=30))
+    return store, evaluator.evaluate(NOW)
+
+
+@pytest.mark.parametrize("event_id", LINKED_IDS)
+def test_every_story_link_resolves_to_the_events_story(event_id: str) -> None:
+    from urllib.parse import urljoin, urlsplit
+
+    from prometheus_client import CollectorRegistry
+
+    from eventaudit.exporter.app import ExporterDeps, create_app
+    from eventaudit.exporter.collector import EvaluationState
+    from eventaudit.exporter.status import render
+
+    store, snapshot = _missed_everywhere([event_id])
+    state = EvaluationState(settle_seconds=30)
+    state.succeeded(snapshot, 0.1)
+    client = create_app(ExporterDeps(store, state, CollectorRegistry())).test_client()
+    page = render(state)
+    [page_link] = re.findall(r'<li><a href="([^"]*)">', page)
+    missed = client.get(f"/api/v1/missed?topic={TOPIC}&subscription=orders-audit&window=1h")
+    [event] = missed.get_json()["events"]
+    assert html.unescape(page_link) == event["story"]
+    # Resolved as a browser resolves it (dot segments removed), then asked.
+    url = urlsplit(urljoin("http://127.0.0.1:9800/", event["story"]))
+    resp = client.get(url.path, query_string=url.query)
+    assert resp.status_code == 200, (event["story"], url)
+    assert resp.get_json()["eventID"] == event_id
+    assert resp.get_json()["published"][0]["publishTime"] == "2026-11-27T12:20:00+00:00"
