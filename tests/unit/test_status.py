@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import html
 import io
+import json
 import math
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -127,31 +129,109 @@ def test_the_command_renders_a_story_even_without_a_latency() -> None:
     ]
 
 
-class Answer(io.BytesIO):
-    """What urlopen returns, as a context manager."""
-
-    def __enter__(self) -> Answer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def _story_of(event_id: str, **sub: Any) -> bytes:
+    story = json.loads(json.dumps(STORY))
+    story["eventID"] = event_id
+    story["published"][0]["subscriptions"][0].update(sub)
+    return json.dumps(story).encode()
 
 
-@pytest.mark.parametrize(
-    ("body", "code", "message"),
-    [
-        (b'{"unexpected": 1}', 2, "not an event story"),
-        (b"[1, 2]", 2, "not an event story"),
-        (b"not json", 2, "no usable answer from the exporter"),
-    ],
-)
-def test_an_answer_that_is_not_a_story_exits_2(
-    monkeypatch: pytest.MonkeyPatch, body: bytes, code: int, message: str
+GOOD = _story_of("e1")
+ESC = "\x1b[2J\x1b[31m"  # clear the screen, then red
+REAL = "a real connection"  # the row reaches a closed port on this host
+NO_REQUEST = "never asked"
+
+# The lookup command is an input surface too: its arguments, and whatever answers at
+# --exporter. (argv, answer (status, body), exit code, in stderr, stdout)
+LOOKUP_HOSTILE = [
+    (["\udcff"], NO_REQUEST, 2, "lookup: malformed eventID", ""),  # a non-UTF-8 argv byte
+    (["bad id"], NO_REQUEST, 2, "lookup: malformed eventID", ""),
+    (["e" * 129], NO_REQUEST, 2, "lookup: malformed eventID", ""),
+    (["e1", "--publish-time", "\udcff"], NO_REQUEST, 2, "--publish-time must be epoch", ""),
+    (["e1", "--publish-time", "1e3"], NO_REQUEST, 2, "--publish-time must be epoch", ""),
+    (["e1", "--publish-time", "1795780800000\n"], NO_REQUEST, 2, "--publish-time must be", ""),
+    (["e1", "--exporter", "http://Us3r:s3cret@127.0.0.1:{port}"], REAL, 2,
+     "lookup: no usable answer from the exporter at http://127.0.0.1:{port}: ", ""),
+    (["e1", "--exporter", "http://Us3r:s3cret@127.0.0.1:x{port}"], NO_REQUEST, 2,
+     "lookup: --exporter must be an http:// or https:// URL", ""),
+    (["e1", "--exporter", "file:///etc/passwd"], NO_REQUEST, 2, "--exporter must be", ""),
+    (["e1", "--exporter", f"http://127.0.0.1:9800/{ESC}"], NO_REQUEST, 2, "--exporter must", ""),
+    (["e1", "--exporter", "http://127.0.0.1:9800/?a=1"], NO_REQUEST, 2, "--exporter must", ""),
+    (["e1"], (200, b"not json"), 2, "lookup: no usable answer from the exporter", ""),
+    (["e1"], (200, ("[" * 5000 + "]" * 5000).encode()), 2, "no usable answer", ""),
+    (["e1"], (200, b'{"a":' * 990 + b"1" + b"}" * 990), 2, "no usable answer", ""),
+    (["e1"], (200, b'{"unexpected": 1}'), 2, "lookup: not an event story", ""),
+    (["e1"], (200, b"[1, 2]"), 2, "lookup: not an event story", ""),
+    (["e1", "--json"], (200, b'{"hello": "world"}'), 2, "lookup: not an event story", ""),
+    (["e1", "--json"], (200, b'{"eventID": "e1", "published": []}'), 2, "not an event story", ""),
+    (["e1", "--json"], (200, _story_of("e2")), 2, "lookup: the answer is the story of e2", ""),
+    (["e1"], (200, _story_of("e1", verdict="lost")), 2, "not an event story", ""),
+    (["e1"], (200, b" " * (16 * 2**20 + 1)), 2, "larger than 16 MiB", ""),
+    (["e1"], (302, b""), 2, "lookup: 302: ", ""),
+    (["e1"], (500, b"<html>oops</html>"), 2, "lookup: 500: ", ""),
+    (["e1"], (404, json.dumps({"error": f"{ESC}gone", "status": 404, "searched": []}).encode()),
+     1, "lookup: 404: \\x1b[2J\\x1b[31mgone", ""),
+    (["e1"], (404, b'{"error": "not found", "status": 404}'), 2, "lookup: 404: not found", ""),
+    (["e1"], (200, _story_of("e1", subscription=f"s{ESC}", reason="r\u202e")), 0, "",
+     "    s\\x1b[2J\\x1b[31m: received, 2 deliveries, first at t1 (0.250 s after publish): "
+     "r\\u202e"),
+    (["e1"], (200, GOOD), 0, "", "    s-ok: received, 2 deliveries"),
+    (["e1", "--json"], (200, _story_of("e1", reason=ESC)), 0, "", '"reason": "\\u001b[2J'),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("argv", "answer", "code", "error", "output"), LOOKUP_HOSTILE)
+def test_the_lookup_command_against_hostile_input(
+    monkeypatch: pytest.MonkeyPatch, argv, answer, code: int, error: str, output: str
 ) -> None:
-    monkeypatch.setattr(lookup.urllib.request, "urlopen", lambda url, timeout: Answer(body))
-    err = io.StringIO()
-    assert lookup.main(["e1"], io.StringIO(), err) == code
-    assert message in err.getvalue()
+    from tools import stack
+
+    port = stack.free_port()
+    argv = [a.replace("{port}", str(port)) for a in argv]
+    asked: list[tuple[str, dict[str, str]]] = []
+    if answer is not REAL:
+
+        def fake(url: str, headers: dict[str, str]) -> tuple[int, str, bytes]:
+            asked.append((url, headers))
+            assert answer is not NO_REQUEST, "asked the exporter with a malformed argument"
+            status, body = answer
+            return status, "Reason", body
+
+        monkeypatch.setattr(lookup, "_get", fake)
+    out, err = io.StringIO(), io.StringIO()
+    assert lookup.main(argv, out, err) == code
+    printed = out.getvalue() + err.getvalue()
+    assert error.replace("{port}", str(port)) in err.getvalue()
+    assert len(err.getvalue().splitlines()) == (0 if code == 0 else 1), err.getvalue()
+    assert output in out.getvalue()
+    assert out.getvalue() == "" or code == 0
+    assert "\x1b" not in printed and "\u202e" not in printed  # escapes shown, never acted on
+    assert "s3cret" not in printed.lower()  # credentials never printed
+
+
+def test_the_lookup_command_asks_for_every_id_where_its_story_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[tuple[str, dict[str, str]]] = []
+
+    def fake(url: str, headers: dict[str, str]) -> tuple[int, str, bytes]:
+        asked.append((url, headers))
+        query = parse_qs(urlsplit(url).query)
+        return 200, "OK", _story_of(query["eventID"][0] if query else "e1")
+
+    argv = ["--exporter", "https://Us3r:p%40ss@exporter.example:9443/base/"]
+    monkeypatch.setattr(lookup, "_get", fake)
+    assert lookup.main(["e1", *argv], io.StringIO(), io.StringIO()) == 0
+    assert lookup.main(["..", *argv], io.StringIO(), io.StringIO()) == 0
+    argv += ["--publish-time", "1795780800000"]
+    assert lookup.main([".", *argv], io.StringIO(), io.StringIO()) == 0
+    auth = {"Accept": "application/json", "Authorization": "Basic VXMzcjpwQHNz"}  # Us3r:p@ss
+    assert asked == [
+        ("https://exporter.example:9443/base/api/v1/events/e1", auth),
+        ("https://exporter.example:9443/base/api/v1/events?eventID=..", auth),
+        ("https://exporter.example:9443/base/api/v1/events?eventID=.&publishTime=1795780800000",
+         auth),
+    ]  # fmt: skip
 
 
 def test_a_hostile_filter_in_the_not_audited_list_is_escaped() -> None:
