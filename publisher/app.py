@@ -251,14 +251,15 @@ def create_user() -> Any:
     try:
         overrides = UserOverrides.model_validate(body)
     except ValidationError as exc:
-        # Where and why, never the input itself (980 levels of it recursed in the answer).
+        # Where and why, never the input itself (980 levels of it recursed in the answer), and
+        # the first five only (each unknown field is one).
         details = [
             {
                 "loc": [_clip(p, 64) if isinstance(p, str) else p for p in e["loc"]],
                 "msg": e["msg"],
                 "type": e["type"],
             }
-            for e in exc.errors(include_url=False, include_input=False, include_context=False)
+            for e in exc.errors(include_url=False, include_input=False, include_context=False)[:5]
         ]
         return json_error(400, "invalid user fields", details=details)
     payload = {

@@ -189,6 +189,7 @@ PUBLISHER_BAD_INPUT = [
     ("/api/v1/users", ('{"name": ' + nested(600) + "}").encode(), {}, 400, "nested too deeply"),
     ("/api/v1/users", b'{"name": "' + b"x" * 5000 + b'"}', {}, 400, "invalid user fields"),
     ("/api/v1/users", b'{"' + b"k" * 5000 + b'": 1}', {}, 400, "invalid user fields"),
+    ("/api/v1/users", json.dumps({f"f{i}": i for i in range(500)}).encode(), {}, 400, "invalid"),
     ("/api/v1/users", b"{}", {"X-Event-Options": "NaN"}, 400, "X-Event-Options"),
     ("/api/v1/nope", b"{}", {}, 404, "not found"),
 ]
