@@ -376,8 +376,29 @@ TOO_SLOW = "within 2s"
 OVER = f"limit of {LIMIT} bytes"
 HEADERS_OVER = "limit of 32768 bytes"
 
+
+def _with_raw_header(path: str, name: bytes, value: bytes) -> bytes:
+    """A POST of GOOD whose header `name` carries `value` as raw bytes."""
+    head = _post_head(path, f"Content-Length: {len(GOOD)}")[:-2]
+    return head + name + b": " + value + b"\r\n\r\n" + GOOD
+
+
 # (name, request for a path, stall after sending, status, fragment of the JSON error)
 HOSTILE: list[tuple[str, Callable[[str], bytes], bool, int, str]] = [
+    (
+        "attributes not UTF-8",
+        lambda p: _with_raw_header(p, b"X-Event-Attributes", b'{"k": "\xff"}'),
+        False,
+        400,
+        "X-Event-Attributes: not UTF-8",
+    ),
+    (
+        "ordering key not UTF-8",
+        lambda p: _with_raw_header(p, b"X-Ordering-Key", b"k\xc3"),
+        False,
+        400,
+        "X-Ordering-Key: not UTF-8",
+    ),
     ("chunked body over the limit", lambda p: _chunked(p, [*BIG, END]), False, 413, OVER),
     ("chunked over the limit, no end", lambda p: _chunked(p, BIG), False, 413, OVER),
     ("chunk size not hex", lambda p: _chunked(p, [b"zz\r\nhello\r\n", END]), False, 400, BAD_SIZE),
@@ -603,9 +624,13 @@ def test_hostile_http_framing_is_answered_json_and_publishes_nothing(strict_publ
         got, _, body = _parse(_raw(port, request(path)))
         assert got == 201, (name, body[:300])
         assert json.loads(body)["topic"] == topic
+    # Raw UTF-8 in a header is read as UTF-8 (it was Latin-1: '{"Ã¼ber":"ja"}').
+    options = '{"über":"ja"}'
+    got, _, body = _parse(_raw(port, _with_raw_header(path, b"X-Event-Options", options.encode())))
+    assert (got, json.loads(body)["metadata"]["Options"]) == (201, options)
     metrics = f"http://127.0.0.1:{port}/metrics"
     published = _metric(metrics, "eventaudit_publisher_events_total", {"outcome": "published"})
-    assert published == len(ACCEPTED)
+    assert published == len(ACCEPTED) + 1
     assert _get(f"http://127.0.0.1:{port}/healthz")[0] == 200
 
 
@@ -616,6 +641,11 @@ def test_hostile_http_framing_is_answered_json_and_publishes_nothing(strict_publ
         (["--mongo-uri", "notamongo://x"], "--mongo-uri: Value error, invalid MongoDB URI"),
         (["--mongo-uri", "mongodb://[bad"], "--mongo-uri: Value error, invalid MongoDB URI"),
         ([], "cannot start: OSError: [Errno 98] Address already in use"),
+        # Flags taken only as typed (issue 18): these started, then every write failed.
+        (["--project", "Bad Project"], "--project: Value error, not a Google Cloud project id"),
+        (["--database", "d" * 200], "--database: Value error, a database name is 1 to 63"),
+        (["--threads", " 8"], "--threads: Value error, must be printable"),
+        (["--threads=8\n"], "--threads: Value error, must be printable"),
     ],
 )
 def test_start_up_failure_is_one_line_and_exit_1(
@@ -639,3 +669,22 @@ def test_start_up_failure_is_one_line_and_exit_1(
     assert "Traceback" not in result.stderr
     assert [x for x in result.stderr.splitlines() if line in x], result.stderr
     assert len(result.stderr.strip().splitlines()) <= 2, result.stderr
+
+
+def test_an_empty_window_is_a_usage_error_of_the_exporter(ferret: Ferret, emulator: str) -> None:
+    result = subprocess.run(
+        [str(stack.PYTHON), "-m", "eventaudit.exporter", "--windows", "1m,,5m"],
+        env={**os.environ, **service_env(ferret, emulator)},
+        cwd=stack.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stderr.splitlines()) == (
+        1,
+        [
+            "ExporterSettings: 1 invalid setting(s):",
+            "  --windows: Value error, empty item in the comma-separated list",
+        ],
+    )
