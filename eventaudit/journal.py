@@ -61,12 +61,18 @@ class JournalEntry(NamedTuple):
     """A publish's own attributes, as `encode_attributes` wrote them."""
     dead_letter: bool = False
     """The event reached `subscription`'s dead-letter topic (not a receipt)."""
+    alias_of: int | None = None
+    """Set on an alias (no subscription): the eventID was published again at `publish_ms` (a
+    caller's retry, within the hour) while its record says `alias_of`; deliveries of that
+    message count for the event at `alias_of`."""
 
     def to_document(self) -> str:
         """Compact string form (FerretDB stores no nested arrays, and none of these fields but
         the last, a publish's attributes, can hold a '|'): `p|topic|eventID|traceID|publishMs`
-        (then `|attributes` when it has some), `r|topic|subscription|eventID|publishMs|deliveries`
-        or `d|topic|subscription|eventID|publishMs|attempts`."""
+        (then `|attributes` when it has some), `r|topic|subscription|eventID|publishMs|deliveries`,
+        `d|topic|subscription|eventID|publishMs|attempts` or `a|topic|eventID|publishMs|aliasOf`."""
+        if self.alias_of is not None:
+            return f"a|{self.topic}|{self.event_id}|{self.publish_ms}|{self.alias_of}"
         if self.subscription is None:
             text = f"p|{self.topic}|{self.event_id}|{self.trace_id}|{self.publish_ms}"
             return f"{text}|{self.attributes}" if self.attributes else text
@@ -93,6 +99,11 @@ class JournalEntry(NamedTuple):
             millis, count = int(ms), int(deliveries)
             if _MIN_MS <= millis <= _MAX_MS and 1 <= count < 2**31:
                 return cls(topic, event_id, millis, sub, "", count, "", kind == "d")
+        elif match := _ALIAS.fullmatch(doc):
+            topic, event_id, ms, of = match.groups()
+            millis, canonical = int(ms), int(of)
+            if _MIN_MS <= millis <= _MAX_MS and _MIN_MS <= canonical <= _MAX_MS:
+                return cls(topic, event_id, millis, alias_of=canonical)
         return None
 
 
@@ -102,6 +113,9 @@ _NOT_GOOG = r"(?![gG][oO][oO][gG])"  # Pub/Sub refuses ids starting with goog (a
 _PUBLISHED = re.compile(
     rf"p\|{_NOT_GOOG}({PUBSUB_ID_PATTERN})\|({EVENT_ID_PATTERN})\|([0-9A-Za-z]{{0,64}})"
     rf"\|{_MILLIS}(?:\|(\{{.*\}}))?"
+)
+_ALIAS = re.compile(
+    rf"a\|{_NOT_GOOG}({PUBSUB_ID_PATTERN})\|({EVENT_ID_PATTERN})\|{_MILLIS}\|{_MILLIS}"
 )
 _RECEIVED = re.compile(
     rf"([rd])\|{_NOT_GOOG}({PUBSUB_ID_PATTERN})\|{_NOT_GOOG}({PUBSUB_ID_PATTERN})"
@@ -205,6 +219,10 @@ class BucketDigest:
     """eventID -> its own attributes (encoded), for the published events that have some"""
     dead: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
     """subscription -> eventID -> (delivery attempts, merged): moved to its dead-letter topic"""
+    aliases: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """eventID -> (publishMs of its record, merged): published again in this bucket (a
+    caller's retry) while its record is in another; its receipts here count there"""
+    unsaved_aliases: set[str] = field(default_factory=set)
     unsaved_published: set[str] = field(default_factory=set)
     unsaved_receipts: set[tuple[str, str]] = field(default_factory=set)
     unsaved_dead: set[tuple[str, str]] = field(default_factory=set)
@@ -212,6 +230,12 @@ class BucketDigest:
 
     def merge(self, entry: JournalEntry, merged: int) -> bool:
         """Fold one entry in; True when it changed the digest."""
+        if entry.alias_of is not None:
+            if entry.event_id in self.aliases:
+                return False
+            self.aliases[entry.event_id] = (entry.alias_of, merged)
+            self.unsaved_aliases.add(entry.event_id)
+            return True
         if entry.subscription is None:
             if entry.event_id in self.published:
                 return False
@@ -232,7 +256,24 @@ class BucketDigest:
     @property
     def unsaved(self) -> bool:
         """Whether merges changed it since it was stored."""
-        return bool(self.unsaved_published or self.unsaved_receipts or self.unsaved_dead)
+        return bool(
+            self.unsaved_published
+            or self.unsaved_receipts
+            or self.unsaved_dead
+            or self.unsaved_aliases
+        )
+
+    def forwards(self) -> list[JournalEntry]:
+        """The receipts and dead letters of aliased events held here, as entries of the bucket
+        of their publish record (folding them there again changes nothing)."""
+        out = []
+        for event_id, (ms, _) in self.aliases.items():
+            for table, dead in ((self.receipts, False), (self.dead, True)):
+                for sub, got in table.items():
+                    if event_id in got:
+                        count = got[event_id][0]
+                        out.append(JournalEntry(self.topic, event_id, ms, sub, "", count, "", dead))
+        return out
 
     def _expected(self, subscription_filter: SubscriptionFilter | None) -> set[str] | None:
         """The published events a subscription with this filter is sent; None: all of them."""
@@ -257,9 +298,13 @@ class BucketDigest:
         merged = max((m for _, _, m in self.published.values()), default=0)
         by_age = sorted(self.published.items(), key=lambda kv: (kv[1][1], kv[0]))
         missed = {}
+        aliases = self.aliases
         for sub in sorted(set(self.receipts) | set(self.dead) | set(filters)):
             got = self.receipts.get(sub, {})
             dead = self.dead.get(sub, {})
+            if aliases:  # counted in the bucket of the event's record (forwards)
+                got = {e: v for e, v in got.items() if e not in aliases}
+                dead = {e: v for e, v in dead.items() if e not in aliases}
             subscription_filter = filters.get(sub)
             expected = self._expected(subscription_filter)
             wanted = self.published if expected is None else expected
@@ -350,10 +395,10 @@ class BucketDigest:
         journal's entries: `eventID|traceID|publishMs|merged` and
         `subscription|eventID|deliveries|merged` (a receipt's current deliveries); a publish
         with attributes has them last (`|{...}`), dead letters are `subscription|eventID|
-        attempts|merged` in `dead`."""
+        attempts|merged` in `dead`, aliases `eventID|publishMs|merged` in `aliases`."""
         key = digest_key(self.topic, self.start)
         docs: list[dict[str, Any]] = []
-        part: dict[str, list[str]] = {"published": [], "receipts": [], "dead": []}
+        part: dict[str, list[str]] = {"published": [], "receipts": [], "dead": [], "aliases": []}
         size = 0
 
         def add(kind: str, item: str) -> None:
@@ -373,10 +418,11 @@ class BucketDigest:
                 "published": part["published"],
                 "receipts": part["receipts"],
             }
-            if part["dead"]:
-                document["dead"] = part["dead"]
+            for optional in ("dead", "aliases"):
+                if part[optional]:
+                    document[optional] = part[optional]
             docs.append(document)
-            part, size = {"published": [], "receipts": [], "dead": []}, 0
+            part, size = {"published": [], "receipts": [], "dead": [], "aliases": []}, 0
 
         for event_id in self.unsaved_published:
             trace, ms, merged = self.published[event_id]
@@ -390,6 +436,9 @@ class BucketDigest:
             for sub, event_id in unsaved:
                 count, merged = table[sub][event_id]
                 add(kind, f"{sub}|{event_id}|{count}|{merged}")
+        for event_id in self.unsaved_aliases:
+            ms, merged = self.aliases[event_id]
+            add("aliases", f"{event_id}|{ms}|{merged}")
         if any(part.values()):
             close()
         return docs
@@ -399,6 +448,7 @@ class BucketDigest:
         self.unsaved_published.clear()
         self.unsaved_receipts.clear()
         self.unsaved_dead.clear()
+        self.unsaved_aliases.clear()
 
     @classmethod
     def from_documents(
@@ -433,6 +483,15 @@ class BucketDigest:
                     digest.attributes[event_id] = sys.intern(attributes)
             bad += _read_counted(doc, "receipts", digest.receipts)
             bad += _read_counted(doc, "dead", digest.dead)
+            for item in _strings_in(doc, "aliases"):
+                fields = _ints(item, 3, first_ints=1)
+                if fields is None or not _MIN_MS <= int(fields[1]) <= _MAX_MS:
+                    bad += 1
+                    continue
+                event_id, ms, merged = str(fields[0]), int(fields[1]), int(fields[2])
+                alias = digest.aliases.get(event_id)
+                if alias is None or merged < alias[1]:
+                    digest.aliases[event_id] = (ms, merged)
             if bad:
                 # Only the exporter writes digests: someone else did. Logged, never raised (it
                 # would stop every evaluation).

@@ -313,6 +313,9 @@ class DuplicatePublishes:
     """The same event published again as another message (a caller retrying after a timeout)."""
     conflicts: tuple[PublishRecord, ...] = ()
     """A different event under a key already used (a reused eventID)."""
+    stored_ms: tuple[tuple[PublishRecord, int], ...] = ()
+    """Of those, the ones whose stored record has another publish time (epoch ms): its
+    deliveries count for the stored record's event (`publish_entries` journals an alias)."""
 
 
 def duplicate_kind(stored: dict[str, Any] | None, record: PublishRecord) -> DuplicateKind:
@@ -346,24 +349,40 @@ def classify_duplicates(
 ) -> DuplicatePublishes:
     """Sort records whose key was taken, each with the stored document, by `duplicate_kind`."""
     kinds: dict[DuplicateKind, list[PublishRecord]] = {"same": [], "retried": [], "conflict": []}
+    moved: list[tuple[PublishRecord, int]] = []
     for stored, record in pairs:
-        kinds[duplicate_kind(stored, record)].append(record)
-    return DuplicatePublishes(tuple(kinds["retried"]), tuple(kinds["conflict"]))
+        kind = duplicate_kind(stored, record)
+        kinds[kind].append(record)
+        at = stored.get("publishTime") if stored is not None else None
+        if (
+            kind != "same"
+            and isinstance(at, datetime)
+            and epoch_ms(at) != epoch_ms(record.publish_time)
+        ):
+            moved.append((record, epoch_ms(at)))
+    return DuplicatePublishes(tuple(kinds["retried"]), tuple(kinds["conflict"]), tuple(moved))
 
 
 def publish_entries(
     records: Sequence[PublishRecord], refused: DuplicatePublishes
 ) -> list[JournalEntry]:
     """Journal entries of a publish batch: every record but those refused (their key holds
-    another publish, journaled when that one was written)."""
+    another publish, journaled when that one was written), and an alias for each refused one
+    published at another time than the stored one (its deliveries carry its own publish time;
+    they count for the stored record's event)."""
     skip = {id(r) for r in (*refused.retried, *refused.conflicts)}
-    return [
+    entries = [
         JournalEntry(
             r.topic, r.event_id, epoch_ms(r.publish_time), None, r.trace_id, 0, r.attributes
         )
         for r in records
         if id(r) not in skip
     ]
+    entries += [
+        JournalEntry(r.topic, r.event_id, epoch_ms(r.publish_time), alias_of=ms)
+        for r, ms in refused.stored_ms
+    ]
+    return entries
 
 
 def dead_letter_entry(letter: Receipt) -> JournalEntry:
@@ -624,18 +643,20 @@ class MongoStore:
             receipts = [r for r in receipts if not r.dead_letter]
             if not receipts:
                 return
-        folded: dict[str, tuple[Receipt, int, datetime, datetime]] = {}
+        # Deliveries of one receipt (one key within one hour) are folded into one write first;
+        # one eventID published in two hours is two events, two receipts (issue 17, case 5).
+        folded: dict[tuple[str, str], tuple[Receipt, int, datetime, datetime]] = {}
         for r in receipts:
-            key = receipt_key(r.subscription, r.event_id)
-            if key in folded:
-                first, n, lo, hi = folded[key]
-                folded[key] = (first, n + 1, min(lo, r.receive_time), max(hi, r.receive_time))
-            else:
-                folded[key] = (r, 1, r.receive_time, r.receive_time)
-        items = list(folded.items())
-        by_hour: dict[str, list[int]] = {}
-        for i, (_, (r, _, _, _)) in enumerate(items):
             name = record_partition(RECEIVED_COLLECTION, r.publish_time, r.broker_publish_time)
+            at = (name, receipt_key(r.subscription, r.event_id))
+            if at in folded:
+                first, n, lo, hi = folded[at]
+                folded[at] = (first, n + 1, min(lo, r.receive_time), max(hi, r.receive_time))
+            else:
+                folded[at] = (r, 1, r.receive_time, r.receive_time)
+        items = [(key, value) for (_, key), value in folded.items()]
+        by_hour: dict[str, list[int]] = {}
+        for i, (name, _) in enumerate(folded):
             by_hour.setdefault(name, []).append(i)
         docs = [
             {
@@ -652,14 +673,15 @@ class MongoStore:
             for key, (r, n, first_seen, last_seen) in items
         ]
         existing: list[tuple[str, tuple[str, tuple[Receipt, int, datetime, datetime]]]] = []
+        redelivered: set[int] = set()
         for name, indexes in by_hour.items():
             taken = _insert_new(self.db[name], [docs[i] for i in indexes], "receipts")
             existing += [(name, items[indexes[i]]) for i in taken]
-        redelivered = {key for _, (key, _) in existing}
+            redelivered.update(indexes[i] for i in taken)
         entries = [
             JournalEntry(r.topic, r.event_id, epoch_ms(r.publish_time), r.subscription, "", n)
-            for key, (r, n, _, _) in items
-            if key not in redelivered
+            for i, (_, (r, n, _, _)) in enumerate(items)
+            if i not in redelivered
         ]
         # A redelivery is one update per receipt that returns the stored document (whole:
         # FerretDB 1.24's findAndModify takes no projection), so the

@@ -66,7 +66,6 @@ log = logging.getLogger(__name__)
 JOURNAL_BATCHES_PER_ROUND = 50
 # Digests kept in memory between evaluations: the buckets most new records fall in.
 CACHE_EVENTS = 200_000
-PRUNE_EVERY = timedelta(minutes=5)
 JOURNAL_OUTCOMES = ("folded", "too_old", "too_new", "legacy", "malformed", "misfiled")
 # How long a folded journal collection is kept before it is dropped: many times the longest a
 # straggling insert can take to commit into it after its rename (FerretDB's SQLite busy
@@ -185,7 +184,10 @@ class Evaluator(Collector):
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(JOURNAL_OUTCOMES, 0)
         self._backlog = False
-        self._pruned: datetime | None = None
+        self._wall_minus_monotonic: tuple[float, float] | None = None
+        """(lowest, highest) wall clock minus monotonic clock seen, in seconds"""
+        self._last_offset: float | None = None
+        self._clock_steps = 0
         self._cached_events = 0
         self._growth = 0
         """Entries folded since the cache was last measured (an upper bound of its growth)."""
@@ -208,7 +210,12 @@ class Evaluator(Collector):
         """Fold the journal and report everything settled by `now`. Raises StoreError; what
         was stored before the failure stands, the rest of the journal is folded next time."""
         frontier = settled_frontier(now, self._settle, self._bucket)
-        oldest = frontier - self._span
+        earliest, latest = self._clock_bounds(now)
+        # What is forgotten (folds of buckets too old for a window, results and digests held)
+        # goes by the earliest this process's clocks could mean: a wall clock stepped forward
+        # never drops what a window still needs; what is refused as too far ahead goes by the
+        # latest (a clock stepped back never refuses what is being published now).
+        oldest = settled_frontier(earliest, self._settle, self._bucket) - self._span
         first = self._results is None
         if first:
             # First evaluation of this process: resume from the stored results; the journal
@@ -234,7 +241,7 @@ class Evaluator(Collector):
         assert self._results is not None
         merged = max(epoch_ms(now), self._merged + 1)
         self._saves = 0
-        span = (oldest, now + PUBLISH_TIME_TOLERANCE)
+        span = (oldest, latest + PUBLISH_TIME_TOLERANCE)
         deadline = self._monotonic() + self._budget
         try:
             taken = self._take(now)
@@ -268,7 +275,6 @@ class Evaluator(Collector):
             for ms in [ms for ms in written if ms < edge]:
                 del written[ms]
         self._evict(oldest)
-        self._prune(oldest)
         snapshot = self._snapshot(now, frontier, merged)
         self._save_tenures()
         if self._leases is not None:
@@ -541,24 +547,40 @@ class Evaluator(Collector):
             log.warning("journal %s grew after it was taken: folding it again", name)
             self._fenced(name, self._fold_collection, name, span, merged, now)
 
-    def _prune(self, oldest: datetime) -> None:
-        """Every PRUNE_EVERY of publish time, delete the digests and results no window reaches
-        any more (kept a bucket longer), so the collections the evaluator reads and writes by
-        `_id` stay the size of the longest window. A failure is logged and retried next time."""
-        before = oldest - self._bucket
-        if self._leases is not None:
-            # Several replicas prune, each by its own clock and windows (which may differ for
-            # a while during a rollout): a partition more for what a holder may still fold.
-            before -= timedelta(milliseconds=PARTITION_MS)
-        if self._pruned is not None and before - self._pruned < PRUNE_EVERY:
-            return
-        try:
-            pruned = self._store.prune_buckets(before)
-        except StoreError as exc:
-            log.warning("could not prune buckets before %s: %s", before.isoformat(), exc)
-            return
-        self._pruned = before
-        log.info("pruned buckets before %s: %s", before.isoformat(), pruned)
+    def _clock_bounds(self, now: datetime) -> tuple[datetime, datetime]:
+        """The earliest and latest the wall clock's `now` could mean, by the monotonic clock:
+        since this process started, the wall clock minus the monotonic clock should stay put;
+        where it stepped (by more than a bucket: NTP, a VM restored, an operator), each
+        reading it had is as believable as the other. Steps are counted
+        (`eventaudit_clock_steps_total`) and logged."""
+        monotonic = self._monotonic()
+        offset = now.timestamp() - monotonic
+        if self._last_offset is not None and abs(offset - self._last_offset) > (
+            self._bucket.total_seconds()
+        ):
+            with self._lock:
+                self._clock_steps += 1
+            log.warning(
+                "the wall clock stepped by %+.0fs since the last evaluation (by the monotonic "
+                "clock): nothing is forgotten or refused by the step (folds, leases and "
+                "retention go by the clock readings that keep the most)",
+                offset - self._last_offset,
+            )
+        self._last_offset = offset
+        low, high = self._wall_minus_monotonic or (offset, offset)
+        self._wall_minus_monotonic = (min(low, offset), max(high, offset))
+        earliest = from_epoch_ms(int((min(low, offset) + monotonic) * 1000))
+        latest = from_epoch_ms(int((max(high, offset) + monotonic) * 1000))
+        return min(now, earliest), max(now, latest)
+
+    def trusted_now(self, now: datetime) -> datetime:
+        """The earliest `now` could mean since this process started (see _clock_bounds):
+        what retention deletes goes by it."""
+        if self._wall_minus_monotonic is None:
+            return now
+        return min(
+            now, from_epoch_ms(int((self._wall_minus_monotonic[0] + self._monotonic()) * 1000))
+        )
 
     def _fold(
         self,
@@ -572,6 +594,7 @@ class Evaluator(Collector):
         in digests, then the results that changed. An entry of a topic of another key is
         counted `misfiled`: the replica holding that key's lease may be writing its bucket."""
         assert self._results is not None
+        results_held = self._results
         touched: dict[BucketKey, BucketDigest] = {}
         changed: set[BucketKey] = set()
         counts = dict.fromkeys(JOURNAL_OUTCOMES, 0)
@@ -581,6 +604,47 @@ class Evaluator(Collector):
         starts: dict[int, datetime] = {}  # bucket start in ms -> as a datetime, made once
         topics: set[str] = set()
         misfiled: list[JournalEntry] = []
+
+        def fold(entry: JournalEntry) -> None:
+            start_ms = entry.publish_ms - entry.publish_ms % bucket_ms
+            if start_ms < oldest:
+                counts["too_old"] += 1  # no window reaches its bucket any more
+                return
+            if start_ms > newest:
+                counts["too_new"] += 1  # a publisher clock far ahead, or not ours
+                return
+            if (
+                entry.alias_of is not None
+                and entry.alias_of - entry.alias_of % bucket_ms == start_ms
+            ):
+                counts["folded"] += 1  # published again within its own bucket: nothing to move
+                return
+            start = starts.get(start_ms) or starts.setdefault(start_ms, from_epoch_ms(start_ms))
+            key = (entry.topic, start)
+            digest = touched.get(key) or self._digests.get(key)
+            if digest is None:
+                known = results_held.get(key)
+                if known is None:
+                    # No result, so no digest either, but one a fold stored before failing
+                    # (its entries are still in the journal, being folded again now).
+                    digest = BucketDigest(entry.topic, start)
+                elif known.merged == 0:
+                    # Evaluated by a release before the journal: no digest to fold into
+                    # (folding would replace its result with this one record's).
+                    counts["legacy"] += 1
+                    return
+                else:
+                    digest = self._store.load_digest(entry.topic, start)
+            touched[key] = digest
+            if digest.merge(entry, merged):
+                changed.add(key)
+            if entry.subscription is not None and not entry.dead_letter:
+                sub_key = (entry.topic, entry.subscription)
+                first_receipts[sub_key] = min(
+                    first_receipts.get(sub_key, entry.publish_ms), entry.publish_ms
+                )
+            counts["folded"] += 1
+
         for batch in batches:
             counts["malformed"] += batch.malformed
             for entry in batch.entries:
@@ -589,38 +653,13 @@ class Evaluator(Collector):
                         misfiled.append(entry)
                         continue
                     topics.add(entry.topic)
-                start_ms = entry.publish_ms - entry.publish_ms % bucket_ms
-                if start_ms < oldest:
-                    counts["too_old"] += 1  # no window reaches its bucket any more
-                    continue
-                if start_ms > newest:
-                    counts["too_new"] += 1  # a publisher clock far ahead, or not ours
-                    continue
-                start = starts.get(start_ms) or starts.setdefault(start_ms, from_epoch_ms(start_ms))
-                key = (entry.topic, start)
-                digest = touched.get(key) or self._digests.get(key)
-                if digest is None:
-                    known = self._results.get(key)
-                    if known is None:
-                        # No result, so no digest either, but one a fold stored before failing
-                        # (its entries are still in the journal, being folded again now).
-                        digest = BucketDigest(entry.topic, start)
-                    elif known.merged == 0:
-                        # Evaluated by a release before the journal: no digest to fold into
-                        # (folding would replace its result with this one record's).
-                        counts["legacy"] += 1
-                        continue
-                    else:
-                        digest = self._store.load_digest(entry.topic, start)
-                touched[key] = digest
-                if digest.merge(entry, merged):
-                    changed.add(key)
-                if entry.subscription is not None and not entry.dead_letter:
-                    sub_key = (entry.topic, entry.subscription)
-                    first_receipts[sub_key] = min(
-                        first_receipts.get(sub_key, entry.publish_ms), entry.publish_ms
-                    )
-                counts["folded"] += 1
+                fold(entry)
+        # Deliveries of a message published again (a caller's retry) count for the event of
+        # the stored record, in its bucket: moved there whichever of the two came first.
+        for digest in [d for d in touched.values() if d.aliases]:
+            for entry in digest.forwards():
+                fold(entry)
+                counts["folded"] -= 1  # an entry read once, counted once
         for (topic, sub), ms in first_receipts.items():
             self._expected.saw_receipt(topic, sub, from_epoch_ms(ms))
         if misfiled:
@@ -704,12 +743,18 @@ class Evaluator(Collector):
         with self._lock:
             for outcome in JOURNAL_OUTCOMES:
                 family.add_metric([outcome], self._counts[outcome])
-            backlog, cached = self._backlog, self._cached_events
+            backlog, cached, steps = self._backlog, self._cached_events, self._clock_steps
         yield family
         yield GaugeMetricFamily(
             "eventaudit_journal_backlog",
             "1 when the last evaluation left journal collections to the next (a burst).",
             value=int(backlog),
+        )
+        yield CounterMetricFamily(
+            "eventaudit_clock_steps",
+            "Wall clock steps of more than a bucket between two evaluations, by the monotonic "
+            "clock (logged): nothing is pruned, dropped or claimed by the stepped clock alone.",
+            value=steps,
         )
         yield GaugeMetricFamily(
             "eventaudit_digest_cache_events",

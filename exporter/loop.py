@@ -104,9 +104,11 @@ class EvaluationLoop:
             self._retainer.join(timeout)
 
     def _retain(self) -> None:
-        """Delete what is older than the retention; never raises."""
+        """Delete what is older than the retention (records, and the digests and results of
+        their buckets), by the earliest the clock could mean (a clock stepped forward deletes
+        nothing early); never raises."""
         try:
-            cutoff = self._clock() - self._retention
+            cutoff = self._evaluator.trusted_now(self._clock()) - self._retention
             deleted = self._store.delete_older_than(cutoff)
             finished = self._clock().timestamp()
         except Exception as exc:

@@ -291,16 +291,28 @@ def test_retention_reaches_records_by_write_time() -> None:
     assert sorted(d["eventID"] for d in store.received.values()) == ["kept-0", "kept-1"]
 
 
-def test_buckets_no_window_reaches_are_pruned() -> None:
+def test_buckets_no_window_reaches_stay_until_retention_reaches_them() -> None:
+    # Digests and results are pruned by retention only, never by one exporter's windows: an
+    # exporter with shorter windows on the same database (issue 17, case 15) or a clock stepped
+    # ahead (case 4) must not delete what another exporter's longer window still sums.
     store = _seeded()  # `old` was evaluated two days ago: its digest and result are stored
     assert len(store.buckets) == len(store.digests) == 1
     exporter = Exporter(store, retention=timedelta(days=7))  # retention does not reach it
     assert exporter.run_once()
+    assert sorted(r.start for r in store.buckets.values()) == [
+        datetime(2026, 11, 25, 12, 0, 30, tzinfo=UTC),
+        datetime(2026, 11, 27, 11, 59, 40, tzinfo=UTC),
+    ]
+    assert len(store.digests) == 2  # old's and e1's
+    assert [d["eventID"] for d in store.published.values()] == ["old", "e1"]
+    exporter = Exporter(store, retention=timedelta(days=1))  # retention reaches it
+    assert exporter.run_once()
+    exporter.loop.join_retention()
     assert [r.start for r in store.buckets.values()] == [
         datetime(2026, 11, 27, 11, 59, 40, tzinfo=UTC)
     ]
-    assert len(store.digests) == 1  # e1's, published 50 s ago
-    assert [d["eventID"] for d in store.published.values()] == ["old", "e1"]  # records stay
+    assert len(store.digests) == 1
+    assert [d["eventID"] for d in store.published.values()] == ["e1"]
 
 
 def _retention_runs(exporter: Exporter) -> tuple[float | None, float | None]:

@@ -58,7 +58,15 @@ def replica(store: AuditStore, clock: Clock, name: str, topics: list[str]) -> Re
     clock.monotonic.setdefault(name, 0.0)
     leases = Leases(store, name, LEASE, lambda: clock.now, lambda: clock.monotonic[name])
     expected = ExpectedSubscriptions({t: {f"{t}-sub"} for t in topics}, set(), None)
-    evaluator = Evaluator(store, expected, [WINDOW], BUCKET, SETTLE, leases=leases)
+    evaluator = Evaluator(
+        store,
+        expected,
+        [WINDOW],
+        BUCKET,
+        SETTLE,
+        monotonic=lambda: clock.monotonic[name],
+        leases=leases,
+    )
     return Replica(name, leases, evaluator)
 
 

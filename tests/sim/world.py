@@ -1,0 +1,360 @@
+"""A small world of publishers, Pub/Sub, subscribers and exporter replicas over virtual time.
+
+It drives the real code: records are built from the message contract (`build_attributes`,
+`read_attributes`), written through the store's writer methods (`insert_publish_records`,
+`record_receipts`), and evaluated by real `Evaluator`s with real `Leases`, each replica with
+its own wall clock (skew and steps) and monotonic clock (pauses). Pub/Sub is a list of
+messages waiting per subscription, delivered in whatever order the schedule says.
+
+The world keeps what it needs to judge the numbers and nothing the numbers are made of:
+which receipts were acknowledged when (a receipt is durable once its batch's write returned,
+which is when the subscriber acks). The truth itself is `tests.sim.oracle.recount` over what
+the store holds.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from eventaudit.contract import TraceContext, build_attributes, read_attributes
+from eventaudit.exporter.buckets import Window
+from eventaudit.exporter.evaluator import Evaluator, Snapshot, SubscriptionWindow, list_missed
+from eventaudit.exporter.leases import Leases
+from eventaudit.exporter.subscriptions import ExpectedSubscriptions
+from eventaudit.records import PublishRecord, Receipt
+from eventaudit.store import AuditStore, StoreError
+from tests.sim.oracle import Truth, recount
+
+BUCKET = timedelta(seconds=10)
+SETTLE = timedelta(seconds=30)
+LEASE = timedelta(seconds=30)
+WINDOWS = (Window("1m", timedelta(minutes=1)), Window("5m", timedelta(minutes=5)))
+# Two minutes before an hour boundary: schedules cross it.
+T0 = datetime(2026, 11, 29, 12, 58, 0, tzinfo=UTC)
+SUBSCRIPTIONS: dict[str, tuple[str, ...]] = {
+    "orders": ("orders-billing", "orders-mailer"),
+    "users": ("users-mailer",),
+}
+
+
+class Records(Protocol):
+    """What the oracle reads: every stored record, as documents."""
+
+    def records(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+        """(publish records, receipts, dead letters)"""
+        ...
+
+
+@dataclass
+class Message:
+    """A message Pub/Sub accepted: the same on every subscription of its topic."""
+
+    topic: str
+    event_id: str
+    attributes: dict[str, str]
+    message_id: str
+    broker_time: datetime
+    payload: str
+
+
+@dataclass
+class Replica:
+    """One exporter process: its clocks, its memory (lost on a crash) and what it serves."""
+
+    name: str
+    offset: timedelta = timedelta(0)
+    """its wall clock minus the true time (a skew, or a step)"""
+    monotonic: float = 0.0
+    paused: bool = False
+    evaluator: Evaluator | None = None
+    leases: Leases | None = None
+    snapshot: Snapshot | None = None
+    """what it serves: the last evaluation, if that one succeeded"""
+    windows: tuple[Window, ...] = WINDOWS
+
+
+@dataclass
+class World:
+    store: AuditStore
+    records: Records
+    now: datetime = T0
+    replicas: list[Replica] = field(default_factory=list)
+    pending: dict[str, list[Message]] = field(default_factory=dict)
+    """per subscription, what Pub/Sub will deliver (unacked), in no particular order"""
+    batches: dict[str, list[tuple[Message, Receipt]]] = field(default_factory=dict)
+    """per subscription, deliveries received and not yet written (the subscriber's batch)"""
+    buffer: list[PublishRecord] = field(default_factory=list)
+    """the publisher's record buffer: records of published messages not yet written"""
+    acked: dict[tuple[str, str, int], datetime] = field(default_factory=dict)
+    """(subscription, eventID, hour) -> when its receipt was first made durable (its batch
+    acked); the hour of its publish time, as records are keyed"""
+    lost: set[tuple[str, str]] = field(default_factory=set)
+    """(subscription, eventID) Pub/Sub will never deliver"""
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def __post_init__(self) -> None:
+        for subs in SUBSCRIPTIONS.values():
+            for sub in subs:
+                self.pending.setdefault(sub, [])
+                self.batches.setdefault(sub, [])
+
+    # -- publishers and Pub/Sub ----------------------------------------------------------------
+
+    def new_event_id(self) -> str:
+        return f"e{next(self._ids)}"
+
+    def publish(
+        self,
+        topic: str,
+        event_id: str,
+        payload: str = "{}",
+        clock_skew: timedelta = timedelta(0),
+        lose: Iterable[str] = (),
+    ) -> Message:
+        """An audited publish: Pub/Sub accepts the message (every subscription of the topic
+        gets it, but those in `lose`), the publisher buffers its record."""
+        publish_time = _ms(self.now + clock_skew)
+        message_id = f"m{next(self._ids)}"
+        trace = TraceContext.new()
+        message = Message(
+            topic,
+            event_id,
+            build_attributes(event_id, publish_time, trace),
+            message_id,
+            _ms(self.now),
+            payload,
+        )
+        for sub in SUBSCRIPTIONS[topic]:
+            if sub in lose:
+                self.lost.add((sub, event_id))
+            else:
+                self.pending[sub].append(message)
+        self.buffer.append(
+            PublishRecord(event_id, trace.trace_id, topic, payload, message_id, publish_time)
+        )
+        return message
+
+    def flush_publisher(self) -> bool:
+        """Write the buffered records in one batch; on a store error they stay buffered."""
+        if not self.buffer:
+            return True
+        try:
+            self.store.insert_publish_records(list(self.buffer), self.now)
+        except StoreError:
+            return False
+        self.buffer.clear()
+        return True
+
+    # -- subscribers ---------------------------------------------------------------------------
+
+    def deliver(self, subscription: str, index: int, keep: bool = False) -> Message | None:
+        """Pub/Sub delivers one waiting message (`index` into the waiting ones, modulo); with
+        `keep` it stays waiting too (its ack will be lost: a duplicate follows)."""
+        waiting = self.pending[subscription]
+        if not waiting:
+            return None
+        message = waiting[index % len(waiting)] if keep else waiting.pop(index % len(waiting))
+        attrs = read_attributes(message.attributes, message.broker_time)
+        receipt = Receipt(
+            subscription=subscription,
+            event_id=attrs.event_id,
+            topic=message.topic,
+            trace_id=attrs.trace_id,
+            message_id=message.message_id,
+            publish_time=attrs.publish_time,
+            broker_publish_time=message.broker_time,
+            receive_time=_ms(self.now),
+        )
+        self.batches[subscription].append((message, receipt))
+        return message
+
+    def flush_subscriber(self, subscription: str) -> bool:
+        """Write the subscriber's batch, then ack; on a store error nack (Pub/Sub redelivers)."""
+        batch = self.batches[subscription]
+        if not batch:
+            return True
+        self.batches[subscription] = []
+        try:
+            self.store.record_receipts([r for _, r in batch], self.now)
+        except StoreError:
+            self.pending[subscription].extend(m for m, _ in batch)
+            return False
+        for _, receipt in batch:
+            key = (subscription, receipt.event_id, _hour(receipt.publish_time))
+            self.acked.setdefault(key, self.now)
+        return True
+
+    # -- exporters -----------------------------------------------------------------------------
+
+    def add_replica(self, name: str, windows: tuple[Window, ...] = WINDOWS) -> Replica:
+        replica = Replica(name, windows=windows)
+        self.replicas.append(replica)
+        self.start(replica)
+        return replica
+
+    def start(self, replica: Replica) -> None:
+        """(Re)start a replica's process: everything it held in memory is gone."""
+        leases = Leases(
+            self.store,
+            replica.name,
+            LEASE,
+            lambda: self.now + replica.offset,
+            lambda: replica.monotonic,
+        )
+        expected = ExpectedSubscriptions(
+            {t: set(s) for t, s in SUBSCRIPTIONS.items()}, set(), None, clock=lambda: 0.0
+        )
+        replica.leases = leases
+        replica.evaluator = Evaluator(
+            self.store,
+            expected,
+            list(replica.windows),
+            BUCKET,
+            SETTLE,
+            monotonic=lambda: replica.monotonic,
+            leases=leases,
+        )
+        replica.snapshot = None
+
+    def evaluate(self, replica: Replica) -> Snapshot | None:
+        """One evaluation pass; what it serves afterwards (nothing after a failure)."""
+        if replica.paused:
+            return replica.snapshot
+        assert replica.evaluator is not None
+        try:
+            replica.snapshot = replica.evaluator.evaluate(self.now + replica.offset)
+        except StoreError:
+            replica.snapshot = None
+        return replica.snapshot
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+        for replica in self.replicas:
+            if not replica.paused:
+                replica.monotonic += seconds
+
+    # -- judging -------------------------------------------------------------------------------
+
+    def truth(self, frontier: datetime, window: Window) -> dict[tuple[str, str], Truth]:
+        publishes, receipts, dead = self.records.records()
+        return recount(publishes, receipts, dead, SUBSCRIPTIONS, frontier - window.length, frontier)
+
+    def served(self, replica: Replica) -> dict[tuple[str, str, str], tuple[Any, ...]]:
+        """What a replica serves for every (topic, subscription, window): the gauges and the
+        missed list, in the oracle's terms."""
+        snapshot = replica.snapshot
+        assert snapshot is not None
+        out: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+        for (topic, sub), windows in snapshot.subscriptions.items():
+            for window in snapshot.windows:
+                stats = windows.get(window.label)
+                if stats is None:
+                    continue
+                missed = list_missed(snapshot, self.store, topic, sub, window, 10_000)
+                out[(topic, sub, window.label)] = _numbers(stats, missed)
+        return out
+
+    def expected(self, replica: Replica) -> dict[tuple[str, str, str], tuple[Any, ...]]:
+        """What the oracle says a replica with that frontier and windows should serve."""
+        snapshot = replica.snapshot
+        assert snapshot is not None
+        out: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+        for window in snapshot.windows:
+            for (topic, sub), truth in self.truth(snapshot.frontier, window).items():
+                out[(topic, sub, window.label)] = (
+                    truth.published,
+                    truth.received,
+                    truth.duplicates,
+                    truth.unmatched,
+                    truth.dead_lettered,
+                    truth.missed,
+                )
+        return out
+
+    def false_misses(self, replica: Replica) -> list[tuple[str, str, str]]:
+        """Events a replica lists missed whose receipt was acked before that evaluation's
+        bucket settled... and before the evaluation itself: (subscription, eventID, window)."""
+        snapshot = replica.snapshot
+        assert snapshot is not None
+        wrong = []
+        for (topic, sub), windows in snapshot.subscriptions.items():
+            for window in snapshot.windows:
+                if window.label not in windows:
+                    continue
+                listed = list_missed(snapshot, self.store, topic, sub, window, 10_000) or []
+                for event in listed:
+                    key = (sub, event.event_id, _hour(event.publish_time))
+                    acked = self.acked.get(key)
+                    true_now = snapshot.evaluated_at - replica.offset
+                    if acked is not None and acked <= true_now - BUCKET:
+                        wrong.append((sub, event.event_id, window.label))
+        return wrong
+
+
+def _numbers(stats: SubscriptionWindow, missed: list[Any] | None) -> tuple[Any, ...]:
+    return (
+        stats.published,
+        stats.received,
+        stats.duplicates,
+        stats.unmatched,
+        stats.dead_lettered,
+        None if missed is None else tuple(e.event_id for e in missed),
+    )
+
+
+def _hour(moment: datetime) -> int:
+    ms = int(moment.timestamp() * 1000)
+    return ms - ms % 3_600_000
+
+
+def _ms(moment: datetime) -> datetime:
+    """A time as the store keeps it: milliseconds."""
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def memory_records(store: Any) -> Records:
+    """The records of a tests.fakes.MemoryStore, as documents."""
+
+    class _Records:
+        def records(
+            self,
+        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+            return (
+                [dict(d) for d in store.published.values()],
+                [dict(d) for d in store.received.values()],
+                [dict(d) for d in store.dead_letters.values()],
+            )
+
+    return _Records()
+
+
+def mongo_records(store: Any) -> Records:
+    """The records of a MongoStore, as documents (every hourly collection)."""
+
+    class _Records:
+        def records(
+            self,
+        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+            return (
+                list(store.published.find()),
+                list(store.received.find()),
+                list(store.dead_letters.find()),
+            )
+
+    return _Records()
+
+
+def differences(
+    served: Mapping[tuple[str, str, str], tuple[Any, ...]],
+    expected: Mapping[tuple[str, str, str], tuple[Any, ...]],
+) -> dict[tuple[str, str, str], tuple[Any, Any]]:
+    """(served, expected) of every key where they differ."""
+    return {
+        k: (served.get(k), expected.get(k))
+        for k in sorted(set(served) | set(expected))
+        if served.get(k) != expected.get(k)
+    }
