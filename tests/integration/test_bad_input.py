@@ -21,7 +21,7 @@ from flask.testing import FlaskClient
 from google.cloud import pubsub_v1
 from prometheus_client import CollectorRegistry
 
-from eventaudit.contract import utc_now_ms
+from eventaudit.contract import epoch_ms, utc_now_ms
 from eventaudit.exporter.app import ExporterDeps
 from eventaudit.exporter.app import create_app as create_exporter_app
 from eventaudit.exporter.loop import EvaluationLoop
@@ -498,7 +498,12 @@ def test_a_retried_identical_batch_is_written_once(store) -> None:
     fanned = replace(batch[0], topic="topic-s")
     assert store.insert_publish_records(
         [retry, reused, truncated, fanned], utc_now_ms()
-    ) == DuplicatePublishes(retried=(retry,), conflicts=(reused, truncated))
+    ) == DuplicatePublishes(
+        retried=(retry,),
+        conflicts=(reused, truncated),
+        # the retry's deliveries count for the stored record's event (its publish time)
+        stored_ms=((retry, epoch_ms(batch[0].publish_time)),),
+    )
     for i in range(3):
         assert store.published.find_one({"_id": f"topic-r|r-{i}"})["messageId"] == f"m-{i}"
     assert store.published.count_documents({}) == 6
