@@ -151,6 +151,8 @@ class JournalBatch:
     id: Any
     entries: tuple[JournalEntry, ...]
     malformed: int = 0
+    written: datetime | None = None
+    """its `writtenTime`: the writer's clock when it wrote it"""
 
 
 def journal_documents(
@@ -177,7 +179,12 @@ def parse_journal_document(doc: dict[str, Any]) -> JournalBatch:
     entries = [JournalEntry.from_document(item) for item in items]
     good = tuple(e for e in entries if e is not None)
     malformed = len(entries) - len(good) + (0 if isinstance(raw, list) else 1)
-    return JournalBatch(doc.get("_id"), good, malformed)
+    written = doc.get("writtenTime")
+    if isinstance(written, datetime):
+        written = written if written.tzinfo else written.replace(tzinfo=UTC)
+    else:
+        written = None
+    return JournalBatch(doc.get("_id"), good, malformed, written)
 
 
 def digest_key(topic: str, start: datetime) -> str:

@@ -563,9 +563,13 @@ class Evaluator(Collector):
             log.warning(
                 "the wall clock stepped by %+.0fs since the last evaluation (by the monotonic "
                 "clock): nothing is forgotten or refused by the step (folds, leases and "
-                "retention go by the clock readings that keep the most)",
+                "retention go by the clock readings that keep the most); the stored results "
+                "are read again",
                 offset - self._last_offset,
             )
+            # What memory dropped by the earlier reading (results of buckets it took as out of
+            # every window) is read again, as by a restarted process.
+            self._results, self._digests, self._cached_events = None, {}, 0
         self._last_offset = offset
         low, high = self._wall_minus_monotonic or (offset, offset)
         self._wall_minus_monotonic = (min(low, offset), max(high, offset))
@@ -605,12 +609,14 @@ class Evaluator(Collector):
         topics: set[str] = set()
         misfiled: list[JournalEntry] = []
 
+        floor, ceiling = oldest, newest
+
         def fold(entry: JournalEntry) -> None:
             start_ms = entry.publish_ms - entry.publish_ms % bucket_ms
-            if start_ms < oldest:
+            if start_ms < floor:
                 counts["too_old"] += 1  # no window reaches its bucket any more
                 return
-            if start_ms > newest:
+            if start_ms > ceiling:
                 counts["too_new"] += 1  # a publisher clock far ahead, or not ours
                 return
             if (
@@ -647,6 +653,13 @@ class Evaluator(Collector):
 
         for batch in batches:
             counts["malformed"] += batch.malformed
+            # Too old, or too far ahead, by this clock and by the writer's when it wrote: a
+            # clock of this process stepped (or started) far off drops nothing.
+            floor, ceiling = oldest, newest
+            if batch.written is not None:
+                written = settled_frontier(batch.written, self._settle, self._bucket)
+                floor = min(oldest, epoch_ms(written - self._span))
+                ceiling = max(newest, epoch_ms(batch.written + PUBLISH_TIME_TOLERANCE))
             for entry in batch.entries:
                 if entry.topic not in topics:
                     if _key_of(entry.topic) != journal:
@@ -656,6 +669,7 @@ class Evaluator(Collector):
                 fold(entry)
         # Deliveries of a message published again (a caller's retry) count for the event of
         # the stored record, in its bucket: moved there whichever of the two came first.
+        floor, ceiling = oldest, newest
         for digest in [d for d in touched.values() if d.aliases]:
             for entry in digest.forwards():
                 fold(entry)

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from eventaudit.contract import epoch_ms
+from eventaudit.exporter.evaluator import Evaluator, Snapshot
 from eventaudit.journal import (
     BucketDigest,
     JournalBatch,
@@ -488,3 +489,18 @@ class CountsResultReads:
             self.partition_reads += 1
         # Mixed in before a store class: super() is that store.
         return cast(EvaluatorStore, super()).load_results(since, topics, partitions)
+
+
+class SteadyEvaluator(Evaluator):
+    """An evaluator whose monotonic clock follows the wall clock each `evaluate` is given, as
+    in a process whose clock never steps: for unit tests that drive virtual wall time (an
+    Evaluator on the real monotonic clock would take each virtual jump for a clock step)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._virtual = 0.0
+        kwargs.setdefault("monotonic", lambda: self._virtual)
+        super().__init__(*args, **kwargs)
+
+    def evaluate(self, now: datetime) -> Snapshot:
+        self._virtual = now.timestamp()
+        return super().evaluate(now)

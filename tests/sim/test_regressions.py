@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from tests.fakes import MemoryStore
 from tests.sim.world import World, differences, memory_records
 
@@ -46,3 +48,20 @@ def test_a_retry_delivered_before_the_first_publish_counts_received_once_with_a_
     assert replica.snapshot is not None
     stats = replica.snapshot.subscriptions[("orders", sub)]["5m"]
     assert (stats.published, stats.received, stats.duplicates, stats.unmatched) == (1, 1, 1, 0)
+
+
+def test_a_restarted_replica_whose_clock_is_75_minutes_behind_loses_nothing() -> None:
+    world = memory_world()
+    [replica] = [world.add_replica("a")]
+    world.evaluate(replica)
+    world.publish("orders", "e1")
+    world.flush_publisher()
+    world.start(replica)  # a restart...
+    replica.offset = timedelta(seconds=-4500)  # ...with the clock 75 minutes behind
+    world.evaluate(replica)
+    replica.offset = timedelta(0)
+    for sub in ("orders-billing", "orders-mailer"):
+        world.deliver(sub, 0)
+        world.flush_subscriber(sub)
+    quiet(world)
+    assert_agree(world)

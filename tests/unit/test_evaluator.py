@@ -11,7 +11,7 @@ from eventaudit.exporter.buckets import Window
 from eventaudit.exporter.evaluator import Evaluator, Snapshot
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 from eventaudit.records import PublishRecord, Receipt
-from tests.fakes import MemoryStore
+from tests.fakes import MemoryStore, SteadyEvaluator
 
 BUCKET = timedelta(seconds=10)
 WINDOWS = [Window("1m", timedelta(minutes=1)), Window("5m", timedelta(minutes=5))]
@@ -46,7 +46,7 @@ def evaluator(
     windows: list[Window] = WINDOWS,
 ) -> Evaluator:
     expected = expected or ExpectedSubscriptions({TOPIC: {SUB}}, set(), None)
-    return Evaluator(store, expected, windows, BUCKET, settle)
+    return SteadyEvaluator(store, expected, windows, BUCKET, settle)
 
 
 def numbers(snapshot: Snapshot, window: str) -> tuple[int, int]:

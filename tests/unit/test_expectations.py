@@ -18,7 +18,7 @@ from eventaudit.exporter.subscriptions import (
 )
 from eventaudit.records import PublishRecord, Receipt, Tenure
 from eventaudit.store import StoreError
-from tests.fakes import MemoryStore
+from tests.fakes import MemoryStore, SteadyEvaluator
 
 BUCKET = timedelta(seconds=10)
 SETTLE = timedelta(seconds=30)
@@ -65,7 +65,7 @@ class Listing:
 
 def evaluator(store: MemoryStore, listing: Listing) -> Evaluator:
     expected = ExpectedSubscriptions({TOPIC: set()}, set(), listing, refresh_seconds=0)
-    return Evaluator(store, expected, WINDOWS, BUCKET, SETTLE)
+    return SteadyEvaluator(store, expected, WINDOWS, BUCKET, SETTLE)
 
 
 def stats(snapshot: Snapshot, sub: str, window: str = "5m") -> tuple[int, int, int, int, int]:
@@ -242,7 +242,7 @@ def test_a_receipt_older_than_the_first_listing_moves_the_subscription_back() ->
     listing = Listing()
     ticks = iter(range(0, 10_000, 60))  # a listing period (60 s) passes between evaluations
     expected = ExpectedSubscriptions({TOPIC: set()}, set(), listing, 60, clock=lambda: next(ticks))
-    ev = Evaluator(store, expected, WINDOWS, BUCKET, SETTLE)
+    ev = SteadyEvaluator(store, expected, WINDOWS, BUCKET, SETTLE)
     ev.evaluate(at(12, 0, 0))
     listing.subs.append(SubscriptionInfo("new"))
     publish(store, "e1", at(12, 0, 20))
@@ -338,7 +338,7 @@ def test_a_filter_is_remembered_when_the_listing_fails_after_a_restart() -> None
     _mixed_traffic(store)
     listing.down = True
     configured = ExpectedSubscriptions({TOPIC: {"only-a"}}, set(), listing, refresh_seconds=0)
-    restarted = Evaluator(store, configured, WINDOWS, BUCKET, SETTLE)
+    restarted = SteadyEvaluator(store, configured, WINDOWS, BUCKET, SETTLE)
     # Not "0 of 7": the stored filter stands while the listing fails.
     assert stats(restarted.evaluate(at(12, 1, 0)), "only-a") == (3, 0, 3, 0, 0)
 

@@ -30,7 +30,7 @@ from eventaudit.journal import (
 )
 from eventaudit.records import BucketResult, PublishRecord, Receipt
 from eventaudit.store import StoreError
-from tests.fakes import MemoryStore
+from tests.fakes import MemoryStore, SteadyEvaluator
 
 BUCKET = timedelta(seconds=10)
 SETTLE = timedelta(seconds=30)
@@ -60,7 +60,7 @@ def receive(
 
 def evaluator(store: MemoryStore, windows: list[Window] | None = None, **kw: Any) -> Evaluator:
     expected = ExpectedSubscriptions({TOPIC: {SUB, OTHER}}, set(), None)
-    return Evaluator(store, expected, windows or [WINDOW], BUCKET, SETTLE, **kw)
+    return SteadyEvaluator(store, expected, windows or [WINDOW], BUCKET, SETTLE, **kw)
 
 
 def counts(snapshot: Snapshot, sub: str = SUB, window: str = "1m") -> tuple[int, int, int, int]:
@@ -472,11 +472,24 @@ def test_writer_clocks_do_not_decide_what_is_counted(written: datetime) -> None:
 
 def test_records_too_old_for_any_window_are_counted_apart() -> None:
     store = MemoryStore()
-    publish(store, "ancient", at(0, 0) - timedelta(hours=2))
+    # Written now, for an event no window reaches any more (a backlog drained hours late).
+    publish(store, "ancient", at(0, 0) - timedelta(hours=2), written=at(0, 1))
     publish(store, "e1", at(0, 1))
     ev = evaluator(store)
     assert counts(ev.evaluate(at(0, 45))) == (1, 0, 0, 0)
     assert _journal_counts(ev) == {**NONE_COUNTED, "folded": 1, "too_old": 1}
+
+
+def test_an_entry_too_old_only_by_the_exporters_clock_is_folded() -> None:
+    # An exporter started with its clock 75 minutes ahead (issue 17, case 4): what writers
+    # wrote a moment ago is not too old by their clocks, so it is folded, not dropped.
+    store = MemoryStore()
+    publish(store, "e1", at(0, 1))
+    ahead = evaluator(store)
+    ahead.evaluate(at(0, 45) + timedelta(minutes=75))
+    assert _journal_counts(ahead) == {**NONE_COUNTED, "folded": 1}
+    right = evaluator(store)  # restarted with the clock put right
+    assert counts(right.evaluate(at(0, 45))) == (1, 0, 0, 0)
 
 
 # -- a late receipt: missed, then received; the API agrees with the gauge at every step ----
@@ -619,7 +632,8 @@ def test_publish_times_past_the_tolerance_are_counted_apart_not_kept() -> None:
     store.inject_journal(
         {"_id": "x", "entries": [f"p|junk{i}|e|t|{y9000 + i * 10_000}" for i in range(1000)]}
     )
-    publish(store, "ahead", at(0, 1) + timedelta(hours=2))  # a publisher clock far ahead
+    # A publish time two hours ahead of the clock of the writer that wrote it.
+    publish(store, "ahead", at(0, 1) + timedelta(hours=2), written=at(0, 1))
     ev = evaluator(store)
     ev.evaluate(at(0, 45))
     assert _journal_counts(ev) == {**NONE_COUNTED, "too_new": 1001}
