@@ -71,6 +71,10 @@ JOURNAL_OUTCOMES = ("folded", "too_old", "too_new", "legacy", "malformed", "misf
 # straggling insert can take to commit into it after its rename (FerretDB's SQLite busy
 # timeout, 10 s; none on MongoDB, whose rename excludes inserts).
 JOURNAL_DROP_GRACE = 120.0
+# For how long after it was read a taken journal collection is counted again at each pass, for
+# inserts that looked it up before its rename and commit into it after (FerretDB's busy
+# timeout, 10 s, plus a pass).
+STRAGGLER_CHECK = 25.0
 _SAVES = 1_000_000  # result versions per fold stamp
 
 
@@ -188,6 +192,7 @@ class Evaluator(Collector):
         """(lowest, highest) wall clock minus monotonic clock seen, in seconds"""
         self._last_offset: float | None = None
         self._clock_steps = 0
+        self._stragglers = 0
         self._cached_events = 0
         self._growth = 0
         """Entries folded since the cache was last measured (an upper bound of its growth)."""
@@ -529,21 +534,29 @@ class Evaluator(Collector):
             log.warning("journal entries not counted: %d malformed", malformed)
 
     def _drop_folded(self, span: tuple[datetime, datetime], merged: int, now: datetime) -> None:
-        """Drop each folded journal collection once JOURNAL_DROP_GRACE has passed since it was
-        read, and it still holds only the documents read (writers only insert). On FerretDB
-        1.24 a writer that looked the collection up before it was renamed can still insert
-        into it until its transaction commits (SQLite's busy timeout there is 10 s); such a
-        straggler is folded first (the whole collection again: folding is idempotent), and
-        the collection dropped a grace later. On MongoDB a rename excludes inserts."""
+        """Check the folded journal collections for stragglers, and drop each once
+        JOURNAL_DROP_GRACE has passed since it was read and it still holds only the documents
+        read (writers only insert). On FerretDB 1.24 a writer that looked the collection up
+        before it was renamed can still insert into it until its transaction commits (SQLite's
+        busy timeout there is 10 s), after the exporter read it: so each collection is counted
+        again at the passes of STRAGGLER_CHECK after it was read, and at the grace. A
+        straggler is folded at once (the whole collection again: folding is idempotent), so a
+        receipt made durable before its bucket settled is never reported missed (issue 17,
+        case 9). On MongoDB a rename excludes inserts."""
         for name, folded in list(self._folded.items()):
-            if self._monotonic() - folded.read_at < JOURNAL_DROP_GRACE:
+            age = self._monotonic() - folded.read_at
+            if STRAGGLER_CHECK <= age < JOURNAL_DROP_GRACE:
                 continue
             if not self._fenced(name, self._fence, journal_key_of(name)):
                 continue
-            if self._store.count_journal(name) == folded.documents:
-                self._store.drop_journal(name)
-                del self._folded[name]
+            documents = self._store.count_journal(name)
+            if documents == folded.documents:
+                if age >= JOURNAL_DROP_GRACE:
+                    self._store.drop_journal(name)
+                    del self._folded[name]
                 continue
+            with self._lock:
+                self._stragglers += documents - folded.documents
             log.warning("journal %s grew after it was taken: folding it again", name)
             self._fenced(name, self._fold_collection, name, span, merged, now)
 
@@ -758,11 +771,18 @@ class Evaluator(Collector):
             for outcome in JOURNAL_OUTCOMES:
                 family.add_metric([outcome], self._counts[outcome])
             backlog, cached, steps = self._backlog, self._cached_events, self._clock_steps
+            stragglers = self._stragglers
         yield family
         yield GaugeMetricFamily(
             "eventaudit_journal_backlog",
             "1 when the last evaluation left journal collections to the next (a burst).",
             value=int(backlog),
+        )
+        yield CounterMetricFamily(
+            "eventaudit_journal_stragglers",
+            "Journal documents that landed in a journal collection after it was taken and read "
+            "(FerretDB's insert racing the rename), folded at once.",
+            value=stragglers,
         )
         yield CounterMetricFamily(
             "eventaudit_clock_steps",

@@ -78,6 +78,10 @@ class MemoryStore:
         self.tenures: dict[tuple[str, str], Tenure] = {}
         self.tenure_epochs: dict[tuple[str, str], int] = {}
         self.fail_next = 0
+        self.straggle = False
+        """Journal appends look their collection up now and land on `land_journal()`: an
+        insert racing the exporter's rename, as on FerretDB, lands in the taken collection."""
+        self.in_flight: list[tuple[dict[Any, dict[str, Any]], list[dict[str, Any]]]] = []
         self._lock = threading.Lock()
 
     def _check(self) -> None:
@@ -182,9 +186,23 @@ class MemoryStore:
         for entry in entries:
             by_key.setdefault(journal_key(entry.topic), []).append(entry)
         for key, keyed in sorted(by_key.items()):
-            for doc in journal_documents(f"j{len(self.journal_written)}", keyed, now):
-                self.journals.setdefault(journal_collection(now, key), {})[doc["_id"]] = doc
-                self.journal_written.append(doc)
+            collection = self.journals.setdefault(journal_collection(now, key), {})
+            docs = journal_documents(f"j{len(self.journal_written)}", keyed, now)
+            self.journal_written.extend(docs)
+            if self.straggle:
+                self.in_flight.append((collection, docs))
+                continue
+            for doc in docs:
+                collection[doc["_id"]] = doc
+
+    def land_journal(self) -> None:
+        """Commit the journal appends in flight, into the collections they looked up (taken
+        since, maybe)."""
+        with self._lock:
+            for collection, docs in self.in_flight:
+                for doc in docs:
+                    collection[doc["_id"]] = doc
+            self.in_flight = []
 
     def inject_journal(self, doc: dict[str, Any], name: str = "EventJournal_0") -> None:
         """A journal document from elsewhere (hostile, or a straggling insert into a taken

@@ -72,9 +72,15 @@ class Simulation(RuleBasedStateMachine):
     def deliver(self, subscription: str, index: int, duplicate: bool) -> None:
         self.world.deliver(subscription, index, keep=duplicate)
 
-    @rule(subscription=st.sampled_from(ALL_SUBSCRIPTIONS))
-    def flush_subscriber(self, subscription: str) -> None:
-        self.world.flush_subscriber(subscription)
+    @rule(subscription=st.sampled_from(ALL_SUBSCRIPTIONS), straggle=st.booleans())
+    def flush_subscriber(self, subscription: str, straggle: bool) -> None:
+        """A batch written; with `straggle` its journal insert commits later (`land`), into
+        whatever the exporter made of its collection meanwhile (FerretDB's rename race)."""
+        self.world.flush_subscriber(subscription, straggle)
+
+    @rule()
+    def land(self) -> None:
+        self.world.land()
 
     # -- time and exporters --------------------------------------------------------------------
 
@@ -160,6 +166,7 @@ class Simulation(RuleBasedStateMachine):
         for replica in world.replicas:
             replica.paused, replica.offset = False, timedelta(0)
         world.flush_publisher()
+        world.land()
         for sub in ALL_SUBSCRIPTIONS:
             while world.pending[sub]:
                 world.deliver(sub, 0)

@@ -65,3 +65,25 @@ def test_a_restarted_replica_whose_clock_is_75_minutes_behind_loses_nothing() ->
         world.flush_subscriber(sub)
     quiet(world)
     assert_agree(world)
+
+
+def test_a_journal_insert_landing_in_a_taken_collection_is_never_a_false_miss() -> None:
+    # Issue 17, case 9 (no fault at all): on FerretDB an insert racing the exporter's rename
+    # commits into the taken collection after the exporter read it.
+    world = memory_world()
+    [replica] = [world.add_replica("a")]
+    world.evaluate(replica)
+    world.publish("orders", "e1")
+    world.flush_publisher()
+    world.deliver("orders-billing", 0)
+    world.flush_subscriber("orders-billing", straggle=True)
+    world.advance(10)
+    world.evaluate(replica)  # takes the collection the insert looked up, before it commits
+    world.land()  # committed into the taken collection; the subscriber acks
+    for _ in range(5):  # every pass until the bucket has long settled
+        world.advance(10)
+        world.evaluate(replica)
+        assert world.false_misses(replica) == []
+    assert replica.snapshot is not None
+    stats = replica.snapshot.subscriptions[("orders", "orders-billing")]["1m"]
+    assert (stats.published, stats.received) == (1, 1)

@@ -92,6 +92,9 @@ class World:
     acked: dict[tuple[str, str, int], datetime] = field(default_factory=dict)
     """(subscription, eventID, hour) -> when its receipt was first made durable (its batch
     acked); the hour of its publish time, as records are keyed"""
+    landing: list[tuple[str, list[tuple[Message, Receipt]]]] = field(default_factory=list)
+    """batches whose records are written and whose journal insert is still committing (the
+    subscriber acks once it returns)"""
     lost: set[tuple[str, str]] = field(default_factory=set)
     """(subscription, eventID) Pub/Sub will never deliver"""
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -172,21 +175,45 @@ class World:
         self.batches[subscription].append((message, receipt))
         return message
 
-    def flush_subscriber(self, subscription: str) -> bool:
-        """Write the subscriber's batch, then ack; on a store error nack (Pub/Sub redelivers)."""
+    def flush_subscriber(self, subscription: str, straggle: bool = False) -> bool:
+        """Write the subscriber's batch, then ack; on a store error nack (Pub/Sub redelivers).
+        With `straggle` (a store that can play it), the journal insert is still committing
+        when the call is interrupted here: `land` commits it, then the batch is acked."""
         batch = self.batches[subscription]
         if not batch:
             return True
         self.batches[subscription] = []
+        store: Any = self.store
+        straggling = straggle and hasattr(store, "straggle")
+        if straggling:
+            store.straggle = True
         try:
             self.store.record_receipts([r for _, r in batch], self.now)
         except StoreError:
             self.pending[subscription].extend(m for m, _ in batch)
             return False
+        finally:
+            if straggling:
+                store.straggle = False
+        if straggling:
+            self.landing.append((subscription, batch))
+            return True
+        self._acked(subscription, batch)
+        return True
+
+    def land(self) -> None:
+        """The journal inserts in flight commit; their batches are acked."""
+        store: Any = self.store
+        if hasattr(store, "land_journal"):
+            store.land_journal()
+        for subscription, batch in self.landing:
+            self._acked(subscription, batch)
+        self.landing = []
+
+    def _acked(self, subscription: str, batch: list[tuple[Message, Receipt]]) -> None:
         for _, receipt in batch:
             key = (subscription, receipt.event_id, _hour(receipt.publish_time))
             self.acked.setdefault(key, self.now)
-        return True
 
     # -- exporters -----------------------------------------------------------------------------
 

@@ -158,6 +158,10 @@ def folded_all(ev: Evaluator, store: MemoryStore) -> bool:
 NONE_COUNTED = dict.fromkeys(JOURNAL_OUTCOMES, 0)
 
 
+def _sample(ev: Evaluator, name: str) -> float | None:
+    return next((s.value for f in ev.collect() for s in f.samples if s.name == name), None)
+
+
 def _journal_counts(ev: Evaluator) -> dict[str, float]:
     return {
         s.labels["outcome"]: s.value
@@ -1073,14 +1077,18 @@ def test_a_refold_after_a_straggler_folds_only_the_new_documents(
     [taken] = store.journals
     receipt = JournalEntry(TOPIC, "e1", epoch_ms(at(0, 1)), SUB, "", 1)
     store.inject_journal({"_id": "straggler", "entries": [receipt.to_document()]}, taken)
-    ev.evaluate(at(5, 0))  # the bucket of 12:00:00 is long out of the cache
-    clock.now = evaluator_module.JOURNAL_DROP_GRACE
+    # The bucket of 12:00:00 is out of the cache; the taken collection is counted again at
+    # the next pass (within STRAGGLER_CHECK of its read), and its straggler folded there.
     reads = store.digest_reads
     folded = _journal_counts(ev)["folded"]
-    snapshot = ev.evaluate(at(5, 1))
+    snapshot = ev.evaluate(at(0, 55))
     assert _journal_counts(ev)["folded"] - folded == 1  # the straggler's entry, not e0..e2 again
     assert store.digest_reads - reads == 1
     assert counts(snapshot, window="1h")[:2] == (3, 1)
+    assert _sample(ev, "eventaudit_journal_stragglers_total") == 1
+    clock.now = evaluator_module.JOURNAL_DROP_GRACE
+    ev.evaluate(at(5, 1))
+    assert store.journals == {}  # dropped at the grace: nothing grew since
 
 
 def test_a_burst_over_old_buckets_reads_each_digest_once(monkeypatch: pytest.MonkeyPatch) -> None:
