@@ -47,7 +47,7 @@ def test_the_simulation_on_ferretdb(ferret: Ferret) -> None:
         _STORES.clear()
         store = MongoStore(ferret.uri, unique("sim").replace("-", "_"), timeout_seconds=5)
         _STORES.append(store)
-        return World(FailingStore(store), mongo_records(store))  # type: ignore[arg-type]
+        return World(FailingStore(store), mongo_records(store))
 
     class OnFerretDB(Simulation):
         make_world = staticmethod(ferret_world)
