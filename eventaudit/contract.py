@@ -359,6 +359,9 @@ def decode_attributes(encoded: str) -> dict[str, str]:
 # broker's time stands in, so every stored publishTime is within an hour of a real one (and
 # retention, which goes by publishTime, reaches every receipt).
 PUBLISH_TIME_TOLERANCE = timedelta(hours=1)
+DEAD_LETTER_MAX_AGE = timedelta(days=7)
+"""How long after its publish a message can be dead-lettered: Pub/Sub keeps an unacked message
+on a subscription at most 7 days (its longest message retention)."""
 _PUBLISH_TIME_DIGITS = 15
 
 # Why the broker's publish time stood in for the publishTime attribute.
@@ -379,23 +382,28 @@ def read_attributes(
     attributes: Mapping[str, str],
     broker_time: datetime,
     tolerance: timedelta = PUBLISH_TIME_TOLERANCE,
+    older: timedelta = timedelta(0),
 ) -> AuditedAttributes:
     """Parse a received message's attributes; raise InvalidMessageError when eventID is unusable.
 
     A publishTime that is missing, not ASCII digits, or further than `tolerance` from
     `broker_time` (Pub/Sub's own publish time) is replaced by `broker_time`, and
-    `publish_time_fallback` says why: the event itself is still identifiable.
+    `publish_time_fallback` says why: the event itself is still identifiable. `older` widens
+    the tolerance backwards: a dead letter's broker time is when Pub/Sub forwarded it, up to
+    DEAD_LETTER_MAX_AGE after the event was published.
     """
     # Attributes are strings on the wire; anything else (a library caller's mistake) is ignored.
     text = {k: v for k, v in attributes.items() if isinstance(k, str) and isinstance(v, str)}
     event_id = validate_event_id(attributes.get(EVENT_ID))
-    publish_time, fallback = _publish_time(attributes.get(PUBLISH_TIME), broker_time, tolerance)
+    publish_time, fallback = _publish_time(
+        attributes.get(PUBLISH_TIME), broker_time, tolerance, older
+    )
     trace = TraceContext.from_headers(text)
     return AuditedAttributes(event_id, publish_time, trace.trace_id if trace else None, fallback)
 
 
 def _publish_time(
-    raw: object, broker_time: datetime, tolerance: timedelta
+    raw: object, broker_time: datetime, tolerance: timedelta, older: timedelta
 ) -> tuple[datetime, str | None]:
     if raw is None:
         return broker_time, "missing"
@@ -403,6 +411,7 @@ def _publish_time(
     if value is None:
         return broker_time, "malformed"
     # Compared as integers first: a far value (year 10000 and on) never becomes a datetime.
-    if abs(value - epoch_ms(broker_time)) > tolerance // _MS:
+    ahead = value - epoch_ms(broker_time)
+    if ahead > tolerance // _MS or -ahead > (tolerance + older) // _MS:
         return broker_time, "far"
     return from_epoch_ms(value), None

@@ -302,7 +302,10 @@ class BucketDigest:
         """
         filters = filters or {}
         counts = {}
-        merged = max((m for _, _, m in self.published.values()), default=0)
+        merged = max(
+            max((m for _, _, m in self.published.values()), default=0),
+            max((m for _, m in self.aliases.values()), default=0),
+        )
         by_age = sorted(self.published.items(), key=lambda kv: (kv[1][1], kv[0]))
         missed = {}
         aliases = self.aliases

@@ -23,12 +23,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from eventaudit.contract import (
+    DEAD_LETTER_MAX_AGE,
     PUBLISH_TIME_FALLBACKS,
     PUBSUB_ID_PATTERN,
     AuditedAttributes,
@@ -263,8 +264,14 @@ class AuditedSubscriber:
     def _receive(self, message: Message) -> None:
         receive_time = utc_now_ms()
         broker_time = _as_utc(message.publish_time)
+        dead_letter = (
+            self._dead_letter_sources is not None and DEAD_LETTER_SOURCE in message.attributes
+        )
         try:
-            attrs = read_attributes(message.attributes, broker_time)
+            # A dead letter's broker time is when Pub/Sub forwarded it: its publishTime may be
+            # up to DEAD_LETTER_MAX_AGE older (issue 17, case 6).
+            older = DEAD_LETTER_MAX_AGE if dead_letter else timedelta(0)
+            attrs = read_attributes(message.attributes, broker_time, older=older)
         except InvalidMessageError as exc:
             self._metrics.count("invalid")
             log.warning(
@@ -286,7 +293,7 @@ class AuditedSubscriber:
             )
         attempt = getattr(message, "delivery_attempt", None)
         attempt = attempt if isinstance(attempt, int) and attempt > 0 else None
-        if self._dead_letter_sources is not None and DEAD_LETTER_SOURCE in message.attributes:
+        if dead_letter:
             self._receive_dead_letter(message, attrs, broker_time, receive_time)
             return
         if self._faults.lose(attrs.event_id):

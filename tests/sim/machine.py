@@ -72,6 +72,11 @@ class Simulation(RuleBasedStateMachine):
     def deliver(self, subscription: str, index: int, duplicate: bool) -> None:
         self.world.deliver(subscription, index, keep=duplicate)
 
+    @rule(subscription=st.sampled_from(ALL_SUBSCRIPTIONS), index=st.integers(0, 1000))
+    def dead_letter(self, subscription: str, index: int) -> None:
+        """Pub/Sub gives up on a message (early, or very late: `advance` makes it late)."""
+        self.world.dead_letter(subscription, index)
+
     @rule(subscription=st.sampled_from(ALL_SUBSCRIPTIONS), straggle=st.booleans())
     def flush_subscriber(self, subscription: str, straggle: bool) -> None:
         """A batch written; with `straggle` its journal insert commits later (`land`), into
@@ -84,7 +89,7 @@ class Simulation(RuleBasedStateMachine):
 
     # -- time and exporters --------------------------------------------------------------------
 
-    @rule(seconds=st.sampled_from([1, 3, 5, 10, 10, 10, 25, 45]))
+    @rule(seconds=st.sampled_from([1, 3, 5, 10, 10, 10, 25, 45, 600]))
     def advance(self, seconds: int) -> None:
         self.world.advance(seconds)
 

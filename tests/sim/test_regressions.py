@@ -87,3 +87,21 @@ def test_a_journal_insert_landing_in_a_taken_collection_is_never_a_false_miss() 
     assert replica.snapshot is not None
     stats = replica.snapshot.subscriptions[("orders", "orders-billing")]["1m"]
     assert (stats.published, stats.received) == (1, 1)
+
+
+def test_a_retry_in_the_same_publisher_batch_as_the_first_publish_counts_received() -> None:
+    # Found by the simulation: the first publish and the caller's retry in one record batch,
+    # in two buckets; only the retry delivered.
+    world = memory_world()
+    world.add_replica("a")
+    world.add_replica("b")
+    world.publish("orders", "e1", clock_skew=timedelta(milliseconds=-1), lose={"orders-billing"})
+    world.publish("orders", "e1", payload='{"v": 2}')
+    world.flush_publisher()
+    for replica in world.replicas:
+        world.evaluate(replica)
+    for sub in ("orders-billing", "orders-mailer", "orders-mailer"):
+        world.deliver(sub, 0)
+        world.flush_subscriber(sub)
+    quiet(world)
+    assert_agree(world)

@@ -20,7 +20,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from eventaudit.contract import TraceContext, build_attributes, read_attributes
+from eventaudit.contract import (
+    DEAD_LETTER_MAX_AGE,
+    TraceContext,
+    build_attributes,
+    read_attributes,
+)
 from eventaudit.exporter.buckets import Window
 from eventaudit.exporter.evaluator import Evaluator, Snapshot, SubscriptionWindow, list_missed
 from eventaudit.exporter.leases import Leases
@@ -173,6 +178,35 @@ class World:
             receive_time=_ms(self.now),
         )
         self.batches[subscription].append((message, receipt))
+        return message
+
+    def dead_letter(self, subscription: str, index: int) -> Message | None:
+        """Pub/Sub gives up on a waiting message and forwards it to the dead-letter topic now;
+        the dead-letter subscriber records it (as AuditedSubscriber does: its broker time is
+        the forwarding, its publishTime up to DEAD_LETTER_MAX_AGE older). On a store error
+        it stays on the dead-letter subscription (here: waiting again)."""
+        waiting = self.pending[subscription]
+        if not waiting:
+            return None
+        message = waiting.pop(index % len(waiting))
+        forwarded = _ms(self.now)
+        attrs = read_attributes(message.attributes, forwarded, older=DEAD_LETTER_MAX_AGE)
+        letter = Receipt(
+            subscription=subscription,
+            event_id=attrs.event_id,
+            topic=message.topic,
+            trace_id=attrs.trace_id,
+            message_id=message.message_id,
+            publish_time=attrs.publish_time,
+            broker_publish_time=forwarded,
+            receive_time=forwarded,
+            delivery_attempt=5,
+            dead_letter_subscription=f"{subscription}-dead",
+        )
+        try:
+            self.store.record_receipts([letter], self.now)
+        except StoreError:
+            waiting.append(message)
         return message
 
     def flush_subscriber(self, subscription: str, straggle: bool = False) -> bool:

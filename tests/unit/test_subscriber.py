@@ -543,3 +543,34 @@ def test_a_transient_lookup_error_raises_so_the_dead_letter_is_retried() -> None
         topic_of("orders-sub")
     admin.fail = None
     assert topic_of("orders-sub") == "orders"
+
+
+@pytest.mark.parametrize(
+    ("published_ms_before_forwarding", "filed_ms", "fallback"),
+    [
+        (70 * 60_000, BROKER_MS - 70 * 60_000, None),  # forwarded 70 min later (issue 17, case 6)
+        (6 * 86_400_000, BROKER_MS - 6 * 86_400_000, None),
+        (7 * 86_400_000 + 3_600_000, BROKER_MS - 7 * 86_400_000 - 3_600_000, None),
+        (7 * 86_400_000 + 3_600_001, BROKER_MS, "far"),  # older than Pub/Sub keeps a message
+        (-3_600_001, BROKER_MS, "far"),  # ahead of the forwarding by more than the tolerance
+    ],
+)
+def test_a_dead_letter_is_filed_under_its_original_publish_time(
+    published_ms_before_forwarding: int, filed_ms: int, fallback: str | None
+) -> None:
+    subscriber = Subscriber(dead_letter_sources=SOURCES.get)
+    message = _dead_letter("orders-sub")
+    message.attributes["publishTime"] = str(BROKER_MS - published_ms_before_forwarding)
+    subscriber.deliver(message)
+    assert subscriber.count("dead_letter_recorded") == 1
+    [entry] = [e for d in subscriber.store.journal_written for e in d["entries"]]
+    assert entry == f"d|orders|orders-sub|e-9|{filed_ms}|5"
+    fallbacks = {reason: subscriber.fallbacks(reason) for reason in ("missing", "malformed", "far")}
+    assert fallbacks == {"missing": 0, "malformed": 0, "far": int(fallback == "far")}
+
+
+def test_an_ordinary_receipt_is_not_given_a_dead_letters_tolerance() -> None:
+    subscriber = Subscriber()
+    message = FakeMessage({"eventID": "e-1", "publishTime": str(BROKER_MS - 70 * 60_000)})
+    subscriber.deliver(message)
+    assert epoch_ms(subscriber.store.receipt(SUB, "e-1")["publishTime"]) == BROKER_MS
