@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run stop test unit lint format dashboards bench clean
+.PHONY: setup run stop test unit soak lint format dashboards bench clean
 
 setup:
 	@bash tools/setup.sh
@@ -19,6 +19,10 @@ test: setup
 
 unit: setup
 	@$(VENV)/bin/pytest tests/unit
+
+# The simulation (tests/sim) at length: 2,000 schedules of up to 80 steps, in memory.
+soak: setup
+	@HYPOTHESIS_PROFILE=soak $(VENV)/bin/pytest tests/sim --timeout=7200 --hypothesis-show-statistics
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -130,8 +130,8 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 # `make soak`, chosen by HYPOTHESIS_PROFILE. Schedules are run on virtual time, so no deadline.
 settings.register_profile(
     "ci",
-    max_examples=60,
-    stateful_step_count=40,
+    max_examples=200,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
     print_blob=True,
