@@ -125,8 +125,10 @@ class Leases(Collector):
         self.replica = replica
         self._lease = lease
         self._margin = lease / 5
-        self._clock = clock
+        self._wall = clock
         self._monotonic = monotonic
+        self._lowest_offset: float | None = None
+        """the lowest wall clock minus monotonic clock seen (seconds)"""
         self._held: dict[str, Held] = {}
         self._others: dict[str, Lease] = {}
         self._topics: dict[str, set[str]] = {}
@@ -140,6 +142,19 @@ class Leases(Collector):
         self._prune_due = -math.inf
         self._seq = 0
         self._entries: dict[str, list[Lease]] = {}
+
+    def _clock(self) -> datetime:
+        """The wall clock, but never ahead of the earliest it could mean by the monotonic
+        clock since this process started: a wall clock stepped forward (NTP, a VM restored)
+        never makes another replica's lease look expired, so a step never seizes leases
+        (issue 17, case 4). A step back only makes leases look live longer (its own renewals
+        then look short to the others, which may claim them: fencing makes that safe)."""
+        wall, monotonic = self._wall(), self._monotonic()
+        offset = wall.timestamp() - monotonic
+        if self._lowest_offset is None or offset < self._lowest_offset:
+            self._lowest_offset = offset
+        earliest = datetime.fromtimestamp(self._lowest_offset + monotonic, UTC)
+        return min(wall, earliest)
 
     @property
     def lease(self) -> timedelta:

@@ -105,3 +105,21 @@ def test_a_retry_in_the_same_publisher_batch_as_the_first_publish_counts_receive
         world.flush_subscriber(sub)
     quiet(world)
     assert_agree(world)
+
+
+def test_a_replica_whose_clock_steps_75_minutes_ahead_seizes_no_lease() -> None:
+    # Issue 17, case 4: a non-holder's wall clock steps ahead; the holder's leases must not
+    # look expired to it.
+    world = memory_world()
+    a, b = world.add_replica("a"), world.add_replica("b")
+    quiet(world, 3)
+    assert a.leases is not None and b.leases is not None
+    held = (set(a.leases.held), set(b.leases.held))
+    assert held[0] and held[1]  # two topics, one each
+    b.offset = timedelta(minutes=75)
+    for _ in range(6):
+        world.advance(10)
+        world.evaluate(a)
+        world.evaluate(b)
+        assert (set(a.leases.held), set(b.leases.held)) == held
+    assert world.evaluate(a) is not None and world.evaluate(b) is not None
