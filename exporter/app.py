@@ -105,7 +105,8 @@ def missed() -> Any:
         return json_error(
             404, f"subscription {subscription} of topic {topic} is not reported in window {label}"
         )
-    start, end = snapshot.frontier - window.length, snapshot.frontier
+    end = snapshot.frontier_of(topic)
+    start = end - window.length
     stats = snapshot.subscriptions[(topic, subscription)][label]
     key = (topic, subscription, label)
     answer = deps.missed.cached(snapshot, key)

@@ -75,6 +75,10 @@ JOURNAL_DROP_GRACE = 120.0
 # inserts that looked it up before its rename and commit into it after (FerretDB's busy
 # timeout, 10 s, plus a pass).
 STRAGGLER_CHECK = 25.0
+# How much older than any window a late entry's bucket may be and still be folded into its
+# stored digest (counted `too_old` beyond): every stored result stays right for whichever
+# replica serves it (a longer window, a clock behind), at one digest read per such bucket.
+LATE_FOLD_MS = 24 * 3_600_000
 _SAVES = 1_000_000  # result versions per fold stamp
 
 
@@ -139,6 +143,12 @@ class Snapshot:
     """What each reported subscription was expected to receive."""
     unsupported: Mapping[tuple[str, str], str] = field(default_factory=dict)
     """Subscriptions not reported because their filter cannot be evaluated, and why."""
+    behind: Mapping[str, datetime] = field(default_factory=dict)
+    """Topics served to an earlier frontier than `frontier`: the one their holder settled."""
+
+    def frontier_of(self, topic: str) -> datetime:
+        """The frontier `topic`'s windows end at."""
+        return self.behind.get(topic, self.frontier)
 
     def window(self, label: str) -> Window | None:
         """The configured window with this label."""
@@ -626,7 +636,7 @@ class Evaluator(Collector):
         topics: set[str] = set()
         misfiled: list[JournalEntry] = []
 
-        floor, ceiling = oldest, newest
+        floor, ceiling = oldest - LATE_FOLD_MS, newest
 
         def fold(entry: JournalEntry) -> None:
             start_ms = entry.publish_ms - entry.publish_ms % bucket_ms
@@ -647,7 +657,12 @@ class Evaluator(Collector):
             digest = touched.get(key) or self._digests.get(key)
             if digest is None:
                 known = results_held.get(key)
-                if known is None:
+                if known is None and start_ms < oldest:
+                    # A late entry for a bucket no window of this process reaches any more:
+                    # its stored digest (if any) takes it, so its stored result is right for
+                    # whichever replica still serves it (a clock behind, a longer window).
+                    digest = self._store.load_digest(entry.topic, start)
+                elif known is None:
                     # No result, so no digest either, but one a fold stored before failing
                     # (its entries are still in the journal, being folded again now).
                     digest = BucketDigest(entry.topic, start)
@@ -672,10 +687,10 @@ class Evaluator(Collector):
             counts["malformed"] += batch.malformed
             # Too old, or too far ahead, by this clock and by the writer's when it wrote: a
             # clock of this process stepped (or started) far off drops nothing.
-            floor, ceiling = oldest, newest
+            floor, ceiling = oldest - LATE_FOLD_MS, newest
             if batch.written is not None:
                 written = settled_frontier(batch.written, self._settle, self._bucket)
-                floor = min(oldest, epoch_ms(written - self._span))
+                floor = min(oldest, epoch_ms(written - self._span)) - LATE_FOLD_MS
                 ceiling = max(newest, epoch_ms(batch.written + PUBLISH_TIME_TOLERANCE))
             for entry in batch.entries:
                 if entry.topic not in topics:
@@ -686,7 +701,7 @@ class Evaluator(Collector):
                 fold(entry)
         # Deliveries of a message published again (a caller's retry) count for the event of
         # the stored record, in its bucket: moved there whichever of the two came first.
-        floor, ceiling = oldest, newest
+        floor, ceiling = oldest - LATE_FOLD_MS, newest
         for digest in [d for d in touched.values() if d.aliases]:
             for entry in digest.forwards():
                 fold(entry)
@@ -802,9 +817,14 @@ class Evaluator(Collector):
 
     def _snapshot(self, now: datetime, frontier: datetime, merged: int) -> Snapshot:
         # Buckets at or after the frontier exist when it moved back (a restart with a longer
-        # settle delay, a clock stepped back): kept for later, never counted now.
+        # settle delay): kept for later, never counted now. Each topic is served up to the
+        # frontier its holder's latest pass had settled (its own when this replica holds it).
         assert self._results is not None
-        counted = {k: r for k, r in self._results.items() if k[1] < frontier}
+        frontiers = {
+            topic: self._topic_frontier(topic, frontier)
+            for topic in {t for t, _ in self._results} | self._expected.configured_topics
+        }
+        counted = {k: r for k, r in self._results.items() if k[1] < frontiers[k[0]]}
         by_topic: dict[str, list[BucketResult]] = defaultdict(list)
         for (topic, _), result in counted.items():
             by_topic[topic].append(result)
@@ -815,13 +835,14 @@ class Evaluator(Collector):
         unsupported: dict[tuple[str, str], str] = {}
         for topic in sorted(topics):
             results = by_topic.get(topic, [])
+            end = frontiers[topic]
             known = self._expected.expectations(topic, own=self._owns(topic))
             for sub, expectation in known.items():
                 if expectation.filter_error is not None:
                     unsupported[(topic, sub)] = expectation.filter_error
             published[topic] = {}
             for window in self._windows:
-                in_window = [r for r in results if r.start >= frontier - window.length]
+                in_window = [r for r in results if r.start >= end - window.length]
                 published[topic][window.label] = sum(r.published for r in in_window)
                 heard = {
                     sub
@@ -832,7 +853,7 @@ class Evaluator(Collector):
                 standing = {sub for sub, e in known.items() if e.standing}
                 for sub in sorted(standing | heard):
                     expectation = known.get(sub, Expectation())
-                    stats = subscription_window(expectation, sub, in_window, frontier, self._bucket)
+                    stats = subscription_window(expectation, sub, in_window, end, self._bucket)
                     if stats is None:
                         continue
                     subs_out.setdefault((topic, sub), {})[window.label] = stats
@@ -848,7 +869,23 @@ class Evaluator(Collector):
             merged,
             expectations,
             unsupported,
+            {t: f for t, f in frontiers.items() if f != frontier},
         )
+
+    def _topic_frontier(self, topic: str, frontier: datetime) -> datetime:
+        """How far `topic` is served: this evaluation's frontier when this replica holds it;
+        else the frontier its holder had settled by its latest pass (its latest lease write),
+        so that every replica serves a topic to the same frontier (issue 17, case 12), and a
+        holder that died or paused (its lease no longer renewed) has its results served only
+        as far as they were complete (cases 8, 10, 11). A topic whose holder is not known
+        yet (claimed in this pass by another) is served nothing until it is."""
+        if self._owns(topic):
+            return frontier
+        assert self._leases is not None
+        lease = self._leases.others.get(journal_key(topic))
+        if lease is None or lease.renewed is None:
+            return frontier - self._span - self._bucket
+        return min(frontier, settled_frontier(lease.renewed, self._settle, self._bucket))
 
 
 def subscription_window(
@@ -915,7 +952,7 @@ def list_missed(
     `_id`) as the evaluation saw it (entries folded later are left out); None when it does not
     reproduce the evaluation's counts (which would be a defect: the caller answers 503).
     """
-    start = snapshot.frontier - window.length
+    start = snapshot.frontier_of(topic) - window.length
     listed: list[MissedEvent] = []
     expectation = snapshot.expectations.get((topic, subscription), Expectation())
     for key in sorted(k for k in snapshot.buckets if k[0] == topic and k[1] >= start):

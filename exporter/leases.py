@@ -127,8 +127,10 @@ class Leases(Collector):
         self._margin = lease / 5
         self._wall = clock
         self._monotonic = monotonic
-        self._lowest_offset: float | None = None
-        """the lowest wall clock minus monotonic clock seen (seconds)"""
+        self._offset: float | None = None
+        """the wall clock minus the monotonic clock this replica goes by (seconds)"""
+        self._stepped: tuple[float, float] | None = None
+        """a step not believed yet: (the new offset, monotonic time it was first read)"""
         self._held: dict[str, Held] = {}
         self._others: dict[str, Lease] = {}
         self._topics: dict[str, set[str]] = {}
@@ -144,17 +146,23 @@ class Leases(Collector):
         self._entries: dict[str, list[Lease]] = {}
 
     def _clock(self) -> datetime:
-        """The wall clock, but never ahead of the earliest it could mean by the monotonic
-        clock since this process started: a wall clock stepped forward (NTP, a VM restored)
-        never makes another replica's lease look expired, so a step never seizes leases
-        (issue 17, case 4). A step back only makes leases look live longer (its own renewals
-        then look short to the others, which may claim them: fencing makes that safe)."""
+        """The wall clock, once believed: a step of more than the margin (NTP, a VM restored,
+        an operator) is suspect until it has held for a lease time by the monotonic clock;
+        until then the time goes on from before the step. So a clock stepped for one
+        evaluation never makes another replica's lease look expired, never seizes leases,
+        and never makes this replica's own leases look short (issue 17, case 4). A clock that
+        stays stepped is believed after a lease time: replicas' clocks must agree within the
+        margin (README, Limits)."""
         wall, monotonic = self._wall(), self._monotonic()
         offset = wall.timestamp() - monotonic
-        if self._lowest_offset is None or offset < self._lowest_offset:
-            self._lowest_offset = offset
-        earliest = datetime.fromtimestamp(self._lowest_offset + monotonic, UTC)
-        return min(wall, earliest)
+        margin = self._margin.total_seconds()
+        if self._offset is None or abs(offset - self._offset) <= margin:
+            self._offset, self._stepped = offset, None
+        elif self._stepped is None or abs(offset - self._stepped[0]) > margin:
+            self._stepped = (offset, monotonic)
+        elif monotonic - self._stepped[1] >= self._lease.total_seconds():
+            self._offset, self._stepped = offset, None
+        return datetime.fromtimestamp(self._offset + monotonic, UTC)
 
     @property
     def lease(self) -> timedelta:

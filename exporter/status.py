@@ -92,16 +92,15 @@ def completion_by_minute(
     step = max(timedelta(minutes=1), snapshot.bucket)
     slots = max(1, int(timedelta(minutes=minutes) / step))
     per_slot: list[list[BucketResult]] = [[] for _ in range(slots)]
-    start = snapshot.frontier - step * slots
+    end = snapshot.frontier_of(topic)
+    start = end - step * slots
     chosen = results if results is not None else _of_topic(snapshot, topic)
     for result in chosen:
-        if start <= result.start < snapshot.frontier:
+        if start <= result.start < end:
             per_slot[int((result.start - start) / step)].append(result)
     rates = []
     for slot in per_slot:
-        stats = subscription_window(
-            expectation, subscription, slot, snapshot.frontier, snapshot.bucket
-        )
+        stats = subscription_window(expectation, subscription, slot, end, snapshot.bucket)
         rates.append(stats.completion_rate if stats else math.nan)
     return rates
 
@@ -159,7 +158,7 @@ def recent_missed(
     grouped) list, newest bucket first: no store read."""
     expectation = snapshot.expectations.get((topic, subscription), Expectation())
     found: list[MissedEvent] = []
-    oldest = snapshot.frontier - snapshot.windows[-1].length
+    oldest = snapshot.frontier_of(topic) - snapshot.windows[-1].length
     chosen = results if results is not None else _of_topic(snapshot, topic)
     for result in sorted(chosen, key=lambda r: r.start, reverse=True):
         if result.start < oldest or not counts_bucket(

@@ -118,7 +118,8 @@ def _on_topic(
     by_sub = {r["subscription"]: r for r in receipts}
     dead_by_sub = {d["subscription"]: d for d in dead}
     # The digest says what the evaluation counted; read only for a bucket a window counts.
-    counted = snapshot.frontier - snapshot.windows[-1].length <= start < snapshot.frontier
+    end = snapshot.frontier_of(topic)
+    counted = end - snapshot.windows[-1].length <= start < end
     digest = store.load_digest(topic, start) if counted and subs else BucketDigest(topic, start)
     trace = str(doc.get("traceID") or "")
     return {
@@ -214,12 +215,13 @@ def _verdict(
             "not_audited",
             f"its filter cannot be evaluated: {snapshot.unsupported[(topic, sub)]}",
         )
-    if start >= snapshot.frontier:
+    end = snapshot.frontier_of(topic)
+    if start >= end:
         return (
             "not_yet_settled",
-            f"evaluated once its bucket settles ({snapshot.frontier:%H:%M:%S} so far)",
+            f"evaluated once its bucket settles ({end:%H:%M:%S} so far)",
         )
-    if start < snapshot.frontier - snapshot.windows[-1].length:
+    if start < end - snapshot.windows[-1].length:
         return "outside_windows", "its bucket is older than the longest window"
     expectation = snapshot.expectations.get((topic, sub), Expectation())
     result = snapshot.buckets.get((topic, start))

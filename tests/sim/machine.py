@@ -15,7 +15,7 @@ from datetime import timedelta
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from tests.sim.world import SUBSCRIPTIONS, Replica, World, differences
+from tests.sim.world import BUCKET, SUBSCRIPTIONS, Replica, World, differences
 
 TOPICS = sorted(SUBSCRIPTIONS)
 ALL_SUBSCRIPTIONS = sorted(s for subs in SUBSCRIPTIONS.values() for s in subs)
@@ -181,7 +181,11 @@ class Simulation(RuleBasedStateMachine):
             for replica in world.replicas:
                 world.evaluate(replica)
         for replica in world.replicas:
-            assert replica.snapshot is not None, f"{replica.name} serves nothing once quiet"
+            snapshot = replica.snapshot
+            assert snapshot is not None, f"{replica.name} serves nothing once quiet"
+            for topic in TOPICS:  # every topic served to its holder's latest pass
+                lag = snapshot.frontier - snapshot.frontier_of(topic)
+                assert timedelta(0) <= lag <= BUCKET, f"{replica.name} {topic} lags {lag}"
             wrong = differences(world.served(replica), world.expected(replica))
             assert not wrong, f"{replica.name} once quiet, (served, truth): {wrong}"
         self.faulty = False

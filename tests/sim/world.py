@@ -325,15 +325,20 @@ class World:
         assert snapshot is not None
         out: dict[tuple[str, str, str], tuple[Any, ...]] = {}
         for window in snapshot.windows:
-            for (topic, sub), truth in self.truth(snapshot.frontier, window).items():
-                out[(topic, sub, window.label)] = (
-                    truth.published,
-                    truth.received,
-                    truth.duplicates,
-                    truth.unmatched,
-                    truth.dead_lettered,
-                    truth.missed,
-                )
+            for topic in SUBSCRIPTIONS:
+                # Each topic up to the frontier its holder settled (Snapshot.frontier_of).
+                truths = self.truth(snapshot.frontier_of(topic), window)
+                for (of, sub), truth in truths.items():
+                    if of != topic:
+                        continue
+                    out[(topic, sub, window.label)] = (
+                        truth.published,
+                        truth.received,
+                        truth.duplicates,
+                        truth.unmatched,
+                        truth.dead_lettered,
+                        truth.missed,
+                    )
         return out
 
     def false_misses(self, replica: Replica) -> list[tuple[str, str, str]]:
