@@ -22,7 +22,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -201,7 +201,6 @@ class Evaluator(Collector):
         self._wall_minus_monotonic: tuple[float, float] | None = None
         """(lowest, highest) wall clock minus monotonic clock seen, in seconds"""
         self._last_offset: float | None = None
-        self._frontier = datetime.min.replace(tzinfo=UTC)
         self._clock_steps = 0
         self._stragglers = 0
         self._cached_events = 0
@@ -226,15 +225,17 @@ class Evaluator(Collector):
         """Fold the journal and report everything settled by `now`. Raises StoreError; what
         was stored before the failure stands, the rest of the journal is folded next time."""
         earliest, latest = self._clock_bounds(now)
-        # The frontier never moves back in a process: a clock stepped back would show buckets
-        # again whose late receipts were too old to fold when they came (wrong numbers).
-        frontier = max(settled_frontier(now, self._settle, self._bucket), self._frontier)
-        self._frontier = frontier
+        # Served by the earliest the clock could mean: a clock stepped ahead for a while shows
+        # no windows of the future (empty buckets); one stepped back shows earlier windows,
+        # whose stored results took their late entries (LATE_FOLD_MS).
+        frontier = settled_frontier(earliest, self._settle, self._bucket)
         # What is forgotten (folds of buckets too old for a window, results and digests held)
         # goes by the earliest this process's clocks could mean: a wall clock stepped forward
         # never drops what a window still needs; what is refused as too far ahead goes by the
         # latest (a clock stepped back never refuses what is being published now).
-        oldest = settled_frontier(earliest, self._settle, self._bucket) - self._span
+        # A bucket more than the longest window: a topic held by another replica is served to
+        # its holder's frontier, up to a pass (a bucket) behind this one's.
+        oldest = settled_frontier(earliest, self._settle, self._bucket) - self._span - self._bucket
         first = self._results is None
         if first:
             # First evaluation of this process: resume from the stored results; the journal
