@@ -164,6 +164,7 @@ def _listen(settings: SubscriberSettings, app: Flask) -> BackgroundServer:
 
 
 _MISSING_TTL_SECONDS = 60.0
+_FOUND_TTL_SECONDS = 60.0
 _REMEMBERED_SOURCES = 1024
 
 
@@ -171,15 +172,18 @@ def source_topics(
     client: Any, project: str, clock: Callable[[], float] = time.monotonic
 ) -> TopicOf:
     """The topic of a subscription dead letters came from (its id, or its full path when the
-    attribute gives one), looked up once per subscription. None when it does not exist or may
-    not be read (remembered for a minute, at most 1024 names: a flood of invented sources
-    costs one lookup each per minute); a transient error raises, so the message is retried."""
-    found: dict[str, str] = {}
+    attribute gives one), looked up once a minute per subscription (one deleted and created
+    again on another topic is filed on its new topic within the minute: issue 17, case 7).
+    None when it does not exist or may not be read (remembered for a minute, at most 1024
+    names: a flood of invented sources costs one lookup each per minute); a transient error
+    raises, so the message is retried."""
+    found: OrderedDict[str, tuple[str, float]] = OrderedDict()
     missing: OrderedDict[str, float] = OrderedDict()
 
     def topic_of(source: str) -> str | None:
-        if source in found:
-            return found[source]
+        known = found.get(source)
+        if known is not None and clock() - known[1] < _FOUND_TTL_SECONDS:
+            return known[0]
         if clock() - missing.get(source, -math.inf) < _MISSING_TTL_SECONDS:
             return None
         path = (
@@ -195,9 +199,12 @@ def source_topics(
             while len(missing) > _REMEMBERED_SOURCES:
                 missing.popitem(last=False)
             return None
-        if len(found) < _REMEMBERED_SOURCES:
-            found[source] = str(subscription.topic).rsplit("/", 1)[-1]
-        return str(subscription.topic).rsplit("/", 1)[-1]
+        topic = str(subscription.topic).rsplit("/", 1)[-1]
+        found.pop(source, None)
+        found[source] = (topic, clock())
+        while len(found) > _REMEMBERED_SOURCES:
+            found.popitem(last=False)
+        return topic
 
     return topic_of
 

@@ -574,3 +574,16 @@ def test_an_ordinary_receipt_is_not_given_a_dead_letters_tolerance() -> None:
     message = FakeMessage({"eventID": "e-1", "publishTime": str(BROKER_MS - 70 * 60_000)})
     subscriber.deliver(message)
     assert epoch_ms(subscriber.store.receipt(SUB, "e-1")["publishTime"]) == BROKER_MS
+
+
+def test_a_source_created_again_on_another_topic_is_filed_there_within_a_minute() -> None:
+    # Issue 17, case 7: the lookup was remembered for good.
+    admin, now = AdminClient(), [0.0]
+    topic_of = source_topics(admin, "p", clock=lambda: now[0])
+    assert topic_of("orders-sub") == "orders"
+    admin.topics["projects/p/subscriptions/orders-sub"] = "projects/p/topics/billing"
+    now[0] = 59.0
+    assert topic_of("orders-sub") == "orders"  # remembered within the minute
+    now[0] = 61.0
+    assert topic_of("orders-sub") == "billing"
+    assert admin.calls == ["projects/p/subscriptions/orders-sub"] * 2
