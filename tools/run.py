@@ -307,9 +307,7 @@ class Stack:
             )
             publisher.service.stop()
             self.drain_after_publisher(published)
-        order = ["subscriber-1", "subscriber-2", "exporter", "prometheus", "alertmanager"]
-        order += ["pubsub-emulator", "ferretdb"]
-        for name in [*order, *(n for n in self.children if n not in order)]:
+        for name in in_stop_order([n for n in self.children if n != "publisher"]):
             child = self.children.pop(name, None)
             if child is not None:
                 child.service.stop()
@@ -424,7 +422,27 @@ def alive(identity: list[int]) -> bool:
     return started != 0 and process_start(pid) == started
 
 
-def stop_running(data: Path, timeout: float = 240.0) -> int:
+STOP_ORDER = (
+    "publisher",
+    "subscriber-1",
+    "subscriber-2",
+    "exporter",
+    "prometheus",
+    "alertmanager",
+    "pubsub-emulator",
+    "ferretdb",
+)
+"""Data-flow order: what writes first (it writes what it buffers), what stores last."""
+
+
+def in_stop_order(names: list[str]) -> list[str]:
+    """`names` in STOP_ORDER, unknown ones before the emulator and the store."""
+    rank = {name: i for i, name in enumerate(STOP_ORDER)}
+    unknown = rank["pubsub-emulator"] - 0.5
+    return sorted(names, key=lambda n: rank.get(n, unknown))
+
+
+def stop_running(data: Path, timeout: float = 240.0, drain_seconds: float = 5.0) -> int:
     """`make stop`: stop the stack a `make run` in another terminal started (or say none runs).
 
     SIGTERM to `make run` stops everything in data-flow order; if `make run` itself is gone
@@ -454,7 +472,11 @@ def stop_running(data: Path, timeout: float = 240.0) -> int:
         if alive(run):
             print(f"[stop] make run did not stop in {timeout:g}s: killing it", file=sys.stderr)
             os.kill(run[0], signal.SIGKILL)
-    for name, child in children.items():  # left behind by a make run that was killed
+    # Left behind by a make run that was killed: stopped in data-flow order too, the publisher
+    # first (it writes its buffered records), then after a pause for the subscribers to take
+    # what it published (issue 17, case 13: in start order the store went first).
+    for name in in_stop_order(list(children)):
+        child = children[name]
         if alive(child):
             print(f"[stop] stopping leftover {name} (pid {child[0]})")
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -465,6 +487,8 @@ def stop_running(data: Path, timeout: float = 240.0) -> int:
             if alive(child):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(child[0], signal.SIGKILL)
+            if name == "publisher":
+                time.sleep(drain_seconds)
     time.sleep(0.2)
     left = [name for name, child in children.items() if alive(child)]
     if left:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tools.run import (
     PORTS,
+    STOP_ORDER,
     RestartPolicy,
     alive,
     drained,
@@ -141,3 +144,39 @@ def test_sample_sum_matches_labels_and_any_of_a_tuple() -> None:
     assert sample_sum(samples, "m", outcome=("a", "b"), s="x") == 3.0
     assert sample_sum(samples, "other") == 0.0
     assert sample_sum(None, "m") == 0.0
+
+
+def test_make_stop_after_make_run_was_killed_stops_its_children_in_data_flow_order(
+    tmp_path: Path,
+) -> None:
+    # Issue 17, case 13: in start order the store stopped first, and events the publisher
+    # had answered were lost with it.
+    log = tmp_path / "stopped"
+    started = ["ferretdb", "pubsub-emulator", "prometheus", "alertmanager", "publisher"]
+    started += ["subscriber-1", "subscriber-2", "exporter"]
+    code = (
+        "import signal, sys, time\n"
+        "def stop(*_):\n"
+        f"    open({str(log)!r}, 'a').write(sys.argv[1] + '\\n'); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", code, name], start_new_session=True, stdout=subprocess.PIPE
+        )
+        for name in started
+    }
+    try:
+        for proc in procs.values():
+            assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        children = {n: [p.pid, process_start(p.pid) or 0] for n, p in procs.items()}
+        dead = [os.getpid(), (process_start(os.getpid()) or 0) + 1]  # the killed make run
+        write_state(tmp_path, {"run": dead, "children": children})
+        assert stop_running(tmp_path, drain_seconds=0) == 0
+        assert log.read_text().split() == list(STOP_ORDER)
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
