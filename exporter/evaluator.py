@@ -258,6 +258,8 @@ class Evaluator(Collector):
             stored = self._store.load_results(oldest)
             self._results, self._orders = {}, {}
             self._keep(stored)
+            if self._leases is not None:
+                self._leases.adopted(set(self._leases.held))
         assert self._results is not None
         merged = max(epoch_ms(now), self._merged + 1)
         self._saves = 0
@@ -392,6 +394,7 @@ class Evaluator(Collector):
         if ownership.gained:
             # Stamp after every fold the previous holders stored.
             self._merged = max(self._merged, self._store.load_fold_stamp())
+            self._leases.adopted(ownership.gained)
             for key in sorted(ownership.gained):
                 # The loads took time: renew before folding, not when the lease runs short.
                 self._fenced(key, self._leases.renew_key, key)

@@ -37,7 +37,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -144,6 +144,8 @@ class Leases(Collector):
         self._prune_due = -math.inf
         self._seq = 0
         self._entries: dict[str, list[Lease]] = {}
+        self._fresh: set[str] = set()
+        """keys claimed whose stored state the evaluator has not read yet"""
 
     def _clock(self) -> datetime:
         """The wall clock, once believed: a step of more than the margin (NTP, a VM restored,
@@ -238,7 +240,14 @@ class Leases(Collector):
         )
         with self._lock:
             self._replicas, self._unowned = len(replicas), unowned
-        return Ownership(frozenset(gained), frozenset(released))
+        # Keys claimed by an earlier pass that failed before their state was read are gained
+        # again, until `adopted` (issue 17, case 2).
+        self._fresh &= set(self._held)
+        return Ownership(frozenset(self._fresh), frozenset(released))
+
+    def adopted(self, keys: Iterable[str]) -> None:
+        """The stored state of these gained keys was read: they are gained no more."""
+        self._fresh -= set(keys)
 
     def release_all(self) -> None:
         """Hand every held lease over now (a clean stop): the others claim them at their next
@@ -349,6 +358,7 @@ class Leases(Collector):
         lease = Lease(key, epoch, self.replica, now + self._lease, tuple(sorted(topics)))
         self._store.save_leases([self._stamped(lease, now, held)])
         self._held[key] = held
+        self._fresh.add(key)
         self._count("acquired")
         log.info(
             "acquired the lease of journal key %s (topics %s), epoch %d", key, sorted(topics), epoch

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from collections.abc import Collection
+from datetime import datetime, timedelta
 
+from eventaudit.store import StoredResult, StoreError
 from tests.fakes import MemoryStore
 from tests.sim.world import World, differences, memory_records
 
@@ -123,3 +125,54 @@ def test_a_replica_whose_clock_steps_75_minutes_ahead_seizes_no_lease() -> None:
         world.evaluate(b)
         assert (set(a.leases.held), set(b.leases.held)) == held
     assert a.snapshot is not None and b.snapshot is not None
+
+
+class ResultReadsFail(MemoryStore):
+    """Fails the next `fail_reads` reads of stored results (a timeout on the takeover read)."""
+
+    fail_reads = 0
+
+    def load_results(
+        self,
+        since: datetime,
+        topics: Collection[str] | None = None,
+        partitions: Collection[int] | None = None,
+    ) -> list[StoredResult]:
+        if self.fail_reads:
+            self.fail_reads -= 1
+            raise StoreError("injected: reading results timed out")
+        return super().load_results(since, topics, partitions)
+
+
+def test_a_takeover_whose_first_read_of_the_stored_results_fails_reads_them_again() -> None:
+    # Issue 17, case 2: the new holder folded onto what it had seen (nothing) and stored (0, 0)
+    # under its higher epoch, for every replica to serve.
+    store = ResultReadsFail()
+    world = World(store, memory_records(store))
+    a, b = world.add_replica("a"), world.add_replica("b")
+    world.evaluate(a)
+    world.evaluate(b)  # b's view of the stored results: empty
+    for i in range(9):
+        world.publish("orders", f"e{i}", lose={"orders-mailer"})
+    world.flush_publisher()
+    for i in range(9):  # each delivered, none acked yet as far as Pub/Sub knows
+        world.deliver("orders-billing", i, keep=True)
+    world.flush_subscriber("orders-billing")
+    for _ in range(6):  # a alone evaluates: it holds both topics and stores (9, 9)
+        world.advance(10)
+        world.evaluate(a)
+    a.paused = True  # a stops renewing: b takes over once the lease ran out
+    world.advance(40)
+    store.fail_reads = 1  # b's takeover read of the stored results fails once
+    world.evaluate(b)
+    world.deliver("orders-billing", 0)  # a duplicate, folded by b as the new holder
+    world.flush_subscriber("orders-billing")
+    for _ in range(3):
+        world.advance(10)
+        world.evaluate(b)
+    assert b.snapshot is not None
+    stats = b.snapshot.subscriptions[("orders", "orders-billing")]["5m"]
+    assert (stats.published, stats.received, stats.duplicates) == (9, 9, 1)
+    a.paused = False
+    quiet(world)
+    assert_agree(world)
