@@ -196,14 +196,24 @@ class Leases(Collector):
         replicas.add(self.replica)
         stored = {lease.key: _own_topics(lease) for lease in self.stored() if lease.epoch}
         self._prune(now)
-        known = {k: set(t) for k, t in keys.items()}
-        for key, lease in stored.items():
-            known.setdefault(key, set()).update(lease.topics)
-        for key, held in self._held.items():
-            known.setdefault(key, set()).update(held.topics)
 
         def live(lease: Lease) -> bool:
             return now < lease.expires <= horizon
+
+        # A key is known while it has topics (journal, configuration, results in a window) or
+        # another replica holds it live: a key whose topics stopped existing ages out of the
+        # leases, the shares and the metrics (issue 17, case 3), rather than being renewed
+        # (and so known) for ever.
+        known = {k: set(t) for k, t in keys.items()}
+        for key, lease in stored.items():
+            if key not in self._held and live(lease) or key in known:
+                known.setdefault(key, set()).update(lease.topics)
+        gone = {key for key in self._held if key not in known}
+        for key in sorted(gone):
+            log.info("journal key %s has no topic any more: its lease is released", key)
+            self._give_up(now, key)
+        for key, held in self._held.items():
+            known[key].update(held.topics)
 
         counts = dict.fromkeys(replicas, 0)
         for key, lease in stored.items():
@@ -213,7 +223,7 @@ class Leases(Collector):
         high = math.ceil(len(known) / len(replicas))
         low = len(known) // len(replicas)
 
-        released = self._release(now, counts, high, low)
+        released = self._release(now, counts, high, low) | gone
         counts[self.replica] = len(self._held)
         free = [
             key

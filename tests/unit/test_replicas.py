@@ -631,3 +631,30 @@ def test_a_replicas_first_evaluation_reads_the_stored_results_once() -> None:
 
 class CountingStore(CountsResultReads, MemoryStore):
     """MemoryStore counting its reads of stored results."""
+
+
+def test_keys_whose_topics_stopped_existing_age_out_of_leases_shares_and_metrics() -> None:
+    # Issue 17, case 3: 40 topics that stop existing (no traffic, no configuration, no journal)
+    # were held, renewed and exported for ever.
+    store, clock = MemoryStore(), Clock()
+    gone = [f"gone-{i:02d}" for i in range(40)]
+    clock.monotonic.setdefault("a", 0.0)
+    leases = Leases(store, "a", LEASE, lambda: clock.now, lambda: clock.monotonic["a"])
+    expected = ExpectedSubscriptions({"orders": {"orders-sub"}}, set(), None)
+    evaluator = Evaluator(
+        store, expected, [WINDOW], BUCKET, SETTLE, monotonic=lambda: clock.monotonic["a"],
+        leases=leases,
+    )  # fmt: skip
+    a = Replica("a", leases, evaluator)
+    traffic(store, gone, T0 + timedelta(seconds=5), 1)
+    run(clock, [a], rounds=3)
+    assert len(a.leases.held) == 41  # the 40 topics and the configured one
+    run(clock, [a], rounds=6 * 10)  # ten minutes: past the window and the journal's grace
+    assert set(a.leases.held) == {journal_key("orders")}
+    written = len(store.lease_log)
+    run(clock, [a], rounds=6)
+    renewed = {x.key for x in store.lease_log[written:]}
+    assert renewed == {journal_key("orders")}  # one key renewed a pass, not 41
+    owned = [s.labels["topic"] for f in a.leases.collect() for s in f.samples
+             if s.name == "eventaudit_topic_owned"]  # fmt: skip
+    assert owned == ["orders"]
