@@ -206,7 +206,7 @@ class Leases(Collector):
         # (and so known) for ever.
         known = {k: set(t) for k, t in keys.items()}
         for key, lease in stored.items():
-            if key not in self._held and live(lease) or key in known:
+            if (key not in self._held and live(lease)) or key in known:
                 known.setdefault(key, set()).update(lease.topics)
         gone = {key for key in self._held if key not in known}
         for key in sorted(gone):
