@@ -176,3 +176,30 @@ def test_a_takeover_whose_first_read_of_the_stored_results_fails_reads_them_agai
     a.paused = False
     quiet(world)
     assert_agree(world)
+
+
+def test_a_restarted_exporter_serves_no_bucket_its_dead_predecessor_had_not_settled() -> None:
+    # Issue 17, case 10: SIGKILLed and restarted (under a new name, as a new pod), it served the
+    # dead process's stored result for one evaluation: an event listed missed whose receipt
+    # was written just after that result.
+    world = memory_world()
+    old = world.add_replica("old")
+    world.evaluate(old)
+    world.advance(10)
+    world.publish("orders", "e1")
+    world.flush_publisher()
+    for _ in range(4):
+        world.advance(9)
+        world.evaluate(old)  # stores e1's bucket, not settled yet: e1 missed so far
+    world.deliver("orders-billing", 0)
+    world.flush_subscriber("orders-billing")  # acked 1 ms... or a second later
+    world.advance(1)
+    world.replicas.remove(old)  # SIGKILL: its lease runs on for 30 s
+    new = world.add_replica("new")
+    for _ in range(5):
+        world.advance(10)
+        world.evaluate(new)
+        assert world.false_misses(new) == []
+    assert new.snapshot is not None
+    stats = new.snapshot.subscriptions[("orders", "orders-billing")]["1m"]
+    assert (stats.published, stats.received) == (1, 1)
