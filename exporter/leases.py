@@ -179,7 +179,8 @@ class Leases(Collector):
     @property
     def others(self) -> Mapping[str, Lease]:
         """The stored leases of keys this replica does not hold, as the last pass read them."""
-        return self._others
+        # Computed when asked: a key lost since the pass read the leases is another's now.
+        return {k: v for k, v in self._others.items() if k not in self._held}
 
     def epoch(self, key: str) -> int:
         """The epoch of a held key's lease."""
@@ -244,7 +245,7 @@ class Leases(Collector):
             if key in self._held:
                 self._held[key].topics.update(topics)
         self._topics = known
-        self._others = {k: v for k, v in stored.items() if k not in self._held}
+        self._others = stored
         unowned = frozenset(
             k for k in known if k not in self._held and (k not in stored or not live(stored[k]))
         )

@@ -203,3 +203,33 @@ def test_a_restarted_exporter_serves_no_bucket_its_dead_predecessor_had_not_sett
     assert new.snapshot is not None
     stats = new.snapshot.subscriptions[("orders", "orders-billing")]["1m"]
     assert (stats.published, stats.received) == (1, 1)
+
+
+def test_a_holder_resumed_after_a_pause_past_its_lease_serves_nothing_superseded() -> None:
+    # Issue 17, cases 8 and 11: its first pass after resuming served its pre-pause numbers (or
+    # counted the buckets folded while it was paused as empty) while the new holder served
+    # newer ones.
+    world = memory_world()
+    a = world.add_replica("a")
+    quiet(world, 2)  # a holds both topics
+    b = world.add_replica("b")
+    for _ in range(3):
+        world.advance(10)
+        world.evaluate(a)
+        world.evaluate(b)
+    a.paused = True
+    for i in range(6):  # b takes over and folds what arrives meanwhile
+        world.publish("orders", f"e{i}")
+        world.flush_publisher()
+        world.deliver("orders-billing", 0)
+        world.flush_subscriber("orders-billing")
+        world.advance(10)
+        world.evaluate(b)
+    a.paused = False
+    world.advance(1)
+    world.evaluate(a)  # its first pass after resuming
+    assert a.snapshot is not None and b.snapshot is not None
+    for topic in ("orders", "users"):
+        assert a.snapshot.frontier_of(topic) == b.snapshot.frontier_of(topic)
+    assert differences(world.served(a), world.expected(a)) == {}
+    assert world.served(a) == world.served(b)

@@ -75,6 +75,7 @@ class Replica:
     """its wall clock minus the true time (a skew, or a step)"""
     monotonic: float = 0.0
     paused: bool = False
+    """stopped (SIGSTOP): it evaluates nothing, its clocks run on"""
     evaluator: Evaluator | None = None
     leases: Leases | None = None
     snapshot: Snapshot | None = None
@@ -293,10 +294,11 @@ class World:
         return replica.snapshot
 
     def advance(self, seconds: float) -> None:
+        """Time passes, on every clock: a paused process's monotonic clock runs on too (a
+        SIGSTOP or a long GC; the system's CLOCK_MONOTONIC never stops for one process)."""
         self.now += timedelta(seconds=seconds)
         for replica in self.replicas:
-            if not replica.paused:
-                replica.monotonic += seconds
+            replica.monotonic += seconds
 
     # -- judging -------------------------------------------------------------------------------
 
