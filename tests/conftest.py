@@ -145,3 +145,12 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """How much the simulation ran (schedules, steps, faults by kind), when it ran."""
+    from tests.sim.machine import COUNTS
+
+    if COUNTS:
+        counts = ", ".join(f"{n} {kind}" for kind, n in sorted(COUNTS.items()))
+        terminalreporter.write_line(f"simulation: {counts}")

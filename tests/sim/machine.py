@@ -9,6 +9,7 @@ and on FerretDB (tests/integration/test_simulation.py, fewer).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -21,6 +22,8 @@ TOPICS = sorted(SUBSCRIPTIONS)
 ALL_SUBSCRIPTIONS = sorted(s for subs in SUBSCRIPTIONS.values() for s in subs)
 MAX_REPLICAS = 3
 QUIET_PASSES = 12
+COUNTS: Counter[str] = Counter()
+"""Schedules, steps and faults run in this process (printed at the end of the test session)."""
 
 
 class Simulation(RuleBasedStateMachine):
@@ -34,6 +37,7 @@ class Simulation(RuleBasedStateMachine):
         self.events: list[tuple[str, str]] = []
         self.faulty = False
         self.violations: list[str] = []
+        COUNTS["schedules"] += 1
 
     @initialize(replicas=st.integers(1, MAX_REPLICAS))
     def start(self, replicas: int) -> None:
@@ -82,6 +86,7 @@ class Simulation(RuleBasedStateMachine):
         """A batch written; with `straggle` its journal insert commits later (`land`), into
         whatever the exporter made of its collection meanwhile (FerretDB's rename race)."""
         self.world.flush_subscriber(subscription, straggle)
+        COUNTS["fault: journal insert landing after a take"] += straggle
 
     @rule()
     def land(self) -> None:
@@ -117,10 +122,12 @@ class Simulation(RuleBasedStateMachine):
         """The next `calls` store operations raise (a timeout, a failover)."""
         self.world.store.fail_next = calls  # type: ignore[attr-defined]
         self.faulty = True
+        COUNTS["fault: store calls failed"] += calls
 
     @rule(index=st.integers(0, MAX_REPLICAS - 1))
     def crash(self, index: int) -> None:
         """SIGKILL and restart: its memory is lost, the store keeps what it wrote."""
+        COUNTS["fault: crash"] += 1
         self.world.start(self.world.replicas[index % len(self.world.replicas)])
 
     @rule(index=st.integers(0, MAX_REPLICAS - 1))
@@ -128,6 +135,7 @@ class Simulation(RuleBasedStateMachine):
         """SIGSTOP (a long GC, a frozen VM): its clocks stop, it evaluates nothing."""
         self.world.replicas[index % len(self.world.replicas)].paused = True
         self.faulty = True
+        COUNTS["fault: pause"] += 1
 
     @rule(index=st.integers(0, MAX_REPLICAS - 1))
     def resume(self, index: int) -> None:
@@ -142,6 +150,7 @@ class Simulation(RuleBasedStateMachine):
         replica = self.world.replicas[index % len(self.world.replicas)]
         replica.offset += timedelta(seconds=seconds)
         self.faulty = True
+        COUNTS["fault: clock step"] += 1
 
     # -- the invariant -------------------------------------------------------------------------
 
@@ -192,6 +201,7 @@ class Simulation(RuleBasedStateMachine):
 
     @invariant()
     def never_negative(self) -> None:
+        COUNTS["steps"] += 1
         for replica in self.world.replicas:
             if replica.snapshot is None:
                 continue
