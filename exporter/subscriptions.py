@@ -98,6 +98,8 @@ class ExpectedSubscriptions:
         self.list_errors = 0
         self._tenures: dict[tuple[str, str], Tenure] = {}
         self._last_listed: dict[tuple[str, str], datetime] = {}
+        self._gone_at: dict[tuple[str, str], datetime] = {}
+        """when a listing first missed a subscription (this process)"""
         self._changed: set[tuple[str, str]] = set()
         self._initial = False
         self._errors_at_begin = 0
@@ -182,6 +184,7 @@ class ExpectedSubscriptions:
             if key[0] == topic and tenure.until is None and key[1] not in standing:
                 until = self._last_listed.get(key) or tenure.listed or now
                 self._tenures[key] = replace(tenure, until=until)
+                self._gone_at[key] = now
                 self._changed.add(key)
                 log.info(
                     "subscription %s of topic %s is no longer listed: expected until %s",
@@ -200,7 +203,21 @@ class ExpectedSubscriptions:
         key = (topic, subscription)
         with self._lock:
             tenure = self._tenures.get(key)
-            if tenure is None or tenure.since is None or tenure.until is not None:
+            if tenure is not None and tenure.until is not None:
+                # Gone from the listing: a receipt of an event published after the listing
+                # that missed it (it was deleted by then; after a restart, a listing period
+                # past its last listed moment) proves it created again, from then on, before
+                # the listing shows it (issue 17, case 14).
+                gone = self._gone_at.get(key) or (
+                    tenure.until + timedelta(seconds=self._refresh) + NEW_SUBSCRIPTION_MARGIN
+                )
+                if publish_time > gone:
+                    self._tenures[key] = replace(
+                        tenure, since=publish_time, until=None, seen=self._now, listed=None
+                    )
+                    self._changed.add(key)
+                return
+            if tenure is None or tenure.since is None:
                 return
             first = tenure.seen or tenure.since
             floor = first - timedelta(seconds=self._refresh) - NEW_SUBSCRIPTION_MARGIN

@@ -410,3 +410,31 @@ def test_a_stored_tenure_that_is_not_one_is_skipped(doc: dict[str, object]) -> N
 def test_a_stored_tenure_reads_back() -> None:
     tenure = Tenure(TOPIC, "s1", at(12, 0, 0), None, None, at(12, 0, 0), at(12, 5, 0))
     assert Tenure.from_document(tenure.to_document()) == tenure
+
+
+def test_a_subscription_created_again_starts_at_its_first_receipt_not_its_listing() -> None:
+    # Issue 17, case 14: receipts folded before the listing showed it again were ignored, so
+    # its tenure started at that listing.
+    store = MemoryStore()
+    listing = Listing(SubscriptionInfo("again"))
+    tick = [0.0]  # the listing clock: listed once a minute
+    expected = ExpectedSubscriptions({TOPIC: set()}, set(), listing, 60, clock=lambda: tick[0])
+    ev = SteadyEvaluator(store, expected, WINDOWS, BUCKET, SETTLE)
+    ev.evaluate(at(12, 0, 0))
+    listing.subs = []
+    tick[0] = 61
+    ev.evaluate(at(12, 0, 10))  # deleted: expected until 12:00:00
+    listing.subs = [SubscriptionInfo("again")]
+    for s in range(30, 60, 5):  # created again; it receives before the next listing
+        publish(store, f"e{s}", at(12, 0, s))
+        receive(store, "again", f"e{s}", at(12, 0, s))
+    tick[0] = 70
+    ev.evaluate(at(12, 1, 0))
+    tick[0] = 200
+    ev.evaluate(at(12, 1, 10))  # listed again
+    tenure = store.tenures[(TOPIC, "again")]
+    assert (tenure.since, tenure.until) == (at(12, 0, 30), None)
+    tick[0] = 210
+    snapshot = ev.evaluate(at(12, 1, 40))
+    # Buckets from 12:00:40 (since + margin) on, as for any new subscription.
+    assert stats(snapshot, "again")[:3] == (4, 4, 0)
