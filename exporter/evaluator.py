@@ -144,7 +144,7 @@ class Snapshot:
     unsupported: Mapping[tuple[str, str], str] = field(default_factory=dict)
     """Subscriptions not reported because their filter cannot be evaluated, and why."""
     behind: Mapping[str, datetime] = field(default_factory=dict)
-    """Topics served to an earlier frontier than `frontier`: the one their holder settled."""
+    """Topics served to another frontier than `frontier`: the one their holder settled."""
 
     def frontier_of(self, topic: str) -> datetime:
         """The frontier `topic`'s windows end at."""
@@ -201,6 +201,10 @@ class Evaluator(Collector):
         self._wall_minus_monotonic: tuple[float, float] | None = None
         """(lowest, highest) wall clock minus monotonic clock seen, in seconds"""
         self._last_offset: float | None = None
+        self._believed: float | None = None
+        """the wall clock minus the monotonic clock the served windows go by (seconds)"""
+        self._suspect: tuple[float, float] | None = None
+        """a step not believed yet: (its offset, the monotonic time it was first read)"""
         self._clock_steps = 0
         self._stragglers = 0
         self._cached_events = 0
@@ -224,11 +228,12 @@ class Evaluator(Collector):
     def evaluate(self, now: datetime) -> Snapshot:
         """Fold the journal and report everything settled by `now`. Raises StoreError; what
         was stored before the failure stands, the rest of the journal is folded next time."""
-        earliest, latest = self._clock_bounds(now)
-        # Served by the earliest the clock could mean: a clock stepped ahead for a while shows
-        # no windows of the future (empty buckets); one stepped back shows earlier windows,
-        # whose stored results took their late entries (LATE_FOLD_MS).
-        frontier = settled_frontier(earliest, self._settle, self._bucket)
+        earliest, latest, believed = self._clock_bounds(now)
+        # Served by the clock, but a step ahead only once it held for three buckets (before
+        # that, by the clock from before the step): a clock stepped ahead for a pass shows no
+        # future windows. Windows a step back shows again are right: their stored results
+        # took their late entries (LATE_FOLD_MS).
+        frontier = settled_frontier(believed, self._settle, self._bucket)
         # What is forgotten (folds of buckets too old for a window, results and digests held)
         # goes by the earliest this process's clocks could mean: a wall clock stepped forward
         # never drops what a window still needs; what is refused as too far ahead goes by the
@@ -578,12 +583,13 @@ class Evaluator(Collector):
             log.warning("journal %s grew after it was taken: folding it again", name)
             self._fenced(name, self._fold_collection, name, span, merged, now)
 
-    def _clock_bounds(self, now: datetime) -> tuple[datetime, datetime]:
-        """The earliest and latest the wall clock's `now` could mean, by the monotonic clock:
-        since this process started, the wall clock minus the monotonic clock should stay put;
-        where it stepped (by more than a bucket: NTP, a VM restored, an operator), each
-        reading it had is as believable as the other. Steps are counted
-        (`eventaudit_clock_steps_total`) and logged."""
+    def _clock_bounds(self, now: datetime) -> tuple[datetime, datetime, datetime]:
+        """The earliest and latest the wall clock's `now` could mean, by the monotonic clock,
+        and the time believed: since this process started, the wall clock minus the monotonic
+        clock should stay put; where it stepped (by more than a bucket: NTP, a VM restored, an
+        operator), each reading it had is as believable as the other for what is forgotten or
+        refused, and a step is believed for what is served once it held for three buckets.
+        Steps are counted (`eventaudit_clock_steps_total`) and logged."""
         monotonic = self._monotonic()
         offset = now.timestamp() - monotonic
         if self._last_offset is not None and abs(offset - self._last_offset) > (
@@ -606,7 +612,15 @@ class Evaluator(Collector):
         self._wall_minus_monotonic = (min(low, offset), max(high, offset))
         earliest = from_epoch_ms(int((min(low, offset) + monotonic) * 1000))
         latest = from_epoch_ms(int((max(high, offset) + monotonic) * 1000))
-        return min(now, earliest), max(now, latest)
+        bucket = self._bucket.total_seconds()
+        if self._believed is None or abs(offset - self._believed) <= bucket:
+            self._believed, self._suspect = offset, None
+        elif self._suspect is None or abs(offset - self._suspect[0]) > bucket:
+            self._suspect = (offset, monotonic)
+        elif monotonic - self._suspect[1] >= 3 * bucket:
+            self._believed, self._suspect = offset, None
+        believed = from_epoch_ms(int((self._believed + monotonic) * 1000))
+        return min(now, earliest), max(now, latest), min(now, believed)
 
     def trusted_now(self, now: datetime) -> datetime:
         """The earliest `now` could mean since this process started (see _clock_bounds):
@@ -889,7 +903,10 @@ class Evaluator(Collector):
         lease = self._leases.others.get(journal_key(topic))
         if lease is None or lease.renewed is None:
             return frontier - self._span - self._bucket
-        return min(frontier, settled_frontier(lease.renewed, self._settle, self._bucket))
+        # The holder's, even a little ahead of this replica's own (their clocks may differ by
+        # up to a fifth of the lease); never more than a lease ahead (a clock far off).
+        holders = settled_frontier(lease.renewed, self._settle, self._bucket)
+        return min(holders, frontier + self._leases.lease)
 
 
 def subscription_window(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from datetime import datetime, timedelta
 
+from eventaudit.partitions import journal_key
 from eventaudit.store import StoredResult, StoreError
 from tests.fakes import MemoryStore
 from tests.sim.world import World, differences, memory_records
@@ -233,3 +234,31 @@ def test_a_holder_resumed_after_a_pause_past_its_lease_serves_nothing_superseded
         assert a.snapshot.frontier_of(topic) == b.snapshot.frontier_of(topic)
     assert differences(world.served(a), world.expected(a)) == {}
     assert world.served(a) == world.served(b)
+
+
+def test_replicas_with_clocks_5_seconds_apart_serve_a_topic_to_its_holders_frontier() -> None:
+    # Issue 17, case 12: each replica served every topic to its own frontier, so with clocks
+    # 5 s apart the same query got two answers half the time. Now a topic is served to the
+    # frontier its holder settled, on both (the other reads it at its next pass).
+    world = memory_world()
+    a, b = world.add_replica("a"), world.add_replica("b")
+    b.offset = timedelta(seconds=5)
+    quiet(world, 3)
+    b.offset = timedelta(seconds=5)  # quiet put it right
+    assert a.leases is not None and b.leases is not None
+    differed = 0
+    for i in range(20):
+        world.publish("orders", f"e{i}")
+        world.publish("users", f"u{i}")
+        world.flush_publisher()
+        world.advance(3)
+        for holder, other in ((a, b), (b, a)):
+            world.evaluate(holder)
+            world.evaluate(other)
+            assert holder.snapshot is not None and other.snapshot is not None
+            differed += holder.snapshot.frontier != other.snapshot.frontier
+            for topic in ("orders", "users"):
+                if holder.leases is not None and journal_key(topic) in holder.leases.held:
+                    assert other.snapshot.frontier_of(topic) == holder.snapshot.frontier_of(topic)
+                    assert other.snapshot.published[topic] == holder.snapshot.published[topic]
+    assert differed > 0  # their own frontiers did differ
