@@ -15,7 +15,7 @@ the store holds.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -384,36 +384,26 @@ def _ms(moment: datetime) -> datetime:
     return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
+@dataclass(frozen=True)
+class _Records:
+    """Every stored record, read by `read` from each of three tables."""
+
+    tables: tuple[Any, Any, Any]
+    read: Callable[[Any], Iterable[Mapping[str, Any]]]
+
+    def records(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+        published, received, dead = ([dict(d) for d in self.read(t)] for t in self.tables)
+        return published, received, dead
+
+
 def memory_records(store: Any) -> Records:
     """The records of a tests.fakes.MemoryStore, as documents."""
-
-    class _Records:
-        def records(
-            self,
-        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-            return (
-                [dict(d) for d in store.published.values()],
-                [dict(d) for d in store.received.values()],
-                [dict(d) for d in store.dead_letters.values()],
-            )
-
-    return _Records()
+    return _Records((store.published, store.received, store.dead_letters), lambda t: t.values())
 
 
 def mongo_records(store: Any) -> Records:
     """The records of a MongoStore, as documents (every hourly collection)."""
-
-    class _Records:
-        def records(
-            self,
-        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-            return (
-                list(store.published.find()),
-                list(store.received.find()),
-                list(store.dead_letters.find()),
-            )
-
-    return _Records()
+    return _Records((store.published, store.received, store.dead_letters), lambda t: t.find())
 
 
 def differences(
