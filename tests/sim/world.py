@@ -14,14 +14,18 @@ the store holds.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Callable, Iterable, Mapping
+import queue
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from prometheus_client import CollectorRegistry
+
 from eventaudit.contract import (
-    DEAD_LETTER_MAX_AGE,
     TraceContext,
     build_attributes,
     read_attributes,
@@ -30,8 +34,15 @@ from eventaudit.exporter.buckets import Window
 from eventaudit.exporter.evaluator import Evaluator, Snapshot, SubscriptionWindow, list_missed
 from eventaudit.exporter.leases import Leases
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
-from eventaudit.records import PublishRecord, Receipt
+from eventaudit.records import PublishRecord
 from eventaudit.store import AuditStore, StoreError
+from eventaudit.subscriber import audited as subscriber_module
+from eventaudit.subscriber.audited import (
+    DEAD_LETTER_ATTEMPTS,
+    DEAD_LETTER_SOURCE,
+    AuditedSubscriber,
+    SubscriberMetrics,
+)
 from tests.sim.oracle import Truth, recount
 
 BUCKET = timedelta(seconds=10)
@@ -40,10 +51,40 @@ LEASE = timedelta(seconds=30)
 WINDOWS = (Window("1m", timedelta(minutes=1)), Window("5m", timedelta(minutes=5)))
 # Two minutes before an hour boundary: schedules cross it.
 T0 = datetime(2026, 11, 29, 12, 58, 0, tzinfo=UTC)
+PROJECT = "sim"
 SUBSCRIPTIONS: dict[str, tuple[str, ...]] = {
     "orders": ("orders-billing", "orders-mailer"),
     "users": ("users-mailer",),
 }
+
+
+@dataclass
+class Delivery:
+    """One delivery of a message to a subscriber: what AuditedSubscriber takes of
+    google.cloud.pubsub_v1's Message; its ack and nack tell the world."""
+
+    world: World
+    subscription: str
+    message: Message
+    attributes: dict[str, str]
+    publish_time: datetime
+    delivery_attempt: int | None = None
+    message_id: str = ""
+
+    def __post_init__(self) -> None:
+        self.message_id = self.message.message_id
+
+    def ack(self) -> None:
+        self.world.settled(self, True)
+
+    def nack(self) -> None:
+        self.world.settled(self, False)
+
+    def ack_with_response(self) -> Future[Any]:
+        self.ack()
+        done: Future[Any] = Future()
+        done.set_result(None)
+        return done
 
 
 class Records(Protocol):
@@ -91,25 +132,37 @@ class World:
     replicas: list[Replica] = field(default_factory=list)
     pending: dict[str, list[Message]] = field(default_factory=dict)
     """per subscription, what Pub/Sub will deliver (unacked), in no particular order"""
-    batches: dict[str, list[tuple[Message, Receipt]]] = field(default_factory=dict)
-    """per subscription, deliveries received and not yet written (the subscriber's batch)"""
     buffer: list[PublishRecord] = field(default_factory=list)
     """the publisher's record buffer: records of published messages not yet written"""
     acked: dict[tuple[str, str, int], datetime] = field(default_factory=dict)
     """(subscription, eventID, hour) -> when its receipt was first made durable (its batch
     acked); the hour of its publish time, as records are keyed"""
-    landing: list[tuple[str, list[tuple[Message, Receipt]]]] = field(default_factory=list)
-    """batches whose records are written and whose journal insert is still committing (the
-    subscriber acks once it returns)"""
+    landing: list[Delivery] = field(default_factory=list)
+    """deliveries whose receipts are written and whose journal insert is still committing
+    (the subscriber acks once it returns)"""
+    subscribers: dict[str, AuditedSubscriber] = field(default_factory=dict)
+    """one AuditedSubscriber per subscription, and one per topic's dead-letter subscription"""
+    _acks_held: list[Delivery] | None = None
     lost: set[tuple[str, str]] = field(default_factory=set)
     """(subscription, eventID) Pub/Sub will never deliver"""
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def __post_init__(self) -> None:
-        for subs in SUBSCRIPTIONS.values():
+        topic_of = {sub: t for t, subs in SUBSCRIPTIONS.items() for sub in subs}
+        for topic, subs in SUBSCRIPTIONS.items():
             for sub in subs:
                 self.pending.setdefault(sub, [])
-                self.batches.setdefault(sub, [])
+                self.subscribers[sub] = AuditedSubscriber(
+                    self.store, sub, topic, SubscriberMetrics(CollectorRegistry(), sub)
+                )
+            dead = f"{topic}-dead"
+            self.subscribers[dead] = AuditedSubscriber(
+                self.store,
+                dead,
+                dead,
+                SubscriberMetrics(CollectorRegistry(), dead),
+                dead_letter_sources=lambda path: topic_of.get(path.rsplit("/", 1)[-1]),
+            )
 
     # -- publishers and Pub/Sub ----------------------------------------------------------------
 
@@ -161,94 +214,105 @@ class World:
     # -- subscribers ---------------------------------------------------------------------------
 
     def deliver(self, subscription: str, index: int, keep: bool = False) -> Message | None:
-        """Pub/Sub delivers one waiting message (`index` into the waiting ones, modulo); with
-        `keep` it stays waiting too (its ack will be lost: a duplicate follows)."""
+        """Pub/Sub delivers one waiting message (`index` into the waiting ones, modulo) to the
+        subscription's AuditedSubscriber, which parses it and queues its receipt; with `keep`
+        it stays waiting too (its ack will be lost: a duplicate follows)."""
         waiting = self.pending[subscription]
         if not waiting:
             return None
         message = waiting[index % len(waiting)] if keep else waiting.pop(index % len(waiting))
-        attrs = read_attributes(message.attributes, message.broker_time)
-        receipt = Receipt(
-            subscription=subscription,
-            event_id=attrs.event_id,
-            topic=message.topic,
-            trace_id=attrs.trace_id,
-            message_id=message.message_id,
-            publish_time=attrs.publish_time,
-            broker_publish_time=message.broker_time,
-            receive_time=_ms(self.now),
-        )
-        self.batches[subscription].append((message, receipt))
+        delivery = Delivery(self, subscription, message, message.attributes, message.broker_time)
+        with self._subscriber_clock():
+            self.subscribers[subscription](delivery)
         return message
 
     def dead_letter(self, subscription: str, index: int) -> Message | None:
         """Pub/Sub gives up on a waiting message and forwards it to the dead-letter topic now;
-        the dead-letter subscriber records it (as AuditedSubscriber does: its broker time is
-        the forwarding, its publishTime up to DEAD_LETTER_MAX_AGE older). On a store error
-        it stays on the dead-letter subscription (here: waiting again)."""
+        the dead-letter subscription's AuditedSubscriber (`--dead-letters`) records it. On a
+        store error it is nacked (here: waiting again on its subscription)."""
         waiting = self.pending[subscription]
         if not waiting:
             return None
         message = waiting.pop(index % len(waiting))
-        forwarded = _ms(self.now)
-        attrs = read_attributes(message.attributes, forwarded, older=DEAD_LETTER_MAX_AGE)
-        letter = Receipt(
-            subscription=subscription,
-            event_id=attrs.event_id,
-            topic=message.topic,
-            trace_id=attrs.trace_id,
-            message_id=message.message_id,
-            publish_time=attrs.publish_time,
-            broker_publish_time=forwarded,
-            receive_time=forwarded,
-            delivery_attempt=5,
-            dead_letter_subscription=f"{subscription}-dead",
-        )
-        try:
-            self.store.record_receipts([letter], self.now)
-        except StoreError:
-            waiting.append(message)
+        attributes = {
+            **message.attributes,
+            DEAD_LETTER_SOURCE: f"projects/{PROJECT}/subscriptions/{subscription}",
+            DEAD_LETTER_ATTEMPTS: "5",
+        }
+        letter = Delivery(self, subscription, message, attributes, _ms(self.now))
+        dead = self.subscribers[f"{message.topic}-dead"]
+        with self._subscriber_clock():
+            dead(letter)
+            self._write(dead)
         return message
 
     def flush_subscriber(self, subscription: str, straggle: bool = False) -> bool:
-        """Write the subscriber's batch, then ack; on a store error nack (Pub/Sub redelivers).
-        With `straggle` (a store that can play it), the journal insert is still committing
-        when the call is interrupted here: `land` commits it, then the batch is acked."""
-        batch = self.batches[subscription]
-        if not batch:
-            return True
-        self.batches[subscription] = []
+        """The subscriber writes its batch, then acks; on a store error it nacks (Pub/Sub
+        redelivers). With `straggle` (a store that can play it), the journal insert is still
+        committing when the call is interrupted here: `land` commits it, then the batch is
+        acked."""
         store: Any = self.store
         straggling = straggle and hasattr(store, "straggle")
         if straggling:
             store.straggle = True
+            self._acks_held = []
         try:
-            self.store.record_receipts([r for _, r in batch], self.now)
-        except StoreError:
-            self.pending[subscription].extend(m for m, _ in batch)
-            return False
+            with self._subscriber_clock():
+                written = self._write(self.subscribers[subscription])
         finally:
             if straggling:
                 store.straggle = False
-        if straggling:
-            self.landing.append((subscription, batch))
-            return True
-        self._acked(subscription, batch)
-        return True
+                self.landing.extend(self._acks_held or [])
+                self._acks_held = None
+        return written
+
+    def _write(self, subscriber: AuditedSubscriber) -> bool:
+        """What the subscriber's writer thread does with what it has queued: one batch."""
+        batch = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                item = subscriber._queue.get_nowait()
+                if item is not None:
+                    batch.append(item)
+        if batch:
+            subscriber._write(batch)
+        return subscriber.last_write_ok
+
+    def settled(self, delivery: Delivery, acked: bool) -> None:
+        """A subscriber acked (after its receipt was durable) or nacked a delivery."""
+        if not acked:
+            self.pending[delivery.subscription].append(delivery.message)
+            return
+        if self._acks_held is not None:
+            self._acks_held.append(delivery)  # the write has not returned yet
+            return
+        self._acked(delivery)
 
     def land(self) -> None:
         """The journal inserts in flight commit; their batches are acked."""
         store: Any = self.store
         if hasattr(store, "land_journal"):
             store.land_journal()
-        for subscription, batch in self.landing:
-            self._acked(subscription, batch)
+        for delivery in self.landing:
+            self._acked(delivery)
         self.landing = []
 
-    def _acked(self, subscription: str, batch: list[tuple[Message, Receipt]]) -> None:
-        for _, receipt in batch:
-            key = (subscription, receipt.event_id, _hour(receipt.publish_time))
-            self.acked.setdefault(key, self.now)
+    def _acked(self, delivery: Delivery) -> None:
+        if DEAD_LETTER_SOURCE in delivery.attributes:
+            return  # a dead letter: not a receipt
+        attrs = read_attributes(delivery.attributes, delivery.publish_time)
+        key = (delivery.subscription, attrs.event_id, _hour(attrs.publish_time))
+        self.acked.setdefault(key, self.now)
+
+    @contextlib.contextmanager
+    def _subscriber_clock(self) -> Iterator[None]:
+        """The subscribers read the world's clock (they take `utc_now_ms` for their times)."""
+        real = subscriber_module.utc_now_ms
+        subscriber_module.utc_now_ms = lambda: _ms(self.now)
+        try:
+            yield
+        finally:
+            subscriber_module.utc_now_ms = real
 
     # -- exporters -----------------------------------------------------------------------------
 
