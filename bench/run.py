@@ -334,13 +334,19 @@ def _multi_topic_events(store: MongoStore, tick: datetime, k: int, per_topic: in
 
 
 def _replica_group(store: MongoStore, n: int, clock: Callable[[], datetime]) -> list[Evaluator]:
-    """`n` exporter replicas with leases (0: one without)."""
+    """`n` exporter replicas with leases (0: one without). Their monotonic clocks follow the
+    virtual one: passes are a bucket apart, as in a running exporter."""
     group = []
+    start = clock().timestamp()
+
+    def monotonic() -> float:
+        return clock().timestamp() - start
+
     for i in range(max(n, 1)):
         expected = ExpectedSubscriptions(
             {t: {f"{t}-a", f"{t}-b"} for t in REPLICA_TOPICS}, set(), None
         )
-        leases = Leases(store, f"r{i}", timedelta(seconds=60), clock) if n else None
+        leases = Leases(store, f"r{i}", timedelta(seconds=60), clock, monotonic) if n else None
         group.append(
             Evaluator(
                 store,
@@ -348,6 +354,7 @@ def _replica_group(store: MongoStore, n: int, clock: Callable[[], datetime]) -> 
                 [Window.parse(w, timedelta(seconds=10)) for w in ("1m", "5m", "1h")],
                 timedelta(seconds=10),
                 timedelta(seconds=30),
+                monotonic=monotonic,
                 leases=leases,
             )
         )

@@ -126,6 +126,13 @@ class ReceiptStore(Protocol):
 class EvaluatorStore(Protocol):
     """What the exporter's evaluator reads and keeps its results in."""
 
+    @property
+    def journal_stragglers(self) -> bool:
+        """Whether a writer's journal insert can land in a collection after it was taken (an
+        insert racing the rename, as on FerretDB; never on MongoDB, whose rename excludes
+        inserts): taken collections are then counted again shortly after they were read."""
+        ...
+
     def take_journal(self, now: datetime, keys: Collection_[str] | None = None) -> list[str]:
         """Take what writers journaled so far for the journal `keys` (None: all) and in mixed
         collections of an earlier release (they go on in a new collection); return every taken
@@ -558,10 +565,24 @@ class MongoStore:
         self.db = db
         """The database: the exporter's collections are named by time (eventaudit.partitions)."""
         self._indexed: set[str] = set()  # digest partitions this process has indexed
+        self._stragglers: bool | None = None
 
     def close(self) -> None:
         """Close the client's connections."""
         self._client.close()
+
+    @property
+    def journal_stragglers(self) -> bool:
+        """True on FerretDB (its buildInfo says `ferretdbVersion`), whose insert can commit
+        into a collection renamed after the insert looked it up; also when the server cannot
+        say (the safe answer). Asked once."""
+        if self._stragglers is None:
+            try:
+                info = self._client.admin.command("buildInfo")
+                self._stragglers = "ferretdbVersion" in info
+            except PyMongoError:
+                return True
+        return self._stragglers
 
     def ensure_indexes(self) -> None:
         """Nothing needs an index beyond `_id` any more: records are read by `_id` within

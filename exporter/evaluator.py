@@ -73,8 +73,8 @@ JOURNAL_OUTCOMES = ("folded", "too_old", "too_new", "legacy", "malformed", "misf
 JOURNAL_DROP_GRACE = 120.0
 # For how long after it was read a taken journal collection is counted again at each pass, for
 # inserts that looked it up before its rename and commit into it after (FerretDB's busy
-# timeout, 10 s, plus a pass).
-STRAGGLER_CHECK = 25.0
+# timeout, 10 s, and a little): with passes a bucket (10 s) apart, one or two counts each.
+STRAGGLER_CHECK = 12.0
 # How much older than any window a late entry's bucket may be and still be folded into its
 # stored digest (counted `too_old` beyond): every stored result stays right for whichever
 # replica serves it (a longer window, a clock behind), at one digest read per such bucket.
@@ -207,6 +207,7 @@ class Evaluator(Collector):
         """a step not believed yet: (its offset, the monotonic time it was first read)"""
         self._clock_steps = 0
         self._stragglers = 0
+        self._pass_started = 0.0
         self._cached_events = 0
         self._growth = 0
         """Entries folded since the cache was last measured (an upper bound of its growth)."""
@@ -269,7 +270,8 @@ class Evaluator(Collector):
         merged = max(epoch_ms(now), self._merged + 1)
         self._saves = 0
         span = (oldest, latest + PUBLISH_TIME_TOLERANCE)
-        deadline = self._monotonic() + self._budget
+        self._pass_started = self._monotonic()
+        deadline = self._pass_started + self._budget
         try:
             taken = self._take(now)
             if any(journal_key_of(n) is None and n not in self._folded for n in taken):
@@ -562,13 +564,18 @@ class Evaluator(Collector):
         read (writers only insert). On FerretDB 1.24 a writer that looked the collection up
         before it was renamed can still insert into it until its transaction commits (SQLite's
         busy timeout there is 10 s), after the exporter read it: so each collection is counted
-        again at the passes of STRAGGLER_CHECK after it was read, and at the grace. A
+        again at each pass within STRAGGLER_CHECK of its read, and at the grace. A
         straggler is folded at once (the whole collection again: folding is idempotent), so a
         receipt made durable before its bucket settled is never reported missed (issue 17,
-        case 9). On MongoDB a rename excludes inserts."""
+        case 9). On MongoDB a rename excludes inserts: only the grace's count is made
+        (`journal_stragglers`)."""
         for name, folded in list(self._folded.items()):
             age = self._monotonic() - folded.read_at
-            if STRAGGLER_CHECK <= age < JOURNAL_DROP_GRACE:
+            if age < JOURNAL_DROP_GRACE and (
+                age >= STRAGGLER_CHECK
+                or folded.read_at >= self._pass_started  # read by this very pass
+                or not self._store.journal_stragglers
+            ):
                 continue
             if not self._fenced(name, self._fence, journal_key_of(name)):
                 continue

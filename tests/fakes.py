@@ -59,6 +59,9 @@ class MemoryStore:
     `fail_next` makes the next N operations raise StoreError (an outage).
     """
 
+    journal_stragglers = True
+    """It can play FerretDB's race (`straggle`)."""
+
     def __init__(self) -> None:
         self.published: dict[str, dict[str, Any]] = {}
         self.received: dict[str, dict[str, Any]] = {}

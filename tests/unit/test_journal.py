@@ -1081,12 +1081,13 @@ def test_a_refold_after_a_straggler_folds_only_the_new_documents(
     # the next pass (within STRAGGLER_CHECK of its read), and its straggler folded there.
     reads = store.digest_reads
     folded = _journal_counts(ev)["folded"]
+    clock.now = 10.0  # the next pass
     snapshot = ev.evaluate(at(0, 55))
     assert _journal_counts(ev)["folded"] - folded == 1  # the straggler's entry, not e0..e2 again
     assert store.digest_reads - reads == 1
     assert counts(snapshot, window="1h")[:2] == (3, 1)
     assert _sample(ev, "eventaudit_journal_stragglers_total") == 1
-    clock.now = evaluator_module.JOURNAL_DROP_GRACE
+    clock.now = 10.0 + evaluator_module.JOURNAL_DROP_GRACE  # the grace after its refold
     ev.evaluate(at(5, 1))
     assert store.journals == {}  # dropped at the grace: nothing grew since
 
@@ -1104,3 +1105,32 @@ def test_a_burst_over_old_buckets_reads_each_digest_once(monkeypatch: pytest.Mon
     snapshot = ev.evaluate(at(12, 0))  # forty collections, one document each: forty rounds
     assert counts(snapshot, window="1h")[0] == 80
     assert store.digest_reads - reads == 0  # kept in memory between rounds, never reloaded
+
+
+class RenameExcludesInserts(MemoryStore):
+    """A store whose rename excludes inserts (MongoDB): no journal insert lands after a take."""
+
+    journal_stragglers = False
+    counts = 0
+
+    def count_journal(self, name: str) -> int:
+        self.counts += 1
+        return super().count_journal(name)
+
+
+@pytest.mark.parametrize(("stragglers", "counted"), [(True, 1), (False, 0)])
+def test_taken_collections_are_counted_again_only_where_inserts_can_land_after_a_take(
+    stragglers: bool, counted: int
+) -> None:
+    store = RenameExcludesInserts()
+    store.journal_stragglers = stragglers
+    publish(store, "e1", at(0, 1))
+    clock = Clock()
+    ev = evaluator(store, monotonic=clock)
+    ev.evaluate(at(0, 45))
+    clock.now = evaluator_module.STRAGGLER_CHECK - 1
+    ev.evaluate(at(0, 55))  # within STRAGGLER_CHECK of the read
+    assert store.counts == counted
+    clock.now = evaluator_module.JOURNAL_DROP_GRACE
+    ev.evaluate(at(2, 45))  # the grace: counted (then dropped) on every store
+    assert (store.counts, store.journals) == (counted + 1, {})
