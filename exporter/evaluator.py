@@ -21,7 +21,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -34,6 +34,7 @@ from eventaudit.exporter.buckets import (
     completion_rate,
     settled_frontier,
 )
+from eventaudit.exporter.clocks import SteppedClock
 from eventaudit.exporter.leases import Fenced, Leases
 from eventaudit.exporter.subscriptions import Expectation, ExpectedSubscriptions
 from eventaudit.journal import (
@@ -71,10 +72,10 @@ JOURNAL_OUTCOMES = ("folded", "too_old", "too_new", "legacy", "malformed", "misf
 # straggling insert can take to commit into it after its rename (FerretDB's SQLite busy
 # timeout, 10 s; none on MongoDB, whose rename excludes inserts).
 JOURNAL_DROP_GRACE = 120.0
-# For how long after it was read a taken journal collection is counted again at each pass, for
-# inserts that looked it up before its rename and commit into it after (FerretDB's busy
-# timeout, 10 s, and a little): with passes a bucket (10 s) apart, one or two counts each.
-STRAGGLER_CHECK = 12.0
+# A taken journal collection is counted again at each later pass until one does so this long
+# after it was read, for inserts that looked it up before its rename and commit into it after
+# (FerretDB's busy timeout, 10 s): with passes a bucket (10 s) apart, one count each.
+STRAGGLER_CHECK = 10.0
 # How much older than any window a late entry's bucket may be and still be folded into its
 # stored digest (counted `too_old` beyond): every stored result stays right for whichever
 # replica serves it (a longer window, a clock behind), at one digest read per such bucket.
@@ -117,6 +118,8 @@ class _Folded:
     """monotonic time it was read"""
     ids: frozenset[Any] = frozenset()
     """the `_id`s this process folded (none known for one an earlier process folded)"""
+    checked: bool = False
+    """counted again STRAGGLER_CHECK or more after it was read: no straggler can come now"""
 
 
 @dataclass(frozen=True)
@@ -143,12 +146,12 @@ class Snapshot:
     """What each reported subscription was expected to receive."""
     unsupported: Mapping[tuple[str, str], str] = field(default_factory=dict)
     """Subscriptions not reported because their filter cannot be evaluated, and why."""
-    behind: Mapping[str, datetime] = field(default_factory=dict)
+    topic_frontiers: Mapping[str, datetime] = field(default_factory=dict)
     """Topics served to another frontier than `frontier`: the one their holder settled."""
 
     def frontier_of(self, topic: str) -> datetime:
         """The frontier `topic`'s windows end at."""
-        return self.behind.get(topic, self.frontier)
+        return self.topic_frontiers.get(topic, self.frontier)
 
     def window(self, label: str) -> Window | None:
         """The configured window with this label."""
@@ -198,13 +201,7 @@ class Evaluator(Collector):
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(JOURNAL_OUTCOMES, 0)
         self._backlog = False
-        self._wall_minus_monotonic: tuple[float, float] | None = None
-        """(lowest, highest) wall clock minus monotonic clock seen, in seconds"""
-        self._last_offset: float | None = None
-        self._believed: float | None = None
-        """the wall clock minus the monotonic clock the served windows go by (seconds)"""
-        self._suspect: tuple[float, float] | None = None
-        """a step not believed yet: (its offset, the monotonic time it was first read)"""
+        self._clock = SteppedClock(bucket.total_seconds(), 3 * bucket.total_seconds())
         self._clock_steps = 0
         self._stragglers = 0
         self._pass_started = 0.0
@@ -229,19 +226,22 @@ class Evaluator(Collector):
     def evaluate(self, now: datetime) -> Snapshot:
         """Fold the journal and report everything settled by `now`. Raises StoreError; what
         was stored before the failure stands, the rest of the journal is folded next time."""
-        earliest, latest, believed = self._clock_bounds(now)
+        clock = self._clock.read(now, self._monotonic())
+        if clock.stepped:
+            self._stepped(clock.stepped)
         # Served by the clock, but a step ahead only once it held for three buckets (before
         # that, by the clock from before the step): a clock stepped ahead for a pass shows no
         # future windows. Windows a step back shows again are right: their stored results
         # took their late entries (LATE_FOLD_MS).
-        frontier = settled_frontier(believed, self._settle, self._bucket)
+        frontier = settled_frontier(min(now, clock.believed), self._settle, self._bucket)
         # What is forgotten (folds of buckets too old for a window, results and digests held)
         # goes by the earliest this process's clocks could mean: a wall clock stepped forward
         # never drops what a window still needs; what is refused as too far ahead goes by the
         # latest (a clock stepped back never refuses what is being published now).
         # A bucket more than the longest window: a topic held by another replica is served to
         # its holder's frontier, up to a pass (a bucket) behind this one's.
-        oldest = settled_frontier(earliest, self._settle, self._bucket) - self._span - self._bucket
+        earliest = settled_frontier(clock.earliest, self._settle, self._bucket)
+        oldest = earliest - self._span - self._bucket
         first = self._results is None
         if first:
             # First evaluation of this process: resume from the stored results; the journal
@@ -269,7 +269,7 @@ class Evaluator(Collector):
         assert self._results is not None
         merged = max(epoch_ms(now), self._merged + 1)
         self._saves = 0
-        span = (oldest, latest + PUBLISH_TIME_TOLERANCE)
+        span = (oldest, clock.latest + PUBLISH_TIME_TOLERANCE)
         self._pass_started = self._monotonic()
         deadline = self._pass_started + self._budget
         try:
@@ -564,7 +564,8 @@ class Evaluator(Collector):
         read (writers only insert). On FerretDB 1.24 a writer that looked the collection up
         before it was renamed can still insert into it until its transaction commits (SQLite's
         busy timeout there is 10 s), after the exporter read it: so each collection is counted
-        again at each pass within STRAGGLER_CHECK of its read, and at the grace. A
+        again at each later pass until one does so STRAGGLER_CHECK after its read (however
+        far apart the passes are), and at the grace. A
         straggler is folded at once (the whole collection again: folding is idempotent), so a
         receipt made durable before its bucket settled is never reported missed (issue 17,
         case 9). On MongoDB a rename excludes inserts: only the grace's count is made
@@ -572,7 +573,7 @@ class Evaluator(Collector):
         for name, folded in list(self._folded.items()):
             age = self._monotonic() - folded.read_at
             if age < JOURNAL_DROP_GRACE and (
-                age >= STRAGGLER_CHECK
+                folded.checked
                 or folded.read_at >= self._pass_started  # read by this very pass
                 or not self._store.journal_stragglers
             ):
@@ -580,6 +581,8 @@ class Evaluator(Collector):
             if not self._fenced(name, self._fence, journal_key_of(name)):
                 continue
             documents = self._store.count_journal(name)
+            if age >= STRAGGLER_CHECK:
+                self._folded[name] = replace(folded, checked=True)
             if documents == folded.documents:
                 if age >= JOURNAL_DROP_GRACE:
                     self._store.drop_journal(name)
@@ -590,53 +593,24 @@ class Evaluator(Collector):
             log.warning("journal %s grew after it was taken: folding it again", name)
             self._fenced(name, self._fold_collection, name, span, merged, now)
 
-    def _clock_bounds(self, now: datetime) -> tuple[datetime, datetime, datetime]:
-        """The earliest and latest the wall clock's `now` could mean, by the monotonic clock,
-        and the time believed: since this process started, the wall clock minus the monotonic
-        clock should stay put; where it stepped (by more than a bucket: NTP, a VM restored, an
-        operator), each reading it had is as believable as the other for what is forgotten or
-        refused, and a step is believed for what is served once it held for three buckets.
-        Steps are counted (`eventaudit_clock_steps_total`) and logged."""
-        monotonic = self._monotonic()
-        offset = now.timestamp() - monotonic
-        if self._last_offset is not None and abs(offset - self._last_offset) > (
-            self._bucket.total_seconds()
-        ):
-            with self._lock:
-                self._clock_steps += 1
-            log.warning(
-                "the wall clock stepped by %+.0fs since the last evaluation (by the monotonic "
-                "clock): nothing is forgotten or refused by the step (folds, leases and "
-                "retention go by the clock readings that keep the most); the stored results "
-                "are read again",
-                offset - self._last_offset,
-            )
-            # What memory dropped by the earlier reading (results of buckets it took as out of
-            # every window) is read again, as by a restarted process.
-            self._results, self._digests, self._cached_events = None, {}, 0
-        self._last_offset = offset
-        low, high = self._wall_minus_monotonic or (offset, offset)
-        self._wall_minus_monotonic = (min(low, offset), max(high, offset))
-        earliest = from_epoch_ms(int((min(low, offset) + monotonic) * 1000))
-        latest = from_epoch_ms(int((max(high, offset) + monotonic) * 1000))
-        bucket = self._bucket.total_seconds()
-        if self._believed is None or abs(offset - self._believed) <= bucket:
-            self._believed, self._suspect = offset, None
-        elif self._suspect is None or abs(offset - self._suspect[0]) > bucket:
-            self._suspect = (offset, monotonic)
-        elif monotonic - self._suspect[1] >= 3 * bucket:
-            self._believed, self._suspect = offset, None
-        believed = from_epoch_ms(int((self._believed + monotonic) * 1000))
-        return min(now, earliest), max(now, latest), min(now, believed)
+    def _stepped(self, seconds: float) -> None:
+        """The wall clock stepped by `seconds` (by the monotonic clock) since the last pass:
+        counted and logged; what memory dropped by the earlier reading (results of buckets it
+        took as out of every window) is read again, as by a restarted process."""
+        with self._lock:
+            self._clock_steps += 1
+        log.warning(
+            "the wall clock stepped by %+.0fs since the last evaluation (by the monotonic "
+            "clock): nothing is forgotten or refused by the step (folds, leases and retention "
+            "go by the clock readings that keep the most); the stored results are read again",
+            seconds,
+        )
+        self._results, self._digests, self._cached_events = None, {}, 0
 
     def trusted_now(self, now: datetime) -> datetime:
-        """The earliest `now` could mean since this process started (see _clock_bounds):
-        what retention deletes goes by it."""
-        if self._wall_minus_monotonic is None:
-            return now
-        return min(
-            now, from_epoch_ms(int((self._wall_minus_monotonic[0] + self._monotonic()) * 1000))
-        )
+        """The earliest `now` could mean since this process started: what retention deletes
+        goes by it."""
+        return self._clock.earliest(now, self._monotonic())
 
     def _fold(
         self,
@@ -661,21 +635,30 @@ class Evaluator(Collector):
         topics: set[str] = set()
         misfiled: list[JournalEntry] = []
 
-        floor, ceiling = oldest - LATE_FOLD_MS, newest
+        def bounds(written: datetime | None) -> tuple[int, int]:
+            """Buckets (ms) an entry is folded in: too old, or too far ahead, both by this
+            clock and by its writer's when it wrote (a clock of this process stepped, or
+            started, far off drops nothing); late entries up to LATE_FOLD_MS."""
+            if written is None:
+                return oldest - LATE_FOLD_MS, newest
+            settled = settled_frontier(written, self._settle, self._bucket)
+            return (
+                min(oldest, epoch_ms(settled - self._span)) - LATE_FOLD_MS,
+                max(newest, epoch_ms(written + PUBLISH_TIME_TOLERANCE)),
+            )
 
-        def fold(entry: JournalEntry) -> None:
+        def fold(entry: JournalEntry, floor: int, ceiling: int, outcome: bool = True) -> None:
+            """Fold one entry; `outcome`: count it (an entry read from the journal)."""
             start_ms = entry.publish_ms - entry.publish_ms % bucket_ms
-            if start_ms < floor:
-                counts["too_old"] += 1  # no window reaches its bucket any more
-                return
-            if start_ms > ceiling:
-                counts["too_new"] += 1  # a publisher clock far ahead, or not ours
+            if start_ms < floor or start_ms > ceiling:
+                if outcome:  # no window reaches its bucket, or a clock far ahead (not ours)
+                    counts["too_old" if start_ms < floor else "too_new"] += 1
                 return
             if (
                 entry.alias_of is not None
                 and entry.alias_of - entry.alias_of % bucket_ms == start_ms
             ):
-                counts["folded"] += 1  # published again within its own bucket: nothing to move
+                counts["folded"] += outcome  # published again within its own bucket
                 return
             start = starts.get(start_ms) or starts.setdefault(start_ms, from_epoch_ms(start_ms))
             key = (entry.topic, start)
@@ -694,7 +677,7 @@ class Evaluator(Collector):
                 elif known.merged == 0:
                     # Evaluated by a release before the journal: no digest to fold into
                     # (folding would replace its result with this one record's).
-                    counts["legacy"] += 1
+                    counts["legacy"] += outcome
                     return
                 else:
                     digest = self._store.load_digest(entry.topic, start)
@@ -706,31 +689,24 @@ class Evaluator(Collector):
                 first_receipts[sub_key] = min(
                     first_receipts.get(sub_key, entry.publish_ms), entry.publish_ms
                 )
-            counts["folded"] += 1
+            counts["folded"] += outcome
 
         for batch in batches:
             counts["malformed"] += batch.malformed
-            # Too old, or too far ahead, by this clock and by the writer's when it wrote: a
-            # clock of this process stepped (or started) far off drops nothing.
-            floor, ceiling = oldest - LATE_FOLD_MS, newest
-            if batch.written is not None:
-                written = settled_frontier(batch.written, self._settle, self._bucket)
-                floor = min(oldest, epoch_ms(written - self._span)) - LATE_FOLD_MS
-                ceiling = max(newest, epoch_ms(batch.written + PUBLISH_TIME_TOLERANCE))
+            floor, ceiling = bounds(batch.written)
             for entry in batch.entries:
                 if entry.topic not in topics:
                     if _key_of(entry.topic) != journal:
                         misfiled.append(entry)
                         continue
                     topics.add(entry.topic)
-                fold(entry)
+                fold(entry, floor, ceiling)
         # Deliveries of a message published again (a caller's retry) count for the event of
         # the stored record, in its bucket: moved there whichever of the two came first.
-        floor, ceiling = oldest - LATE_FOLD_MS, newest
+        floor, ceiling = bounds(None)
         for digest in [d for d in touched.values() if d.aliases]:
             for entry in digest.forwards():
-                fold(entry)
-                counts["folded"] -= 1  # an entry read once, counted once
+                fold(entry, floor, ceiling, outcome=False)  # read once, counted once
         for (topic, sub), ms in first_receipts.items():
             self._expected.saw_receipt(topic, sub, from_epoch_ms(ms))
         if misfiled:
@@ -845,8 +821,9 @@ class Evaluator(Collector):
         # settle delay): kept for later, never counted now. Each topic is served up to the
         # frontier its holder's latest pass had settled (its own when this replica holds it).
         assert self._results is not None
+        others = self._leases.others if self._leases is not None else {}  # read once
         frontiers = {
-            topic: self._topic_frontier(topic, frontier)
+            topic: self._topic_frontier(topic, frontier, others)
             for topic in {t for t, _ in self._results} | self._expected.configured_topics
         }
         counted = {k: r for k, r in self._results.items() if k[1] < frontiers[k[0]]}
@@ -897,7 +874,9 @@ class Evaluator(Collector):
             {t: f for t, f in frontiers.items() if f != frontier},
         )
 
-    def _topic_frontier(self, topic: str, frontier: datetime) -> datetime:
+    def _topic_frontier(
+        self, topic: str, frontier: datetime, others: Mapping[str, Lease]
+    ) -> datetime:
         """How far `topic` is served: this evaluation's frontier when this replica holds it;
         else the frontier its holder had settled by its latest pass (its latest lease write),
         so that every replica serves a topic to the same frontier (issue 17, case 12), and a
@@ -907,7 +886,7 @@ class Evaluator(Collector):
         if self._owns(topic):
             return frontier
         assert self._leases is not None
-        lease = self._leases.others.get(journal_key(topic))
+        lease = others.get(journal_key(topic))
         if lease is None or lease.renewed is None:
             return frontier - self._span - self._bucket
         # The holder's, even a little ahead of this replica's own (their clocks may differ by

@@ -45,6 +45,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from eventaudit.exporter.clocks import SteppedClock
 from eventaudit.partitions import journal_key
 from eventaudit.records import Lease
 from eventaudit.store import EvaluatorStore
@@ -127,10 +128,7 @@ class Leases(Collector):
         self._margin = lease / 5
         self._wall = clock
         self._monotonic = monotonic
-        self._offset: float | None = None
-        """the wall clock minus the monotonic clock this replica goes by (seconds)"""
-        self._stepped: tuple[float, float] | None = None
-        """a step not believed yet: (the new offset, monotonic time it was first read)"""
+        self._readings = SteppedClock(self._margin.total_seconds(), lease.total_seconds())
         self._held: dict[str, Held] = {}
         self._others: dict[str, Lease] = {}
         self._topics: dict[str, set[str]] = {}
@@ -155,16 +153,7 @@ class Leases(Collector):
         and never makes this replica's own leases look short (issue 17, case 4). A clock that
         stays stepped is believed after a lease time: replicas' clocks must agree within the
         margin (README, Limits)."""
-        wall, monotonic = self._wall(), self._monotonic()
-        offset = wall.timestamp() - monotonic
-        margin = self._margin.total_seconds()
-        if self._offset is None or abs(offset - self._offset) <= margin:
-            self._offset, self._stepped = offset, None
-        elif self._stepped is None or abs(offset - self._stepped[0]) > margin:
-            self._stepped = (offset, monotonic)
-        elif monotonic - self._stepped[1] >= self._lease.total_seconds():
-            self._offset, self._stepped = offset, None
-        return datetime.fromtimestamp(self._offset + monotonic, UTC)
+        return self._readings.read(self._wall(), self._monotonic()).believed
 
     @property
     def lease(self) -> timedelta:

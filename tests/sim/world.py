@@ -48,6 +48,8 @@ from tests.sim.oracle import Truth, recount
 BUCKET = timedelta(seconds=10)
 SETTLE = timedelta(seconds=30)
 LEASE = timedelta(seconds=30)
+IN_FLIGHT = timedelta(seconds=10)
+"""The longest a journal insert racing a rename is in flight: FerretDB's SQLite busy timeout"""
 WINDOWS = (Window("1m", timedelta(minutes=1)), Window("5m", timedelta(minutes=5)))
 # Two minutes before an hour boundary: schedules cross it.
 T0 = datetime(2026, 11, 29, 12, 58, 0, tzinfo=UTC)
@@ -143,6 +145,7 @@ class World:
     subscribers: dict[str, AuditedSubscriber] = field(default_factory=dict)
     """one AuditedSubscriber per subscription, and one per topic's dead-letter subscription"""
     _acks_held: list[Delivery] | None = None
+    _in_flight_since: datetime | None = None
     lost: set[tuple[str, str]] = field(default_factory=set)
     """(subscription, eventID) Pub/Sub will never deliver"""
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -264,6 +267,7 @@ class World:
                 store.straggle = False
                 self.landing.extend(self._acks_held or [])
                 self._acks_held = None
+                self._in_flight_since = self._in_flight_since or self.now
         return written
 
     def _write(self, subscriber: AuditedSubscriber) -> bool:
@@ -295,7 +299,7 @@ class World:
             store.land_journal()
         for delivery in self.landing:
             self._acked(delivery)
-        self.landing = []
+        self.landing, self._in_flight_since = [], None
 
     def _acked(self, delivery: Delivery) -> None:
         if DEAD_LETTER_SOURCE in delivery.attributes:
@@ -360,6 +364,10 @@ class World:
     def advance(self, seconds: float) -> None:
         """Time passes, on every clock: a paused process's monotonic clock runs on too (a
         SIGSTOP or a long GC; the system's CLOCK_MONOTONIC never stops for one process)."""
+        if self._in_flight_since and self.now + timedelta(seconds=seconds) >= (
+            self._in_flight_since + IN_FLIGHT
+        ):
+            self.land()  # an insert in flight commits (or fails) within FerretDB's busy timeout
         self.now += timedelta(seconds=seconds)
         for replica in self.replicas:
             replica.monotonic += seconds
