@@ -128,22 +128,15 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 # The simulation's Hypothesis profiles (tests/sim): `ci` for `make test`, `soak` for
 # `make soak`, chosen by HYPOTHESIS_PROFILE. Schedules are run on virtual time, so no deadline.
-settings.register_profile(
-    "ci",
-    max_examples=200,
-    stateful_step_count=50,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-    print_blob=True,
-)
-settings.register_profile(
-    "soak",
-    max_examples=2000,
-    stateful_step_count=80,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-    print_blob=True,
-)
+for profile, examples, steps in (("ci", 200, 50), ("soak", 2000, 80)):
+    settings.register_profile(
+        profile,
+        max_examples=examples,
+        stateful_step_count=steps,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+        print_blob=True,
+    )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
