@@ -124,6 +124,14 @@ class Simulation(RuleBasedStateMachine):
         self.faulty = True
         COUNTS["fault: store calls failed"] += calls
 
+    @rule(index=st.integers(0, MAX_REPLICAS - 1), seconds=st.sampled_from([3, 20, 40]))
+    def slow_store(self, index: int, seconds: int) -> None:
+        """One pass whose store answers `seconds` late (past the lease's margin, or the lease)."""
+        replica = self.world.replicas[index % len(self.world.replicas)]
+        self.world.evaluate_slowly(replica, seconds)
+        self.check_served(replica)
+        COUNTS["fault: slow store"] += 1
+
     @rule(index=st.integers(0, MAX_REPLICAS - 1))
     def crash(self, index: int) -> None:
         """SIGKILL and restart: its memory is lost, the store keeps what it wrote."""
@@ -197,6 +205,8 @@ class Simulation(RuleBasedStateMachine):
                 assert timedelta(0) <= lag <= BUCKET, f"{replica.name} {topic} lags {lag}"
             wrong = differences(world.served(replica), world.expected(replica))
             assert not wrong, f"{replica.name} once quiet, (served, truth): {wrong}"
+            stories = {k: v for k, v in world.story_verdicts(replica).items() if v[0] != v[1]}
+            assert not stories, f"{replica.name} once quiet, (story, truth): {stories}"
         self.faulty = False
 
     @invariant()

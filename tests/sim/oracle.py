@@ -37,12 +37,18 @@ class Truth:
     dead_lettered: int
     missed: tuple[str, ...]
     """eventIDs, sorted by (publish time, eventID)"""
+    verdicts: tuple[tuple[str, datetime, str], ...] = ()
+    """(eventID, publish time, `received` / `missed` / `dead_lettered`) of every event"""
 
 
 def _ms(moment: datetime) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)
+
+
+def _time(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
 
 
 def _identity(doc: Mapping[str, Any]) -> tuple[str, str, int]:
@@ -92,5 +98,17 @@ def recount(
                 unmatched=unmatched,
                 dead_lettered=sum(1 for ident in missed if (sub, ident) in dead),
                 missed=tuple(ident[1] for ident in missed),
+                verdicts=tuple(
+                    (
+                        ident[1],
+                        _time(ms),
+                        "received"
+                        if (sub, ident) in got
+                        else "dead_lettered"
+                        if (sub, ident) in dead
+                        else "missed",
+                    )
+                    for ms, ident in mine
+                ),
             )
     return truths

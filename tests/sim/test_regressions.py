@@ -51,6 +51,9 @@ def test_a_retry_delivered_before_the_first_publish_counts_received_once_with_a_
     assert replica.snapshot is not None
     stats = replica.snapshot.subscriptions[("orders", sub)]["5m"]
     assert (stats.published, stats.received, stats.duplicates, stats.unmatched) == (1, 1, 1, 0)
+    # The event's story says so too (it said "received late").
+    verdicts = world.story_verdicts(replica)
+    assert verdicts[("orders", sub, "e-retried")] == ("received", "received")
 
 
 def test_a_restarted_replica_whose_clock_is_75_minutes_behind_loses_nothing() -> None:

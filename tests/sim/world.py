@@ -33,6 +33,7 @@ from eventaudit.contract import (
 from eventaudit.exporter.buckets import Window
 from eventaudit.exporter.evaluator import Evaluator, Snapshot, SubscriptionWindow, list_missed
 from eventaudit.exporter.leases import Leases
+from eventaudit.exporter.story import event_story
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 from eventaudit.records import PublishRecord
 from eventaudit.store import AuditStore, StoreError
@@ -361,6 +362,22 @@ class World:
             replica.snapshot = None
         return replica.snapshot
 
+    def evaluate_slowly(self, replica: Replica, seconds: float) -> Snapshot | None:
+        """One pass whose store takes `seconds` to answer its take of the journal (FerretDB
+        under load, a failover): time runs on in the middle of the pass."""
+        store: Any = self.store
+        real = store.take_journal
+
+        def slow(*args: Any, **kwargs: Any) -> Any:
+            self.advance(seconds)
+            return real(*args, **kwargs)
+
+        store.take_journal = slow
+        try:
+            return self.evaluate(replica)
+        finally:
+            del store.take_journal
+
     def advance(self, seconds: float) -> None:
         """Time passes, on every clock: a paused process's monotonic clock runs on too (a
         SIGSTOP or a long GC; the system's CLOCK_MONOTONIC never stops for one process)."""
@@ -413,6 +430,36 @@ class World:
                         truth.dead_lettered,
                         truth.missed,
                     )
+        return out
+
+    def story_verdicts(
+        self, replica: Replica
+    ) -> dict[tuple[str, str, str], tuple[str | None, str]]:
+        """Every event of the longest window, per (topic, subscription): (the verdict its
+        story gives on that replica, the oracle's)."""
+        snapshot = replica.snapshot
+        assert snapshot is not None
+        out = {}
+        for topic in SUBSCRIPTIONS:
+            window = snapshot.windows[-1]
+            truths = self.truth(snapshot.frontier_of(topic), window)
+            for (of, sub), truth in truths.items():
+                if of != topic:
+                    continue
+                for event_id, published, verdict in truth.verdicts:
+                    hour = published.replace(minute=0, second=0, microsecond=0)
+                    story = event_story(snapshot, self.store, event_id, [hour], PROJECT)
+                    told = next(
+                        (
+                            d["verdict"]
+                            for t in (story or {}).get("published", [])
+                            if t["topic"] == topic
+                            for d in t["subscriptions"]
+                            if d["subscription"] == sub
+                        ),
+                        None,
+                    )
+                    out[(topic, sub, event_id)] = (told, verdict)
         return out
 
     def false_misses(self, replica: Replica) -> list[tuple[str, str, str]]:
