@@ -114,6 +114,15 @@ GOOD_R = f"r|{TOPIC}|{SUB}|e1|{MS}|2"
         (f"p|goog-topic|e1|t|{MS}", None),  # not a Pub/Sub id
         (f"r|{TOPIC}|a b|e1|{MS}|1", None),
         (f"p|{TOPIC}|e1|t-t|{MS}", None),  # not a trace id
+        # Aliases (a caller's retry published at another time than its stored record).
+        (f"a|{TOPIC}|e1|{MS}|{MS - 15_000}", JournalEntry(TOPIC, "e1", MS, alias_of=MS - 15_000)),
+        (f"a|{TOPIC}|e1|{MS}|\u0661{MS}", None),  # Arabic-Indic digit
+        (f"a|{TOPIC}|e1|{MS}|{10**20}", None),  # overflow
+        (f"a|{TOPIC}|e1|{MS}|{10**15}", None),  # past year 9999
+        (f"a|{TOPIC}|e1|{MS}|{MS}\n", None),  # trailing newline
+        (f"a|{TOPIC}|e1|{MS}", None),
+        (f"a|{TOPIC}|{SUB}|e1|{MS}|{MS}", None),
+        (f"a|goog-x|e1|{MS}|{MS}", None),
     ],
 )
 def test_journal_entries_hostile_table(doc: Any, expected: JournalEntry | None) -> None:
