@@ -838,7 +838,7 @@ class Evaluator(Collector):
         for topic in sorted(topics):
             results = by_topic.get(topic, [])
             end = frontiers[topic]
-            known = self._expected.expectations(topic, own=self._owns(topic))
+            known = self._expected.expectations(topic, self._owns(topic), through=end)
             for sub, expectation in known.items():
                 if expectation.filter_error is not None:
                     unsupported[(topic, sub)] = expectation.filter_error

@@ -76,7 +76,9 @@ class ExpectedSubscriptions:
     has receipts, so it cannot report 0 % for an hour after it went away.
     A listing error keeps the last good listing (and is counted): a flaky admin API must
     never make a subscription vanish from the report, nor produce a negative rate. Failed or
-    not, a topic is listed at most once per `refresh_seconds`.
+    not, a topic is listed at most once per `refresh_seconds`, and again whenever the windows
+    about to be reported end after its last listing: whether a subscription still existed at
+    a bucket's end is known only from a listing taken after it (issue 17, case 14).
     """
 
     def __init__(
@@ -92,7 +94,8 @@ class ExpectedSubscriptions:
         self._lister = lister
         self._refresh = refresh_seconds
         self._clock = clock
-        self._listed: dict[str, tuple[float, dict[str, SubscriptionInfo]]] = {}
+        self._listed: dict[str, tuple[float, datetime | None, dict[str, SubscriptionInfo]]] = {}
+        """per topic: when it was last listed (monotonic, and the evaluation's time) and what"""
         self._listing_now: set[str] = set()
         self._lock = threading.Lock()
         self.list_errors = 0
@@ -238,9 +241,12 @@ class ExpectedSubscriptions:
             self._filters[text] = cached
         return cached
 
-    def expectations(self, topic: str, own: bool = True) -> dict[str, Expectation]:
+    def expectations(
+        self, topic: str, own: bool = True, through: datetime | None = None
+    ) -> dict[str, Expectation]:
         """Every subscription of `topic` the exporter knows of (configured, listed, or gone
-        from the listing but within its tenure), with what it is expected to receive. A topic
+        from the listing but within its tenure), with what it is expected to receive in the
+        buckets that end by `through` (listed again if its last listing is older). A topic
         another exporter replica evaluates (not `own`) is not listed: its stored tenures say
         which subscriptions are listed (no `until`) and with which filter."""
         configured = self._configured.get(topic, set())
@@ -257,7 +263,7 @@ class ExpectedSubscriptions:
                     if t_topic == topic and t.until is None and t.filter is None
                 )
         else:
-            listing = self._listing(topic)
+            listing = self._listing(topic, through)
         with self._lock:
             for name in configured:
                 if not own:
@@ -307,19 +313,22 @@ class ExpectedSubscriptions:
         """Topics named in the configuration."""
         return set(self._configured)
 
-    def _listing(self, topic: str) -> dict[str, SubscriptionInfo]:
-        """The topic's listed subscriptions, re-listed at most once per refresh period.
+    def _listing(self, topic: str, through: datetime | None = None) -> dict[str, SubscriptionInfo]:
+        """The topic's listed subscriptions, re-listed once per refresh period, or sooner
+        when the evaluation reports buckets ending `through` a moment after the last listing.
 
         A failure is remembered like a listing (the last good one, or none), so a topic the
-        admin API cannot list is retried after `refresh_seconds`, not on every evaluation.
-        The lock is not held across the remote call; a topic already being listed answers
-        with its last listing meanwhile.
+        admin API cannot list is retried a refresh period or a settle delay later, not on
+        every evaluation. The lock is not held across the remote call; a topic already being
+        listed answers with its last listing meanwhile.
         """
         if self._lister is None:
             return {}
         with self._lock:
-            fetched_at, subs = self._listed.get(topic, (-math.inf, {}))
-            if self._clock() - fetched_at < self._refresh or topic in self._listing_now:
+            fetched_at, listed_now, subs = self._listed.get(topic, (-math.inf, None, {}))
+            stale = through is not None and (listed_now is None or listed_now < through)
+            fresh = self._clock() - fetched_at < self._refresh and not stale
+            if fresh or topic in self._listing_now:
                 return subs
             self._listing_now.add(topic)
         listed: dict[str, SubscriptionInfo] | None
@@ -333,7 +342,7 @@ class ExpectedSubscriptions:
             self._listing_now.discard(topic)
             if listed is None:
                 self.list_errors += 1
-                listed = self._listed.get(topic, (0.0, {}))[1]
+                listed = self._listed.get(topic, (0.0, None, {}))[2]
             else:
                 for name, info in listed.items():
                     error = self._parsed(info.filter) if info.filter else None
@@ -353,7 +362,7 @@ class ExpectedSubscriptions:
                     if not self.excluded(topic, name):
                         self._see(topic, name, info)
                 self._unlisted(topic, listed)
-            self._listed[topic] = (self._clock(), listed)
+            self._listed[topic] = (self._clock(), self._now, listed)
             return listed
 
     def standing(self, topic: str) -> set[str]:

@@ -438,3 +438,29 @@ def test_a_subscription_created_again_starts_at_its_first_receipt_not_its_listin
     snapshot = ev.evaluate(at(12, 1, 40))
     # Buckets from 12:00:40 (since + margin) on, as for any new subscription.
     assert stats(snapshot, "again")[:3] == (4, 4, 0)
+
+
+def test_a_deleted_subscription_never_shows_misses_while_the_listing_is_stale() -> None:
+    # Issue 17, case 14: listed once a minute, a subscription deleted at 12:01:02 was still
+    # expected (and missed every event) in the buckets that settled before the next listing.
+    store = MemoryStore()
+    listing = Listing(SubscriptionInfo("going"), SubscriptionInfo("staying"))
+    tick = [0.0]  # the listing clock, in step with the evaluations
+    expected = ExpectedSubscriptions({TOPIC: set()}, set(), listing, 60, clock=lambda: tick[0])
+    ev = SteadyEvaluator(store, expected, WINDOWS, BUCKET, SETTLE)
+    start = at(12, 0, 0)
+    for s in range(0, 180, 2):
+        when = start + timedelta(seconds=s)
+        publish(store, f"e{s}", when)
+        receive(store, "staying", f"e{s}", when)
+        if s < 62:
+            receive(store, "going", f"e{s}", when)
+    for s in range(0, 180, 5):
+        if s == 65:
+            listing.subs = [SubscriptionInfo("staying")]  # deleted at 12:01:02
+        tick[0] = float(s)
+        snapshot = ev.evaluate(start + timedelta(seconds=s))
+        going = snapshot.subscriptions.get((TOPIC, "going"), {}).get("5m")
+        assert going is None or going.missed == 0, f"at +{s}s: {going}"
+    assert (TOPIC, "going") not in snapshot.subscriptions
+    assert stats(snapshot, "staying")[:3] == (70, 70, 0)  # 12:00:00 to 12:02:20
