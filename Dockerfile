@@ -3,9 +3,6 @@ FROM python:3.11.11-slim-bookworm
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY eventaudit ./eventaudit
-COPY publisher ./publisher
-COPY subscriber ./subscriber
-COPY exporter ./exporter
 COPY dashboards ./dashboards
 COPY tools ./tools
 RUN pip install --no-cache-dir . && useradd --system eventaudit
