@@ -11,8 +11,7 @@ reads one whole, renames one, or drops one:
   (a writer's next insert creates the name afresh; one racing the rename on FerretDB 1.24 gets
   its connection reset and retries), folds it whole, renames it
   `EventJournalFolded_<key>_<ms>_<token>_<documents>` (so a restarted exporter does not fold it
-  again), and drops it once no straggling insert can still land in it. Journal collections of
-  earlier releases, which mix topics (no key), are re-journaled under their topics' keys.
+  again), and drops it once no straggling insert can still land in it.
 - Digest deltas and bucket results: `BucketDigest_<ms>` and `BucketResult_<ms>`, one per
   PARTITION_MS of bucket start; pruning drops the ones no window reaches.
 - Publish records and receipts: `PublishRecord_<ms>` and `ReceivedRecord_<ms>`, one per hour
@@ -60,11 +59,8 @@ characters collection names cannot (and be 255 long); two topics that share a ke
 in 2**48 per pair) share a lease, which changes nothing but who folds them."""
 _KEY = rf"[0-9a-f]{{{JOURNAL_KEY_HEX}}}"
 _LIVE = re.compile(rf"{JOURNAL_COLLECTION}_-?[0-9]{{1,15}}_({_KEY})")
-_MIXED = re.compile(rf"{JOURNAL_COLLECTION}(_-?[0-9]{{1,15}})?")
-_TAKEN = re.compile(rf"{TAKEN_JOURNAL}_((?:({_KEY})_)?-?[0-9]{{1,15}}_[0-9a-f]{{8}})")
-_FOLDED = re.compile(
-    rf"{FOLDED_JOURNAL}_((?:({_KEY})_)?-?[0-9]{{1,15}}_[0-9a-f]{{8}})_([0-9]{{1,12}})"
-)
+_TAKEN = re.compile(rf"{TAKEN_JOURNAL}_(({_KEY})_-?[0-9]{{1,15}}_[0-9a-f]{{8}})")
+_FOLDED = re.compile(rf"{FOLDED_JOURNAL}_(({_KEY})_-?[0-9]{{1,15}}_[0-9a-f]{{8}})_([0-9]{{1,12}})")
 _PARTITIONED = re.compile(
     rf"({DIGEST_COLLECTION}|{BUCKET_COLLECTION}|{PUBLISH_COLLECTION}|{RECEIVED_COLLECTION}"
     rf"|{DEAD_LETTER_COLLECTION}|{LEASE_COLLECTION}|{NEWS_COLLECTION})"
@@ -99,18 +95,9 @@ def is_live_journal(name: str) -> bool:
     return _LIVE.fullmatch(name) is not None
 
 
-def is_mixed_journal(name: str) -> bool:
-    """A journal collection of an earlier release, mixing topics (live, taken or folded): it
-    is re-journaled under its topics' keys."""
-    if _MIXED.fullmatch(name) is not None:
-        return True
-    match = _TAKEN.fullmatch(name) or _FOLDED.fullmatch(name)
-    return match is not None and journal_key_of(name) is None
-
-
 def journal_key_of(name: str) -> str | None:
     """The journal key of a live, taken or folded journal collection; None for any other
-    name (a mixed one of an earlier release included)."""
+    name."""
     match = _LIVE.fullmatch(name)
     if match is not None:
         return match.group(1)
@@ -118,11 +105,9 @@ def journal_key_of(name: str) -> str | None:
     return None if match is None else match.group(2)
 
 
-def taken_journal(now: datetime, token: str, key: str | None = None) -> str:
-    """The name a live journal collection (of `key`; None: a mixed one) is renamed to when an
-    exporter takes it."""
-    head = f"{key}_" if key else ""
-    return f"{TAKEN_JOURNAL}_{head}{epoch_ms(now)}_{token}"
+def taken_journal(now: datetime, token: str, key: str) -> str:
+    """The name a live journal collection of `key` is renamed to when an exporter takes it."""
+    return f"{TAKEN_JOURNAL}_{key}_{epoch_ms(now)}_{token}"
 
 
 def folded_journal(taken: str, documents: int) -> str:

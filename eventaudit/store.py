@@ -7,7 +7,6 @@ accumulators beyond counting (sets are compared in Python, one bucket range at a
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import uuid
@@ -33,7 +32,7 @@ from pymongo.errors import (
     PyMongoError,
 )
 
-from eventaudit.contract import PUBLISH_TIME_TOLERANCE, epoch_ms
+from eventaudit.contract import epoch_ms
 from eventaudit.journal import (
     BucketDigest,
     JournalBatch,
@@ -48,7 +47,6 @@ from eventaudit.partitions import (
     bucket_partition,
     folded_journal,
     is_live_journal,
-    is_mixed_journal,
     is_taken_journal,
     journal_collection,
     journal_key,
@@ -84,7 +82,6 @@ from eventaudit.records import (
 log = logging.getLogger(__name__)
 
 _DUPLICATE_KEY = 11000
-_INDEX_NOT_FOUND = 27
 _NAMESPACE_NOT_FOUND = 26
 _RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
 _LONG_AGO = datetime(1970, 1, 1, tzinfo=UTC)
@@ -136,9 +133,8 @@ class EvaluatorStore(Protocol):
         ...
 
     def take_journal(self, now: datetime, keys: Collection_[str] | None = None) -> list[str]:
-        """Take what writers journaled so far for the journal `keys` (None: all) and in mixed
-        collections of an earlier release (they go on in a new collection); return every taken
-        journal collection of those keys, and every mixed one, not dropped yet, oldest first."""
+        """Take what writers journaled so far for the journal `keys` (None: all); return every
+        taken journal collection of those keys not dropped yet, oldest first."""
         ...
 
     def journal_keys(self) -> set[str]:
@@ -146,8 +142,7 @@ class EvaluatorStore(Protocol):
         ...
 
     def append_journal(self, entries: Sequence[JournalEntry], now: datetime) -> None:
-        """Journal these entries, each under its topic's journal key (a writer's append; the
-        evaluator re-journals mixed collections of an earlier release with it)."""
+        """Journal these entries, each under its topic's journal key."""
         ...
 
     def read_journal(self, name: str) -> Iterator[JournalBatch]:
@@ -438,14 +433,8 @@ def result_document(r: BucketResult, now: datetime, version: int, epoch: int) ->
 
 def parse_result(doc: dict[str, Any]) -> StoredResult | None:
     """A stored result document (from a partition, or carried by a lease) with its (epoch,
-    version); None (logged) for one that is not."""
-    return _read_result(doc, legacy=False)
-
-
-def _read_result(doc: dict[str, Any], legacy: bool) -> StoredResult | None:
-    """A stored result document with its (epoch, version); None (logged) for one that is not.
-    Results stored before leases have epoch 0."""
-    version = -1 if legacy else doc.get("version")
+    version); None (logged) for one that is not. Results stored without leases have epoch 0."""
+    version = doc.get("version")
     epoch = doc.get("epoch", 0)
     # bson reads integers past 32 bits back as Int64, a subclass of int.
     if not (
@@ -478,18 +467,7 @@ def _read_result(doc: dict[str, Any], legacy: bool) -> StoredResult | None:
     except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
         log.error("bucket result %r unreadable, skipped: %s", doc.get("_id"), exc)
         return None
-    return StoredResult(
-        (int(epoch), int(version)), dataclasses.replace(result, merged=0) if legacy else result
-    )
-
-
-def _drop_index(collection: Collection[dict[str, Any]], name: str) -> None:
-    """Drop an index; one already gone (another process dropped it first) is fine."""
-    try:
-        collection.drop_index(name)
-    except OperationFailure as exc:
-        if exc.code != _INDEX_NOT_FOUND:
-            raise
+    return StoredResult((int(epoch), int(version)), result)
 
 
 # FerretDB 1.24 (SQLite) never answers an update command of 100 or more operations, and stays
@@ -508,19 +486,16 @@ def _bulk_write_in_chunks(collection: Collection[dict[str, Any]], ops: Sequence[
 
 
 class RecordPartitions:
-    """Every hourly collection of one kind of record (and the unpartitioned one of earlier
-    releases), read as one: for lookups, tools and tests. Writers and retention address the
-    partitions themselves."""
+    """Every hourly collection of one kind of record, read as one: for tools and tests.
+    Writers, lookups and retention address the partitions themselves."""
 
     def __init__(self, db: Database[dict[str, Any]], prefix: str) -> None:
         self._db = db
         self.prefix = prefix
 
     def names(self) -> list[str]:
-        """The collections, newest hour first, the unpartitioned one last."""
-        names = self._db.list_collection_names()
-        hourly = partitions_of(names, self.prefix)
-        return [*reversed(hourly), *([self.prefix] if self.prefix in names else [])]
+        """The collections, newest hour first."""
+        return list(reversed(partitions_of(self._db.list_collection_names(), self.prefix)))
 
     def find(
         self, filter: Mapping[str, Any] | None = None, projection: Any = None
@@ -587,24 +562,8 @@ class MongoStore:
         return self._stragglers
 
     def ensure_indexes(self) -> None:
-        """Nothing needs an index beyond `_id` any more: records are read by `_id` within
-        their hour, digests by `digest` (indexed per partition as it is created). In the
-        unpartitioned record collections of earlier releases, drops the indexes nothing
-        queries (retention still deletes there by publishTime and createdTime)."""
-        try:
-            names = set(self.db.list_collection_names())
-            for prefix, obsolete in (
-                (PUBLISH_COLLECTION, ("eventID_unique", "topic_publishTime")),
-                (RECEIVED_COLLECTION, ("subscription_publishTime", "writtenTime")),
-            ):
-                if prefix not in names:
-                    continue
-                collection = self.db[prefix]
-                for name in collection.index_information():
-                    if name in obsolete:
-                        _drop_index(collection, name)
-        except PyMongoError as exc:
-            raise StoreError(f"could not ensure indexes: {exc}") from exc
+        """Nothing needs an index beyond `_id`: records are read by `_id` within their hour,
+        digests by `digest` (indexed per partition as it is created)."""
 
     # -- writers -------------------------------------------------------------------------
 
@@ -801,13 +760,13 @@ class MongoStore:
 
     def take_journal(self, now: datetime, keys: Collection_[str] | None = None) -> list[str]:
         """Rename every journal collection writers insert into, of the journal `keys` (all:
-        None), and every mixed one of an earlier release, to a taken one (a writer's next
-        insert creates the name afresh); return every taken one of those keys and every mixed
-        one, folded or not, this call's and any earlier one's not yet dropped."""
+        None), to a taken one (a writer's next insert creates the name afresh); return every
+        taken one of those keys, folded or not, this call's and any earlier one's not yet
+        dropped."""
 
         def wanted(name: str) -> bool:
             key = journal_key_of(name)
-            return is_mixed_journal(name) or (key is not None and (keys is None or key in keys))
+            return key is not None and (keys is None or key in keys)
 
         try:
             names = self._collections(wanted, JOURNAL_COLLECTION)
@@ -815,7 +774,9 @@ class MongoStore:
             for name in names:
                 if is_taken_journal(name):
                     continue
-                target = taken_journal(now, uuid.uuid4().hex[:8], journal_key_of(name))
+                key = journal_key_of(name)
+                assert key is not None  # wanted
+                target = taken_journal(now, uuid.uuid4().hex[:8], key)
                 try:
                     self.db[name].rename(target)
                 except OperationFailure as exc:
@@ -985,9 +946,7 @@ class MongoStore:
     ) -> list[StoredResult]:
         """The latest version of every stored bucket evaluation with bucketStart >= since, of
         `topics`, in the result partitions starting at `partitions` (each read whole on
-        FerretDB; by `topic` on MongoDB). Results in the unpartitioned `BucketResult` of
-        earlier releases come back as evaluated before the journal (`merged` 0: records
-        journaled for them are counted `legacy`), below any version of this release."""
+        FerretDB; by `topic` on MongoDB)."""
         latest: dict[str, StoredResult] = {}
         query: dict[str, Any] = {} if topics is None else {"topic": {"$in": sorted(topics)}}
         try:
@@ -995,15 +954,13 @@ class MongoStore:
                 # Named, not listed (a listing of every collection costs more than the read);
                 # a partition no longer there reads empty.
                 starts = sorted(ms for ms in partitions if ms + PARTITION_MS > epoch_ms(since))
-                sources = [(f"{BUCKET_COLLECTION}_{ms}", False) for ms in starts]
+                sources = [f"{BUCKET_COLLECTION}_{ms}" for ms in starts]
             else:
                 names = self._collections(prefix=BUCKET_COLLECTION)
-                sources = [(n, False) for n in partitions_since(names, BUCKET_COLLECTION, since)]
-                if BUCKET_COLLECTION in names:
-                    sources.append((BUCKET_COLLECTION, True))
-            for name, legacy in sources:
+                sources = partitions_since(names, BUCKET_COLLECTION, since)
+            for name in sources:
                 for doc in self.db[name].find(query):
-                    read = _read_result(doc, legacy)
+                    read = parse_result(doc)
                     if read is None or read.result.start < since:
                         continue
                     key = read.result.key
@@ -1217,15 +1174,12 @@ class MongoStore:
 
     def prune_buckets(self, before: datetime) -> dict[str, int]:
         """Drop the digest and result partitions whose every bucket starts before `before`
-        (out of every window), and the unpartitioned collections of earlier releases. Returns
-        how many collections were dropped, per kind."""
+        (out of every window). Returns how many collections were dropped, per kind."""
         try:
             names = self._collections()
             dropped = {}
             for prefix in (DIGEST_COLLECTION, BUCKET_COLLECTION):
                 old = partitions_before(names, prefix, before)
-                if prefix in names and not self._legacy_results_needed(prefix, before):
-                    old.append(prefix)
                 for name in old:
                     self.db.drop_collection(name)
                     self._indexed.discard(name)
@@ -1234,19 +1188,10 @@ class MongoStore:
         except PyMongoError as exc:
             raise StoreError(f"could not prune old buckets: {exc}") from exc
 
-    def _legacy_results_needed(self, prefix: str, before: datetime) -> bool:
-        """Whether the unpartitioned collection `prefix` of an earlier release still holds a
-        result some window reaches (its digests are never read: dropped at once)."""
-        if prefix != BUCKET_COLLECTION:
-            return False
-        return self.db[prefix].find_one({"bucketStart": {"$gte": before}}) is not None
-
     def journal_size(self) -> int:
         """Documents in every journal collection, live or taken (for operators and benches)."""
         try:
-            names = self._collections(
-                lambda n: is_live_journal(n) or is_taken_journal(n) or is_mixed_journal(n)
-            )
+            names = self._collections(lambda n: is_live_journal(n) or is_taken_journal(n))
             return sum(self.count_journal(n) for n in names)
         except PyMongoError as exc:
             raise StoreError(f"could not count the journal: {exc}") from exc
@@ -1267,11 +1212,8 @@ class MongoStore:
         """Retention by dropping whole hours of records (FerretDB has no TTL index, and its
         deletes read a whole collection under SQLite's write lock): every hourly collection
         whose records were all published before `cutoff` (so a record is kept up to an hour
-        past the retention); digests and results before `cutoff` too. The unpartitioned
-        collections of earlier releases are emptied by delete (records published before
-        `cutoff`, or written before `cutoff - PUBLISH_TIME_TOLERANCE`), then dropped. Counts
-        the collections dropped per kind (counting their documents would read them whole on
-        FerretDB), and the records deleted from the unpartitioned ones."""
+        past the retention); digests and results before `cutoff` too. Counts the collections
+        dropped per kind (counting their documents would read them whole on FerretDB)."""
         counts: dict[str, int] = {}
         try:
             names = self._collections()
@@ -1280,21 +1222,7 @@ class MongoStore:
                 for name in old:
                     self.db.drop_collection(name)
                 counts[prefix] = len(old)
-                if prefix in names:
-                    counts[f"{prefix} (deleted)"] = self._delete_legacy_records(prefix, cutoff)
             counts.update(self.prune_buckets(cutoff))
         except PyMongoError as exc:
             raise StoreError(f"retention failed: {exc}") from exc
         return counts
-
-    def _delete_legacy_records(self, prefix: str, cutoff: datetime) -> int:
-        legacy = self.db[prefix]
-        deleted = (
-            legacy.delete_many({"publishTime": {"$lt": cutoff}}).deleted_count
-            + legacy.delete_many(
-                {"createdTime": {"$lt": cutoff - PUBLISH_TIME_TOLERANCE}}
-            ).deleted_count
-        )
-        if legacy.find_one({}) is None:
-            self.db.drop_collection(prefix)
-        return deleted

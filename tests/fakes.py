@@ -10,7 +10,7 @@ import copy
 import threading
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from eventaudit.contract import epoch_ms
@@ -28,7 +28,6 @@ from eventaudit.partitions import (
     bucket_partition,
     folded_journal,
     is_live_journal,
-    is_mixed_journal,
     is_taken_journal,
     journal_collection,
     journal_key,
@@ -207,9 +206,13 @@ class MemoryStore:
                     collection[doc["_id"]] = doc
             self.in_flight = []
 
-    def inject_journal(self, doc: dict[str, Any], name: str = "EventJournal_0") -> None:
+    def inject_journal(
+        self, doc: dict[str, Any], name: str | None = None, topic: str = "orders"
+    ) -> None:
         """A journal document from elsewhere (hostile, or a straggling insert into a taken
-        collection)."""
+        collection): into `name`, by default the live journal of `topic`'s key."""
+        if name is None:
+            name = journal_collection(datetime.fromtimestamp(0, UTC), journal_key(topic))
         with self._lock:
             self.journals.setdefault(name, {})[doc["_id"]] = doc
 
@@ -218,15 +221,15 @@ class MemoryStore:
     def take_journal(self, now: datetime, keys: Collection[str] | None = None) -> list[str]:
         def wanted(name: str) -> bool:
             key = journal_key_of(name)
-            return is_mixed_journal(name) or (key is not None and (keys is None or key in keys))
+            return key is not None and (keys is None or key in keys)
 
         with self._lock:
             self._check()
-            for name in [n for n in self.journals if wanted(n) and not is_taken_journal(n)]:
-                if not (is_live_journal(name) or is_mixed_journal(name)):
-                    continue
+            for name in [n for n in self.journals if wanted(n) and is_live_journal(n)]:
                 self._taken += 1
-                target = taken_journal(now, f"{self._taken:08x}", journal_key_of(name))
+                key = journal_key_of(name)
+                assert key is not None
+                target = taken_journal(now, f"{self._taken:08x}", key)
                 self.journals[target] = self.journals.pop(name)
             return sorted(n for n in self.journals if is_taken_journal(n) and wanted(n))
 

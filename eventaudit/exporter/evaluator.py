@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 JOURNAL_BATCHES_PER_ROUND = 50
 # Digests kept in memory between evaluations: the buckets most new records fall in.
 CACHE_EVENTS = 200_000
-JOURNAL_OUTCOMES = ("folded", "too_old", "too_new", "legacy", "malformed", "misfiled")
+JOURNAL_OUTCOMES = ("folded", "too_old", "too_new", "malformed", "misfiled")
 # How long a folded journal collection is kept before it is dropped: many times the longest a
 # straggling insert can take to commit into it after its rename (FerretDB's SQLite busy
 # timeout, 10 s; none on MongoDB, whose rename excludes inserts).
@@ -274,16 +274,6 @@ class Evaluator(Collector):
         deadline = self._pass_started + self._budget
         try:
             taken = self._take(now)
-            if any(journal_key_of(n) is None and n not in self._folded for n in taken):
-                # Mixed collections of an earlier release: re-journaled under their topics'
-                # keys, then taken again with the rest.
-                for name in taken:
-                    if journal_key_of(name) is None and folded_documents(name) is None:
-                        try:
-                            self._fold_collection(name, span, merged, now)
-                        except StoreError as exc:  # another replica re-journals it too
-                            log.warning("could not re-journal %s: %s", name, exc)
-                taken = self._take(now)
             unread = [n for n in taken if n not in self._folded]
             left: list[str] = []
             for i, name in enumerate(unread):
@@ -312,8 +302,8 @@ class Evaluator(Collector):
         return snapshot
 
     def _take(self, now: datetime) -> list[str]:
-        """Take the journal of every key held (each fenced first), and the mixed collections
-        of an earlier release; note the taken ones folded already."""
+        """Take the journal of every key held (each fenced first); note the taken ones folded
+        already."""
         keys = None
         if self._leases is not None:
             for key in self._leases.verify_all():
@@ -515,9 +505,9 @@ class Evaluator(Collector):
     ) -> None:
         """Fold one taken journal collection whole, JOURNAL_BATCHES_PER_ROUND documents at a
         time (memory follows a round, not a burst); then name it folded, with how many
-        documents it held. A mixed collection of an earlier release is re-journaled instead,
-        each entry under its topic's key. Raises Fenced when the key's lease is lost."""
+        documents it held. Raises Fenced when the key's lease is lost."""
         key = journal_key_of(name)
+        assert key is not None  # taken by key
         self._fence(key)
         if self._merged < merged:
             # Before the first fold stamped `merged` is stored anywhere.
@@ -532,9 +522,7 @@ class Evaluator(Collector):
             # Folded already by this process (a collection grown by a straggler): folding
             # again changes nothing but may read digests no longer cached.
             new = tuple(b for b in batches if b.id is None or b.id not in seen)
-            if new and key is None:
-                self._rejournal(new, now)
-            elif new and key is not None:
+            if new:
                 self._fence(key)
                 self._fold(new, span, merged, now, key)
                 if self._cached_events + self._growth > CACHE_EVENTS:
@@ -544,19 +532,6 @@ class Evaluator(Collector):
         self._folded.pop(name, None)
         folded = self._store.mark_folded(name, read)
         self._folded[folded] = _Folded(read, self._monotonic(), frozenset(seen))
-
-    def _rejournal(self, batches: tuple[JournalBatch, ...], now: datetime) -> None:
-        """Journal again, each under its topic's key, the entries of a mixed journal
-        collection of an earlier release (they are folded with the rest of their key's
-        journal); malformed ones are counted here."""
-        entries = [entry for batch in batches for entry in batch.entries]
-        malformed = sum(batch.malformed for batch in batches)
-        if entries:
-            self._store.append_journal(entries, now)
-        if malformed:
-            with self._lock:
-                self._counts["malformed"] += malformed
-            log.warning("journal entries not counted: %d malformed", malformed)
 
     def _drop_folded(self, span: tuple[datetime, datetime], merged: int, now: datetime) -> None:
         """Check the folded journal collections for stragglers, and drop each once
@@ -674,11 +649,6 @@ class Evaluator(Collector):
                     # No result, so no digest either, but one a fold stored before failing
                     # (its entries are still in the journal, being folded again now).
                     digest = BucketDigest(entry.topic, start)
-                elif known.merged == 0:
-                    # Evaluated by a release before the journal: no digest to fold into
-                    # (folding would replace its result with this one record's).
-                    counts["legacy"] += outcome
-                    return
                 else:
                     digest = self._store.load_digest(entry.topic, start)
             touched[key] = digest
@@ -746,11 +716,10 @@ class Evaluator(Collector):
         if any(n for outcome, n in counts.items() if outcome != "folded"):
             log.warning(
                 "journal entries not counted: %d older than the longest window, %d more than "
-                "the publish time tolerance ahead, %d of buckets evaluated before the journal, "
-                "%d malformed, %d misfiled (journaled again under their topic's key)",
+                "the publish time tolerance ahead, %d malformed, %d misfiled (journaled again "
+                "under their topic's key)",
                 counts["too_old"],
                 counts["too_new"],
-                counts["legacy"],
                 counts["malformed"],
                 counts["misfiled"],
             )
@@ -784,7 +753,7 @@ class Evaluator(Collector):
             "eventaudit_journal_entries",
             "Journal entries read by outcome: folded into a bucket digest; or not counted "
             "(logged): too old for any window, more than the publish time tolerance ahead, "
-            "in a bucket evaluated before the journal existed, malformed.",
+            "malformed, misfiled (journaled again under their topic's key).",
             labels=["outcome"],
         )
         with self._lock:

@@ -509,21 +509,8 @@ def test_a_retried_identical_batch_is_written_once(store) -> None:
     assert store.published.count_documents({}) == 6
 
 
-def test_ensure_indexes_drops_the_indexes_nothing_queries(store) -> None:
-    # The unpartitioned record collections of earlier releases, with their indexes; records
-    # now live in hourly collections read by `_id` only. Retention still deletes from the
-    # old ones by publishTime and createdTime until they are empty.
-    legacy = store.db["PublishRecord"]
-    legacy.create_index([("topic", 1), ("eventID", 1)], unique=True, name="topic_eventID_unique")
-    legacy.create_index("eventID", unique=True, name="eventID_unique")
-    legacy.create_index([("topic", 1), ("publishTime", 1)], name="topic_publishTime")
-    legacy.create_index("publishTime", name="publishTime")
-    store.db["ReceivedRecord"].create_index("writtenTime", name="writtenTime")
-    store.db["ReceivedRecord"].create_index("createdTime", name="createdTime")
+def test_records_live_in_hourly_collections_indexed_by_id_alone(store) -> None:
     store.ensure_indexes()
-    store.ensure_indexes()
-    assert sorted(legacy.index_information()) == ["_id_", "publishTime", "topic_eventID_unique"]
-    assert sorted(store.db["ReceivedRecord"].index_information()) == ["_id_", "createdTime"]
     store.insert_publish_records(
         [PublishRecord("e1", "t" * 32, "topic-a", "{}", "m1", utc_now_ms())], utc_now_ms()
     )

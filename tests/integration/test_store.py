@@ -209,23 +209,6 @@ def test_bucket_results_read_back_the_latest_version_from_their_partitions(
         assert s.load_bucket_results(nxt.start) == [nxt]
 
 
-def test_results_of_the_release_before_are_read_as_legacy_and_kept_while_a_window_needs_them(
-    store: MongoStore,
-) -> None:
-    # The release before kept one document per bucket in `BucketResult` (no version), and its
-    # digests in parts in `BucketDigest`: this release cannot read those digests, so records
-    # journaled for those buckets are counted `legacy` (merged 0), never folded into nothing.
-    old = BucketResult("topic-a", T0, 100, {"sub-a": BucketCounts(99, 0, 0)}, merged=5)
-    store.db["BucketResult"].insert_one({"_id": old.key, **old.to_document(T0)})
-    store.db["BucketDigest"].insert_one({"_id": f"{old.key}|0", "parts": 1})
-    [loaded] = store.load_bucket_results(T0 - timedelta(hours=1))
-    assert (loaded.published, loaded.subscriptions, loaded.merged) == (100, old.subscriptions, 0)
-    assert store.prune_buckets(T0) == {"BucketDigest": 1, "BucketResult": 0}
-    assert store.load_bucket_results(T0) == [loaded]  # a window still reaches it
-    assert store.prune_buckets(T0 + timedelta(seconds=1)) == {"BucketDigest": 0, "BucketResult": 1}
-    assert store.load_bucket_results(T0 - timedelta(hours=1)) == []
-
-
 @pytest.mark.parametrize(
     "doc",
     [

@@ -643,7 +643,7 @@ def test_publish_times_past_the_tolerance_are_counted_apart_not_kept() -> None:
     store = MemoryStore()
     y9000 = epoch_ms(datetime(9000, 1, 1, tzinfo=UTC))
     store.inject_journal(
-        {"_id": "x", "entries": [f"p|junk{i}|e|t|{y9000 + i * 10_000}" for i in range(1000)]}
+        {"_id": "x", "entries": [f"p|{TOPIC}|e{i}|t|{y9000 + i * 10_000}" for i in range(1000)]}
     )
     # A publish time two hours ahead of the clock of the writer that wrote it.
     publish(store, "ahead", at(0, 1) + timedelta(hours=2), written=at(0, 1))
@@ -683,17 +683,6 @@ def test_unreadable_digest_values_never_reach_the_gauges_or_the_api(
     snapshot = evaluator(store).evaluate(at(0, 45))
     assert counts(snapshot) == (1, 0, 0, 0)
     assert missed_ids(snapshot, store) == ["e1"]
-
-
-def test_results_of_the_release_before_the_journal_are_kept_not_replaced() -> None:
-    store = MemoryStore()
-    old = BucketResult(TOPIC, at(0, 0), 100, {SUB: journal_module.BucketCounts(99, 0, 0)})
-    store.buckets[old.key] = old
-    ev = evaluator(store)
-    assert counts(ev.evaluate(at(0, 45)))[:2] == (100, 99)
-    receive(store, "late-one", at(0, 1))
-    assert counts(ev.evaluate(at(0, 46)))[:2] == (100, 99)
-    assert _journal_counts(ev) == {**NONE_COUNTED, "legacy": 1}
 
 
 def test_a_digest_too_large_for_one_document_is_split_by_bytes() -> None:
@@ -869,44 +858,41 @@ K = partitions.journal_key("orders")
 
 
 @pytest.mark.parametrize(
-    ("name", "live", "mixed", "taken", "key"),
+    ("name", "live", "taken", "key"),
     [
-        (f"EventJournal_1795780800000_{K}", True, False, False, K),
-        (f"EventJournal_-10000_{K}", True, False, False, K),  # a writer clock before 1970
-        (f"EventJournalTaken_{K}_1795780800000_0a1b2c3d", False, False, True, K),
-        (f"EventJournalFolded_{K}_1795780800000_0a1b2c3d_7", False, False, True, K),
-        # mixed collections of earlier releases: re-journaled under their topics' keys
-        ("EventJournal", False, True, False, None),
-        ("EventJournal_1795780800000", False, True, False, None),
-        ("EventJournal_-10000", False, True, False, None),
-        ("EventJournalTaken_1795780800000_0a1b2c3d", False, True, True, None),
-        ("EventJournalFolded_1795780800000_0a1b2c3d_3", False, True, True, None),
-        # anything else is left alone
-        ("EventJournal_", False, False, False, None),
-        ("EventJournal_1795780800000\n", False, False, False, None),
-        (f"EventJournal_1795780800000_{K}\n", False, False, False, None),
-        (f"EventJournal_1795780800000_{K.upper()}", False, False, False, None),
-        (f"EventJournal_1795780800000_{K[:-1]}", False, False, False, None),  # 11 hex digits
-        (f"EventJournal_1795780800000_{K}0", False, False, False, None),  # 13
-        (f"EventJournal_1795780800000_{K[:-1]}\u0661", False, False, False, None),
-        ("EventJournal_\u0661", False, False, False, None),  # Arabic-Indic 1
-        ("EventJournal_1234567890123456", False, False, False, None),  # more digits than a clock
-        ("EventJournalTaken_1795780800000_0A1B2C3D", False, False, False, None),
-        ("EventJournalTaken_1795780800000_0a1b2c3d.x", False, False, False, None),
-        ("EventJournal.1795780800000", False, False, False, None),  # FerretDB cannot rename it
-        ("eventjournal.1", False, False, False, None),
-        ("PublishRecord", False, False, False, None),
+        (f"EventJournal_1795780800000_{K}", True, False, K),
+        (f"EventJournal_-10000_{K}", True, False, K),  # a writer clock before 1970
+        (f"EventJournalTaken_{K}_1795780800000_0a1b2c3d", False, True, K),
+        (f"EventJournalFolded_{K}_1795780800000_0a1b2c3d_7", False, True, K),
+        # anything else is left alone: no journal collection without a key was ever written
+        ("EventJournal", False, False, None),
+        ("EventJournal_1795780800000", False, False, None),
+        ("EventJournalTaken_1795780800000_0a1b2c3d", False, False, None),
+        ("EventJournalFolded_1795780800000_0a1b2c3d_3", False, False, None),
+        ("EventJournal_", False, False, None),
+        ("EventJournal_1795780800000\n", False, False, None),
+        (f"EventJournal_1795780800000_{K}\n", False, False, None),
+        (f"EventJournal_1795780800000_{K.upper()}", False, False, None),
+        (f"EventJournal_1795780800000_{K[:-1]}", False, False, None),  # 11 hex digits
+        (f"EventJournal_1795780800000_{K}0", False, False, None),  # 13
+        (f"EventJournal_1795780800000_{K[:-1]}\u0661", False, False, None),
+        ("EventJournal_\u0661", False, False, None),  # Arabic-Indic 1
+        ("EventJournal_1234567890123456", False, False, None),  # more digits than a clock
+        (f"EventJournalTaken_{K}_1795780800000_0A1B2C3D", False, False, None),
+        (f"EventJournalTaken_{K}_1795780800000_0a1b2c3d.x", False, False, None),
+        ("EventJournal.1795780800000", False, False, None),  # FerretDB cannot rename it
+        ("eventjournal.1", False, False, None),
+        ("PublishRecord", False, False, None),
     ],
 )
 def test_journal_collection_names_hostile_table(
-    name: str, live: bool, mixed: bool, taken: bool, key: str | None
+    name: str, live: bool, taken: bool, key: str | None
 ) -> None:
     assert (
         partitions.is_live_journal(name),
-        partitions.is_mixed_journal(name),
         partitions.is_taken_journal(name),
         partitions.journal_key_of(name),
-    ) == (live, mixed, taken, key)
+    ) == (live, taken, key)
 
 
 @pytest.mark.parametrize(
@@ -1025,9 +1011,10 @@ def test_a_failed_first_load_of_the_fold_stamp_is_not_taken_for_zero() -> None:
 
 def test_a_taken_name_made_from_any_clock_is_recognised() -> None:
     now = datetime(1969, 12, 31, 23, 59, 50, tzinfo=UTC)
-    taken = partitions.taken_journal(now, "0a1b2c3d")
+    taken = partitions.taken_journal(now, "0a1b2c3d", partitions.journal_key(TOPIC))
     assert partitions.is_taken_journal(taken)
     assert partitions.folded_documents(partitions.folded_journal(taken, 7)) == 7
+    assert partitions.journal_key_of(taken) == partitions.journal_key(TOPIC)
 
 
 HOUR_MS = 3_600_000
