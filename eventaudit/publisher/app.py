@@ -123,58 +123,107 @@ def _header(name: str) -> str | None:
 
 
 class PublishSlots:
-    """At most `size` publishes in progress at once, a slot taken without waiting.
+    """At most `size` publishes in progress at once; a publish finding them all taken waits
+    up to `wait` seconds for one to be given back.
 
     A publish holds its request thread while the topic check (up to 10 s) and Pub/Sub's
     acknowledgement (up to --publish-timeout-seconds) take; when Pub/Sub hangs, publishes
-    must not take every thread from /healthz and /metrics. A publish beyond the bound is
-    refused at once (503), counted `eventaudit_publisher_refused_total{reason="busy"}` and
-    logged at most once per `log_interval` seconds with the count since the last line.
+    must not take every thread from /healthz and /metrics. While Pub/Sub answers, slots are
+    given back every few milliseconds, so a burst of more clients than slots waits a moment
+    instead of being refused. A wait that runs out means slots are not coming back (Pub/Sub
+    hangs, or is far slower than the load): from then until a slot is given back, a publish
+    finding no free slot is refused at once, so waiting publishes hold threads for at most
+    one wait. A refusal answers 503, is counted
+    `eventaudit_publisher_refused_total{reason="busy"}` and logged at most once per
+    `log_interval` seconds with the count since the last line. Waiters take freed slots
+    before later arrivals.
     """
 
     def __init__(
         self,
         size: int,
         refused: Counter,
+        wait: float = 0.0,
         log_interval: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.size = size
-        self._slots = threading.BoundedSemaphore(size)
+        self.wait = wait
         self._refused = refused
         self._log_interval = log_interval
         self._clock = clock
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._free = size
+        self._waiting = 0
+        self._stalled = False  # the last wait ran out and no slot was given back since
         self._unlogged = 0
         self._logged_at: float | None = None
 
-    def try_acquire(self) -> bool:
-        """Take a slot; False (counted, logged now and then) when all are taken."""
-        if self._slots.acquire(blocking=False):
-            return True
-        self._refused.labels("busy").inc()
-        now = self._clock()
-        with self._lock:
+    @property
+    def waiting(self) -> int:
+        """Publishes waiting for a slot now."""
+        with self._cond:
+            return self._waiting
+
+    @property
+    def stalled(self) -> bool:
+        """True from a wait that ran out until a slot is given back: no publish waits then."""
+        with self._cond:
+            return self._stalled
+
+    def acquire(self) -> bool:
+        """Take a slot, waiting for one if need be; False (counted, logged now and then) when
+        none is free and none comes back in time, or at once while stalled."""
+        with self._cond:
+            if self._free > self._waiting:  # the free slots not promised to a waiter
+                self._free -= 1
+                return True
+            if not self._stalled and self.wait > 0:
+                deadline = self._clock() + self.wait
+                self._waiting += 1
+                try:
+                    while not self._free:
+                        remaining = deadline - self._clock()
+                        if remaining <= 0:
+                            self._stalled = True
+                            break
+                        self._cond.wait(remaining)
+                    else:
+                        self._free -= 1
+                        return True
+                finally:
+                    self._waiting -= 1
             self._unlogged += 1
+            now = self._clock()
             if self._logged_at is not None and now - self._logged_at < self._log_interval:
-                return False
-            count, self._unlogged, self._logged_at = self._unlogged, 0, now
-        log.warning(
-            "%d publishes refused (503): all %d publish slots are waiting on Pub/Sub",
-            count,
-            self.size,
-        )
+                count = 0
+            else:
+                count, self._unlogged, self._logged_at = self._unlogged, 0, now
+        self._refused.labels("busy").inc()
+        if count:
+            log.warning(
+                "%d publishes refused (503): all %d publish slots are waiting on Pub/Sub and "
+                "none was given back within %gs",
+                count,
+                self.size,
+                self.wait,
+            )
         return False
 
     def release(self) -> None:
-        """Give back a slot taken by try_acquire()."""
-        self._slots.release()
+        """Give back a slot taken by acquire()."""
+        with self._cond:
+            if self._free >= self.size:
+                raise ValueError("PublishSlots released more often than acquired")
+            self._free += 1
+            self._stalled = False
+            self._cond.notify()
 
 
 def _publish(topic: str, payload: dict[str, Any]) -> PublishedEvent | tuple[Response, int]:
     """Publish and wait for Pub/Sub within a publish slot, mapping failures to HTTP answers."""
     slots: PublishSlots = current_app.config["PUBLISH_SLOTS"]
-    if not slots.try_acquire():
+    if not slots.acquire():
         resp, status = json_error(503, "too many publishes in flight; retry later")
         resp.headers["Retry-After"] = str(BUSY_RETRY_AFTER_SECONDS)
         return resp, status
@@ -324,7 +373,9 @@ def create_app(settings: PublisherSettings, deps: PublisherDeps) -> Flask:
     # service account cannot check that they exist; any other name is then refused (503).
     deps.publisher.topics.trust_only({settings.users_topic, *settings.topic_allow_list})
     app.config["PUBLISH_SLOTS"] = PublishSlots(
-        settings.publish_slots, deps.publisher.metrics.refused
+        settings.publish_slots,
+        deps.publisher.metrics.refused,
+        wait=settings.publish_slot_wait_seconds,
     )
     app.register_blueprint(bp)
     app.add_url_rule("/metrics", "metrics", metrics_view(deps.registry))

@@ -40,8 +40,17 @@ class PublisherSettings(CommonSettings):
         16,
         ge=2,
         le=256,
-        description="HTTP worker threads; publishes in progress take at most threads - 2 "
-        "(at least 1), so /healthz and /metrics always have one (more publishes answer 503)",
+        description="HTTP worker threads; at most threads - 2 (at least 1) publishes are in "
+        "progress at once (the publish slots), so that while Pub/Sub hangs /healthz and /metrics "
+        "still find a thread",
+    )
+    publish_slot_wait_seconds: float = Field(
+        0.5,
+        ge=0,
+        le=10,
+        description="how long a publish finding every publish slot taken waits for one (a "
+        "burst of more clients than slots); then it answers 503, and so does every such "
+        "publish at once until a slot is given back (Pub/Sub hanging). 0: never wait",
     )
     max_body_bytes: int = Field(
         1_048_576, ge=1024, le=10_000_000, description="largest request body"
@@ -68,7 +77,8 @@ class PublisherSettings(CommonSettings):
 
     @property
     def publish_slots(self) -> int:
-        """Publishes in progress at once: every thread but two (at least one is left free)."""
+        """Publishes in progress at once: every thread but two (at least one is left free);
+        publishes waiting for a slot use the others for at most publish_slot_wait_seconds."""
         return max(1, self.threads - 2)
 
     @property

@@ -769,7 +769,8 @@ def test_publishes_hanging_on_pubsub_never_take_health_and_metrics_down(
     publisher = stack.python_service(
         "publisher",
         "publisher",
-        # Default 16 threads: 14 publish slots. Publishes wait for Pub/Sub up to 120 s.
+        # Default 16 threads: 14 publish slots, a wait of 0.5 s for one. Publishes wait for
+        # Pub/Sub up to 120 s.
         [
             "--listen-address",
             f"127.0.0.1:{port}",
@@ -790,7 +791,9 @@ def test_publishes_hanging_on_pubsub_never_take_health_and_metrics_down(
         os.killpg(emulator_pid, signal.SIGSTOP)
         frozen = True
         # 20 publishes at once, as many as the threads and more; 4 to names never checked
-        # (their topic check, up to 10 s, also waits inside a publish slot).
+        # (their topic check, up to 10 s, also waits inside a publish slot). Two wait for a
+        # slot on the two threads left, in vain; the four the threads cannot take yet are
+        # refused at once when they get one.
         urls = [events] * 16 + [f"{base}/api/v1/topics/never-checked-{i}/events" for i in range(4)]
         answers: dict[int, tuple] = {}
 
@@ -805,6 +808,22 @@ def test_publishes_hanging_on_pubsub_never_take_health_and_metrics_down(
         busy = [i for i, a in list(answers.items()) if a[2] == busy_body]
         assert len(busy) == 6, answers
         assert all(answers[i][1]["Retry-After"] == "1" for i in busy)
+        # A flood while every slot hangs: once a wait for a slot ran out, publishes are refused
+        # at once instead of each waiting its turn on the threads left, and health answers.
+        flood: list[tuple] = []
+        flooders = [
+            threading.Thread(target=lambda: flood.append(_http("POST", events, b'{"n": 4}')))
+            for _ in range(60)
+        ]
+        for thread in flooders:
+            thread.start()
+        status, _, health, took = _http("GET", f"{base}/healthz", timeout=30)
+        assert (status, health["status"]) == (200, "ok")
+        assert took < 2.0, took
+        for thread in flooders:
+            thread.join(60)
+        assert [(status, body) for status, _, body, _ in flood] == [(503, busy_body)] * 60
+        assert max(took for *_, took in flood) < 5.0, sorted(took for *_, took in flood)
         # 14 publishes hang on Pub/Sub; health and metrics answer at once.
         for _ in range(5):
             status, _, health, took = _http("GET", f"{base}/healthz", timeout=5)
@@ -835,7 +854,7 @@ def test_publishes_hanging_on_pubsub_never_take_health_and_metrics_down(
         )
         with urllib.request.urlopen(f"{base}/metrics", timeout=5) as resp:
             text = resp.read().decode()
-        assert 'eventaudit_publisher_refused_total{reason="busy"} 7.0' in text
+        assert 'eventaudit_publisher_refused_total{reason="busy"} 67.0' in text
     finally:
         if frozen:
             os.killpg(emulator_pid, signal.SIGCONT)

@@ -20,7 +20,7 @@ from google.cloud.pubsub_v1.publisher.exceptions import MessageTooLargeError
 from prometheus_client import CollectorRegistry
 
 from eventaudit.contract import InvalidMessageError
-from eventaudit.publisher.app import PublisherDeps, create_app
+from eventaudit.publisher.app import PublisherDeps, PublishSlots, create_app
 from eventaudit.publisher.audited import (
     AuditedPublisher,
     InvalidAttributesError,
@@ -521,6 +521,97 @@ def test_publishes_beyond_the_slots_answer_503_and_health_and_metrics_still_answ
 @pytest.mark.parametrize(("threads", "slots"), [(2, 1), (3, 1), (4, 2), (16, 14), (256, 254)])
 def test_publish_slots_leave_two_threads_and_at_least_one(threads: int, slots: int) -> None:
     assert PublisherSettings(threads=threads).publish_slots == slots
+
+
+class Busy:
+    """Publish slots and their refusals counted `busy`."""
+
+    def __init__(self, size: int, wait: float, clock: Any = None) -> None:
+        self.registry = CollectorRegistry()
+        refused = PublisherMetrics(self.registry).refused
+        if clock is None:
+            self.slots = PublishSlots(size, refused, wait=wait)
+        else:
+            self.slots = PublishSlots(size, refused, wait=wait, clock=clock)
+
+    def refused(self) -> float | None:
+        return self.registry.get_sample_value(
+            "eventaudit_publisher_refused_total", {"reason": "busy"}
+        )
+
+
+def _acquire_in_thread(slots: PublishSlots) -> tuple[threading.Thread, list[bool]]:
+    got: list[bool] = []
+    thread = threading.Thread(target=lambda: got.append(slots.acquire()), daemon=True)
+    thread.start()
+    return thread, got
+
+
+def test_a_publish_finding_every_slot_taken_waits_for_one_given_back() -> None:
+    # A burst of more clients than slots while Pub/Sub answers: the extra ones wait, not 503.
+    busy = Busy(2, wait=3600)
+    slots = busy.slots
+    assert slots.acquire() and slots.acquire()
+    waiters = [_acquire_in_thread(slots) for _ in range(2)]
+    wait_for(lambda: slots.waiting == 2, 30, "two publishes waiting for a slot")
+    slots.release()
+    slots.release()
+    for thread, _ in waiters:
+        thread.join(30)
+    assert [got for _, got in waiters] == [[True], [True]]
+    assert (slots.waiting, slots.stalled) == (0, False)
+    assert busy.refused() == 0
+
+
+def test_a_slot_given_back_goes_to_a_waiting_publish_before_a_later_one() -> None:
+    busy = Busy(1, wait=3600)
+    slots = busy.slots
+    assert slots.acquire()
+    thread, got = _acquire_in_thread(slots)
+    wait_for(lambda: slots.waiting == 1, 30, "a publish waiting for the slot")
+    slots.release()
+    slots.wait = 0  # a later publish that would take a free slot, or else answer 503 at once
+    assert not slots.acquire()
+    thread.join(30)
+    assert got == [True]
+    assert busy.refused() == 1
+
+
+def test_a_wait_that_runs_out_refuses_and_no_publish_waits_until_a_slot_comes_back(
+    caplog,
+) -> None:
+    readings = iter(range(1_000_000))  # every reading a second later: each wait runs out
+    busy = Busy(1, wait=0.5, clock=lambda: float(next(readings)))
+    slots = busy.slots
+    assert slots.acquire()
+    assert not slots.acquire()
+    assert slots.stalled  # Pub/Sub is not giving slots back: the next ones do not wait
+    slots.wait = 3600
+    thread, got = _acquire_in_thread(slots)
+    wait_for(lambda: got == [False], 30, "a publish refused at once while stalled")
+    assert (slots.waiting, busy.refused()) == (0, 2)
+    assert len([r for r in caplog.records if "publish slots" in r.getMessage()]) == 1
+    slots.release()  # a publish settled: slots come back, so publishes wait again
+    assert not slots.stalled
+    assert slots.acquire()
+    thread, got = _acquire_in_thread(slots)
+    wait_for(lambda: slots.waiting == 1, 30, "a publish waiting for the slot again")
+    slots.release()
+    thread.join(30)
+    assert got == [True]
+
+
+def test_with_no_wait_a_publish_finding_every_slot_taken_is_refused_at_once() -> None:
+    busy = Busy(1, wait=0)
+    slots = busy.slots
+    assert slots.acquire()
+    assert not slots.acquire()
+    assert (slots.stalled, busy.refused()) == (False, 1)
+    slots.release()
+    assert slots.acquire()
+    slots.release()
+    with pytest.raises(ValueError, match="released more often"):
+        slots.release()
 
 
 def test_a_failed_publish_with_an_ordering_key_resumes_the_key() -> None:
