@@ -194,16 +194,17 @@ class Leases(Collector):
         # another replica holds it live: a key whose topics stopped existing ages out of the
         # leases, the shares and the metrics (issue 17, case 3), rather than being renewed
         # (and so known) for ever.
+        # A key holds several topics: those of a held key are the ones known now, so a topic
+        # that stopped existing ages out of a key that lives on; those of another's key (or
+        # one about to be claimed) are also the ones its lease names.
         known = {k: set(t) for k, t in keys.items()}
         for key, lease in stored.items():
-            if (key not in self._held and live(lease)) or key in known:
+            if key not in self._held and (live(lease) or key in known):
                 known.setdefault(key, set()).update(lease.topics)
         gone = {key for key in self._held if key not in known}
         for key in sorted(gone):
             log.info("journal key %s has no topic any more: its lease is released", key)
             self._give_up(now, key)
-        for key, held in self._held.items():
-            known[key].update(held.topics)
 
         counts = dict.fromkeys(replicas, 0)
         for key, lease in stored.items():
@@ -232,7 +233,7 @@ class Leases(Collector):
                 gained.add(key)
         for key, topics in known.items():
             if key in self._held:
-                self._held[key].topics.update(topics)
+                self._held[key].topics = set(topics)
         self._topics = known
         self._others = stored
         unowned = frozenset(

@@ -872,7 +872,7 @@ K = partitions.journal_key("orders")
         ("EventJournal_", False, False, None),
         ("EventJournal_1795780800000\n", False, False, None),
         (f"EventJournal_1795780800000_{K}\n", False, False, None),
-        (f"EventJournal_1795780800000_{K.upper()}", False, False, None),
+        ("EventJournal_1795780800000_00000000000A", False, False, None),  # upper-case hex
         (f"EventJournal_1795780800000_{K[:-1]}", False, False, None),  # 11 hex digits
         (f"EventJournal_1795780800000_{K}0", False, False, None),  # 13
         (f"EventJournal_1795780800000_{K[:-1]}\u0661", False, False, None),
