@@ -42,8 +42,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from eventaudit.contract import utc_now_ms
 from eventaudit.exporter.buckets import Window
 from eventaudit.exporter.collector import CompletionCollector, EvaluationState
-from eventaudit.exporter.evaluator import Evaluator, list_missed
+from eventaudit.exporter.evaluator import Evaluator
 from eventaudit.exporter.leases import Leases
+from eventaudit.exporter.snapshot import list_missed
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 from eventaudit.publisher.app import PublisherDeps, create_app
 from eventaudit.publisher.audited import AuditedPublisher, PublisherMetrics, RecordBuffer

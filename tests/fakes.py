@@ -14,7 +14,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from eventaudit.contract import epoch_ms
-from eventaudit.exporter.evaluator import Evaluator, Snapshot
+from eventaudit.exporter.evaluator import Evaluator
+from eventaudit.exporter.snapshot import Snapshot
 from eventaudit.journal import (
     BucketDigest,
     JournalBatch,

@@ -20,8 +20,8 @@ from eventaudit.contract import (
 )
 from eventaudit.exporter import status
 from eventaudit.exporter.collector import EvaluationState
-from eventaudit.exporter.evaluator import list_missed
 from eventaudit.exporter.missed import MissedAnswers
+from eventaudit.exporter.snapshot import list_missed
 from eventaudit.exporter.story import (
     event_story,
     parse_publish_time,

@@ -12,7 +12,7 @@ from typing import NamedTuple
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from eventaudit.exporter.evaluator import Snapshot
+from eventaudit.exporter.snapshot import Snapshot
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 
 # Numbers older than this many evaluation intervals (and at least MIN_STALE_SECONDS) are stale.

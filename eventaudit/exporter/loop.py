@@ -9,7 +9,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from eventaudit.exporter.collector import EvaluationState
-from eventaudit.exporter.evaluator import Evaluator, log_snapshot
+from eventaudit.exporter.evaluator import Evaluator
+from eventaudit.exporter.snapshot import log_snapshot
 from eventaudit.store import ExporterStore, StoreError
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from eventaudit.exporter.evaluator import Snapshot
+from eventaudit.exporter.snapshot import Snapshot
 from eventaudit.journal import MissedEvent
 
 # (topic, subscription, window label) within one snapshot.

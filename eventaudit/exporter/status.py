@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 from eventaudit.contract import epoch_ms
 from eventaudit.exporter.collector import EvaluationState
-from eventaudit.exporter.evaluator import (
+from eventaudit.exporter.snapshot import (
     Snapshot,
     SubscriptionWindow,
     counts_bucket,

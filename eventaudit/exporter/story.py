@@ -15,7 +15,7 @@ from urllib.parse import quote, urlencode
 
 from eventaudit.contract import epoch_ms, from_epoch_ms, parse_ascii_int
 from eventaudit.exporter.buckets import floor_to_bucket
-from eventaudit.exporter.evaluator import Snapshot, counts_bucket
+from eventaudit.exporter.snapshot import Snapshot, counts_bucket
 from eventaudit.exporter.subscriptions import Expectation
 from eventaudit.journal import BucketDigest
 from eventaudit.partitions import RECORD_PARTITION_MS

@@ -70,7 +70,8 @@ def test_writers_racing_the_exporters_takes_never_cause_a_false_miss(store: Mong
     from datetime import UTC, datetime, timedelta
 
     from eventaudit.exporter.buckets import Window
-    from eventaudit.exporter.evaluator import Evaluator, list_missed
+    from eventaudit.exporter.evaluator import Evaluator
+    from eventaudit.exporter.snapshot import list_missed
     from eventaudit.exporter.subscriptions import ExpectedSubscriptions
     from eventaudit.records import PublishRecord, Receipt
     from tests.sim.oracle import recount

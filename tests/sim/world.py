@@ -31,8 +31,9 @@ from eventaudit.contract import (
     read_attributes,
 )
 from eventaudit.exporter.buckets import Window
-from eventaudit.exporter.evaluator import Evaluator, Snapshot, SubscriptionWindow, list_missed
+from eventaudit.exporter.evaluator import Evaluator
 from eventaudit.exporter.leases import Leases
+from eventaudit.exporter.snapshot import Snapshot, SubscriptionWindow, list_missed
 from eventaudit.exporter.story import event_story
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 from eventaudit.records import PublishRecord

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from eventaudit.exporter.buckets import Window
 from eventaudit.exporter.collector import CompletionCollector, EvaluationState
-from eventaudit.exporter.evaluator import Snapshot, SubscriptionWindow
+from eventaudit.exporter.snapshot import Snapshot, SubscriptionWindow
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)

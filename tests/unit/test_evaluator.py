@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from eventaudit.exporter.buckets import Window
-from eventaudit.exporter.evaluator import Evaluator, Snapshot
+from eventaudit.exporter.evaluator import Evaluator
+from eventaudit.exporter.snapshot import Snapshot
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 from eventaudit.records import PublishRecord, Receipt
 from tests.fakes import MemoryStore, SteadyEvaluator

@@ -10,7 +10,8 @@ import pytest
 
 from eventaudit.contract import encode_attributes
 from eventaudit.exporter.buckets import Window
-from eventaudit.exporter.evaluator import Evaluator, Snapshot, list_missed
+from eventaudit.exporter.evaluator import Evaluator
+from eventaudit.exporter.snapshot import Snapshot, list_missed
 from eventaudit.exporter.subscriptions import (
     NEW_SUBSCRIPTION_MARGIN,
     ExpectedSubscriptions,

@@ -19,7 +19,8 @@ from eventaudit import partitions
 from eventaudit.contract import epoch_ms
 from eventaudit.exporter import evaluator as evaluator_module
 from eventaudit.exporter.buckets import Window
-from eventaudit.exporter.evaluator import JOURNAL_OUTCOMES, Evaluator, Snapshot, list_missed
+from eventaudit.exporter.evaluator import JOURNAL_OUTCOMES, Evaluator
+from eventaudit.exporter.snapshot import Snapshot, list_missed
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 from eventaudit.journal import (
     BucketDigest,

@@ -15,8 +15,9 @@ from eventaudit.exporter import loop as loop_module
 from eventaudit.exporter.app import ExporterDeps, create_app
 from eventaudit.exporter.buckets import Window
 from eventaudit.exporter.collector import CompletionCollector, EvaluationState
-from eventaudit.exporter.evaluator import Evaluator, Snapshot
+from eventaudit.exporter.evaluator import Evaluator
 from eventaudit.exporter.loop import EvaluationLoop
+from eventaudit.exporter.snapshot import Snapshot
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 from eventaudit.journal import BucketDigest
 from eventaudit.records import PublishRecord, Receipt

@@ -15,8 +15,9 @@ from prometheus_client.registry import Collector
 
 from eventaudit.exporter import leases as leases_module
 from eventaudit.exporter.buckets import Window
-from eventaudit.exporter.evaluator import Evaluator, Snapshot, list_missed
+from eventaudit.exporter.evaluator import Evaluator
 from eventaudit.exporter.leases import Leases
+from eventaudit.exporter.snapshot import Snapshot, list_missed
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
 from eventaudit.journal import JournalEntry
 from eventaudit.partitions import journal_key

@@ -16,7 +16,8 @@ import pytest
 
 from eventaudit.exporter import lookup
 from eventaudit.exporter.buckets import Window
-from eventaudit.exporter.evaluator import Evaluator, Snapshot
+from eventaudit.exporter.evaluator import Evaluator
+from eventaudit.exporter.snapshot import Snapshot
 from eventaudit.exporter.status import completion_by_minute
 from eventaudit.exporter.story import MAX_SEARCH_HOURS, search_hours, trace_forms
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
