@@ -21,7 +21,6 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -43,11 +42,10 @@ from eventaudit.exporter.snapshot import (
 )
 from eventaudit.exporter.subscriptions import Expectation, ExpectedSubscriptions
 from eventaudit.journal import BucketDigest, JournalBatch, JournalEntry
+from eventaudit.journal_reader import JournalReader, Taken
 from eventaudit.partitions import (
     PARTITION_MS,
-    folded_documents,
     journal_key,
-    journal_key_of,
 )
 from eventaudit.records import BucketResult, Lease
 from eventaudit.store import (
@@ -67,32 +65,11 @@ JOURNAL_BATCHES_PER_ROUND = 50
 # Digests kept in memory between evaluations: the buckets most new records fall in.
 CACHE_EVENTS = 200_000
 JOURNAL_OUTCOMES = ("folded", "too_old", "too_new", "malformed", "misfiled")
-# How long a folded journal collection is kept before it is dropped: many times the longest a
-# straggling insert can take to commit into it after its rename (FerretDB's SQLite busy
-# timeout, 10 s; none on MongoDB, whose rename excludes inserts).
-JOURNAL_DROP_GRACE = 120.0
-# A taken journal collection is counted again at each later pass until one does so this long
-# after it was read, for inserts that looked it up before its rename and commit into it after
-# (FerretDB's busy timeout, 10 s): with passes a bucket (10 s) apart, one count each.
-STRAGGLER_CHECK = 10.0
 # How much older than any window a late entry's bucket may be and still be folded into its
 # stored digest (counted `too_old` beyond): every stored result stays right for whichever
 # replica serves it (a longer window, a clock behind), at one digest read per such bucket.
 LATE_FOLD_MS = 24 * 3_600_000
 _SAVES = 1_000_000  # result versions per fold stamp
-
-
-@dataclass(frozen=True, slots=True)
-class _Folded:
-    """A taken journal collection folded whole."""
-
-    documents: int
-    read_at: float
-    """monotonic time it was read"""
-    ids: frozenset[Any] = frozenset()
-    """the `_id`s this process folded (none known for one an earlier process folded)"""
-    checked: bool = False
-    """counted again STRAGGLER_CHECK or more after it was read: no straggler can come now"""
 
 
 class Evaluator(Collector):
@@ -140,13 +117,11 @@ class Evaluator(Collector):
         self._backlog = False
         self._clock = SteppedClock(bucket.total_seconds(), 3 * bucket.total_seconds())
         self._clock_steps = 0
-        self._stragglers = 0
         self._pass_started = 0.0
         self._cached_events = 0
         self._growth = 0
         """Entries folded since the cache was last measured (an upper bound of its growth)."""
-        self._folded: dict[str, _Folded] = {}
-        """Taken journal collections folded whole, waiting for JOURNAL_DROP_GRACE to drop."""
+        self._journal = JournalReader(store, monotonic)
         self._saves = 0
         self._leases = leases
         self._orders: dict[BucketKey, tuple[int, int]] = {}
@@ -211,14 +186,12 @@ class Evaluator(Collector):
         deadline = self._pass_started + self._budget
         try:
             taken = self._take(now)
-            unread = [n for n in taken if n not in self._folded]
-            left: list[str] = []
-            for i, name in enumerate(unread):
+            left: list[Taken] = []
+            for i, part in enumerate(taken):
                 if i and self._monotonic() > deadline:
-                    left = unread[i:]  # a burst: publish what is folded, the rest next time
+                    left = taken[i:]  # a burst: publish what is folded, the rest next time
                     break
-                self._fenced(name, self._fold_collection, name, span, merged, now)
-            self._drop_folded(span, merged, now)
+                self._fenced(self._fold_taken, part, span, merged, now)
         except BaseException:
             # The cache may hold folds that were not stored.
             self._digests, self._cached_events = {}, 0
@@ -238,26 +211,18 @@ class Evaluator(Collector):
             self._leases.alive()
         return snapshot
 
-    def _take(self, now: datetime) -> list[str]:
-        """Take the journal of every key held (each fenced first); note the taken ones folded
-        already."""
+    def _take(self, now: datetime) -> list[Taken]:
+        """Take what is new in the journal of every key held (each verified first)."""
         keys = None
         if self._leases is not None:
             for key in self._leases.verify_all():
                 self._forget(key)
             keys = sorted(self._leases.held)
-        taken = self._store.take_journal(now, keys)
-        self._folded = {n: v for n, v in self._folded.items() if n in taken}
-        for name in taken:
-            documents = folded_documents(name)
-            if documents is not None and name not in self._folded:
-                # Folded by an earlier process (or by this one before a failure).
-                self._folded[name] = _Folded(documents, self._monotonic())
-        return taken
+        return self._journal.take(now, keys)
 
-    def _fenced(self, name: str, write: Callable[..., Any], *args: Any) -> bool:
-        """Call `write`; when the lease of `name`'s journal key turns out lost (Fenced: counted
-        and logged by the leases), forget what is cached of its topics and return False."""
+    def _fenced(self, write: Callable[..., Any], *args: Any) -> bool:
+        """Call `write`; when the lease of a journal key turns out lost (Fenced: counted and
+        logged by the leases), forget what is cached of its topics and return False."""
         try:
             write(*args)
         except Fenced as exc:
@@ -309,7 +274,7 @@ class Evaluator(Collector):
                 self._seen[key], self._seen_seq[key] = dict(lease.written), lease.seq
             self._merged = max(self._merged, self._store.load_fold_stamp())
             for key in sorted(ownership.gained):
-                self._fenced(key, self._leases.renew_key, key)
+                self._fenced(self._leases.renew_key, key)
             return
         for key in ownership.released:
             self._forget(key)
@@ -331,7 +296,7 @@ class Evaluator(Collector):
             self._leases.adopted(ownership.gained)
             for key in sorted(ownership.gained):
                 # The loads took time: renew before folding, not when the lease runs short.
-                self._fenced(key, self._leases.renew_key, key)
+                self._fenced(self._leases.renew_key, key)
         whole: set[str] = set()
         stale: dict[int, set[str]] = {}
         seen: dict[str, tuple[tuple[str, int], dict[int, tuple[int, int]], int]] = {}
@@ -437,73 +402,25 @@ class Evaluator(Collector):
                 continue
             self._expected.stored(tenures)
 
-    def _fold_collection(
-        self, name: str, span: tuple[datetime, datetime], merged: int, now: datetime
+    def _fold_taken(
+        self, taken: Taken, span: tuple[datetime, datetime], merged: int, now: datetime
     ) -> None:
-        """Fold one taken journal collection whole, JOURNAL_BATCHES_PER_ROUND documents at a
-        time (memory follows a round, not a burst); then name it folded, with how many
-        documents it held. Raises Fenced when the key's lease is lost."""
-        key = journal_key_of(name)
-        assert key is not None  # taken by key
-        self._fence(key)
+        """Fold a taken part of the journal whole, JOURNAL_BATCHES_PER_ROUND documents at a
+        time (memory follows a round, not a burst); then say it is folded. Raises Fenced when
+        the key's lease is lost."""
+        self._fence(taken.key)
         if self._merged < merged:
             # Before the first fold stamped `merged` is stored anywhere.
             self._store.save_fold_stamp(merged)
             self._merged = merged
-        read = 0
-        before = self._folded.get(name)
-        seen = set(before.ids if before else ())
-        documents = iter(self._store.read_journal(name))
+        documents = self._journal.read(taken)
         while batches := tuple(itertools.islice(documents, self._round)):
-            read += len(batches)
-            # Folded already by this process (a collection grown by a straggler): folding
-            # again changes nothing but may read digests no longer cached.
-            new = tuple(b for b in batches if b.id is None or b.id not in seen)
-            if new:
-                self._fence(key)
-                self._fold(new, span, merged, now, key)
-                if self._cached_events + self._growth > CACHE_EVENTS:
-                    self._evict(span[0])  # a burst: memory follows a round
-            seen.update(b.id for b in new if b.id is not None)
-        self._fence(key)
-        self._folded.pop(name, None)
-        folded = self._store.mark_folded(name, read)
-        self._folded[folded] = _Folded(read, self._monotonic(), frozenset(seen))
-
-    def _drop_folded(self, span: tuple[datetime, datetime], merged: int, now: datetime) -> None:
-        """Check the folded journal collections for stragglers, and drop each once
-        JOURNAL_DROP_GRACE has passed since it was read and it still holds only the documents
-        read (writers only insert). On FerretDB 1.24 a writer that looked the collection up
-        before it was renamed can still insert into it until its transaction commits (SQLite's
-        busy timeout there is 10 s), after the exporter read it: so each collection is counted
-        again at each later pass until one does so STRAGGLER_CHECK after its read (however
-        far apart the passes are), and at the grace. A
-        straggler is folded at once (the whole collection again: folding is idempotent), so a
-        receipt made durable before its bucket settled is never reported missed (issue 17,
-        case 9). On MongoDB a rename excludes inserts: only the grace's count is made
-        (`journal_stragglers`)."""
-        for name, folded in list(self._folded.items()):
-            age = self._monotonic() - folded.read_at
-            if age < JOURNAL_DROP_GRACE and (
-                folded.checked
-                or folded.read_at >= self._pass_started  # read by this very pass
-                or not self._store.journal_stragglers
-            ):
-                continue
-            if not self._fenced(name, self._fence, journal_key_of(name)):
-                continue
-            documents = self._store.count_journal(name)
-            if age >= STRAGGLER_CHECK:
-                self._folded[name] = replace(folded, checked=True)
-            if documents == folded.documents:
-                if age >= JOURNAL_DROP_GRACE:
-                    self._store.drop_journal(name)
-                    del self._folded[name]
-                continue
-            with self._lock:
-                self._stragglers += documents - folded.documents
-            log.warning("journal %s grew after it was taken: folding it again", name)
-            self._fenced(name, self._fold_collection, name, span, merged, now)
+            self._fence(taken.key)
+            self._fold(batches, span, merged, now, taken.key)
+            if self._cached_events + self._growth > CACHE_EVENTS:
+                self._evict(span[0])  # a burst: memory follows a round
+        self._fence(taken.key)
+        self._journal.folded(taken)
 
     def _stepped(self, seconds: float) -> None:
         """The wall clock stepped by `seconds` (by the monotonic clock) since the last pass:
@@ -681,8 +598,8 @@ class Evaluator(Collector):
 
     @property
     def folded_journals(self) -> frozenset[str]:
-        """Taken journal collections folded whole, waiting for JOURNAL_DROP_GRACE to drop."""
-        return frozenset(self._folded)
+        """Folded journal collections waiting for the grace to drop."""
+        return self._journal.folded_names
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         """Journal outcomes, whether a backlog is left, and the digest cache's size."""
@@ -697,7 +614,7 @@ class Evaluator(Collector):
             for outcome in JOURNAL_OUTCOMES:
                 family.add_metric([outcome], self._counts[outcome])
             backlog, cached, steps = self._backlog, self._cached_events, self._clock_steps
-            stragglers = self._stragglers
+            stragglers = self._journal.stragglers
         yield family
         yield GaugeMetricFamily(
             "eventaudit_journal_backlog",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from eventaudit.exporter.evaluator import JOURNAL_DROP_GRACE
+from eventaudit.journal_reader import JOURNAL_DROP_GRACE
 from eventaudit.partitions import JOURNAL_KEYS, journal_key, lease_slot, partitions_of
 from eventaudit.records import BUCKET_COLLECTION, Lease
 from eventaudit.store import MongoStore

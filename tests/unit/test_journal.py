@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from eventaudit import journal as journal_module
-from eventaudit import partitions
+from eventaudit import journal_reader, partitions
 from eventaudit.contract import epoch_ms
 from eventaudit.exporter import evaluator as evaluator_module
 from eventaudit.exporter.buckets import Window
@@ -789,10 +789,10 @@ def test_a_folded_journal_collection_is_dropped_only_after_the_grace() -> None:
     ev.evaluate(at(0, 45))
     [taken] = store.journals
     assert ev.folded_journals == {taken}
-    clock.now = evaluator_module.JOURNAL_DROP_GRACE - 1
+    clock.now = journal_reader.JOURNAL_DROP_GRACE - 1
     ev.evaluate(at(0, 46))
     assert list(store.journals) == [taken]  # a writer may still be inserting into it
-    clock.now = evaluator_module.JOURNAL_DROP_GRACE
+    clock.now = journal_reader.JOURNAL_DROP_GRACE
     snapshot = ev.evaluate(at(0, 47))
     assert (store.journals, ev.folded_journals) == ({}, frozenset())
     assert counts(snapshot)[:2] == (1, 0)
@@ -808,13 +808,13 @@ def test_an_insert_that_lands_in_a_taken_collection_is_folded_before_it_is_dropp
     # A subscriber looked the collection up before the rename; its insert lands after the fold.
     receipt = JournalEntry(TOPIC, "e1", epoch_ms(at(0, 1)), SUB, "", 1)
     store.inject_journal({"_id": "straggler", "entries": [receipt.to_document()]}, taken)
-    clock.now = evaluator_module.JOURNAL_DROP_GRACE
+    clock.now = journal_reader.JOURNAL_DROP_GRACE
     snapshot = ev.evaluate(at(0, 46))
     assert counts(snapshot)[:2] == (1, 1)  # folded again instead of dropped
     assert missed_ids(snapshot, store) == []
     assert taken.endswith("_1")  # named folded with the one document it held then
     assert list(store.journals) == [taken.removesuffix("_1") + "_2"]  # and now with two
-    clock.now = 2 * evaluator_module.JOURNAL_DROP_GRACE
+    clock.now = 2 * journal_reader.JOURNAL_DROP_GRACE
     assert counts(ev.evaluate(at(0, 47)))[:2] == (1, 1)
     assert store.journals == {}
 
@@ -825,7 +825,7 @@ def test_a_failed_drop_is_retried_and_a_new_process_refolds_what_is_left() -> No
     clock = Clock()
     ev = evaluator(store, monotonic=clock)
     ev.evaluate(at(0, 50))
-    clock.now = evaluator_module.JOURNAL_DROP_GRACE
+    clock.now = journal_reader.JOURNAL_DROP_GRACE
     store.fail_on("drop_journal")
     with pytest.raises(StoreError):
         ev.evaluate(at(0, 51))
@@ -836,7 +836,7 @@ def test_a_failed_drop_is_retried_and_a_new_process_refolds_what_is_left() -> No
     ev2 = evaluator(store, monotonic=clock2)
     snapshot = ev2.evaluate(at(0, 52))
     assert (counts(snapshot), counts(snapshot, OTHER)) == (EXPECTED_SUB, EXPECTED_OTHER)
-    clock2.now = evaluator_module.JOURNAL_DROP_GRACE
+    clock2.now = journal_reader.JOURNAL_DROP_GRACE
     again = ev2.evaluate(at(0, 53))
     assert (counts(again), counts(again, OTHER)) == (EXPECTED_SUB, EXPECTED_OTHER)
     assert store.journals == {}
@@ -915,7 +915,7 @@ def test_partitions_are_dropped_whole_once_no_window_reaches_them(
 
 # -- a second hostile review: refolds, the stamp, clocks ---------------------------------------
 
-GRACE = evaluator_module.JOURNAL_DROP_GRACE
+GRACE = journal_reader.JOURNAL_DROP_GRACE
 
 
 def _refold_without_new_collections(store: MemoryStore, clock: Clock):
@@ -1084,7 +1084,7 @@ def test_a_refold_after_a_straggler_folds_only_the_new_documents(
     assert store.digest_reads - reads == 1
     assert counts(snapshot, window="1h")[:2] == (3, 1)
     assert _sample(ev, "eventaudit_journal_stragglers_total") == 1
-    clock.now = 10.0 + evaluator_module.JOURNAL_DROP_GRACE  # the grace after its refold
+    clock.now = 10.0 + journal_reader.JOURNAL_DROP_GRACE  # the grace after its refold
     ev.evaluate(at(5, 1))
     assert store.journals == {}  # dropped at the grace: nothing grew since
 
@@ -1125,9 +1125,9 @@ def test_taken_collections_are_counted_again_only_where_inserts_can_land_after_a
     clock = Clock()
     ev = evaluator(store, monotonic=clock)
     ev.evaluate(at(0, 45))
-    clock.now = evaluator_module.STRAGGLER_CHECK - 1
+    clock.now = journal_reader.STRAGGLER_CHECK - 1
     ev.evaluate(at(0, 55))  # within STRAGGLER_CHECK of the read
     assert store.counts == counted
-    clock.now = evaluator_module.JOURNAL_DROP_GRACE
+    clock.now = journal_reader.JOURNAL_DROP_GRACE
     ev.evaluate(at(2, 45))  # the grace: counted (then dropped) on every store
     assert (store.counts, store.journals) == (counted + 1, {})
