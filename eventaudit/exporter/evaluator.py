@@ -33,6 +33,7 @@ from eventaudit.exporter.buckets import (
     settled_frontier,
 )
 from eventaudit.exporter.clocks import SteppedClock
+from eventaudit.exporter.following import Following
 from eventaudit.exporter.leases import Fenced, Leases
 from eventaudit.exporter.snapshot import (
     BucketKey,
@@ -52,7 +53,6 @@ from eventaudit.store import (
     EvaluatorStore,
     StoredResult,
     StoreError,
-    parse_result,
     result_document,
 )
 
@@ -126,14 +126,9 @@ class Evaluator(Collector):
         self._leases = leases
         self._orders: dict[BucketKey, tuple[int, int]] = {}
         """The (epoch, version) of each result held: a stored one replaces it only if later."""
-        self._seen: dict[str, dict[int, tuple[int, int]]] = {}
-        """Per key held elsewhere: the latest (epoch, version) read per result partition."""
+        self._following = Following(store)
         self._journal_keys: set[str] = set()
         self._keys_listed: datetime | None = None
-        self._seen_holder: dict[str, tuple[str, int]] = {}
-        self._seen_seq: dict[str, int] = {}
-        """Per key held elsewhere: the seq of the last lease document of its holder read."""
-        """Per key held elsewhere: the (holder, epoch) whose writes `_seen` follows."""
 
     def evaluate(self, now: datetime) -> Snapshot:
         """Fold the journal and report everything settled by `now`. Raises StoreError; what
@@ -199,10 +194,7 @@ class Evaluator(Collector):
         self._backlog = bool(left)
         self._results = {k: v for k, v in self._results.items() if k[1] >= oldest}
         self._orders = {k: v for k, v in self._orders.items() if k[1] >= oldest}
-        edge = epoch_ms(oldest) - epoch_ms(oldest) % PARTITION_MS
-        for written in self._seen.values():
-            for ms in [ms for ms in written if ms < edge]:
-                del written[ms]
+        self._following.forget_partitions_before(epoch_ms(oldest) - epoch_ms(oldest) % PARTITION_MS)
         self._evict(oldest)
         snapshot = self._snapshot(now, frontier, merged)
         self._save_tenures()
@@ -269,9 +261,7 @@ class Evaluator(Collector):
         if first:
             # Every result is read next, after these claims: follow each holder from the
             # leases just read (older than that read).
-            for key, lease in self._leases.others.items():
-                self._seen_holder[key] = (lease.owner, lease.epoch)
-                self._seen[key], self._seen_seq[key] = dict(lease.written), lease.seq
+            self._following.start(self._leases.others)
             self._merged = max(self._merged, self._store.load_fold_stamp())
             for key in sorted(ownership.gained):
                 self._fenced(self._leases.renew_key, key)
@@ -281,9 +271,7 @@ class Evaluator(Collector):
         gained: set[str] = set()
         for key in sorted(ownership.gained):
             self._forget(key)
-            self._seen.pop(key, None)
-            self._seen_holder.pop(key, None)
-            self._seen_seq.pop(key, None)
+            self._following.forget(key)
             gained |= self._leases.topics_of(key)
         tenures = None
         if gained:
@@ -297,80 +285,16 @@ class Evaluator(Collector):
             for key in sorted(ownership.gained):
                 # The loads took time: renew before folding, not when the lease runs short.
                 self._fenced(self._leases.renew_key, key)
-        whole: set[str] = set()
-        stale: dict[int, set[str]] = {}
-        seen: dict[str, tuple[tuple[str, int], dict[int, tuple[int, int]], int]] = {}
-        fresh: list[StoredResult] = []
-        unread = [
-            e.renewed or e.expires
-            for key, lease in self._leases.others.items()
-            for e in self._leases.entries(key)
-            if e.seq > self._seen_seq.get(key, 0)
-        ]
-        news = self._store.load_news(min(unread), max(unread)) if unread else {}
-        for key, lease in self._leases.others.items():
-            before = self._seen.get(key, {})
-            if self._seen_holder.get(key) != (lease.owner, lease.epoch):
-                whole |= set(lease.topics)
-            elif not self._told(key, lease, news, fresh):
-                for ms, order in lease.written.items():
-                    if (
-                        ms % PARTITION_MS
-                        or ms + PARTITION_MS <= epoch_ms(oldest)
-                        or ms > epoch_ms(now + PUBLISH_TIME_TOLERANCE)
-                    ):
-                        continue  # not a partition, or one no bucket can be in
-                    if order > before.get(ms, (-1, -1)):
-                        stale.setdefault(ms, set()).update(lease.topics)
-            seen[key] = ((lease.owner, lease.epoch), dict(lease.written), lease.seq)
-        if whole:
-            fresh += self._store.load_results(oldest, whole)
-        if stale:
-            fresh += self._store.load_results(oldest, set().union(*stale.values()), set(stale))
+        others = self._leases.others
+        entries = {key: self._leases.entries(key) for key in others}
+        fresh = self._following.read(others, entries, oldest, now)
         self._keep([r for r in fresh if journal_key(r.result.topic) not in held])
-        for key, (holder, written, seq) in seen.items():
-            self._seen_holder[key], self._seen[key], self._seen_seq[key] = holder, written, seq
         foreign = {t for t, _ in results if journal_key(t) not in held}
         foreign |= {t for t in self._expected.configured_topics if journal_key(t) not in held}
         if foreign:
             self._expected.adopt(
                 tenures if tenures is not None else self._store.load_tenures(), foreign
             )
-
-    def _told(
-        self,
-        key: str,
-        latest: Lease,
-        news: dict[tuple[str, int], list[Any]],
-        fresh: list[StoredResult],
-    ) -> bool:
-        """Take the results the holder of `key` stored since this replica last read, from
-        its lease documents; False when they do not hold them all (one missed, one that
-        could not carry them all): the partitions its lease names are read instead."""
-        assert self._leases is not None
-        last = self._seen_seq.get(key, 0)
-        entries = [
-            e
-            for e in self._leases.entries(key)
-            if (e.owner, e.epoch) == (latest.owner, latest.epoch) and e.seq > last
-        ]
-        if latest.seq < last:
-            return False  # what was read last is not this holder's chain (hostile, or odd)
-        previous = last
-        for entry in entries:
-            told = len(news.get((key, entry.seq), []))
-            if entry.prev != previous or not entry.complete or told != entry.told:
-                return False
-            previous = entry.seq
-        if previous != latest.seq:
-            return False
-        topics = set(latest.topics)
-        for entry in entries:
-            for doc in news.get((key, entry.seq), []):
-                stored = parse_result(doc) if isinstance(doc, dict) else None
-                if stored is not None and stored.result.topic in topics:
-                    fresh.append(stored)
-        return True
 
     def _owns(self, topic: str) -> bool:
         """Whether this replica evaluates `topic`."""
