@@ -10,18 +10,16 @@ PUBLISH_COLLECTION = "PublishRecord"
 RECEIVED_COLLECTION = "ReceivedRecord"
 DEAD_LETTER_COLLECTION = "DeadLetterRecord"
 BUCKET_COLLECTION = "BucketResult"
-STATE_COLLECTION = "EvaluatorState"
+STATE_COLLECTION = "ExporterState"
+"""The exporter's small state, one document each: the fold stamp, subscription tenures
+(`tenure|...`), lease claims (`claim|...`) and replica heartbeats (`replica|...`)."""
 # Missed events a bucket result lists per subscription (the API's default page).
 MISSED_KEPT = 100
 JOURNAL_COLLECTION = "EventJournal"
-TENURE_COLLECTION = "SubscriptionTenure"
 DIGEST_COLLECTION = "BucketDigest"
 LEASE_COLLECTION = "ExporterLease"
-"""Prefix of the lease collections, one per LEASE_SLOT_MS of renewal time."""
-NEWS_COLLECTION = "ExporterNews"
-"""Prefix of the collections of results told with leases, one per LEASE_SLOT_MS."""
-LEASE_CLAIM_COLLECTION = "ExporterLeaseClaim"
-REPLICA_COLLECTION = "ExporterReplica"
+"""Prefix of the lease collections, one per LEASE_SLOT_MS of renewal time: lease documents,
+and the results told with them (news)."""
 
 
 @dataclass(frozen=True, slots=True)

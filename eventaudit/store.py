@@ -64,14 +64,10 @@ from eventaudit.records import (
     DEAD_LETTER_COLLECTION,
     DIGEST_COLLECTION,
     JOURNAL_COLLECTION,
-    LEASE_CLAIM_COLLECTION,
     LEASE_COLLECTION,
-    NEWS_COLLECTION,
     PUBLISH_COLLECTION,
     RECEIVED_COLLECTION,
-    REPLICA_COLLECTION,
     STATE_COLLECTION,
-    TENURE_COLLECTION,
     BucketResult,
     Lease,
     PublishRecord,
@@ -980,6 +976,8 @@ class MongoStore:
         bad = 0
         for name in lease_slots(since, until):
             for doc in self._decoded(name, "topic leases"):
+                if doc is not None and "news" in doc and "leases" not in doc:
+                    continue  # results told with a lease write (load_news)
                 entries = doc.get("leases") if doc is not None else None
                 if not isinstance(entries, list) or len(entries) > MAX_LEASES_PER_DOCUMENT:
                     bad += 1
@@ -1020,23 +1018,23 @@ class MongoStore:
                 if length > NEWS_BYTES:
                     continue  # its readers read the partitions
                 if size + length > NEWS_BYTES:
-                    docs.append({"_id": f"{part[0]['_id']}|{len(docs)}", "renewed": renewed,
+                    docs.append({"_id": f"news|{part[0]['_id']}|{len(docs)}", "renewed": renewed,
                                  "news": []})  # fmt: skip
                     size = 0
                 docs[-1]["news"].append(item)
                 size += length
             try:
                 if docs:
-                    _insert_new(self.db[lease_slot(renewed, NEWS_COLLECTION)], docs, "lease news")
+                    _insert_new(self.db[lease_slot(renewed)], docs, "lease news")
             except (StoreError, InvalidDocument, DocumentTooLarge) as exc:
                 log.warning("lease news not written (read from the partitions): %s", exc)
             doc = {"_id": part[0]["_id"], "renewed": renewed, "leases": part}
             _insert_new(self.db[lease_slot(renewed)], [doc], "topic leases")
 
     def load_news(self, since: datetime, until: datetime) -> dict[tuple[str, int], list[Any]]:
-        """Read the news collections of the slots from `since` to `until` (by name)."""
+        """Read the news documents of the lease slots from `since` to `until` (by name)."""
         found: dict[tuple[str, int], list[Any]] = {}
-        for name in lease_slots(since, until, NEWS_COLLECTION):
+        for name in lease_slots(since, until):
             for doc in self._decoded(name, "lease news"):
                 items = doc.get("news") if doc is not None else None
                 for item in items if isinstance(items, list) else []:
@@ -1055,7 +1053,6 @@ class MongoStore:
         try:
             names = self._collections()
             old = partitions_before(names, LEASE_COLLECTION, before)
-            old += partitions_before(names, NEWS_COLLECTION, before)
             for name in old:
                 self.db.drop_collection(name)
         except PyMongoError as exc:
@@ -1064,16 +1061,16 @@ class MongoStore:
 
     def claim_epoch(self, key: str, epoch: int, owner: str, now: datetime) -> datetime | None:
         """An insert of `key|epoch`: the one claim of it that succeeds."""
-        claims = self.db[LEASE_CLAIM_COLLECTION]
+        claims = self.state
         try:
-            claims.insert_one({"_id": f"{key}|{epoch}", "owner": owner, "claimed": now})
+            claims.insert_one({"_id": f"claim|{key}|{epoch}", "owner": owner, "claimed": now})
             return None
         except DuplicateKeyError:
             pass
         except PyMongoError as exc:
             raise StoreError(f"could not claim a topic lease: {exc}") from exc
         try:
-            doc = claims.find_one({"_id": f"{key}|{epoch}"})
+            doc = claims.find_one({"_id": f"claim|{key}|{epoch}"})
         except PyMongoError as exc:
             raise StoreError(f"could not read a topic lease claim: {exc}") from exc
         claimed = doc.get("claimed") if doc else None
@@ -1083,7 +1080,7 @@ class MongoStore:
     def epoch_claimed(self, key: str, epoch: int) -> datetime | None:
         """One lookup by `_id` (pushed down to SQLite on FerretDB too)."""
         try:
-            doc = self.db[LEASE_CLAIM_COLLECTION].find_one({"_id": f"{key}|{epoch}"})
+            doc = self.state.find_one({"_id": f"claim|{key}|{epoch}"})
         except PyMongoError as exc:
             raise StoreError(f"could not read a topic lease claim: {exc}") from exc
         if doc is None:
@@ -1096,9 +1093,9 @@ class MongoStore:
         change)."""
         if not pairs:
             return []
-        ids = {f"{key}|{epoch}": (key, epoch) for key, epoch in pairs}
+        ids = {f"claim|{key}|{epoch}": (key, epoch) for key, epoch in pairs}
         try:
-            found = self.db[LEASE_CLAIM_COLLECTION].find({"_id": {"$in": sorted(ids)}}, {"_id": 1})
+            found = self.state.find({"_id": {"$in": sorted(ids)}}, {"_id": 1})
             return sorted(ids[d["_id"]] for d in found if d.get("_id") in ids)
         except PyMongoError as exc:
             raise StoreError(f"could not read topic lease claims: {exc}") from exc
@@ -1106,8 +1103,10 @@ class MongoStore:
     def save_replica(self, replica: str, expires: datetime) -> None:
         """Upsert this replica's heartbeat."""
         try:
-            self.db[REPLICA_COLLECTION].replace_one(
-                {"_id": replica}, {"_id": replica, "expires": expires}, upsert=True
+            self.state.replace_one(
+                {"_id": f"replica|{replica}"},
+                {"_id": f"replica|{replica}", "expires": expires},
+                upsert=True,
             )
         except PyMongoError as exc:
             raise StoreError(f"could not store a replica heartbeat: {exc}") from exc
@@ -1115,17 +1114,17 @@ class MongoStore:
     def load_replicas(self) -> dict[str, datetime]:
         """Every replica's heartbeat."""
         out = {}
-        for doc in self._decoded(REPLICA_COLLECTION, "replica heartbeats"):
+        for doc in self._state("replica|", "replica heartbeats"):
             replica, expires = (doc or {}).get("_id"), (doc or {}).get("expires")
             if isinstance(replica, str) and isinstance(expires, datetime) and expires.tzinfo:
-                out[replica] = expires
+                out[replica.removeprefix("replica|")] = expires
         return out
 
     def load_tenures(self) -> list[Tenure]:
-        """Every stored subscription tenure (a small collection: one per subscription)."""
+        """Every stored subscription tenure (one small document per subscription)."""
         tenures = [
             Tenure.from_document(d) if d is not None else None
-            for d in self._decoded(TENURE_COLLECTION, "subscription tenures")
+            for d in self._state("tenure|", "subscription tenures")
         ]
         if None in tenures:
             log.error("%d unreadable subscription tenures skipped", tenures.count(None))
@@ -1138,16 +1137,22 @@ class MongoStore:
         try:
             for t in tenures:
                 doc = {**t.to_document(), "epoch": epoch}
+                doc["_id"] = f"tenure|{doc['_id']}"
                 newer = {"$or": [{"epoch": {"$lte": epoch}}, {"epoch": {"$exists": False}}]}
                 try:
-                    self.db[TENURE_COLLECTION].replace_one(
-                        {"_id": doc["_id"], **newer}, doc, upsert=True
-                    )
+                    self.state.replace_one({"_id": doc["_id"], **newer}, doc, upsert=True)
                 except DuplicateKeyError:
                     refused.append(t)
         except PyMongoError as exc:
             raise StoreError(f"could not store subscription tenures: {exc}") from exc
         return refused
+
+    def _state(self, kind: str, what: str) -> Iterator[dict[str, Any] | None]:
+        """The state documents of one kind (`_id` prefix), each decoded (None: undecodable)."""
+        for doc in self._decoded(STATE_COLLECTION, what):
+            name = doc.get("_id") if doc is not None else kind
+            if isinstance(name, str) and name.startswith(kind):
+                yield doc
 
     def load_fold_stamp(self) -> int:
         """The highest fold stamp stored (one read by `_id`)."""

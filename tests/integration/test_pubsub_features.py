@@ -257,7 +257,7 @@ def test_subscriptions_created_and_deleted_while_traffic_flows(
         _create_subscription(topic, new)
         seen = datetime.now(UTC)
         _evaluate(exporter, store, seen)  # the listing shows `new` from here
-        tenure = store.db["SubscriptionTenure"].find_one({"subscription": new})
+        tenure = store.db["ExporterState"].find_one({"_id": f"tenure|{topic}|{new}"})
         assert tenure is not None and seen - timedelta(seconds=1) <= tenure["since"] <= seen
         time.sleep((seen + NEW_SUBSCRIPTION_MARGIN + BUCKET - datetime.now(UTC)).total_seconds())
         with audited_subscriber(store, topic, new):
@@ -277,7 +277,7 @@ def test_subscriptions_created_and_deleted_while_traffic_flows(
     with pubsub_v1.SubscriberClient() as client:
         client.delete_subscription(subscription=client.subscription_path(PROJECT, new))
     _evaluate(exporter, store, settled + timedelta(seconds=1))  # the listing no longer has it
-    tenure = store.db["SubscriptionTenure"].find_one({"subscription": new})
+    tenure = store.db["ExporterState"].find_one({"_id": f"tenure|{topic}|{new}"})
     assert tenure is not None and tenure["until"] is not None
     _evaluate(exporter, store, settled + timedelta(seconds=10))  # past its last listed moment
     assert _gauges(exporter, topic, new)["completion_rate"] is None

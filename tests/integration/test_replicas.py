@@ -198,7 +198,7 @@ def test_a_killed_holders_topics_are_taken_over_and_every_event_counted_once(
         wait_for(lambda: c.lease(topic).epoch > before.epoch, 3 * LEASE, "a new holder")
         time.sleep(3)
     after = c.lease(topic)
-    claim = c.store.db["ExporterLeaseClaim"].find_one({"_id": f"{after.key}|{after.epoch}"})
+    claim = c.store.db["ExporterState"].find_one({"_id": f"claim|{after.key}|{after.epoch}"})
     assert claim is not None
     takeover = (claim["claimed"] - killed).total_seconds()
     first = min(
@@ -291,7 +291,7 @@ def test_ferretdb_enforces_what_fencing_relies_on(store: MongoStore) -> None:
     assert store.claim_epoch(key, 1, "a", now) is None
     assert store.claim_epoch(key, 1, "b", now) == now  # taken, and when
     assert store.epoch_claimed(key, 1) and not store.epoch_claimed(key, 2)
-    store.db["ExporterLeaseClaim"].insert_one({"_id": f"{key}|2", "claimed": "soon"})
+    store.db["ExporterState"].insert_one({"_id": f"claim|{key}|2", "claimed": "soon"})
     assert store.claim_epoch(key, 2, "b", now) == datetime(1970, 1, 1, tzinfo=UTC)  # stale
     # Lease documents are inserted; the latest epoch of a key counts, then the latest write,
     # whatever order they were written in (a paused holder's late renewal changes nothing).

@@ -271,13 +271,17 @@ def test_stored_tenures_read_back_and_hostile_ones_are_skipped(store: MongoStore
     gone = Tenure("topic-a", "sub-b", None, T0, "", None, T0)
     store.save_tenures([good, gone])
     store.save_tenures([good])  # replaced by `_id`, not added
-    tenures = store.db["SubscriptionTenure"]
-    tenures.insert_one({"_id": "x|undecodable", "topic": "x", "subscription": "y",
-                        "since": DatetimeMS(2**62)})  # fmt: skip
-    tenures.insert_one({"_id": "x|far", "topic": "x", "subscription": "y",
-                        "since": datetime(9999, 12, 31, tzinfo=UTC)})  # fmt: skip
-    tenures.insert_one({"_id": "x|typed", "topic": 7, "subscription": "y"})
+    state = store.db["ExporterState"]  # tenures beside the fold stamp, claims and heartbeats
+    state.insert_one({"_id": "tenure|x|undecodable", "topic": "x", "subscription": "y",
+                      "since": DatetimeMS(2**62)})  # fmt: skip
+    state.insert_one({"_id": "tenure|x|far", "topic": "x", "subscription": "y",
+                      "since": datetime(9999, 12, 31, tzinfo=UTC)})  # fmt: skip
+    state.insert_one({"_id": "tenure|x|typed", "topic": 7, "subscription": "y"})
+    store.save_fold_stamp(7)
+    store.save_replica("r0", T0)
+    assert store.claim_epoch("000000000001", 1, "r0", T0) is None
     assert sorted(store.load_tenures(), key=lambda t: t.subscription) == [good, gone]
+    assert store.load_replicas() == {"r0": T0}
 
 
 @pytest.mark.parametrize(
