@@ -404,7 +404,7 @@ def bench_exporter(uri: str, sizes: list[int], ferret_pid: int) -> None:
     results = {}
     for stored in sizes:
         store = MongoStore(uri, f"bench_exporter_{stored}", timeout_seconds=60)
-        store.ensure_indexes()
+        store.ping()
         results[stored] = _exporter_case(store, stored, now)
         r = results[stored]
         print(
@@ -424,7 +424,7 @@ def bench_exporter(uri: str, sizes: list[int], ferret_pid: int) -> None:
     )
     # A burst: 100,000 events written at once (a publisher flushing after an outage).
     store = MongoStore(uri, "bench_exporter_burst", timeout_seconds=60)
-    store.ensure_indexes()
+    store.ping()
     burst = [
         _ms(now - timedelta(seconds=40) - timedelta(minutes=5) * (i / 100_000))
         for i in range(100_000)
@@ -479,7 +479,7 @@ def main() -> None:
             store = MongoStore(
                 f"mongodb://127.0.0.1:{fport}/", f"bench_{which}", timeout_seconds=30
             )
-            store.ensure_indexes()
+            store.ping()
             if which == "publisher":
                 bench_publisher(store, args.events)
             elif which == "subscriber":

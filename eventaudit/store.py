@@ -41,6 +41,7 @@ from eventaudit.journal import (
     journal_documents,
     parse_journal_document,
 )
+from eventaudit.journal_reader import JournalReader
 from eventaudit.partitions import (
     PARTITION_MS,
     RECORD_PREFIXES,
@@ -121,16 +122,9 @@ class ReceiptStore(Protocol):
 class EvaluatorStore(Protocol):
     """What the exporter's evaluator reads and keeps its results in."""
 
-    @property
-    def journal_stragglers(self) -> bool:
-        """Whether a writer's journal insert can land in a collection after it was taken (an
-        insert racing the rename, as on FerretDB; never on MongoDB, whose rename excludes
-        inserts): taken collections are then counted again shortly after they were read."""
-        ...
-
-    def take_journal(self, now: datetime, keys: Collection_[str] | None = None) -> list[str]:
-        """Take what writers journaled so far for the journal `keys` (None: all); return every
-        taken journal collection of those keys not dropped yet, oldest first."""
+    def journal_reader(self, monotonic: Callable[[], float]) -> JournalReader:
+        """What is new in the journal, for one process (its monotonic clock times the
+        journal's housekeeping): take it, read it, say it is folded."""
         ...
 
     def journal_keys(self) -> set[str]:
@@ -139,23 +133,6 @@ class EvaluatorStore(Protocol):
 
     def append_journal(self, entries: Sequence[JournalEntry], now: datetime) -> None:
         """Journal these entries, each under its topic's journal key."""
-        ...
-
-    def read_journal(self, name: str) -> Iterator[JournalBatch]:
-        """Every document of a taken journal collection, in insertion order."""
-        ...
-
-    def count_journal(self, name: str) -> int:
-        """How many documents a taken journal collection holds (writers only ever add)."""
-        ...
-
-    def mark_folded(self, name: str, documents: int) -> str:
-        """Name a taken journal collection folded, with how many documents it held; the new
-        name."""
-        ...
-
-    def drop_journal(self, name: str) -> None:
-        """Drop a folded, taken journal collection."""
         ...
 
     def load_digest(self, topic: str, start: datetime) -> BucketDigest:
@@ -177,11 +154,6 @@ class EvaluatorStore(Protocol):
         """The highest fold stamp any evaluation may have stored in a digest (0 if none)."""
         ...
 
-    def prune_buckets(self, before: datetime) -> dict[str, int]:
-        """Drop the digests and results of buckets before `before` (whole partitions);
-        counts per kind."""
-        ...
-
     def save_fold_stamp(self, stamp: int) -> None:
         """Remember `stamp` before digests carrying it are stored."""
         ...
@@ -193,10 +165,6 @@ class EvaluatorStore(Protocol):
     def save_tenures(self, tenures: Sequence[Tenure], epoch: int = 0) -> list[Tenure]:
         """Store these tenures (each replaces the one of its topic and subscription) unless
         one was stored under a later lease `epoch`; return those refused so."""
-        ...
-
-    def load_bucket_results(self, since: datetime) -> list[BucketResult]:
-        """The latest stored version of each bucket evaluation with bucketStart >= since."""
         ...
 
     def load_results(
@@ -279,8 +247,8 @@ class ExporterStore(EvaluatorStore, Protocol):
 class AuditStore(PublishRecordStore, ReceiptStore, ExporterStore, Protocol):
     """The whole audit store interface; MongoStore and the tests' MemoryStore implement it."""
 
-    def ensure_indexes(self) -> None:
-        """Create what the queries rely on (idempotent)."""
+    def ping(self) -> None:
+        """Raise StoreError unless the store answers (a service checks it at start)."""
         ...
 
     def close(self) -> None:
@@ -557,9 +525,18 @@ class MongoStore:
                 return True
         return self._stragglers
 
-    def ensure_indexes(self) -> None:
-        """Nothing needs an index beyond `_id`: records are read by `_id` within their hour,
-        digests by `digest` (indexed per partition as it is created)."""
+    def ping(self) -> None:
+        """Raise StoreError unless the server answers. Nothing needs an index beyond `_id`:
+        records are read by `_id` within their hour, digests by `digest` (indexed per
+        partition as it is created)."""
+        try:
+            self._client.admin.command("ping")
+        except PyMongoError as exc:
+            raise StoreError(f"the audit store does not answer: {exc}") from exc
+
+    def journal_reader(self, monotonic: Callable[[], float]) -> JournalReader:
+        """The journal's take, read and folded, over this store's journal collections."""
+        return JournalReader(self, monotonic)
 
     # -- writers -------------------------------------------------------------------------
 
@@ -1177,7 +1154,7 @@ class MongoStore:
 
     # -- retention -------------------------------------------------------------------------
 
-    def prune_buckets(self, before: datetime) -> dict[str, int]:
+    def _prune_buckets(self, before: datetime) -> dict[str, int]:
         """Drop the digest and result partitions whose every bucket starts before `before`
         (out of every window). Returns how many collections were dropped, per kind."""
         try:
@@ -1227,7 +1204,7 @@ class MongoStore:
                 for name in old:
                     self.db.drop_collection(name)
                 counts[prefix] = len(old)
-            counts.update(self.prune_buckets(cutoff))
+            counts.update(self._prune_buckets(cutoff))
         except PyMongoError as exc:
             raise StoreError(f"retention failed: {exc}") from exc
         return counts

@@ -89,7 +89,7 @@ def unique(prefix: str) -> str:
 def store(ferret: Ferret) -> Iterator[MongoStore]:
     """A store on a fresh database of the shared FerretDB."""
     s = MongoStore(ferret.uri, unique("db").replace("-", "_"), timeout_seconds=5)
-    s.ensure_indexes()
+    s.ping()
     yield s
     s.close()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -24,6 +24,7 @@ from eventaudit.journal import (
     journal_documents,
     parse_journal_document,
 )
+from eventaudit.journal_reader import JournalReader
 from eventaudit.partitions import (
     PARTITION_MS,
     bucket_partition,
@@ -218,6 +219,9 @@ class MemoryStore:
             self.journals.setdefault(name, {})[doc["_id"]] = doc
 
     # -- exporter ----------------------------------------------------------------------------
+
+    def journal_reader(self, monotonic: Callable[[], float]) -> JournalReader:
+        return JournalReader(self, monotonic)
 
     def take_journal(self, now: datetime, keys: Collection[str] | None = None) -> list[str]:
         def wanted(name: str) -> bool:
@@ -445,7 +449,7 @@ class MemoryStore:
             self._check()
             self.fold_stamp = max(self.fold_stamp, stamp)
 
-    def prune_buckets(self, before: datetime) -> dict[str, int]:
+    def _prune_buckets(self, before: datetime) -> dict[str, int]:
         """Drops whole partitions, like MongoStore: counts collections, not documents."""
         with self._lock:
             self._check()
@@ -480,10 +484,10 @@ class MemoryStore:
                 for k in gone:
                     del table[k]
                 counts[name] = len(old)  # hours dropped, like MongoStore
-        counts.update(self.prune_buckets(cutoff))
+        counts.update(self._prune_buckets(cutoff))
         return counts
 
-    def ensure_indexes(self) -> None:
+    def ping(self) -> None:
         """Nothing to index in memory."""
 
     def close(self) -> None:

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_start_failure("exporter"):
         store = MongoStore(settings.mongo_uri, settings.database, settings.store_timeout_seconds)
         try:
-            store.ensure_indexes()
+            store.ping()
         except StoreError as exc:
             log.error(
                 "audit store unavailable at start (eventaudit_up stays 0 until it is): %s", exc

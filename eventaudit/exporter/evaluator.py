@@ -43,7 +43,7 @@ from eventaudit.exporter.snapshot import (
 )
 from eventaudit.exporter.subscriptions import Expectation, ExpectedSubscriptions
 from eventaudit.journal import BucketDigest, JournalBatch, JournalEntry
-from eventaudit.journal_reader import JournalReader, Taken
+from eventaudit.journal_reader import Taken
 from eventaudit.partitions import (
     PARTITION_MS,
     journal_key,
@@ -121,7 +121,7 @@ class Evaluator(Collector):
         self._cached_events = 0
         self._growth = 0
         """Entries folded since the cache was last measured (an upper bound of its growth)."""
-        self._journal = JournalReader(store, monotonic)
+        self._journal = store.journal_reader(monotonic)
         self._saves = 0
         self._leases = leases
         self._orders: dict[BucketKey, tuple[int, int]] = {}

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = PublisherMetrics(registry)
         store = MongoStore(settings.mongo_uri, settings.database, settings.store_timeout_seconds)
         try:
-            store.ensure_indexes()
+            store.ping()
         except StoreError as exc:
             # The business path must not depend on the audit store: start anyway, buffer records.
             log.warning("audit store unavailable at start, records will be buffered: %s", exc)

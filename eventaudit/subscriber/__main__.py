@@ -237,7 +237,7 @@ def _open_store(settings: SubscriberSettings) -> MongoStore:
             f"--mongo-uri rejected by the MongoDB driver ({type(exc).__name__})"
         ) from None
     try:
-        store.ensure_indexes()
+        store.ping()
     except StoreError as exc:
         # Unrecorded messages are nacked, so starting without the store loses nothing.
         log.warning("audit store unavailable at start: %s", exc)

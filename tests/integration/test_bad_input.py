@@ -510,7 +510,7 @@ def test_a_retried_identical_batch_is_written_once(store) -> None:
 
 
 def test_records_live_in_hourly_collections_indexed_by_id_alone(store) -> None:
-    store.ensure_indexes()
+    store.ping()
     store.insert_publish_records(
         [PublishRecord("e1", "t" * 32, "topic-a", "{}", "m1", utc_now_ms())], utc_now_ms()
     )

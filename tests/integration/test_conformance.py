@@ -7,18 +7,25 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
 from eventaudit.contract import epoch_ms
 from eventaudit.journal import BucketDigest, JournalEntry
+from eventaudit.journal_reader import JournalCollections
 from eventaudit.partitions import journal_key
 from eventaudit.records import BucketCounts, BucketResult, Lease, PublishRecord, Receipt, Tenure
 from eventaudit.store import AuditStore, MongoStore
 from tests.conftest import Ferret, unique
 from tests.fakes import MemoryStore
 from tests.sim.world import Records, memory_records, mongo_records
+
+
+class Store(AuditStore, JournalCollections, Protocol):
+    """The store's interface and the journal collections behind its journal reader: both
+    stores conform to both."""
+
 
 # Ten seconds before an hour boundary.
 T0 = datetime(2026, 11, 29, 12, 59, 50, tzinfo=UTC)
@@ -27,14 +34,14 @@ TOPIC, SUB = "orders", "orders-billing"
 
 
 @pytest.fixture(params=["memory", "ferretdb"])
-def pair(request: pytest.FixtureRequest) -> Iterator[tuple[AuditStore, Records]]:
+def pair(request: pytest.FixtureRequest) -> Iterator[tuple[Store, Records]]:
     if request.param == "memory":
         memory = MemoryStore()
         yield memory, memory_records(memory)
         return
     ferret: Ferret = request.getfixturevalue("ferret")
     mongo = MongoStore(ferret.uri, unique("db").replace("-", "_"), timeout_seconds=5)
-    mongo.ensure_indexes()
+    mongo.ping()
     yield mongo, mongo_records(mongo)
     mongo.close()
 
@@ -47,7 +54,7 @@ def _receipt(event_id: str, at: datetime, delivered: datetime, sub: str = SUB) -
     return Receipt(sub, event_id, TOPIC, None, "m", at, at, delivered)
 
 
-def _entries(store: AuditStore, now: datetime) -> list[str]:
+def _entries(store: Store, now: datetime) -> list[str]:
     """Every journal entry written so far, taken and read back, sorted."""
     names = store.take_journal(now)
     return sorted(e.to_document() for n in names for b in store.read_journal(n) for e in b.entries)
@@ -65,7 +72,7 @@ def _records(records: Records) -> tuple[list[tuple[Any, ...]], list[tuple[Any, .
 
 
 def test_one_event_id_published_in_two_hours_and_delivered_in_one_batch_is_two_receipts(
-    pair: tuple[AuditStore, Records],
+    pair: tuple[Store, Records],
 ) -> None:
     store, records = pair
     store.insert_publish_records([_publish("e1", T0, message="m1")], T0)
@@ -87,7 +94,7 @@ def test_one_event_id_published_in_two_hours_and_delivered_in_one_batch_is_two_r
 
 
 def test_redeliveries_within_and_across_batches_count_on_one_receipt(
-    pair: tuple[AuditStore, Records],
+    pair: tuple[Store, Records],
 ) -> None:
     store, records = pair
     store.record_receipts([_receipt("e1", T0, T0), _receipt("e1", T0, T0)], T0)
@@ -100,7 +107,7 @@ def test_redeliveries_within_and_across_batches_count_on_one_receipt(
 
 
 def test_a_publish_again_within_the_hour_is_refused_and_journals_an_alias(
-    pair: tuple[AuditStore, Records],
+    pair: tuple[Store, Records],
 ) -> None:
     store, records = pair
     later = T0 - timedelta(seconds=15)
@@ -126,7 +133,7 @@ def test_a_publish_again_within_the_hour_is_refused_and_journals_an_alias(
 
 
 def test_a_dead_letter_keeps_its_first_record_and_is_journaled_each_time(
-    pair: tuple[AuditStore, Records],
+    pair: tuple[Store, Records],
 ) -> None:
     store, records = pair
     letter = Receipt(SUB, "e1", TOPIC, None, "m", T0, T0, T0, 5, "orders-dead")
@@ -143,7 +150,7 @@ def test_a_dead_letter_keeps_its_first_record_and_is_journaled_each_time(
 
 
 def test_the_journal_is_taken_read_counted_marked_and_dropped(
-    pair: tuple[AuditStore, Records],
+    pair: tuple[Store, Records],
 ) -> None:
     store, _ = pair
     store.append_journal([JournalEntry(TOPIC, "e1", epoch_ms(T0))], T0)
@@ -164,7 +171,7 @@ def test_the_journal_is_taken_read_counted_marked_and_dropped(
 
 
 def test_digests_read_back_as_the_union_of_their_deltas(
-    pair: tuple[AuditStore, Records],
+    pair: tuple[Store, Records],
 ) -> None:
     store, _ = pair
     start = datetime(2026, 11, 29, 12, 59, 50, tzinfo=UTC)
@@ -189,7 +196,7 @@ def test_digests_read_back_as_the_union_of_their_deltas(
 
 
 def test_the_highest_epoch_then_version_of_a_result_stands(
-    pair: tuple[AuditStore, Records],
+    pair: tuple[Store, Records],
 ) -> None:
     store, _ = pair
 
@@ -208,7 +215,7 @@ def test_the_highest_epoch_then_version_of_a_result_stands(
     assert store.load_results(T0 - timedelta(minutes=1), {"users"}) == []
 
 
-def test_the_fold_stamp_only_grows(pair: tuple[AuditStore, Records]) -> None:
+def test_the_fold_stamp_only_grows(pair: tuple[Store, Records]) -> None:
     store, _ = pair
     assert store.load_fold_stamp() == 0
     store.save_fold_stamp(1795953600000)
@@ -216,7 +223,7 @@ def test_the_fold_stamp_only_grows(pair: tuple[AuditStore, Records]) -> None:
     assert store.load_fold_stamp() == 1795953600000
 
 
-def test_a_tenure_of_an_earlier_epoch_is_refused(pair: tuple[AuditStore, Records]) -> None:
+def test_a_tenure_of_an_earlier_epoch_is_refused(pair: tuple[Store, Records]) -> None:
     store, _ = pair
     tenure = Tenure(TOPIC, SUB, T0)
     assert store.save_tenures([tenure], epoch=2) == []
@@ -225,7 +232,7 @@ def test_a_tenure_of_an_earlier_epoch_is_refused(pair: tuple[AuditStore, Records
     assert store.load_tenures() == [tenure]
 
 
-def test_exactly_one_claim_of_an_epoch_succeeds(pair: tuple[AuditStore, Records]) -> None:
+def test_exactly_one_claim_of_an_epoch_succeeds(pair: tuple[Store, Records]) -> None:
     store, _ = pair
     key = journal_key(TOPIC)
     assert store.claim_epoch(key, 1, "a", T0) is None
@@ -235,7 +242,7 @@ def test_exactly_one_claim_of_an_epoch_succeeds(pair: tuple[AuditStore, Records]
     assert store.claimed_epochs([(key, 1), (key, 2)]) == [(key, 1)]
 
 
-def test_leases_and_replicas_read_back(pair: tuple[AuditStore, Records]) -> None:
+def test_leases_and_replicas_read_back(pair: tuple[Store, Records]) -> None:
     store, _ = pair
     key = journal_key(TOPIC)
     first = Lease(key, 1, "a", T0 + timedelta(seconds=30), (TOPIC,), renewed=T0, seq=1)
@@ -249,7 +256,7 @@ def test_leases_and_replicas_read_back(pair: tuple[AuditStore, Records]) -> None
     assert store.load_replicas() == {"a": T1}
 
 
-def test_records_are_found_by_id_within_their_hour(pair: tuple[AuditStore, Records]) -> None:
+def test_records_are_found_by_id_within_their_hour(pair: tuple[Store, Records]) -> None:
     store, _ = pair
     store.insert_publish_records([_publish("e1", T0)], T0)
     store.record_receipts([_receipt("e1", T0, T0)], T0)
@@ -261,7 +268,7 @@ def test_records_are_found_by_id_within_their_hour(pair: tuple[AuditStore, Recor
 
 
 def test_retention_drops_whole_hours_of_records_and_old_buckets(
-    pair: tuple[AuditStore, Records],
+    pair: tuple[Store, Records],
 ) -> None:
     store, records = pair
     old = T0 - timedelta(hours=2)
@@ -275,7 +282,7 @@ def test_retention_drops_whole_hours_of_records_and_old_buckets(
 
 
 def test_both_stores_say_a_journal_insert_can_land_after_a_take(
-    pair: tuple[AuditStore, Records],
+    pair: tuple[Store, Records],
 ) -> None:
     # FerretDB's insert can commit into a collection renamed after it looked it up; the fake
     # plays that race too. (MongoDB's rename excludes inserts: False there.)

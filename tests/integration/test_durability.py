@@ -202,7 +202,8 @@ def test_retention_never_deletes_a_record_published_after_the_cutoff(
     }
     kept = sorted(event for event, *_, is_deleted in RETENTION_BOUNDARIES if not is_deleted)
     assert _event_ids(audit_store) == (kept, kept)
-    assert sorted(r.start for r in audit_store.load_bucket_results(CUTOFF - timedelta(days=1))) == [
+    since = CUTOFF - timedelta(days=1)
+    assert sorted(r.result.start for r in audit_store.load_results(since)) == [
         CUTOFF,
         CUTOFF + timedelta(seconds=1),  # 1 s buckets
         CUTOFF + TOLERANCE - timedelta(seconds=1),
@@ -214,7 +215,7 @@ def test_publisher_buffer_overflow_is_counted_and_the_rest_recovers(
 ) -> None:
     topic, _ = topic_factory(1)
     store = MongoStore(private_ferret.uri, unique("db").replace("-", "_"), timeout_seconds=1)
-    store.ensure_indexes()
+    store.ping()
     with audited_publisher(store, capacity=5) as pub:
         private_ferret.stop()
         events = [pub.publisher.publish(topic, {"n": i}) for i in range(12)]

@@ -20,7 +20,7 @@ from tests.integration.harness import (
 def test_store_outage_loses_nothing(private_ferret, topic_factory) -> None:
     topic, (sub,) = topic_factory(1)
     store = MongoStore(private_ferret.uri, unique("db").replace("-", "_"), timeout_seconds=1)
-    store.ensure_indexes()
+    store.ping()
     exporter = exporter_kit(store, [topic])
     loop = EvaluationLoop(exporter.evaluator, exporter.state, store, BUCKET, timedelta(days=1))
     events = []

@@ -32,7 +32,7 @@ def test_a_full_batch_of_redeliveries_is_written(private_ferret: Ferret) -> None
     # redeliveries, 500 by default.
     store = MongoStore(private_ferret.uri, "eventaudit_test", timeout_seconds=5)
     try:
-        store.ensure_indexes()
+        store.ping()
         store.record_receipts(_receipts(500, T0), T0)
         later = T0 + timedelta(seconds=30)
         store.record_receipts(_receipts(500, later), later)
