@@ -14,7 +14,6 @@ windows sum the stored results of settled buckets.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import threading
@@ -33,6 +32,7 @@ from eventaudit.exporter.buckets import (
     settled_frontier,
 )
 from eventaudit.exporter.clocks import SteppedClock
+from eventaudit.exporter.fold import JOURNAL_OUTCOMES, FoldRules, fold
 from eventaudit.exporter.following import Following
 from eventaudit.exporter.leases import Fenced, Leases
 from eventaudit.exporter.snapshot import (
@@ -42,7 +42,7 @@ from eventaudit.exporter.snapshot import (
     subscription_window,
 )
 from eventaudit.exporter.subscriptions import Expectation, ExpectedSubscriptions
-from eventaudit.journal import BucketDigest, JournalBatch, JournalEntry
+from eventaudit.journal import BucketDigest, JournalBatch
 from eventaudit.journal_reader import Taken
 from eventaudit.partitions import (
     PARTITION_MS,
@@ -64,11 +64,6 @@ log = logging.getLogger(__name__)
 JOURNAL_BATCHES_PER_ROUND = 50
 # Digests kept in memory between evaluations: the buckets most new records fall in.
 CACHE_EVENTS = 200_000
-JOURNAL_OUTCOMES = ("folded", "too_old", "too_new", "malformed", "misfiled")
-# How much older than any window a late entry's bucket may be and still be folded into its
-# stored digest (counted `too_old` beyond): every stored result stays right for whichever
-# replica serves it (a longer window, a clock behind), at one digest read per such bucket.
-LATE_FOLD_MS = 24 * 3_600_000
 _SAVES = 1_000_000  # result versions per fold stamp
 
 
@@ -106,6 +101,7 @@ class Evaluator(Collector):
         self._bucket = bucket
         self._settle = settle
         self._span = self._windows[-1].length
+        self._rules = FoldRules(bucket, settle, self._span)
         self._round = round_batches
         self._budget = (budget if budget is not None else bucket / 2).total_seconds()
         self._monotonic = monotonic
@@ -377,92 +373,18 @@ class Evaluator(Collector):
         in digests, then the results that changed. An entry of a topic of another key is
         counted `misfiled`: the replica holding that key's lease may be writing its bucket."""
         assert self._results is not None
-        results_held = self._results
-        touched: dict[BucketKey, BucketDigest] = {}
-        changed: set[BucketKey] = set()
-        counts = dict.fromkeys(JOURNAL_OUTCOMES, 0)
-        first_receipts: dict[tuple[str, str], int] = {}
-        oldest, newest = (epoch_ms(t) for t in span)
-        bucket_ms = self._bucket // timedelta(milliseconds=1)
-        starts: dict[int, datetime] = {}  # bucket start in ms -> as a datetime, made once
-        topics: set[str] = set()
-        misfiled: list[JournalEntry] = []
-
-        def bounds(written: datetime | None) -> tuple[int, int]:
-            """Buckets (ms) an entry is folded in: too old, or too far ahead, both by this
-            clock and by its writer's when it wrote (a clock of this process stepped, or
-            started, far off drops nothing); late entries up to LATE_FOLD_MS."""
-            if written is None:
-                return oldest - LATE_FOLD_MS, newest
-            settled = settled_frontier(written, self._settle, self._bucket)
-            return (
-                min(oldest, epoch_ms(settled - self._span)) - LATE_FOLD_MS,
-                max(newest, epoch_ms(written + PUBLISH_TIME_TOLERANCE)),
-            )
-
-        def fold(entry: JournalEntry, floor: int, ceiling: int, outcome: bool = True) -> None:
-            """Fold one entry; `outcome`: count it (an entry read from the journal)."""
-            start_ms = entry.publish_ms - entry.publish_ms % bucket_ms
-            if start_ms < floor or start_ms > ceiling:
-                if outcome:  # no window reaches its bucket, or a clock far ahead (not ours)
-                    counts["too_old" if start_ms < floor else "too_new"] += 1
-                return
-            if (
-                entry.alias_of is not None
-                and entry.alias_of - entry.alias_of % bucket_ms == start_ms
-            ):
-                counts["folded"] += outcome  # published again within its own bucket
-                return
-            start = starts.get(start_ms) or starts.setdefault(start_ms, from_epoch_ms(start_ms))
-            key = (entry.topic, start)
-            digest = touched.get(key) or self._digests.get(key)
-            if digest is None:
-                known = results_held.get(key)
-                if known is None and start_ms < oldest:
-                    # A late entry for a bucket no window of this process reaches any more:
-                    # its stored digest (if any) takes it, so its stored result is right for
-                    # whichever replica still serves it (a clock behind, a longer window).
-                    digest = self._store.load_digest(entry.topic, start)
-                elif known is None:
-                    # No result, so no digest either, but one a fold stored before failing
-                    # (its entries are still in the journal, being folded again now).
-                    digest = BucketDigest(entry.topic, start)
-                else:
-                    digest = self._store.load_digest(entry.topic, start)
-            touched[key] = digest
-            if digest.merge(entry, merged):
-                changed.add(key)
-            if entry.subscription is not None and not entry.dead_letter:
-                sub_key = (entry.topic, entry.subscription)
-                first_receipts[sub_key] = min(
-                    first_receipts.get(sub_key, entry.publish_ms), entry.publish_ms
-                )
-            counts["folded"] += outcome
-
-        for batch in batches:
-            counts["malformed"] += batch.malformed
-            floor, ceiling = bounds(batch.written)
-            for entry in batch.entries:
-                if entry.topic not in topics:
-                    if _key_of(entry.topic) != journal:
-                        misfiled.append(entry)
-                        continue
-                    topics.add(entry.topic)
-                fold(entry, floor, ceiling)
-        # Deliveries of a message published again (a caller's retry) count for the event of
-        # the stored record, in its bucket: moved there whichever of the two came first.
-        floor, ceiling = bounds(None)
-        for digest in [d for d in touched.values() if d.aliases]:
-            for entry in digest.forwards():
-                fold(entry, floor, ceiling, outcome=False)  # read once, counted once
-        for (topic, sub), ms in first_receipts.items():
+        folded = fold(
+            batches, journal, self._rules, span, merged, self._digests, self._results,
+            self._store.load_digest,
+        )  # fmt: skip
+        touched, changed, counts = folded.touched, folded.changed, folded.counts
+        for (topic, sub), ms in folded.first_receipts.items():
             self._expected.saw_receipt(topic, sub, from_epoch_ms(ms))
-        if misfiled:
+        if folded.misfiled:
             # Not written by eventaudit's writers: journaled again under its topic's key, for
             # the replica that holds that key's lease (counted and logged).
-            counts["misfiled"] += len(misfiled)
-            self._store.append_journal(misfiled, now)
-        if self._leases is not None and self._leases.saw_topics(journal, topics):
+            self._store.append_journal(folded.misfiled, now)
+        if self._leases is not None and self._leases.saw_topics(journal, folded.topics):
             self._leases.renew_key(journal)  # a new topic is named before anything of it is
         filters = {topic: self._expected.filters(topic) for topic in {t for t, _ in touched}}
         results = {key: digest.result(filters[key[0]]) for key, digest in touched.items()}
@@ -640,11 +562,6 @@ class Evaluator(Collector):
         # up to a fifth of the lease); never more than a lease ahead (a clock far off).
         holders = settled_frontier(lease.renewed, self._settle, self._bucket)
         return min(holders, frontier + self._leases.lease)
-
-
-@functools.lru_cache(maxsize=65536)
-def _key_of(topic: str) -> str:
-    return journal_key(topic)
 
 
 def _events(digest: BucketDigest) -> int:
