@@ -33,11 +33,9 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -179,25 +177,10 @@ def publisher_burst(base: str, clients: int, events: int, check_records: bool) -
 
 def serve_bare(port: int) -> None:
     """The baseline's process: the route with the bare client, on waitress with 16 threads."""
-    from flask import Flask, jsonify, request
-
-    from eventaudit.pubsub import publisher_client
+    from bench.run import bare_app
     from eventaudit.serving import BackgroundServer, ServerLimits, serve_until_signal
 
-    client = publisher_client()
-    path = client.topic_path(PROJECT, TOPIC)
-    app = Flask("bare")
-
-    @app.post("/api/v1/topics/<name>/events")
-    def publish(name: str) -> Any:
-        body = request.get_data()
-        message_id = client.publish(path, body, eventID=str(uuid.uuid4())).result(timeout=30)
-        return jsonify(messageId=message_id), 201
-
-    @app.get("/healthz")
-    def healthz() -> Any:
-        return jsonify(status="ok")
-
+    app = bare_app(TOPIC)
     server = BackgroundServer(app, f"127.0.0.1:{port}", ServerLimits(threads=16))
     serve_until_signal(server)
     server.stop(timeout=5)

@@ -58,7 +58,7 @@ from tools import stack
 PROJECT = "eventaudit-bench"
 
 
-def _bare_app(topic: str) -> Flask:
+def bare_app(topic: str) -> Flask:
     """The same route without auditing: publish with the bare client and wait for the id."""
     client = publisher_client()
     path = client.topic_path(PROJECT, topic)
@@ -69,6 +69,10 @@ def _bare_app(topic: str) -> Flask:
         body = request.get_data()
         message_id = client.publish(path, body, eventID=str(uuid.uuid4())).result(timeout=30)
         return jsonify(messageId=message_id), 201
+
+    @app.get("/healthz")
+    def healthz() -> Any:
+        return jsonify(status="ok")
 
     return app
 
@@ -103,7 +107,7 @@ def bench_publisher(store: MongoStore, n: int) -> None:
         PublisherSettings(project=PROJECT, threads=18),
         PublisherDeps(audited, buffer, registry),
     )
-    bare = _bare_app(topic)
+    bare = bare_app(topic)
     _drive(bare, topic, 200, 16)  # warm both paths
     _drive(app, topic, 200, 16)
     rates: dict[str, list[float]] = {"bare": [], "audited": []}
