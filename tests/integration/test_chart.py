@@ -158,6 +158,11 @@ def _check_wiring(objects: list[dict[str, Any]]) -> None:
         (["--set", "subscribers[0].subscription=ok-sub", "--set", "subscribers[0].topic=x"],
          "topic"),
         (["--set", "mongo.existingSecret="], "existingSecret"),
+        # The exporter refuses these databases at start (--database): the chart says so first.
+        (["--set", "mongo.database=audit.prod"], "database"),
+        (["--set", "mongo.database=" + "d" * 64], "database"),
+        (["--set", "mongo.database=aüdit"], "database"),
+        (["--set", "mongo.database="], "database"),
         (["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),
     ],
 )  # fmt: skip
