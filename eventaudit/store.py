@@ -586,7 +586,7 @@ class MongoStore:
         First deliveries, the common case, are one unordered bulk insert keyed by
         `_id = "subscription|eventID"`; only keys that already exist (redeliveries) become
         updates, matched on `_id`. MongoDB is fast at both; FerretDB 1.24 inserts through its
-        `_id` index but finds an `_id` by scanning (see the README), so a redelivery costs a
+        `_id` index but finds an `_id` by scanning (docs/scaling.md), so a redelivery costs a
         scan of the receipts there. Deliveries of one event within the batch are folded into
         one write first.
         """

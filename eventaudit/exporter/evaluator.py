@@ -470,7 +470,7 @@ class Evaluator(Collector):
         yield CounterMetricFamily(
             "eventaudit_journal_stragglers",
             "Journal documents that landed in a journal collection after it was taken and read "
-            "(FerretDB's insert racing the rename), folded at once.",
+            "(FerretDB's insert racing the rename), taken and folded at the next pass.",
             value=stragglers,
         )
         yield CounterMetricFamily(

@@ -1,33 +1,33 @@
 """Topic leases: which exporter replica evaluates which topics, and fencing.
 
-Several exporters may run against one database. The work is divided by journal key (one per
-topic, eventaudit.partitions.journal_key): a replica evaluates a key's topics only while it
-holds the key's lease. Each evaluation pass, every replica
+Several exporters may run against one database. The work is divided by journal key (eight
+groups of topics, eventaudit.partitions.journal_key): a replica evaluates a key's topics only
+while it holds the key's lease. Each evaluation pass, every replica
 
-- says it is alive (`ExporterReplica`, until now + the lease time);
+- says it is alive (a `replica|<id>` document of `ExporterState`, until now + the lease time);
 - releases the keys it holds beyond its fair share (ceil(keys / live replicas)), or one key
   when another live replica holds fewer than floor(keys / live replicas) and it holds the
   most;
 - claims free keys (never held, released, or expired) up to its share: a claim inserts
-  `key|epoch` into `ExporterLeaseClaim`, where exactly one insert of an `_id` succeeds, on
+  `claim|key|epoch` into `ExporterState`, where exactly one insert of an `_id` succeeds, on
   MongoDB and FerretDB alike;
 - renews the leases it holds once it has stored its results, with the result partitions it
-  wrote to (so the other replicas re-read only those): one insert of a document per key into
-  `ExporterLease_<minute>` (an update by `_id` would read the whole collection on FerretDB);
-  the latest document of a key counts (epoch, then write time), and the minutes no live
-  lease can be in are dropped.
+  wrote to (so the other replicas re-read only those): one inserted document holding every
+  key it renews, in `ExporterLease_<15 s slot>` (an update by `_id` would read the whole
+  collection on FerretDB); the latest entry of a key counts (epoch, then write time), and
+  the slots no live lease can be in are dropped.
 
 Fencing: before every write for a key (taking its journal, digests, results, marking a
 journal folded, tenures, the lease), `fence(key)` checks that the lease was renewed less
 than the lease time minus a margin (a fifth of it: for clock skew between replicas) ago, by
-this process's monotonic clock (a pause, SIGSTOP or a long GC, counts), and that no one
-claimed the next epoch (a lookup by `_id`). An expired lease is never renewed: it is claimed
-again, under a new epoch, like any free one. A replica
-that fails the check writes nothing more for the key: the write is refused and counted
-(`eventaudit_lease_fenced_writes_total`). A write already past its check when the process
-was paused still lands late; results are ordered by (epoch, version), so it never replaces
-a successor's, and the journal collection it came from is marked folded only by a later,
-fenced write, so the successor folds that journal itself.
+this process's monotonic clock (a pause, SIGSTOP or a long GC, counts); once a pass,
+`verify_all` also checks that no one claimed the next epoch of any key held (one query). An
+expired lease is never renewed: it is claimed again, under a new epoch, like any free one.
+A replica that fails a check writes nothing more for the key: the write is refused and
+counted (`eventaudit_lease_fenced_writes_total`). A write already past its check when the
+process was paused still lands late; results are ordered by (epoch, version), so it never
+replaces a successor's, and the journal collection it came from is marked folded only by a
+later, fenced write, so the successor folds that journal itself.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ class Leases(Collector):
         evaluation never makes another replica's lease look expired, never seizes leases,
         and never makes this replica's own leases look short (issue 17, case 4). A clock that
         stays stepped is believed after a lease time: replicas' clocks must agree within the
-        margin (README, Limits)."""
+        margin (docs/semantics.md, Limits)."""
         return self._readings.read(self._wall(), self._monotonic()).believed
 
     @property

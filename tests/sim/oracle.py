@@ -4,7 +4,7 @@ A small pure function, independent of the evaluator: it imports nothing of event
 folding, journal or partitions. Given the publish records, receipts and dead-letter records
 as documents, it says for every (topic, subscription) what a window of publish time holds.
 
-The rules, from the README:
+The rules, from docs/semantics.md:
 - an event is a publish record: (topic, eventID) within the hour of its publishTime (an
   eventID published again in another hour is another event);
 - a receipt or dead letter belongs to the event of its (topic, eventID, hour of its
