@@ -20,7 +20,7 @@ import itertools
 import logging
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -291,8 +291,15 @@ class BucketDigest:
             e for e in self.published if subscription_filter.matches_encoded(attributes.get(e, ""))
         }
 
-    def result(self, filters: Mapping[str, SubscriptionFilter] | None = None) -> BucketResult:
-        """The bucket's counts and the oldest MISSED_KEPT events each subscription missed.
+    def result(
+        self,
+        filters: Mapping[str, SubscriptionFilter] | None = None,
+        reported: Collection[str] | None = None,
+    ) -> BucketResult:
+        """The bucket's counts and the oldest MISSED_KEPT events each subscription missed;
+        the oldest published events too (what a subscription without a receipt here missed)
+        only when one of the `reported` subscriptions (None: any) has none here. That list
+        is most of a result's size, and a result is stored again at each fold of its bucket.
 
         A subscription with a filter (in `filters`) is sent only the published events whose
         attributes match it: those are its `expected`; a receipt of one that does not match is
@@ -341,6 +348,7 @@ class BucketDigest:
             missed[sub] = _listed(
                 (kv, dead.get(kv[0])) for kv in by_age if kv[0] in wanted and kv[0] not in got
             )
+        absent = reported is None or any(sub not in counts for sub in reported)
         return BucketResult(
             self.topic,
             self.start,
@@ -348,7 +356,7 @@ class BucketDigest:
             counts,
             merged,
             missed,
-            _listed((kv, None) for kv in by_age),
+            _listed((kv, None) for kv in by_age) if absent else (),
         )
 
     def missed(

@@ -386,8 +386,14 @@ class Evaluator(Collector):
             self._store.append_journal(folded.misfiled, now)
         if self._leases is not None and self._leases.saw_topics(journal, folded.topics):
             self._leases.renew_key(journal)  # a new topic is named before anything of it is
-        filters = {topic: self._expected.filters(topic) for topic in {t for t, _ in touched}}
-        results = {key: digest.result(filters[key[0]]) for key, digest in touched.items()}
+        topics = {t for t, _ in touched}
+        filters = {topic: self._expected.filters(topic) for topic in topics}
+        reported = self._reported(topics)
+        for (topic, _), digest in touched.items():  # heard first in this very fold
+            reported[topic].update(digest.receipts, digest.dead)
+        results = {
+            key: digest.result(filters[key[0]], reported[key[0]]) for key, digest in touched.items()
+        }
         self._store.save_digests((touched[k] for k in sorted(changed)), f"{merged}.{self._saves}")
         # Every touched bucket, changed or not: a previous process may have stored its digest
         # and stopped before its result.
@@ -423,6 +429,20 @@ class Evaluator(Collector):
                 counts["malformed"],
                 counts["misfiled"],
             )
+
+    def _reported(self, topics: set[str]) -> dict[str, set[str]]:
+        """Per topic, the subscriptions its windows may report: standing (configured or
+        listed), or heard in a result held. One without a receipt in a bucket is reported
+        there as missing every event: the bucket's result lists the oldest ones for it."""
+        assert self._results is not None
+        out = {
+            topic: {s for s, e in self._expected.expectations(topic).items() if e.standing}
+            for topic in topics
+        }
+        for (topic, _), result in self._results.items():
+            if topic in out:
+                out[topic].update(result.subscriptions)
+        return out
 
     def _evict(self, oldest: datetime) -> None:
         """Keep the digests folded into most recently, within CACHE_EVENTS, and none that no

@@ -1131,3 +1131,32 @@ def test_taken_collections_are_counted_again_only_where_inserts_can_land_after_a
     clock.now = journal_reader.JOURNAL_DROP_GRACE
     ev.evaluate(at(2, 45))  # the grace: counted (then dropped) on every store
     assert (store.counts, store.journals) == (counted + 1, {})
+
+
+def test_a_result_lists_the_oldest_published_only_when_a_reported_subscription_has_no_receipt() -> (
+    None
+):
+    # The oldest published events are most of a result's size, and a result is stored again
+    # at each fold of its bucket: kept only where a subscription without a receipt needs them.
+    store = MemoryStore()
+    for i in range(3):
+        publish(store, f"a{i}", at(0, i))  # 12:00:00: both configured subscriptions receive
+        receive(store, f"a{i}", at(0, i))
+        receive(store, f"a{i}", at(0, i), sub=OTHER)
+        publish(store, f"b{i}", at(0, 10 + i))  # 12:00:10: only SUB receives, OTHER nothing
+        receive(store, f"b{i}", at(0, 10 + i))
+    snapshot = evaluator(store).evaluate(at(0, 55))
+    both, one = (snapshot.buckets[(TOPIC, at(0, s))] for s in (0, 10))
+    assert (both.oldest, len(one.oldest)) == ((), 3)
+    assert [e.event_id for e in list_missed(snapshot, store, TOPIC, OTHER, WINDOW, 10) or []] == [
+        "b0", "b1", "b2"]  # fmt: skip
+    assert counts(snapshot, OTHER) == (6, 3, 0, 0)
+
+
+def test_a_digest_result_without_reported_subscriptions_lists_the_oldest() -> None:
+    digest = journal_module.BucketDigest(TOPIC, at(0, 0))
+    digest.merge(JournalEntry(TOPIC, "e1", MS, None, "t" * 32), 1)
+    digest.merge(JournalEntry(TOPIC, "e1", MS, SUB, "", 1), 1)
+    assert len(digest.result().oldest) == 1  # nothing said: any subscription may need it
+    assert digest.result(None, {SUB}).oldest == ()
+    assert len(digest.result(None, {SUB, OTHER}).oldest) == 1
