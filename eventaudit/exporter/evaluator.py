@@ -14,7 +14,6 @@ windows sum the stored results of settled buckets.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -58,10 +57,11 @@ from eventaudit.store import (
 
 log = logging.getLogger(__name__)
 
-# Journal documents read per round (each holds one writer batch, up to a few hundred entries);
-# digests are stored and the round's journal deleted before the next round, so memory follows
-# a round, not a burst.
-JOURNAL_BATCHES_PER_ROUND = 50
+# Journal entries folded per round (each journal document holds one writer batch, from one
+# entry to MAX_ENTRIES_PER_DOCUMENT): digests and results are stored after each round, so
+# memory follows a round, not a burst, and a pass of many small writer batches stores each
+# bucket it touched once, not once per so many documents.
+JOURNAL_ENTRIES_PER_ROUND = 50_000
 # Digests kept in memory between evaluations: the buckets most new records fall in.
 CACHE_EVENTS = 200_000
 _SAVES = 1_000_000  # result versions per fold stamp
@@ -84,7 +84,7 @@ class Evaluator(Collector):
         windows: list[Window],
         bucket: timedelta,
         settle: timedelta,
-        round_batches: int = JOURNAL_BATCHES_PER_ROUND,
+        round_entries: int = JOURNAL_ENTRIES_PER_ROUND,
         budget: timedelta | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         leases: Leases | None = None,
@@ -102,7 +102,7 @@ class Evaluator(Collector):
         self._settle = settle
         self._span = self._windows[-1].length
         self._rules = FoldRules(bucket, settle, self._span)
-        self._round = round_batches
+        self._round = round_entries
         self._budget = (budget if budget is not None else bucket / 2).total_seconds()
         self._monotonic = monotonic
         self._results: dict[BucketKey, BucketResult] | None = None
@@ -325,7 +325,7 @@ class Evaluator(Collector):
     def _fold_taken(
         self, taken: Taken, span: tuple[datetime, datetime], merged: int, now: datetime
     ) -> None:
-        """Fold a taken part of the journal whole, JOURNAL_BATCHES_PER_ROUND documents at a
+        """Fold a taken part of the journal whole, JOURNAL_ENTRIES_PER_ROUND entries at a
         time (memory follows a round, not a burst); then say it is folded. Raises Fenced when
         the key's lease is lost."""
         self._fence(taken.key)
@@ -334,7 +334,7 @@ class Evaluator(Collector):
             self._store.save_fold_stamp(merged)
             self._merged = merged
         documents = self._journal.read(taken)
-        while batches := tuple(itertools.islice(documents, self._round)):
+        while batches := _round(documents, self._round):
             self._fence(taken.key)
             self._fold(batches, span, merged, now, taken.key)
             if self._cached_events + self._growth > CACHE_EVENTS:
@@ -586,3 +586,15 @@ class Evaluator(Collector):
 
 def _events(digest: BucketDigest) -> int:
     return len(digest.published) + sum(len(got) for got in digest.receipts.values())
+
+
+def _round(documents: Iterator[JournalBatch], entries: int) -> tuple[JournalBatch, ...]:
+    """The next documents, until they hold `entries` entries (at least one document)."""
+    taken: list[JournalBatch] = []
+    held = 0
+    for batch in documents:
+        taken.append(batch)
+        held += len(batch.entries) + batch.malformed
+        if held >= entries:
+            break
+    return tuple(taken)

@@ -592,11 +592,11 @@ def test_a_burst_is_folded_over_several_evaluations_within_the_budget() -> None:
     ticks = iter(range(1000))
     clock: Callable[[], float] = lambda: float(next(ticks))  # noqa: E731
     # Two documents per round, and the budget is spent after the first collection.
-    ev = evaluator(store, round_batches=2, budget=timedelta(seconds=0.5), monotonic=clock)
+    ev = evaluator(store, round_entries=2, budget=timedelta(seconds=0.5), monotonic=clock)
     first = ev.evaluate(at(0, 45))
     assert counts(first)[0] == 5  # the first collection's (written 12:00:01..09), by twos
     assert _backlog(ev) == 1
-    ev2 = evaluator(store, round_batches=100)
+    ev2 = evaluator(store, round_entries=100)
     assert counts(ev2.evaluate(at(0, 46)))[0] == 50
     assert _backlog(ev2) == 0
 
@@ -1094,7 +1094,7 @@ def test_a_burst_over_old_buckets_reads_each_digest_once(monkeypatch: pytest.Mon
     store = MemoryStore()
     for i in range(40):
         publish(store, f"e{i}", at(0, i % 20), written=at(0, 1) + timedelta(seconds=10 * i))
-    ev = evaluator(store, windows=[HOUR], round_batches=1)
+    ev = evaluator(store, windows=[HOUR], round_entries=1)
     ev.evaluate(at(0, 45))  # results for 12:00:00 and 12:00:10 exist from here on
     for i in range(40, 80):
         publish(store, f"e{i}", at(0, i % 20), written=at(5, 0) + timedelta(seconds=10 * i))
@@ -1160,3 +1160,31 @@ def test_a_digest_result_without_reported_subscriptions_lists_the_oldest() -> No
     assert len(digest.result().oldest) == 1  # nothing said: any subscription may need it
     assert digest.result(None, {SUB}).oldest == ()
     assert len(digest.result(None, {SUB, OTHER}).oldest) == 1
+
+
+class CountsResultWrites(MemoryStore):
+    """MemoryStore counting the result versions it is asked to store, per bucket."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.result_writes: dict[str, int] = {}
+
+    def save_bucket_results(
+        self, results: Iterable[BucketResult], now: datetime, version: int, epoch: int = 0
+    ) -> None:
+        results = list(results)
+        super().save_bucket_results(results, now, version, epoch)
+        for r in results:
+            self.result_writes[r.key] = self.result_writes.get(r.key, 0) + 1
+
+
+def test_a_pass_over_many_small_writer_batches_stores_each_bucket_once() -> None:
+    # make run: about 350 writer batches of one or two entries a pass; folded 50 documents a
+    # round, each of its buckets got a result version (and a digest delta) per round: 9 a
+    # bucket, most of the store's growth.
+    store = CountsResultWrites()
+    for i in range(300):
+        publish(store, f"e{i}", at(0, 1 + i / 100), written=at(0, 4))
+    evaluator(store).evaluate(at(0, 45))
+    assert store.result_writes == {f"{TOPIC}|{epoch_ms(at(0, 0))}": 1}
+    assert len(store.digests) == 1  # one delta
