@@ -31,7 +31,7 @@ def main() -> None:
         "eventID": event_id, "topic": "create-user", "traceID": trace,
         "messageId": "12345678901234", "publishTime": now, "brokerPublishTime": now,
         "receiveTime": now, "lastReceiveTime": now, "deliveries": 1, "deliveryAttempt": None,
-        "createdTime": now, "writtenTime": now,
+        "createdTime": now,
     }  # fmt: skip
     ms = epoch_ms(now)
     ids = [str(uuid.uuid4()) for _ in range(BATCH)]

@@ -623,7 +623,6 @@ class MongoStore:
                 "deliveries": n,
                 "deliveryAttempt": r.delivery_attempt,
                 "createdTime": now,
-                "writtenTime": now,
             }
             for key, (r, n, first_seen, last_seen) in items
         ]
@@ -645,7 +644,7 @@ class MongoStore:
         vanished = 0
         try:
             for name, (key, (r, n, _, last_seen)) in existing:
-                latest: dict[str, Any] = {"lastReceiveTime": last_seen, "writtenTime": now}
+                latest: dict[str, Any] = {"lastReceiveTime": last_seen}
                 if r.delivery_attempt is not None:
                     latest["deliveryAttempt"] = r.delivery_attempt
                 stored = self.db[name].find_one_and_update(

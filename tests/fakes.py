@@ -146,12 +146,10 @@ class MemoryStore:
                         "deliveries": 1,
                         "deliveryAttempt": r.delivery_attempt,
                         "createdTime": now,
-                        "writtenTime": now,
                     }
                 else:
                     doc["deliveries"] += 1
                     doc["lastReceiveTime"] = max(doc["lastReceiveTime"], r.receive_time)
-                    doc["writtenTime"] = max(doc["writtenTime"], now)
                     if r.delivery_attempt is not None:
                         doc["deliveryAttempt"] = max(
                             doc["deliveryAttempt"] or 0, r.delivery_attempt
