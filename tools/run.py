@@ -553,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     run = Stack(data, ports, args.drain_seconds)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Ctrl-C stops the stack even when SIGINT came in ignored (a shell's background job
+    # without job control): Python then installs no handler of its own.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         run.start()
     except (stack.ServiceError, OSError, KeyboardInterrupt) as exc:
