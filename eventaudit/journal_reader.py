@@ -107,6 +107,7 @@ class JournalReader:
         names = self._store.take_journal(now, keys)
         self._folded = {n: f for n, f in self._folded.items() if n in names}
         new: list[Taken] = []
+        found = set()
         for name in names:
             key = journal_key_of(name)
             if key is None:
@@ -115,14 +116,19 @@ class JournalReader:
             if documents is None:
                 new.append(Taken(key, name))
             elif name not in self._folded:
-                # Folded by an earlier process (or by this one before a failure).
+                # Folded by an earlier process (or by this one before a failure): its count
+                # is in its name, as if read now (counted again from the next take on).
                 self._folded[name] = _Folded(documents, self._monotonic())
-        return self._grown() + new
+                found.add(name)
+        return self._grown(found) + new
 
-    def _grown(self) -> list[Taken]:
-        """Folded collections that grew since they were read; drop those past the grace."""
+    def _grown(self, found: set[str]) -> list[Taken]:
+        """Folded collections that grew since they were read, but those `found` by this take;
+        drop those past the grace."""
         grown = []
         for name, folded in list(self._folded.items()):
+            if name in found:
+                continue
             age = self._monotonic() - folded.read_at
             if age < JOURNAL_DROP_GRACE and (folded.checked or not self._store.journal_stragglers):
                 continue

@@ -1188,3 +1188,36 @@ def test_a_pass_over_many_small_writer_batches_stores_each_bucket_once() -> None
     evaluator(store).evaluate(at(0, 45))
     assert store.result_writes == {f"{TOPIC}|{epoch_ms(at(0, 0))}": 1}
     assert len(store.digests) == 1  # one delta
+
+
+class CountsJournalCounts(MemoryStore):
+    """MemoryStore counting how often a journal collection is counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counted = 0
+
+    def count_journal(self, name: str) -> int:
+        self.counted += 1
+        return super().count_journal(name)
+
+
+def test_a_restarted_exporter_does_not_count_the_folded_journal_it_finds_at_its_first_pass() -> (
+    None
+):
+    # The first pass of a new process found the collections an earlier one had folded and
+    # counted each at once (FerretDB reads a collection whole to count it): 12 s instead of
+    # 0.2 s for the first evaluation after a restart with 1,000,000 events stored.
+    store = CountsJournalCounts()
+    _traffic(store)
+    clock = Clock()
+    evaluator(store, monotonic=clock).evaluate(at(0, 45))
+    folded = len(store.journals)
+    assert folded > 0
+    restarted = evaluator(store, monotonic=clock)
+    store.counted = 0
+    restarted.evaluate(at(0, 46))
+    assert store.counted == 0
+    clock.now = journal_reader.STRAGGLER_CHECK
+    restarted.evaluate(at(0, 56))
+    assert store.counted == folded  # from the next pass on, as any folded collection
