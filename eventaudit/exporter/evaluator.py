@@ -113,10 +113,11 @@ class Evaluator(Collector):
         self._backlog = False
         self._clock = SteppedClock(bucket.total_seconds(), 3 * bucket.total_seconds())
         self._clock_steps = 0
-        self._pass_started = 0.0
         self._cached_events = 0
         self._growth = 0
         """Entries folded since the cache was last measured (an upper bound of its growth)."""
+        self._heard: dict[str, set[str]] | None = None
+        """Per topic, the subscriptions with a count in a result held (read once a pass)."""
         self._journal = store.journal_reader(monotonic)
         self._saves = 0
         self._leases = leases
@@ -173,8 +174,8 @@ class Evaluator(Collector):
         merged = max(epoch_ms(now), self._merged + 1)
         self._saves = 0
         span = (oldest, clock.latest + PUBLISH_TIME_TOLERANCE)
-        self._pass_started = self._monotonic()
-        deadline = self._pass_started + self._budget
+        deadline = self._monotonic() + self._budget
+        self._heard = None
         try:
             taken = self._take(now)
             left: list[Taken] = []
@@ -386,9 +387,12 @@ class Evaluator(Collector):
             self._store.append_journal(folded.misfiled, now)
         if self._leases is not None and self._leases.saw_topics(journal, folded.topics):
             self._leases.renew_key(journal)  # a new topic is named before anything of it is
-        topics = {t for t, _ in touched}
-        filters = {topic: self._expected.filters(topic) for topic in topics}
-        reported = self._reported(topics)
+        known = {topic: self._expected.expectations(topic) for topic, _ in touched}
+        filters = {
+            topic: {name: e.filter for name, e in subs.items() if e.filter is not None}
+            for topic, subs in known.items()
+        }
+        reported = self._reported(known)
         for (topic, _), digest in touched.items():  # heard first in this very fold
             reported[topic].update(digest.receipts, digest.dead)
         results = {
@@ -415,6 +419,9 @@ class Evaluator(Collector):
             self._digests.pop(key, None)
             self._digests[key] = digest
         self._results.update(((r.topic, r.start), r) for r in fresh)
+        if self._heard is not None:
+            for r in fresh:
+                self._heard[r.topic].update(r.subscriptions)
         self._growth += counts["folded"]
         with self._lock:
             for outcome, n in counts.items():
@@ -430,19 +437,20 @@ class Evaluator(Collector):
                 counts["misfiled"],
             )
 
-    def _reported(self, topics: set[str]) -> dict[str, set[str]]:
-        """Per topic, the subscriptions its windows may report: standing (configured or
-        listed), or heard in a result held. One without a receipt in a bucket is reported
-        there as missing every event: the bucket's result lists the oldest ones for it."""
+    def _reported(self, known: Mapping[str, Mapping[str, Expectation]]) -> dict[str, set[str]]:
+        """Per topic of `known` (its expectations), the subscriptions its windows may report:
+        standing (configured or listed), or heard in a result held. One without a receipt in
+        a bucket is reported there as missing every event: the bucket's result lists the
+        oldest ones for it. Results held are read once a pass, when something is folded."""
         assert self._results is not None
-        out = {
-            topic: {s for s, e in self._expected.expectations(topic).items() if e.standing}
-            for topic in topics
+        if self._heard is None:
+            self._heard = defaultdict(set)
+            for (topic, _), result in self._results.items():
+                self._heard[topic].update(result.subscriptions)
+        return {
+            topic: {name for name, e in subs.items() if e.standing} | self._heard.get(topic, set())
+            for topic, subs in known.items()
         }
-        for (topic, _), result in self._results.items():
-            if topic in out:
-                out[topic].update(result.subscriptions)
-        return out
 
     def _evict(self, oldest: datetime) -> None:
         """Keep the digests folded into most recently, within CACHE_EVENTS, and none that no

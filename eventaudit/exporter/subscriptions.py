@@ -302,12 +302,6 @@ class ExpectedSubscriptions:
                     out[name] = Expectation(standing=True)
             return out
 
-    def filters(self, topic: str) -> dict[str, SubscriptionFilter]:
-        """The filters of `topic`'s subscriptions that have one this exporter evaluates."""
-        return {
-            name: e.filter for name, e in self.expectations(topic).items() if e.filter is not None
-        }
-
     @property
     def configured_topics(self) -> set[str]:
         """Topics named in the configuration."""
