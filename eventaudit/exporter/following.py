@@ -12,33 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 from eventaudit.contract import PUBLISH_TIME_TOLERANCE, epoch_ms
 from eventaudit.partitions import PARTITION_MS
 from eventaudit.records import Lease
-from eventaudit.store import StoredResult, parse_result
-
-
-class ResultReader(Protocol):
-    """What following reads from the store."""
-
-    def load_results(
-        self, since: datetime, topics: Any = None, partitions: Any = None
-    ) -> list[StoredResult]:
-        """The latest stored version of each result since `since` (of `topics`, in
-        `partitions`)."""
-        ...
-
-    def load_news(self, since: datetime, until: datetime) -> dict[tuple[str, int], list[Any]]:
-        """The results carried by lease writes in [since, until], by (key, seq)."""
-        ...
+from eventaudit.store import EvaluatorStore, StoredResult, parse_result
 
 
 class Following:
     """Per key held by another replica: which of its holder's writes were read."""
 
-    def __init__(self, store: ResultReader) -> None:
+    def __init__(self, store: EvaluatorStore) -> None:
         self._store = store
         self._holder: dict[str, tuple[str, int]] = {}
         """the (owner, epoch) whose writes are followed"""
