@@ -133,17 +133,17 @@ def folded_documents(name: str) -> int | None:
     return None if match is None else int(match.group(3))
 
 
-def lease_slot(renewed: datetime, prefix: str = LEASE_COLLECTION) -> str:
-    """The lease (or news) collection a lease document renewed at `renewed` goes to."""
-    return _named(prefix, epoch_ms(renewed), LEASE_SLOT_MS)
+def lease_slot(renewed: datetime) -> str:
+    """The lease collection a lease document (and its news) renewed at `renewed` goes to."""
+    return _named(LEASE_COLLECTION, epoch_ms(renewed), LEASE_SLOT_MS)
 
 
-def lease_slots(since: datetime, until: datetime, prefix: str = LEASE_COLLECTION) -> list[str]:
-    """The lease (or news) collections of every slot from `since`'s to `until`'s."""
+def lease_slots(since: datetime, until: datetime) -> list[str]:
+    """The lease collections of every slot from `since`'s to `until`'s."""
     first, last = epoch_ms(since), epoch_ms(until)
     first -= first % LEASE_SLOT_MS
     first = max(first, last - last % LEASE_SLOT_MS - 1000 * LEASE_SLOT_MS)  # 1000 at most
-    return [f"{prefix}_{ms}" for ms in range(first, last + 1, LEASE_SLOT_MS)]
+    return [f"{LEASE_COLLECTION}_{ms}" for ms in range(first, last + 1, LEASE_SLOT_MS)]
 
 
 def bucket_partition(prefix: str, start: datetime) -> str:
