@@ -303,3 +303,34 @@ def test_collections_named_almost_like_ours_are_left_alone(store: MongoStore, na
     assert store.load_bucket_results(T0 - timedelta(days=1)) == []
     store.delete_older_than(T0 + timedelta(days=30))
     assert name in store.db.list_collection_names()  # neither taken, read nor dropped
+
+
+def test_hostile_documents_beside_the_exporters_state_and_leases_are_skipped(
+    store: MongoStore,
+) -> None:
+    # ExporterState holds the fold stamp, tenures, claims and heartbeats side by side, and a
+    # lease slot holds lease documents and their news: a document of one kind, or of none,
+    # is never read as another, nor stops a read.
+    from eventaudit.partitions import lease_slot
+    from eventaudit.records import Lease
+
+    store.save_replica("r0", T0)
+    store.save_fold_stamp(9)
+    store.db["ExporterState"].insert_many([
+        {"_id": 7, "expires": T0},  # not a string id
+        {"_id": "replica|r1", "expires": "soon"},
+        {"_id": "replica\u0661", "expires": T0},  # no kind separator
+        {"_id": "tenure|x|y", "topic": "x"},  # a tenure missing its fields
+        {"_id": "claim|k|1", "claimed": T0},
+    ])  # fmt: skip
+    lease = Lease("000000000001", 1, "r0", T0 + timedelta(seconds=30), ("orders",), {}, T0)
+    store.save_leases([lease])
+    store.db[lease_slot(T0)].insert_many([
+        {"_id": "news|x|0", "renewed": T0, "news": 5},  # news of no usable shape
+        {"_id": "news|y|0", "renewed": T0, "news": [{"key": "k", "seq": "1", "recent": []}]},
+    ])  # fmt: skip
+    assert store.load_replicas() == {"r0": T0}
+    assert store.load_fold_stamp() == 9
+    assert store.load_tenures() == []
+    assert store.load_leases(T0, T0) == [lease]
+    assert store.load_news(T0, T0) == {}

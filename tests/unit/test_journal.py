@@ -1221,3 +1221,27 @@ def test_a_restarted_exporter_does_not_count_the_folded_journal_it_finds_at_its_
     clock.now = journal_reader.STRAGGLER_CHECK
     restarted.evaluate(at(0, 56))
     assert store.counted == folded  # from the next pass on, as any folded collection
+
+
+def test_a_subscription_heard_only_later_lists_its_misses_where_no_result_kept_them() -> None:
+    # A bucket's result keeps the oldest published events only if a subscription reported
+    # then had no receipt in it; one first heard in a later bucket finds none kept in the
+    # earlier one: /api/v1/missed reads that bucket's digest, and agrees with the gauge.
+    late = "orders-late"  # neither configured nor listed: reported where it has receipts
+    store = MemoryStore()
+    expected = ExpectedSubscriptions({TOPIC: {SUB}}, set(), None)
+    ev = SteadyEvaluator(store, expected, [WINDOW], BUCKET, SETTLE)
+    for i in range(3):
+        publish(store, f"a{i}", at(0, 1 + i))
+        receive(store, f"a{i}", at(0, 1 + i))
+    ev.evaluate(at(0, 15))
+    assert store.buckets[f"{TOPIC}|{epoch_ms(at(0, 0))}"].oldest == ()
+    publish(store, "b0", at(0, 11))
+    receive(store, "b0", at(0, 11))
+    receive(store, "b0", at(0, 11), sub=late)
+    snapshot = ev.evaluate(at(0, 55))
+    reads = store.digest_reads
+    listed = list_missed(snapshot, store, TOPIC, late, WINDOW, 100)
+    assert [e.event_id for e in listed or []] == ["a0", "a1", "a2"]
+    assert snapshot.subscriptions[(TOPIC, late)]["1m"].missed == 3
+    assert store.digest_reads - reads == 1
