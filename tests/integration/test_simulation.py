@@ -4,11 +4,13 @@ StoreError raised before the call reaches FerretDB, as a timeout would be."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from hypothesis import settings
 from hypothesis.stateful import run_state_machine_as_test
 
+from eventaudit.journal_reader import JournalCollections, JournalReader
 from eventaudit.store import MongoStore, StoreError
 from tests.conftest import Ferret, unique
 from tests.sim.machine import Simulation
@@ -21,6 +23,11 @@ class FailingStore:
     def __init__(self, store: MongoStore) -> None:
         self._store = store
         self.fail_next = 0
+
+    def journal_reader(self, monotonic: Callable[[], float]) -> JournalReader:
+        """A reader over this wrapper, so the journal's calls fail as injected too (making
+        one is no store call)."""
+        return JournalReader(cast(JournalCollections, self), monotonic)
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._store, name)
