@@ -41,6 +41,10 @@ class JournalCollections(Protocol):
         """Whether an insert can land in a collection after it was taken (FerretDB)."""
         ...
 
+    def journal_keys(self) -> set[str]:
+        """The journal keys of every live or taken journal collection (topics written to)."""
+        ...
+
     def take_journal(self, now: datetime, keys: Collection[str] | None = None) -> list[str]:
         """Rename the live journal collections of `keys` (None: all) to taken ones; every
         taken or folded one of those keys, oldest first."""
@@ -99,6 +103,11 @@ class JournalReader:
         self._lock = threading.Lock()
         self.stragglers = 0
         """documents that landed in a collection after it was read, taken again (a counter)"""
+
+    def keys(self) -> set[str]:
+        """The journal keys of the topics written to (a listing of the journal). Raises
+        StoreError."""
+        return self._store.journal_keys()
 
     def take(self, now: datetime, keys: Collection[str] | None = None) -> list[Taken]:
         """What is new in the journal of `keys` (None: every key): whatever is not folded

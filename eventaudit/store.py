@@ -12,9 +12,9 @@ import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Collection as Collection_
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, Literal, NamedTuple, Protocol, cast
+from typing import Any, Literal, NamedTuple, Protocol, TypeGuard, cast
 
 import bson
 from bson.codec_options import CodecOptions
@@ -95,6 +95,25 @@ class StoredResult(NamedTuple):
     result: BucketResult
 
 
+@dataclass(frozen=True)
+class LeaseBoard:
+    """What the replicas wrote to the lease slots of a time span."""
+
+    leases: list[Lease]
+    """every lease entry, in no order, each with the results it told (`recent`)"""
+    alive: dict[str, datetime]
+    """each replica's latest heartbeat: until when it said it is alive"""
+
+
+@dataclass(frozen=True)
+class FoundEvent:
+    """One publish record of an event, with its receipts and dead letters (documents)."""
+
+    published: dict[str, Any]
+    receipts: list[dict[str, Any]]
+    dead: list[dict[str, Any]]
+
+
 class StoreError(RuntimeError):
     """The audit store could not complete an operation; the caller keeps its data and retries."""
 
@@ -125,10 +144,6 @@ class EvaluatorStore(Protocol):
     def journal_reader(self, monotonic: Callable[[], float]) -> JournalReader:
         """What is new in the journal, for one process (its monotonic clock times the
         journal's housekeeping): take it, read it, say it is folded."""
-        ...
-
-    def journal_keys(self) -> set[str]:
-        """The journal keys of every live or taken journal collection (topics written to)."""
         ...
 
     def append_journal(self, entries: Sequence[JournalEntry], now: datetime) -> None:
@@ -178,22 +193,24 @@ class EvaluatorStore(Protocol):
         every one the window reaches), with its (epoch, version)."""
         ...
 
-    def load_leases(self, since: datetime, until: datetime) -> list[Lease]:
-        """Every lease entry written in [since, until] (give or take a slot), in no order."""
+    def load_leases(self, since: datetime, until: datetime) -> LeaseBoard:
+        """What the replicas wrote in [since, until] (give or take a slot): every lease entry,
+        in no order, each with the results it told (`recent`), and each replica's latest
+        heartbeat."""
         ...
 
-    def save_leases(self, leases: Sequence[Lease]) -> None:
-        """Store these lease documents (each at its `renewed` time), and apart the results
-        they carry (`recent`)."""
-        ...
-
-    def load_news(self, since: datetime, until: datetime) -> dict[tuple[str, int], list[Any]]:
-        """The results carried by lease writes in [since, until] (give or take a slot), by
-        (key, seq) of the lease write."""
-        ...
-
-    def drop_lease_slots(self, before: datetime) -> int:
-        """Drop the lease collections of slots wholly before `before`; how many."""
+    def save_leases(
+        self,
+        replica: str,
+        now: datetime,
+        leases: Sequence[Lease],
+        alive_until: datetime | None = None,
+        forget_before: datetime | None = None,
+    ) -> None:
+        """Store one write of `replica` at `now`: these leases (each with the results it
+        tells), and when `alive_until` is given the replica's heartbeat (alive until then;
+        `now` or earlier: it stopped). With `forget_before`, writes before it are never read
+        again (their room may be reclaimed)."""
         ...
 
     def claim_epoch(self, key: str, epoch: int, owner: str, now: datetime) -> datetime | None:
@@ -201,39 +218,24 @@ class EvaluatorStore(Protocol):
         claimed (exactly one claim of an epoch succeeds, on every server)."""
         ...
 
-    def epoch_claimed(self, key: str, epoch: int) -> datetime | None:
-        """When `epoch` of `key`'s lease was claimed (None: not claimed; one lookup by
-        `_id`)."""
-        ...
-
-    def claimed_epochs(self, pairs: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
-        """Which of these (key, epoch) were claimed (one query)."""
-        ...
-
-    def save_replica(self, replica: str, expires: datetime) -> None:
-        """This replica is alive until `expires` unless it says so again."""
-        ...
-
-    def load_replicas(self) -> dict[str, datetime]:
-        """Every replica's last heartbeat: until when it said it is alive."""
+    def claimed_epochs(self, pairs: Sequence[tuple[str, int]]) -> dict[tuple[str, int], datetime]:
+        """Which of these (key, epoch) were claimed, and when (one query; one lookup by `_id`
+        for a single pair)."""
         ...
 
 
 class ExporterStore(EvaluatorStore, Protocol):
     """Everything the exporter process uses: the evaluator's reads, the API, retention."""
 
-    def find_publish_records(
-        self, event_id: str, topics: Collection_[str], hours: Sequence[datetime]
-    ) -> list[dict[str, Any]]:
-        """The publish records of `event_id` on any of `topics`, in the hourly collections of
-        `hours` (their starts)."""
-        ...
-
-    def find_receipts(
-        self, event_id: str, subscriptions: Collection_[str], hour: datetime
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """(receipts, dead letters) of `event_id` on any of `subscriptions`, in the hourly
-        collections of `hour` (its publish time's)."""
+    def find_event(
+        self,
+        event_id: str,
+        subscriptions: Mapping[str, Collection_[str]],
+        hours: Sequence[datetime],
+    ) -> list[FoundEvent]:
+        """The publish records of `event_id` published in any of `hours` (their starts) on a
+        topic of `subscriptions`, each with its receipts and dead letters on that topic's
+        subscriptions."""
         ...
 
     def delete_older_than(self, cutoff: datetime) -> dict[str, int]:
@@ -246,14 +248,6 @@ class ExporterStore(EvaluatorStore, Protocol):
 
 class AuditStore(PublishRecordStore, ReceiptStore, ExporterStore, Protocol):
     """The whole audit store interface; MongoStore and the tests' MemoryStore implement it."""
-
-    def ping(self) -> None:
-        """Raise StoreError unless the store answers (a service checks it at start)."""
-        ...
-
-    def close(self) -> None:
-        """Release connections."""
-        ...
 
 
 def receipt_key(subscription: str, event_id: str) -> str:
@@ -384,6 +378,21 @@ def _insert_new(
     except PyMongoError as exc:
         raise StoreError(f"{what} not written: {exc}") from exc
     return []
+
+
+def _aware(value: Any) -> TypeGuard[datetime]:
+    """Whether `value` is a stored time (a datetime with a zone)."""
+    return isinstance(value, datetime) and value.tzinfo is not None
+
+
+def _read_news(items: Any, into: dict[tuple[str, int], list[Any]]) -> None:
+    """The (key, seq) -> results of a news document's items of a readable shape."""
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict):
+            continue
+        key, seq, recent = item.get("key"), item.get("seq"), item.get("recent")
+        if isinstance(key, str) and isinstance(seq, int) and isinstance(recent, list):
+            into[(key, seq)] = recent
 
 
 def result_document(r: BucketResult, now: datetime, version: int, epoch: int) -> dict[str, Any]:
@@ -820,40 +829,34 @@ class MongoStore:
         except PyMongoError as exc:
             raise StoreError(f"could not drop a folded journal: {exc}") from exc
 
-    def find_publish_records(
-        self, event_id: str, topics: Collection_[str], hours: Sequence[datetime]
-    ) -> list[dict[str, Any]]:
-        """One `_id` lookup per hour for all topics at once (`$in`): indexed on MongoDB; on
-        FerretDB a read of that hour's collection."""
-        keys = sorted(publish_key(t, event_id) for t in topics)
-        found: list[dict[str, Any]] = []
+    def find_event(
+        self,
+        event_id: str,
+        subscriptions: Mapping[str, Collection_[str]],
+        hours: Sequence[datetime],
+    ) -> list[FoundEvent]:
+        """One `_id` lookup (`$in`) per hour for the publish records on every topic at once
+        (indexed on MongoDB; on FerretDB a read of that hour's collection), then per record
+        one in its hour's receipts and one in its dead letters."""
+        keys = sorted(publish_key(t, event_id) for t in subscriptions)
+        found: list[FoundEvent] = []
         try:
             for hour in hours:
                 name = record_partition(PUBLISH_COLLECTION, hour, hour)
-                found += self.db[name].find({"_id": {"$in": keys}})
+                for doc in self.db[name].find({"_id": {"$in": keys}}):
+                    topic, published = doc.get("topic"), doc.get("publishTime")
+                    subs = sorted(
+                        receipt_key(s, event_id) for s in subscriptions.get(str(topic), ())
+                    )
+                    at = published if _aware(published) else hour  # its receipts' hour
+                    receipts, dead = (
+                        list(self.db[record_partition(p, at, at)].find({"_id": {"$in": subs}}))
+                        for p in (RECEIVED_COLLECTION, DEAD_LETTER_COLLECTION)
+                    )
+                    found.append(FoundEvent(doc, receipts, dead))
         except PyMongoError as exc:
-            raise StoreError(f"could not read publish records: {exc}") from exc
+            raise StoreError(f"could not read the records of an event: {exc}") from exc
         return found
-
-    def find_receipts(
-        self, event_id: str, subscriptions: Collection_[str], hour: datetime
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """One `_id` lookup (`$in`) in the hour's receipts and one in its dead letters."""
-        keys = sorted(receipt_key(s, event_id) for s in subscriptions)
-        try:
-            receipts = list(
-                self.db[record_partition(RECEIVED_COLLECTION, hour, hour)].find(
-                    {"_id": {"$in": keys}}
-                )
-            )
-            dead = list(
-                self.db[record_partition(DEAD_LETTER_COLLECTION, hour, hour)].find(
-                    {"_id": {"$in": keys}}
-                )
-            )
-        except PyMongoError as exc:
-            raise StoreError(f"could not read receipts: {exc}") from exc
-        return receipts, dead
 
     def load_digest(self, topic: str, start: datetime) -> BucketDigest:
         """The union of one bucket's digest deltas: indexed on MongoDB; on FerretDB a read of
@@ -944,157 +947,135 @@ class MongoStore:
 
     # -- exporter replicas: topic leases ----------------------------------------------------
 
-    def load_leases(self, since: datetime, until: datetime) -> list[Lease]:
+    def load_leases(self, since: datetime, until: datetime) -> LeaseBoard:
         """Read the lease collections of the slots from `since` to `until` (by name: a slot
-        no one wrote in is an empty read); every entry (each key's latest counts, and the
-        ones before it say which results were told since)."""
-        every: list[Lease] = []
+        no one wrote in is an empty read): every lease entry with the results its news told,
+        and each replica's latest heartbeat."""
+        leases: list[Lease] = []
+        news: dict[tuple[str, int], list[Any]] = {}
+        beats: dict[str, tuple[datetime, datetime]] = {}
         bad = 0
         for name in lease_slots(since, until):
             for doc in self._decoded(name, "topic leases"):
                 if doc is not None and "news" in doc and "leases" not in doc:
-                    continue  # results told with a lease write (load_news)
+                    _read_news(doc["news"], news)
+                    continue
                 entries = doc.get("leases") if doc is not None else None
                 if not isinstance(entries, list) or len(entries) > MAX_LEASES_PER_DOCUMENT:
                     bad += 1
                     continue
+                assert doc is not None
+                replica, renewed, alive = doc.get("replica"), doc.get("renewed"), doc.get("alive")
+                if not (isinstance(replica, str) and _aware(renewed) and _aware(alive)):
+                    pass  # no heartbeat (or none of a readable shape)
+                elif replica not in beats or beats[replica][0] < renewed:
+                    beats[replica] = (renewed, alive)
                 for entry in entries:
                     lease = Lease.from_document(entry) if isinstance(entry, dict) else None
                     if lease is None:
                         bad += 1
                     else:
-                        every.append(lease)
+                        leases.append(lease)
         if bad:
             log.error("%d unreadable topic leases skipped", bad)
-        return every
+        told = [
+            replace(x, recent=tuple(news[(x.key, x.seq)])) if (x.key, x.seq) in news else x
+            for x in leases
+        ]
+        return LeaseBoard(told, {r: alive for r, (_, alive) in beats.items()})
 
-    def save_leases(self, leases: Sequence[Lease]) -> None:
-        """Insert one document holding the leases (a replica renews all it holds at once)
-        into the collection of the slot of the first one's renewal: an insert reads nothing,
-        on FerretDB too (an update by `_id` reads the whole collection)."""
+    def save_leases(
+        self,
+        replica: str,
+        now: datetime,
+        leases: Sequence[Lease],
+        alive_until: datetime | None = None,
+        forget_before: datetime | None = None,
+    ) -> None:
+        """Insert one document holding the leases (a replica renews all it holds at once) and
+        its heartbeat into the collection of `now`'s slot: an insert reads nothing, on FerretDB
+        too (an update by `_id` reads the whole collection). Its news go first, in documents
+        of their own; `forget_before` drops the slots that end before it."""
+        if forget_before is not None:
+            self._drop_lease_slots(forget_before)
+        slot = self.db[lease_slot(now)]
         entries = [lease.to_document() for lease in leases]
-        for i in range(0, len(entries), MAX_LEASES_PER_DOCUMENT):
+        for i in range(0, max(len(entries), 1), MAX_LEASES_PER_DOCUMENT):
             part = entries[i : i + MAX_LEASES_PER_DOCUMENT]
-            renewed = part[0]["renewed"]
-            news = [
-                {"key": lease.key, "seq": lease.seq, "recent": list(lease.recent)}
-                for lease in leases[i : i + MAX_LEASES_PER_DOCUMENT]
-                if lease.recent
-            ]
-            # First, and never in the way of the leases: a lease write whose news is missing
-            # (or short) is read from the partitions instead. Documents of at most NEWS_BYTES.
-            docs: list[dict[str, Any]] = []
-            size = NEWS_BYTES
-            for item in news:
-                try:
-                    length = len(bson.encode(item))
-                except (InvalidDocument, OverflowError) as exc:
-                    log.warning("lease news of %s not written: %s", item["key"], exc)
-                    continue
-                if length > NEWS_BYTES:
-                    continue  # its readers read the partitions
-                if size + length > NEWS_BYTES:
-                    docs.append({"_id": f"news|{part[0]['_id']}|{len(docs)}", "renewed": renewed,
-                                 "news": []})  # fmt: skip
-                    size = 0
-                docs[-1]["news"].append(item)
-                size += length
+            first = part[0]["_id"] if part else f"{replica}|{epoch_ms(now)}|{uuid.uuid4().hex}"
+            self._save_news(slot, first, now, leases[i : i + MAX_LEASES_PER_DOCUMENT])
+            doc: dict[str, Any] = {"_id": first, "replica": replica, "renewed": now, "leases": part}
+            if alive_until is not None:
+                doc["alive"] = alive_until
+            _insert_new(slot, [doc], "topic leases")
+
+    def _save_news(
+        self, slot: Collection[dict[str, Any]], first: str, now: datetime, leases: Sequence[Lease]
+    ) -> None:
+        """The results told by `leases`, in documents of at most NEWS_BYTES. First, and never
+        in the way of the leases: a lease write whose news is missing (or short) is read from
+        the partitions instead."""
+        docs: list[dict[str, Any]] = []
+        size = NEWS_BYTES
+        for lease in leases:
+            if not lease.recent:
+                continue
+            item = {"key": lease.key, "seq": lease.seq, "recent": list(lease.recent)}
             try:
-                if docs:
-                    _insert_new(self.db[lease_slot(renewed)], docs, "lease news")
-            except (StoreError, InvalidDocument, DocumentTooLarge) as exc:
-                log.warning("lease news not written (read from the partitions): %s", exc)
-            doc = {"_id": part[0]["_id"], "renewed": renewed, "leases": part}
-            _insert_new(self.db[lease_slot(renewed)], [doc], "topic leases")
-
-    def load_news(self, since: datetime, until: datetime) -> dict[tuple[str, int], list[Any]]:
-        """Read the news documents of the lease slots from `since` to `until` (by name)."""
-        found: dict[tuple[str, int], list[Any]] = {}
-        for name in lease_slots(since, until):
-            for doc in self._decoded(name, "lease news"):
-                items = doc.get("news") if doc is not None else None
-                for item in items if isinstance(items, list) else []:
-                    key, seq = (
-                        (item.get(k) for k in ("key", "seq"))
-                        if isinstance(item, dict)
-                        else (None, None)
-                    )
-                    recent = item.get("recent") if isinstance(item, dict) else None
-                    if isinstance(key, str) and isinstance(seq, int) and isinstance(recent, list):
-                        found[(key, seq)] = recent
-        return found
-
-    def drop_lease_slots(self, before: datetime) -> int:
-        """Drop the lease collections of slots that end before `before`."""
+                length = len(bson.encode(item))
+            except (InvalidDocument, OverflowError) as exc:
+                log.warning("lease news of %s not written: %s", lease.key, exc)
+                continue
+            if length > NEWS_BYTES:
+                continue  # its readers read the partitions
+            if size + length > NEWS_BYTES:
+                docs.append({"_id": f"news|{first}|{len(docs)}", "renewed": now, "news": []})
+                size = 0
+            docs[-1]["news"].append(item)
+            size += length
         try:
-            names = self._collections()
-            old = partitions_before(names, LEASE_COLLECTION, before)
-            for name in old:
+            if docs:
+                _insert_new(slot, docs, "lease news")
+        except (StoreError, InvalidDocument, DocumentTooLarge) as exc:
+            log.warning("lease news not written (read from the partitions): %s", exc)
+
+    def _drop_lease_slots(self, before: datetime) -> None:
+        """Drop the lease collections of slots that end before `before` (a failure is logged:
+        they are dropped by a later write)."""
+        try:
+            for name in partitions_before(self._collections(), LEASE_COLLECTION, before):
                 self.db.drop_collection(name)
         except PyMongoError as exc:
-            raise StoreError(f"could not drop old topic leases: {exc}") from exc
-        return len(old)
+            log.warning("could not drop old topic lease collections: %s", exc)
 
     def claim_epoch(self, key: str, epoch: int, owner: str, now: datetime) -> datetime | None:
         """An insert of `key|epoch`: the one claim of it that succeeds."""
-        claims = self.state
         try:
-            claims.insert_one({"_id": f"claim|{key}|{epoch}", "owner": owner, "claimed": now})
+            self.state.insert_one({"_id": f"claim|{key}|{epoch}", "owner": owner, "claimed": now})
             return None
         except DuplicateKeyError:
             pass
         except PyMongoError as exc:
             raise StoreError(f"could not claim a topic lease: {exc}") from exc
-        try:
-            doc = claims.find_one({"_id": f"claim|{key}|{epoch}"})
-        except PyMongoError as exc:
-            raise StoreError(f"could not read a topic lease claim: {exc}") from exc
-        claimed = doc.get("claimed") if doc else None
-        # A claim without a readable time is not believed to be recent: stepped over.
-        return claimed if isinstance(claimed, datetime) and claimed.tzinfo else _LONG_AGO
+        return self.claimed_epochs([(key, epoch)]).get((key, epoch), _LONG_AGO)
 
-    def epoch_claimed(self, key: str, epoch: int) -> datetime | None:
-        """One lookup by `_id` (pushed down to SQLite on FerretDB too)."""
-        try:
-            doc = self.state.find_one({"_id": f"claim|{key}|{epoch}"})
-        except PyMongoError as exc:
-            raise StoreError(f"could not read a topic lease claim: {exc}") from exc
-        if doc is None:
-            return None
-        claimed = doc.get("claimed")
-        return claimed if isinstance(claimed, datetime) and claimed.tzinfo else _LONG_AGO
-
-    def claimed_epochs(self, pairs: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
-        """One `$in` of `_id`s (on FerretDB a read of the claims, one small document per lease
-        change)."""
-        if not pairs:
-            return []
+    def claimed_epochs(self, pairs: Sequence[tuple[str, int]]) -> dict[tuple[str, int], datetime]:
+        """One lookup by `_id` for one pair (pushed down to SQLite on FerretDB too); one `$in`
+        of `_id`s for more (on FerretDB a read of the claims, one small document per lease
+        change). A claim without a readable time is not believed to be recent."""
         ids = {f"claim|{key}|{epoch}": (key, epoch) for key, epoch in pairs}
+        if not ids:
+            return {}
+        query = {"_id": next(iter(ids))} if len(ids) == 1 else {"_id": {"$in": sorted(ids)}}
         try:
-            found = self.state.find({"_id": {"$in": sorted(ids)}}, {"_id": 1})
-            return sorted(ids[d["_id"]] for d in found if d.get("_id") in ids)
+            found = list(self.state.find(query, {"claimed": 1}))
         except PyMongoError as exc:
             raise StoreError(f"could not read topic lease claims: {exc}") from exc
-
-    def save_replica(self, replica: str, expires: datetime) -> None:
-        """Upsert this replica's heartbeat."""
-        try:
-            self.state.replace_one(
-                {"_id": f"replica|{replica}"},
-                {"_id": f"replica|{replica}", "expires": expires},
-                upsert=True,
-            )
-        except PyMongoError as exc:
-            raise StoreError(f"could not store a replica heartbeat: {exc}") from exc
-
-    def load_replicas(self) -> dict[str, datetime]:
-        """Every replica's heartbeat."""
-        out = {}
-        for doc in self._state("replica|", "replica heartbeats"):
-            replica, expires = (doc or {}).get("_id"), (doc or {}).get("expires")
-            if isinstance(replica, str) and isinstance(expires, datetime) and expires.tzinfo:
-                out[replica.removeprefix("replica|")] = expires
-        return out
+        return {
+            ids[d["_id"]]: d["claimed"] if _aware(d.get("claimed")) else _LONG_AGO
+            for d in found
+            if d.get("_id") in ids
+        }
 
     def load_tenures(self) -> list[Tenure]:
         """Every stored subscription tenure (one small document per subscription)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -43,6 +43,8 @@ from eventaudit.store import (
     AuditStore,
     DuplicatePublishes,
     EvaluatorStore,
+    FoundEvent,
+    LeaseBoard,
     StoredResult,
     StoreError,
     classify_duplicates,
@@ -74,7 +76,7 @@ class MemoryStore:
         self.leases: dict[str, Lease] = {}  # the latest document of each key
         self.lease_log: list[Lease] = []  # every lease document written
         self.claims: dict[tuple[str, int], datetime] = {}
-        self.replicas: dict[str, datetime] = {}
+        self.replicas: dict[str, tuple[datetime, datetime]] = {}  # (written, alive until)
         self.journal_written: list[dict[str, Any]] = []  # every journal document ever appended
         self.digests: dict[str, dict[str, Any]] = {}  # digest deltas by _id
         self.digest_reads = 0
@@ -320,44 +322,51 @@ class MemoryStore:
                 )
             ]
 
-    def load_leases(self, since: datetime, until: datetime) -> list[Lease]:
-        """Every lease document written in the time (those a test put in `leases` too)."""
+    def load_leases(self, since: datetime, until: datetime) -> LeaseBoard:
+        """Every lease entry written in the time, with what it told (those a test put in
+        `leases` too), and the replicas' latest heartbeats of that time."""
         with self._lock:
             self._check()
             every = {id(x): x for x in [*self.lease_log, *self.leases.values()]}
-            return [
-                replace(lease, recent=(), told=len(lease.recent) or lease.told)
+            leases = [
+                replace(lease, told=len(lease.recent) or lease.told)
                 for lease in every.values()
                 if since - timedelta(minutes=1) <= (lease.renewed or lease.expires) <= until
             ]
+            alive = {
+                replica: until_
+                for replica, (written, until_) in self.replicas.items()
+                if since - timedelta(minutes=1) <= written <= until
+            }
+            return LeaseBoard(leases, alive)
 
-    def save_leases(self, leases: Sequence[Lease]) -> None:
+    def save_leases(
+        self,
+        replica: str,
+        now: datetime,
+        leases: Sequence[Lease],
+        alive_until: datetime | None = None,
+        forget_before: datetime | None = None,
+    ) -> None:
         with self._lock:
             self._check()
+            if forget_before is not None:
+                self.lease_log = [
+                    x for x in self.lease_log if (x.renewed or x.expires) >= forget_before
+                ]
+                for k in [
+                    k for k, v in self.leases.items() if (v.renewed or v.expires) < forget_before
+                ]:
+                    del self.leases[k]
             for lease in leases:
                 self.lease_log.append(lease)
                 stored = self.leases.get(lease.key)
                 if stored is None or lease.order > stored.order:
                     self.leases[lease.key] = lease
-
-    def load_news(self, since: datetime, until: datetime) -> dict[tuple[str, int], list[Any]]:
-        with self._lock:
-            self._check()
-            return {
-                (x.key, x.seq): list(x.recent)
-                for x in self.lease_log
-                if x.recent and since - timedelta(minutes=1) <= (x.renewed or x.expires) <= until
-            }
-
-    def drop_lease_slots(self, before: datetime) -> int:
-        with self._lock:
-            self._check()
-            kept = [x for x in self.lease_log if (x.renewed or x.expires) >= before]
-            dropped = len(self.lease_log) - len(kept)
-            self.lease_log = kept
-            for k in [k for k, v in self.leases.items() if (v.renewed or v.expires) < before]:
-                del self.leases[k]
-            return dropped
+            if alive_until is not None and (
+                replica not in self.replicas or self.replicas[replica][0] <= now
+            ):
+                self.replicas[replica] = (now, alive_until)
 
     def claim_epoch(self, key: str, epoch: int, owner: str, now: datetime) -> datetime | None:
         with self._lock:
@@ -367,58 +376,40 @@ class MemoryStore:
             self.claims[(key, epoch)] = now
             return None
 
-    def epoch_claimed(self, key: str, epoch: int) -> datetime | None:
+    def claimed_epochs(self, pairs: Sequence[tuple[str, int]]) -> dict[tuple[str, int], datetime]:
         with self._lock:
             self._check()
-            return self.claims.get((key, epoch))
+            return {p: self.claims[p] for p in pairs if p in self.claims}
 
-    def claimed_epochs(self, pairs: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+    def find_event(
+        self,
+        event_id: str,
+        subscriptions: Mapping[str, Collection[str]],
+        hours: Sequence[datetime],
+    ) -> list[FoundEvent]:
         with self._lock:
             self._check()
-            return sorted(p for p in pairs if p in self.claims)
-
-    def save_replica(self, replica: str, expires: datetime) -> None:
-        with self._lock:
-            self._check()
-            self.replicas[replica] = expires
-
-    def load_replicas(self) -> dict[str, datetime]:
-        with self._lock:
-            self._check()
-            return dict(self.replicas)
-
-    def find_publish_records(
-        self, event_id: str, topics: Collection[str], hours: Sequence[datetime]
-    ) -> list[dict[str, Any]]:
-        with self._lock:
-            self._check()
-            found: list[dict[str, Any]] = []
+            found: list[FoundEvent] = []
             for hour in hours:
                 name = record_partition("PublishRecord", hour, hour)
-                keys = (publish_key(t, event_id) for t in sorted(topics))
-                found += [
-                    {"_id": key, **self.published[f"{name}|{key}"]}
-                    for key in keys
-                    if f"{name}|{key}" in self.published
-                ]
+                for topic in sorted(subscriptions):
+                    key = publish_key(topic, event_id)
+                    if f"{name}|{key}" not in self.published:
+                        continue
+                    doc = {"_id": key, **self.published[f"{name}|{key}"]}
+                    at = doc["publishTime"]
+                    out: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
+                    for prefix, table, into in (
+                        ("ReceivedRecord", self.received, out[0]),
+                        ("DeadLetterRecord", self.dead_letters, out[1]),
+                    ):
+                        part = record_partition(prefix, at, at)
+                        for sub in sorted(subscriptions[topic]):
+                            got = table.get(f"{part}|{receipt_key(sub, event_id)}")
+                            if got is not None:
+                                into.append({"_id": receipt_key(sub, event_id), **got})
+                    found.append(FoundEvent(doc, *out))
             return found
-
-    def find_receipts(
-        self, event_id: str, subscriptions: Collection[str], hour: datetime
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        with self._lock:
-            self._check()
-            out: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
-            for prefix, table, found in (
-                ("ReceivedRecord", self.received, out[0]),
-                ("DeadLetterRecord", self.dead_letters, out[1]),
-            ):
-                name = record_partition(prefix, hour, hour)
-                for sub in sorted(subscriptions):
-                    doc = table.get(f"{name}|{receipt_key(sub, event_id)}")
-                    if doc is not None:
-                        found.append({"_id": receipt_key(sub, event_id), **doc})
-            return out
 
     def load_tenures(self) -> list[Tenure]:
         with self._lock:

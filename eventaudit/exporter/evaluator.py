@@ -197,7 +197,6 @@ class Evaluator(Collector):
         self._save_tenures()
         if self._leases is not None:
             self._leases.renew(epoch_ms(oldest) - epoch_ms(oldest) % PARTITION_MS)
-            self._leases.alive()
         return snapshot
 
     def _take(self, now: datetime) -> list[Taken]:
@@ -248,7 +247,7 @@ class Evaluator(Collector):
         ):
             # Topics first seen in the journal: listed every few passes (a listing of every
             # collection); configured topics and those with results are known anyway.
-            self._journal_keys = self._store.journal_keys()
+            self._journal_keys = self._journal.keys()
             self._keys_listed = now
         keys: dict[str, set[str]] = {k: set() for k in self._journal_keys}
         for topic in self._expected.configured_topics | {t for t, _ in results}:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
 
 from eventaudit.contract import PUBLISH_TIME_TOLERANCE, epoch_ms
 from eventaudit.partitions import PARTITION_MS
@@ -52,22 +51,15 @@ class Following:
         now: datetime,
     ) -> list[StoredResult]:
         """What the holders of `others` (each key's latest lease) stored since the last read;
-        `entries`: every lease write read of each key."""
+        `entries`: every lease write read of each key, with the results it told."""
         whole: set[str] = set()
         stale: dict[int, set[str]] = {}
         fresh: list[StoredResult] = []
-        unread = [
-            e.renewed or e.expires
-            for key in others
-            for e in entries.get(key, [])
-            if e.seq > self._seq.get(key, 0)
-        ]
-        news = self._store.load_news(min(unread), max(unread)) if unread else {}
         for key, lease in others.items():
             before = self._written.get(key, {})
             if self._holder.get(key) != (lease.owner, lease.epoch):
                 whole |= set(lease.topics)
-            elif not self._told(key, lease, entries.get(key, []), news, fresh):
+            elif not self._told(key, lease, entries.get(key, []), fresh):
                 for ms, order in lease.written.items():
                     if (
                         ms % PARTITION_MS
@@ -101,7 +93,6 @@ class Following:
         key: str,
         latest: Lease,
         entries: list[Lease],
-        news: dict[tuple[str, int], list[Any]],
         fresh: list[StoredResult],
     ) -> bool:
         """Take the results the holder of `key` stored since the last read, from its lease
@@ -117,15 +108,14 @@ class Following:
             return False  # what was read last is not this holder's chain (hostile, or odd)
         previous = last
         for entry in chain:
-            told = len(news.get((key, entry.seq), []))
-            if entry.prev != previous or not entry.complete or told != entry.told:
+            if entry.prev != previous or not entry.complete or len(entry.recent) != entry.told:
                 return False
             previous = entry.seq
         if previous != latest.seq:
             return False
         topics = set(latest.topics)
         for entry in chain:
-            for doc in news.get((key, entry.seq), []):
+            for doc in entry.recent:
                 stored = parse_result(doc) if isinstance(doc, dict) else None
                 if stored is not None and stored.result.topic in topics:
                     fresh.append(stored)

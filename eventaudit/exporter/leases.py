@@ -4,7 +4,8 @@ Several exporters may run against one database. The work is divided by journal k
 groups of topics, eventaudit.partitions.journal_key): a replica evaluates a key's topics only
 while it holds the key's lease. Each evaluation pass, every replica
 
-- says it is alive (a `replica|<id>` document of `ExporterState`, until now + the lease time);
+- reads what every replica wrote to the lease slots a live lease can be in: their leases and
+  their heartbeats;
 - releases the keys it holds beyond its fair share (ceil(keys / live replicas)), or one key
   when another live replica holds fewer than floor(keys / live replicas) and it holds the
   most;
@@ -12,10 +13,11 @@ while it holds the key's lease. Each evaluation pass, every replica
   `claim|key|epoch` into `ExporterState`, where exactly one insert of an `_id` succeeds, on
   MongoDB and FerretDB alike;
 - renews the leases it holds once it has stored its results, with the result partitions it
-  wrote to (so the other replicas re-read only those): one inserted document holding every
-  key it renews, in `ExporterLease_<15 s slot>` (an update by `_id` would read the whole
-  collection on FerretDB); the latest entry of a key counts (epoch, then write time), and
-  the slots no live lease can be in are dropped.
+  wrote to (so the other replicas re-read only those) and says it is alive until now + the
+  lease time: one write holding every key it renews and its heartbeat (an inserted document
+  of `ExporterLease_<15 s slot>`: an update by `_id` would read the whole collection on
+  FerretDB); the latest entry of a key counts (epoch, then write time), and the slots no live
+  lease can be in are dropped every few minutes.
 
 Fencing: before every write for a key (taking its journal, digests, results, marking a
 journal folded, tenures, the lease), `fence(key)` checks that the lease was renewed less
@@ -182,10 +184,10 @@ class Leases(Collector):
         # Times further ahead than any replica renews to are not believed (a clock far ahead,
         # or a hand-written document): such a lease or heartbeat counts as expired.
         horizon = now + 2 * self._lease + _SKEW
-        replicas = {r for r, until in self._store.load_replicas().items() if now < until <= horizon}
+        alive = self._read(now)
+        replicas = {r for r, until in alive.items() if now < until <= horizon}
         replicas.add(self.replica)
-        stored = {lease.key: _own_topics(lease) for lease in self.stored() if lease.epoch}
-        self._prune(now)
+        stored = {lease.key: _own_topics(lease) for lease in self._latest() if lease.epoch}
 
         def live(lease: Lease) -> bool:
             return now < lease.expires <= horizon
@@ -257,7 +259,7 @@ class Leases(Collector):
         for key in sorted(self._held):
             self._give_up(now, key)
         try:
-            self._store.save_replica(self.replica, now)
+            self._store.save_leases(self.replica, now, [], alive_until=now)
         except Exception as exc:
             log.warning("could not say this replica stopped: %s", exc)
 
@@ -268,7 +270,7 @@ class Leases(Collector):
         lease = Lease(key, held.epoch, self.replica, now - 2 * self._lease, tuple(held.topics))
         try:
             self._store.save_leases(
-                [self._stamped(replace(lease, written=held.written), now, held)]
+                self.replica, now, [self._stamped(replace(lease, written=held.written), now, held)]
             )
         except Exception as exc:  # it then expires on its own
             log.warning("could not release the lease of %s: %s", key, exc)
@@ -287,36 +289,34 @@ class Leases(Collector):
             held.recent, held.complete, held.last_seq = [], True, self._seq
         return lease
 
-    def stored(self) -> list[Lease]:
-        """Each key's latest lease document, of those a live lease could still be in; the
-        others' lease documents of that time are kept for entries()."""
-        now = self._clock()
+    def _read(self, now: datetime) -> dict[str, datetime]:
+        """Read the lease writes a live lease or heartbeat can be in: keep every key's
+        entries (entries()); return each replica's latest heartbeat."""
         # A live lease was written within the lease time (by its holder's clock, at most the
         # margin apart); older keys' epochs are remembered, or found by claiming.
-        every = self._store.load_leases(now - self._lease - 2 * self._margin, now + self._margin)
-        latest: dict[str, Lease] = {}
+        board = self._store.load_leases(now - self._lease - 2 * self._margin, now + self._margin)
         entries: dict[str, list[Lease]] = {}
-        for lease in every:
+        for lease in board.leases:
             entries.setdefault(lease.key, []).append(lease)
             self._epochs[lease.key] = max(self._epochs.get(lease.key, 0), lease.epoch)
-            if lease.key not in latest or lease.order > latest[lease.key].order:
-                latest[lease.key] = lease
         self._entries = {k: sorted(v, key=lambda x: x.order) for k, v in entries.items()}
-        return list(latest.values())
+        return board.alive
+
+    def _latest(self) -> list[Lease]:
+        """Each key's latest lease entry, of those the last read found."""
+        return [entries[-1] for entries in self._entries.values()]
 
     def entries(self, key: str) -> list[Lease]:
         """Every lease document of `key` the last pass read, oldest first."""
         return self._entries.get(key, [])
 
-    def _prune(self, now: datetime) -> None:
-        """Every PRUNE_EVERY, drop the lease collections no live lease can be in any more."""
+    def _forget_before(self, now: datetime) -> datetime | None:
+        """Every PRUNE_EVERY, the time before which no live lease can have been written (the
+        store may drop what was written before it)."""
         if self._monotonic() < self._prune_due:
-            return
+            return None
         self._prune_due = self._monotonic() + PRUNE_EVERY.total_seconds()
-        try:
-            self._store.drop_lease_slots(now - 4 * self._lease - 2 * _SKEW)
-        except Exception as exc:  # retried at the next prune
-            log.warning("could not drop old topic lease collections: %s", exc)
+        return now - 4 * self._lease - 2 * _SKEW
 
     def _release(self, now: datetime, counts: dict[str, int], high: int, low: int) -> set[str]:
         """Give up keys beyond the share: all above `high`; one when a live replica holds
@@ -348,7 +348,7 @@ class Leases(Collector):
         if epoch > known + 1:
             # Claimed since the lease this replica read: by one that holds it now, unless
             # that claim is older than a lease (its claimer never stored its lease).
-            last = self._store.epoch_claimed(key, epoch - 1)
+            last = self._claimed(key, epoch - 1)
             if last is not None and now - self._lease < last <= now + _SKEW:
                 self._epochs[key] = epoch - 1
                 return False
@@ -357,7 +357,7 @@ class Leases(Collector):
             return False  # claimed by another replica just now
         held = Held(epoch, started + (self._lease - self._margin).total_seconds(), set(topics))
         lease = Lease(key, epoch, self.replica, now + self._lease, tuple(sorted(topics)))
-        self._store.save_leases([self._stamped(lease, now, held)])
+        self._store.save_leases(self.replica, now, [self._stamped(lease, now, held)])
         self._held[key] = held
         self._fresh.add(key)
         self._count("acquired")
@@ -369,23 +369,27 @@ class Leases(Collector):
     def _first_unclaimed(self, key: str, start: int) -> int | None:
         """The first epoch from `start` on that no one claimed (claims are contiguous): a few
         lookups by `_id`, however many epochs were claimed since."""
-        if self._store.epoch_claimed(key, start) is None:
+        if self._claimed(key, start) is None:
             return start
         low, step = start, 1  # low: claimed
         while True:
             if low + step >= MAX_EPOCH:
                 return None
-            if self._store.epoch_claimed(key, low + step) is None:
+            if self._claimed(key, low + step) is None:
                 high = low + step  # not claimed
                 break
             low, step = low + step, step * 2
         while high - low > 1:
             middle = (low + high) // 2
-            if self._store.epoch_claimed(key, middle) is None:
+            if self._claimed(key, middle) is None:
                 high = middle
             else:
                 low = middle
         return high
+
+    def _claimed(self, key: str, epoch: int) -> datetime | None:
+        """When `epoch` of `key` was claimed (None: not claimed); one lookup by `_id`."""
+        return self._store.claimed_epochs([(key, epoch)]).get((key, epoch))
 
     def fence(self, key: str) -> None:
         """Raise Fenced (counted, logged) unless this replica still holds `key`: renewed less
@@ -414,7 +418,7 @@ class Leases(Collector):
                 self._lose(key, "its lease expired")
                 lost.add(key)
         pairs = [(key, held.epoch + 1) for key, held in self._held.items()]
-        for key, _ in self._store.claimed_epochs(pairs):
+        for key, _ in sorted(self._store.claimed_epochs(pairs)):
             self._lose(key, "another replica claimed its lease")
             lost.add(key)
         return lost
@@ -457,14 +461,11 @@ class Leases(Collector):
         held.topics |= topics
         return True
 
-    def alive(self) -> None:
-        """Say this replica is alive for the lease time (after a pass that succeeded: a replica
-        whose evaluations fail is not given a share of the topics). Raises StoreError."""
-        self._store.save_replica(self.replica, self._clock() + self._lease)
-
     def renew(self, oldest_partition_ms: int) -> None:
-        """Renew every held lease (fenced first), with what was written where, in one batch;
-        partitions before `oldest_partition_ms` are forgotten. Raises StoreError."""
+        """Renew every held lease (fenced first), with what was written where, and say this
+        replica is alive for the lease time, in one write (after a pass that succeeded: a
+        replica whose evaluations fail is not given a share of the topics); partitions before
+        `oldest_partition_ms` are forgotten. Raises StoreError."""
         keys = []
         for key in sorted(self._held):
             held = self._held[key]
@@ -474,7 +475,7 @@ class Leases(Collector):
             except Fenced:
                 continue
             keys.append(key)
-        self._renew(*keys)
+        self._renew(*keys, alive=True)
 
     def renew_key(self, key: str) -> None:
         """Renew one held lease (fenced first). Raises Fenced, StoreError."""
@@ -483,11 +484,11 @@ class Leases(Collector):
         if key not in self._held:
             raise Fenced(key)
 
-    def _renew(self, *keys: str) -> None:
-        """Store held leases with a new expiry (one command); each deadline moves only once
-        stored. A lease refused (a later epoch's is stored) is lost."""
+    def _renew(self, *keys: str, alive: bool = False) -> None:
+        """Store held leases with a new expiry (one write, with this replica's heartbeat when
+        `alive`); each deadline moves only once stored."""
         keys = tuple(k for k in keys if k in self._held)
-        if not keys:
+        if not keys and not alive:
             return
         now, started = self._clock(), self._monotonic()
         leases = []
@@ -497,7 +498,13 @@ class Leases(Collector):
                 key, held.epoch, self.replica, now + self._lease, tuple(sorted(held.topics))
             )
             leases.append(self._stamped(replace(lease, written=dict(held.written)), now, held))
-        self._store.save_leases(leases)
+        self._store.save_leases(
+            self.replica,
+            now,
+            leases,
+            alive_until=now + self._lease if alive else None,
+            forget_before=self._forget_before(now) if alive else None,
+        )
         for key in keys:
             self._held[key].deadline = started + (self._lease - self._margin).total_seconds()
 

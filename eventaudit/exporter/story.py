@@ -19,7 +19,7 @@ from eventaudit.exporter.snapshot import Snapshot, counts_bucket
 from eventaudit.exporter.subscriptions import Expectation
 from eventaudit.journal import BucketDigest
 from eventaudit.partitions import RECORD_PARTITION_MS
-from eventaudit.store import ExporterStore
+from eventaudit.store import ExporterStore, FoundEvent
 
 HOUR = timedelta(milliseconds=RECORD_PARTITION_MS)
 
@@ -95,10 +95,12 @@ def event_story(
     its dead letters, and (for a settled bucket a window reaches) the bucket's digest, which
     says what the evaluation counted. Raises StoreError."""
     topics = set(snapshot.published) | {t for t, _ in snapshot.expectations}
-    records = store.find_publish_records(event_id, topics, hours)
-    if not records:
+    found = store.find_event(
+        event_id, {t: _known_subscriptions(snapshot, t) for t in topics}, hours
+    )
+    if not found:
         return None
-    stories = [_on_topic(snapshot, store, event_id, doc, project) for doc in records]
+    stories = [_on_topic(snapshot, store, event_id, record, project) for record in found]
     return {"eventID": event_id, "published": sorted(stories, key=lambda s: s["topic"])}
 
 
@@ -109,14 +111,14 @@ def _known_subscriptions(snapshot: Snapshot, topic: str) -> set[str]:
 
 
 def _on_topic(
-    snapshot: Snapshot, store: ExporterStore, event_id: str, doc: dict[str, Any], project: str
+    snapshot: Snapshot, store: ExporterStore, event_id: str, found: FoundEvent, project: str
 ) -> dict[str, Any]:
+    doc = found.published
     topic, published = str(doc["topic"]), doc["publishTime"]
     start = floor_to_bucket(published, snapshot.bucket)
     subs = _known_subscriptions(snapshot, topic)
-    receipts, dead = store.find_receipts(event_id, subs, published)
-    by_sub = {r["subscription"]: r for r in receipts}
-    dead_by_sub = {d["subscription"]: d for d in dead}
+    by_sub = {r["subscription"]: r for r in found.receipts}
+    dead_by_sub = {d["subscription"]: d for d in found.dead}
     # The digest says what the evaluation counted; read only for a bucket a window counts.
     end = snapshot.frontier_of(topic)
     counted = end - snapshot.windows[-1].length <= start < end

@@ -16,7 +16,7 @@ from eventaudit.journal import BucketDigest, JournalEntry
 from eventaudit.journal_reader import JournalCollections
 from eventaudit.partitions import journal_key
 from eventaudit.records import BucketCounts, BucketResult, Lease, PublishRecord, Receipt, Tenure
-from eventaudit.store import AuditStore, MongoStore
+from eventaudit.store import AuditStore, LeaseBoard, MongoStore
 from tests.conftest import Ferret, unique
 from tests.fakes import MemoryStore
 from tests.sim.world import Records, memory_records, mongo_records
@@ -237,34 +237,50 @@ def test_exactly_one_claim_of_an_epoch_succeeds(pair: tuple[Store, Records]) -> 
     key = journal_key(TOPIC)
     assert store.claim_epoch(key, 1, "a", T0) is None
     assert store.claim_epoch(key, 1, "b", T1) == T0
-    assert store.epoch_claimed(key, 1) == T0
-    assert store.epoch_claimed(key, 2) is None
-    assert store.claimed_epochs([(key, 1), (key, 2)]) == [(key, 1)]
+    assert store.claimed_epochs([(key, 1)]) == {(key, 1): T0}
+    assert store.claimed_epochs([(key, 2)]) == {}
+    assert store.claimed_epochs([(key, 1), (key, 2)]) == {(key, 1): T0}
 
 
-def test_leases_and_replicas_read_back(pair: tuple[Store, Records]) -> None:
+def test_leases_heartbeats_and_told_results_read_back(pair: tuple[Store, Records]) -> None:
     store, _ = pair
     key = journal_key(TOPIC)
+    told = ({"_id": "r1", "n": 1}, {"_id": "r2", "n": 2})
     first = Lease(key, 1, "a", T0 + timedelta(seconds=30), (TOPIC,), renewed=T0, seq=1)
-    second = Lease(key, 1, "a", T0 + timedelta(seconds=40), (TOPIC,), renewed=T0, seq=2)
-    store.save_leases([first])
-    store.save_leases([second])
-    read = store.load_leases(T0 - timedelta(seconds=30), T0 + timedelta(seconds=30))
-    assert max(read, key=lambda x: x.order).seq == 2
-    assert {(x.key, x.owner, x.epoch) for x in read} == {(key, "a", 1)}
-    store.save_replica("a", T1)
-    assert store.load_replicas() == {"a": T1}
+    second = Lease(key, 1, "a", T0 + timedelta(seconds=40), (TOPIC,), renewed=T0, seq=2,
+                   prev=1, recent=told)  # fmt: skip
+    store.save_leases("a", T0, [first])
+    store.save_leases("a", T0, [second], alive_until=T1)
+    window = (T0 - timedelta(seconds=30), T0 + timedelta(seconds=30))
+    board = store.load_leases(*window)
+    assert sorted((x.key, x.owner, x.epoch, x.seq, x.told, x.recent) for x in board.leases) == [
+        (key, "a", 1, 1, 0, ()),
+        (key, "a", 1, 2, 2, told),
+    ]
+    assert board.alive == {"a": T1}
+    # A write without a heartbeat leaves it; a later one replaces it (a stop: alive until now).
+    store.save_leases("b", T0 + timedelta(seconds=1), [])
+    store.save_leases("a", T0 + timedelta(seconds=2), [], alive_until=T0 + timedelta(seconds=2))
+    assert store.load_leases(*window).alive == {"a": T0 + timedelta(seconds=2)}
+    # Writes before `forget_before` are never read again.
+    later = T0 + timedelta(minutes=5)
+    store.save_leases("a", later, [], alive_until=later, forget_before=later - timedelta(minutes=1))
+    assert store.load_leases(*window) == LeaseBoard([], {})
+    assert store.load_leases(later, later).alive == {"a": later}
 
 
-def test_records_are_found_by_id_within_their_hour(pair: tuple[Store, Records]) -> None:
+def test_an_events_records_are_found_by_id_within_their_hour(pair: tuple[Store, Records]) -> None:
     store, _ = pair
     store.insert_publish_records([_publish("e1", T0)], T0)
     store.record_receipts([_receipt("e1", T0, T0)], T0)
-    found = store.find_publish_records("e1", {TOPIC}, [T0])
-    assert [(d["_id"], d["eventID"]) for d in found] == [(f"{TOPIC}|e1", "e1")]
-    assert store.find_publish_records("e1", {TOPIC}, [T1]) == []
-    receipts, dead = store.find_receipts("e1", {SUB, "other"}, T0)
-    assert ([(d["_id"], d["deliveries"]) for d in receipts], dead) == ([(f"{SUB}|e1", 1)], [])
+    [found] = store.find_event("e1", {TOPIC: {SUB, "other"}, "users": {"u"}}, [T0])
+    assert (found.published["_id"], found.published["eventID"]) == (f"{TOPIC}|e1", "e1")
+    assert ([(d["_id"], d["deliveries"]) for d in found.receipts], found.dead) == (
+        [(f"{SUB}|e1", 1)],
+        [],
+    )
+    assert store.find_event("e1", {TOPIC: {SUB}}, [T1]) == []
+    assert store.find_event("e1", {"users": {SUB}}, [T0]) == []
 
 
 def test_retention_drops_whole_hours_of_records_and_old_buckets(

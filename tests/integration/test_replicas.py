@@ -52,7 +52,9 @@ class Cluster:
     def leases(self) -> list[Lease]:
         """Each key's latest lease entry."""
         now = datetime.now(UTC)
-        every = self.store.load_leases(now - timedelta(minutes=2), now + timedelta(minutes=1))
+        every = self.store.load_leases(
+            now - timedelta(minutes=2), now + timedelta(minutes=1)
+        ).leases
         return list({x.key: x for x in sorted(every, key=lambda x: x.order)}.values())
 
     def lease(self, topic: str) -> Lease:
@@ -290,7 +292,7 @@ def test_ferretdb_enforces_what_fencing_relies_on(store: MongoStore) -> None:
     key = journal_key("orders")
     assert store.claim_epoch(key, 1, "a", now) is None
     assert store.claim_epoch(key, 1, "b", now) == now  # taken, and when
-    assert store.epoch_claimed(key, 1) and not store.epoch_claimed(key, 2)
+    assert list(store.claimed_epochs([(key, 1), (key, 2)])) == [(key, 1)]
     store.db["ExporterState"].insert_one({"_id": f"claim|{key}|2", "claimed": "soon"})
     assert store.claim_epoch(key, 2, "b", now) == datetime(1970, 1, 1, tzinfo=UTC)  # stale
     # Lease documents are inserted; the latest epoch of a key counts, then the latest write,
@@ -299,35 +301,38 @@ def test_ferretdb_enforces_what_fencing_relies_on(store: MongoStore) -> None:
     renewed = replace(
         later, renewed=now + timedelta(seconds=10), expires=now + timedelta(seconds=30), seq=2
     )
-    store.save_leases([later, renewed])
-    store.save_leases([Lease(key, 4, "a", now, ("orders",), {}, now + timedelta(seconds=20), 3)])
+    store.save_leases("b", now, [later, renewed])
+    late = Lease(key, 4, "a", now, ("orders",), {}, now + timedelta(seconds=20), 3)
+    store.save_leases("a", now + timedelta(seconds=20), [late])
     other = Lease(journal_key("payments"), 1, "a", now, ("payments",), {}, now)
-    store.save_leases([other])
+    store.save_leases("a", now, [other])
     store.db[lease_slot(now)].insert_many(
         [{"_id": "x", "key": "x", "epoch": "1"}, {"_id": "y", "key": "y", "epoch": 2**62}]
     )
     window = (now - timedelta(minutes=1), now + timedelta(minutes=1))
-    every = store.load_leases(*window)
+    every = store.load_leases(*window).leases
     assert len(every) == 4  # every entry: the chain of a key's writes is read too
     latest = {x.key: x for x in sorted(every, key=lambda x: x.order)}
     assert latest == {key: renewed, other.key: other}
     # Told results are kept apart; one that cannot be stored never stops the lease.
     huge = {"_id": "r", "blob": "x" * (5 * 2**20)}
     told = Lease(journal_key("news"), 1, "a", now, ("news",), {}, now, 9, 0, (huge, {"a": 1}))
-    store.save_leases([told])
-    assert [x.told for x in store.load_leases(*window) if x.key == told.key] == [2]
-    assert store.load_news(*window) == {}  # too big for a news document: read from partitions
-    # One document per save (a replica renews all its leases at once), in its first's slot.
+    store.save_leases("a", now, [told])
+    [read] = [x for x in store.load_leases(*window).leases if x.key == told.key]
+    assert (read.told, read.recent) == (2, ())  # too big for a news document: read from partitions
+    # One document per save (a replica renews all its leases at once), in its slot; the
+    # slots before `forget_before` are dropped.
     slots = {lease_slot(now + timedelta(seconds=s)) for s in (0, 20)}
-    assert store.drop_lease_slots(now + timedelta(minutes=2)) == len(slots)
-    assert store.load_leases(*window) == []
+    assert slots <= set(store.db.list_collection_names())
+    after = now + timedelta(minutes=3)
+    store.save_leases("a", after, [], alive_until=after, forget_before=now + timedelta(minutes=2))
+    assert not slots & set(store.db.list_collection_names())
+    assert store.load_leases(*window).leases == []
     gone = Tenure("orders", "old-sub", now, now, "")
     stale = Tenure("orders", "old-sub", now, None, "")
     assert store.save_tenures([gone], epoch=5) == []
     assert store.save_tenures([stale], epoch=4) == [stale]
     assert store.load_tenures() == [gone]
-    store.save_replica("a", now)
-    assert store.load_replicas() == {"a": now}
 
 
 class _CountingStore(CountsResultReads, MongoStore):

@@ -13,7 +13,7 @@ from pymongo.errors import AutoReconnect
 from eventaudit.contract import epoch_ms
 from eventaudit.partitions import is_live_journal
 from eventaudit.records import BucketCounts, BucketResult, PublishRecord, Receipt, Tenure
-from eventaudit.store import AuditStore, MongoStore, StoreError
+from eventaudit.store import AuditStore, LeaseBoard, MongoStore, StoreError
 from tests.conftest import Ferret
 from tests.fakes import MemoryStore
 
@@ -278,10 +278,9 @@ def test_stored_tenures_read_back_and_hostile_ones_are_skipped(store: MongoStore
                       "since": datetime(9999, 12, 31, tzinfo=UTC)})  # fmt: skip
     state.insert_one({"_id": "tenure|x|typed", "topic": 7, "subscription": "y"})
     store.save_fold_stamp(7)
-    store.save_replica("r0", T0)
     assert store.claim_epoch("000000000001", 1, "r0", T0) is None
     assert sorted(store.load_tenures(), key=lambda t: t.subscription) == [good, gone]
-    assert store.load_replicas() == {"r0": T0}
+    assert store.load_fold_stamp() == 7
 
 
 @pytest.mark.parametrize(
@@ -308,29 +307,30 @@ def test_collections_named_almost_like_ours_are_left_alone(store: MongoStore, na
 def test_hostile_documents_beside_the_exporters_state_and_leases_are_skipped(
     store: MongoStore,
 ) -> None:
-    # ExporterState holds the fold stamp, tenures, claims and heartbeats side by side, and a
-    # lease slot holds lease documents and their news: a document of one kind, or of none,
-    # is never read as another, nor stops a read.
+    # ExporterState holds the fold stamp, tenures and claims side by side, and a lease slot
+    # holds lease writes (with heartbeats) and their news: a document of one kind, or of
+    # none, is never read as another, nor stops a read.
     from eventaudit.partitions import lease_slot
     from eventaudit.records import Lease
 
-    store.save_replica("r0", T0)
     store.save_fold_stamp(9)
     store.db["ExporterState"].insert_many([
         {"_id": 7, "expires": T0},  # not a string id
-        {"_id": "replica|r1", "expires": "soon"},
-        {"_id": "replica\u0661", "expires": T0},  # no kind separator
+        {"_id": "tenure\u0661", "topic": "x"},  # no kind separator
         {"_id": "tenure|x|y", "topic": "x"},  # a tenure missing its fields
         {"_id": "claim|k|1", "claimed": T0},
     ])  # fmt: skip
     lease = Lease("000000000001", 1, "r0", T0 + timedelta(seconds=30), ("orders",), {}, T0)
-    store.save_leases([lease])
+    store.save_leases("r0", T0, [lease], alive_until=T0 + timedelta(seconds=30))
+    t1 = T0 + timedelta(minutes=1)
     store.db[lease_slot(T0)].insert_many([
         {"_id": "news|x|0", "renewed": T0, "news": 5},  # news of no usable shape
         {"_id": "news|y|0", "renewed": T0, "news": [{"key": "k", "seq": "1", "recent": []}]},
+        {"_id": "h1", "replica": 7, "renewed": T0, "alive": t1, "leases": []},  # not an id
+        {"_id": "h2", "replica": "r1", "renewed": T0, "alive": "soon", "leases": []},
+        {"_id": "h3", "replica": "r2", "renewed": "now", "alive": t1, "leases": []},
+        {"_id": "h4", "replica": "r3", "renewed": T0, "alive": t1, "leases": 5},
     ])  # fmt: skip
-    assert store.load_replicas() == {"r0": T0}
     assert store.load_fold_stamp() == 9
     assert store.load_tenures() == []
-    assert store.load_leases(T0, T0) == [lease]
-    assert store.load_news(T0, T0) == {}
+    assert store.load_leases(T0, T0) == LeaseBoard([lease], {"r0": T0 + timedelta(seconds=30)})
