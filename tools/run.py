@@ -1,8 +1,9 @@
 """`make run`: the whole stack on loopback with a steady trickle of traffic. Ctrl-C stops it.
 
 FerretDB (SQLite) :27017, Pub/Sub emulator :8085, publisher API :3000, subscribers :9701 and
-:9702 (the second loses 2% of events on purpose), exporter :9800, Prometheus :9090,
-Alertmanager :9093 (every port shifted by `--port-offset`).
+:9702 (the second loses 2% of events on purpose), the push receiver :9710 (the emulator pushes
+`create-user-push` to it), exporter :9800, Prometheus :9090, Alertmanager :9093 (every port
+shifted by `--port-offset`).
 
 A child that dies is restarted (at most 5 times in 5 minutes, then the stack stops), saying
 which one and the last lines of its log. Stopping follows the data: traffic, then the
@@ -35,12 +36,20 @@ from tools import stack
 PROJECT = "eventaudit-local"
 TOPIC = "create-user"
 SUBSCRIPTIONS = ("create-user-audit", "create-user-lossy")
+PUSH_SUBSCRIPTION = "create-user-push"
+SUBSCRIBED = {
+    "subscriber-1": SUBSCRIPTIONS[0],
+    "subscriber-2": SUBSCRIPTIONS[1],
+    "push": PUSH_SUBSCRIPTION,
+}
+"""The services that receive events, and their subscription."""
 PORTS = {
     "ferretdb": 27017,
     "pubsub-emulator": 8085,
     "publisher": 3000,
     "subscriber-1": 9701,
     "subscriber-2": 9702,
+    "push": 9710,
     "exporter": 9800,
     "prometheus": 9090,
     "alertmanager": 9093,
@@ -213,8 +222,12 @@ class Stack:
         write_state(self.data, {"run": _identity(os.getpid()), "children": pids})
 
     def _create_topic(self) -> None:
-        stack.create_topic(PROJECT, TOPIC, SUBSCRIPTIONS)
-        print(f"[run] topic {TOPIC} with subscriptions {', '.join(SUBSCRIPTIONS)}")
+        push = {PUSH_SUBSCRIPTION: f"{self.url('push')}/push"}
+        stack.create_topic(PROJECT, TOPIC, SUBSCRIPTIONS, push)
+        print(
+            f"[run] topic {TOPIC} with subscriptions {', '.join(SUBSCRIPTIONS)} and "
+            f"{PUSH_SUBSCRIPTION} (pushed to {push[PUSH_SUBSCRIPTION]})"
+        )
 
     def start(self) -> None:
         """Start every service in dependency order; raises ServiceError or OSError."""
@@ -247,6 +260,22 @@ class Stack:
                     stop_timeout=30,
                 )
             )
+        self._start(
+            stack.python_service(
+                "push",
+                "push",
+                [
+                    "--subscriptions",
+                    PUSH_SUBSCRIPTION,
+                    "--listen-address",
+                    f"127.0.0.1:{ports['push']}",
+                ],
+                logs,
+                env,
+                f"{self.url('push')}/healthz",
+                stop_timeout=30,
+            )
+        )
         self._start(
             stack.python_service(
                 "exporter",
@@ -323,7 +352,7 @@ class Stack:
         event published during this run has a receipt on the subscription, except those its
         fault knob drops on purpose.
         """
-        subscribers = [n for n in self.children if n.startswith("subscriber-")]
+        subscribers = [n for n in self.children if n in SUBSCRIBED]
         by_records = {
             n for n in subscribers if n in self.restarted or "publisher" in self.restarted
         }
@@ -370,11 +399,12 @@ class Stack:
         return {
             "subscriber-1": len(ids),
             "subscriber-2": sum(1 for event_id in ids if not lossy(event_id)),
+            "push": len(ids),
         }
 
     def _receipts(self, store: Any, name: str) -> int:
         """Receipts stored for a subscriber's subscription, of events published this run."""
-        subscription = SUBSCRIPTIONS[int(name.rsplit("-", 1)[1]) - 1]
+        subscription = SUBSCRIBED[name]
         try:
             return int(
                 store.received.count_documents(
@@ -426,6 +456,7 @@ STOP_ORDER = (
     "publisher",
     "subscriber-1",
     "subscriber-2",
+    "push",
     "exporter",
     "prometheus",
     "alertmanager",

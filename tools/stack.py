@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,8 +223,14 @@ def python_service(
     )
 
 
-def create_topic(project: str, topic: str, subscriptions: Sequence[str]) -> None:
-    """Create a topic and its subscriptions on the emulator (PUBSUB_EMULATOR_HOST must be set)."""
+def create_topic(
+    project: str,
+    topic: str,
+    subscriptions: Sequence[str],
+    push: Mapping[str, str] | None = None,
+) -> None:
+    """Create a topic and its subscriptions on the emulator (PUBSUB_EMULATOR_HOST must be set);
+    those in `push` (subscription -> endpoint URL) are push subscriptions."""
     from google.api_core.exceptions import AlreadyExists
     from google.cloud import pubsub_v1
 
@@ -233,10 +239,12 @@ def create_topic(project: str, topic: str, subscriptions: Sequence[str]) -> None
     with contextlib.suppress(AlreadyExists):
         publisher.create_topic(name=topic_path)
     with pubsub_v1.SubscriberClient() as subscriber:
-        for sub in subscriptions:
+        for sub in [*subscriptions, *(push or {})]:
+            endpoint = (push or {}).get(sub)
             with contextlib.suppress(AlreadyExists):
                 subscriber.create_subscription(
                     name=subscriber.subscription_path(project, sub),
                     topic=topic_path,
                     ack_deadline_seconds=10,
+                    push_config={"push_endpoint": endpoint} if endpoint else None,
                 )

@@ -22,7 +22,7 @@ from pymongo.errors import PyMongoError
 from eventaudit.http import BackgroundServer
 from eventaudit.pubsub import subscriber_client
 from eventaudit.serving import call_within
-from eventaudit.settings import configure_logging, load_settings
+from eventaudit.settings import CommonSettings, configure_logging, load_settings
 from eventaudit.store import MongoStore, StoreError
 from eventaudit.subscriber.audited import AuditedSubscriber, Faults, SubscriberMetrics, TopicOf
 from eventaudit.subscriber.config import SubscriberSettings
@@ -110,8 +110,8 @@ def start(settings: SubscriberSettings) -> Service:
     client = subscriber_client([StreamEndCounter(health.stream_error)])
     try:
         path = client.subscription_path(settings.project, settings.subscription)
-        topic, exactly_once = _topic(client, path, settings.topic)
-        store = _open_store(settings)
+        topic, exactly_once = subscription_topic(client, path, settings.topic)
+        store = open_store(settings)
     except BaseException:
         client.close()
         raise
@@ -209,7 +209,7 @@ def source_topics(
     return topic_of
 
 
-def _topic(
+def subscription_topic(
     client: pubsub_v1.SubscriberClient, path: str, configured: str | None
 ) -> tuple[str, bool]:
     """The subscription's topic id, checked against --topic, and whether it has exactly-once
@@ -228,7 +228,7 @@ def _topic(
     return topic, bool(subscription.enable_exactly_once_delivery)
 
 
-def _open_store(settings: SubscriberSettings) -> MongoStore:
+def open_store(settings: CommonSettings) -> MongoStore:
     try:
         store = MongoStore(settings.mongo_uri, settings.database, settings.store_timeout_seconds)
     except (PyMongoError, ValueError) as exc:

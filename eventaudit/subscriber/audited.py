@@ -19,6 +19,7 @@ import queue
 import re
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -65,10 +66,10 @@ MAX_INTERNAL_ERROR_ATTEMPTS = 5
 _ATTEMPTS_REMEMBERED = 10_000
 
 
-class SubscriberMetrics:
-    """The subscriber's own metrics, registered on the registry given."""
+class _Families:
+    """The subscriber's metric families on one registry (shared by its subscriptions)."""
 
-    def __init__(self, registry: CollectorRegistry, subscription: str) -> None:
+    def __init__(self, registry: CollectorRegistry) -> None:
         self.messages = Counter(
             "eventaudit_subscriber_messages_total",
             "Messages handled, by outcome: recorded then acked; invalid (acked, no record); "
@@ -112,6 +113,27 @@ class SubscriberMetrics:
             buckets=(1, 2, 3, 4, 5, 7, 10, 15, 20, 50, 100),
             registry=registry,
         )
+
+
+_FAMILIES: weakref.WeakKeyDictionary[CollectorRegistry, _Families] = weakref.WeakKeyDictionary()
+_FAMILIES_LOCK = threading.Lock()
+
+
+class SubscriberMetrics:
+    """One subscription's metrics, on the registry given (several subscriptions may share
+    one: a push receiver serves many)."""
+
+    def __init__(self, registry: CollectorRegistry, subscription: str) -> None:
+        with _FAMILIES_LOCK:
+            families = _FAMILIES.get(registry)
+            if families is None:
+                families = _FAMILIES[registry] = _Families(registry)
+        self.messages = families.messages
+        self.latency = families.latency
+        self.pending = families.pending
+        self.store_up = families.store_up
+        self.publish_time_fallbacks = families.publish_time_fallbacks
+        self.attempts = families.attempts
         self.delivery_attempts = self.attempts.labels(subscription)
         self.subscription = subscription
         for outcome in OUTCOMES:

@@ -117,6 +117,9 @@ def test_ctrl_c_during_traffic_loses_nothing(tmp_path: Path) -> None:
             d["eventID"] for d in store.received.find({"subscription": run.SUBSCRIPTIONS[0]})
         }
         lossy = {d["eventID"] for d in store.received.find({"subscription": run.SUBSCRIPTIONS[1]})}
+        pushed = {
+            d["eventID"] for d in store.received.find({"subscription": run.PUSH_SUBSCRIPTION})
+        }
         store.close()
     finally:
         ferret.stop()
@@ -125,6 +128,7 @@ def test_ctrl_c_during_traffic_loses_nothing(tmp_path: Path) -> None:
     assert published - healthy == set()
     assert published - lossy == {e for e in published if lose(e)}
     assert healthy - published == set() and lossy - published == set()
+    assert pushed == published  # the push subscription, drained before the emulator stopped
 
 
 def test_a_restart_of_every_process_counts_nothing_twice(tmp_path: Path) -> None:

@@ -153,7 +153,7 @@ def test_make_stop_after_make_run_was_killed_stops_its_children_in_data_flow_ord
     # had answered were lost with it.
     log = tmp_path / "stopped"
     started = ["ferretdb", "pubsub-emulator", "prometheus", "alertmanager", "publisher"]
-    started += ["subscriber-1", "subscriber-2", "exporter"]
+    started += ["subscriber-1", "subscriber-2", "push", "exporter"]
     code = (
         "import signal, sys, time\n"
         "def stop(*_):\n"

@@ -1,0 +1,189 @@
+"""Pub/Sub's push envelope, read strictly: what a push subscription POSTs to its endpoint.
+
+    {"message": {"data": "<base64>", "attributes": {"k": "v"}, "messageId": "1",
+                 "publishTime": "2026-12-08T10:00:00.123456789Z", "orderingKey": ""},
+     "subscription": "projects/<project>/subscriptions/<id>", "deliveryAttempt": 1}
+
+Pure: bytes in, a `PushedMessage` or an `EnvelopeError` (a 400 naming the field) out. Every
+limit is Pub/Sub's own (100 attributes, keys of 256 bytes, values of 1,024, 10 MB of data), so
+nothing Pub/Sub can push is refused and nothing larger is held.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from eventaudit.contract import PUBSUB_ID_PATTERN, is_pubsub_id
+from eventaudit.http import echo
+
+MAX_ATTRIBUTES = 100
+MAX_ATTRIBUTE_KEY_BYTES = 256
+MAX_ATTRIBUTE_VALUE_BYTES = 1024
+MAX_DATA_BYTES = 10_000_000
+MAX_MESSAGE_ID_CHARS = 128
+MAX_DELIVERY_ATTEMPT = 2**31 - 1
+MAX_ENVELOPE_BYTES = 16 * 2**20
+"""A 10 MB message is 13.4 MB of base64, plus attributes: a bigger body is no push."""
+
+_SUBSCRIPTION = re.compile(
+    rf"projects/[a-z][a-z0-9\-.:]{{0,100}}/subscriptions/({PUBSUB_ID_PATTERN})", re.ASCII
+)
+_TIME = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(Z|[+-]\d{2}:\d{2})",
+    re.ASCII,
+)
+_MESSAGE_ID = re.compile(rf"[!-~]{{1,{MAX_MESSAGE_ID_CHARS}}}", re.ASCII)
+
+
+class EnvelopeError(ValueError):
+    """The body is not a push envelope; the message says which field and why."""
+
+
+@dataclass
+class PushedMessage:
+    """One pushed message (the fields the audited subscriber reads, as a pulled message has
+    them, plus `data` for the handler)."""
+
+    subscription: str
+    """the subscription's id"""
+    message_id: str
+    publish_time: datetime
+    """Pub/Sub's publish time (to the millisecond, UTC)"""
+    data: bytes = b""
+    attributes: dict[str, str] = field(default_factory=dict)
+    delivery_attempt: int | None = None
+    ordering_key: str = ""
+
+
+def _reject_constant(name: str) -> Any:
+    raise EnvelopeError(f"not JSON: {name} is not a number")
+
+
+def parse_envelope(body: bytes) -> PushedMessage:
+    """The message of a push envelope; EnvelopeError when `body` is not one."""
+    if len(body) > MAX_ENVELOPE_BYTES:
+        raise EnvelopeError(f"body of {len(body)} bytes: a push envelope is at most "
+                            f"{MAX_ENVELOPE_BYTES}")  # fmt: skip
+    try:
+        doc = json.loads(body, parse_constant=_reject_constant)
+    except ValueError as exc:  # not JSON, not UTF-8, an integer of over 4,300 digits
+        raise EnvelopeError(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise EnvelopeError("not JSON: nested too deep") from None
+    if not isinstance(doc, dict):
+        raise EnvelopeError("not a push envelope: a JSON object is expected")
+    message = doc.get("message")
+    if not isinstance(message, dict):
+        raise EnvelopeError("`message` must be an object")
+    subscription = _subscription(doc.get("subscription"))
+    return PushedMessage(
+        subscription=subscription,
+        message_id=_message_id(message.get("messageId", message.get("message_id"))),
+        publish_time=_publish_time(message.get("publishTime", message.get("publish_time"))),
+        data=_data(message.get("data")),
+        attributes=_attributes(message.get("attributes")),
+        delivery_attempt=_delivery_attempt(doc.get("deliveryAttempt")),
+        ordering_key=_ordering_key(message.get("orderingKey")),
+    )
+
+
+def _subscription(value: object) -> str:
+    if not isinstance(value, str):
+        raise EnvelopeError("`subscription` must be a string: projects/P/subscriptions/S")
+    match = _SUBSCRIPTION.fullmatch(value)
+    if match is None or not is_pubsub_id(match.group(1)):
+        raise EnvelopeError(f"`subscription` {echo(value)} is not projects/P/subscriptions/S")
+    return match.group(1)
+
+
+def _message_id(value: object) -> str:
+    if not isinstance(value, str) or not _MESSAGE_ID.fullmatch(value):
+        shown = echo(value) if isinstance(value, str) else type(value).__name__
+        raise EnvelopeError(
+            f"`message.messageId` must be 1 to {MAX_MESSAGE_ID_CHARS} printable ASCII "
+            f"characters, not {shown}"
+        )
+    return value
+
+
+def _publish_time(value: object) -> datetime:
+    """RFC 3339 with up to nanoseconds, kept to the millisecond (as pulled messages are)."""
+    match = _TIME.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        shown = echo(value) if isinstance(value, str) else type(value).__name__
+        raise EnvelopeError(f"`message.publishTime` must be an RFC 3339 time, not {shown}")
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    try:
+        moment = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second),
+                          int((fraction or "0")[:3].ljust(3, "0")) * 1000, tzinfo=UTC)  # fmt: skip
+        if zone != "Z":
+            sign = 1 if zone[0] == "+" else -1
+            offset = timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
+            if offset >= timedelta(hours=24):
+                raise ValueError("offset of a day or more")
+            moment -= sign * offset
+    except (ValueError, OverflowError) as exc:
+        raise EnvelopeError(f"`message.publishTime` {echo(str(value))}: {exc}") from None
+    return moment
+
+
+def _data(value: object) -> bytes:
+    if value is None:
+        return b""  # a message without data (attributes only)
+    if not isinstance(value, str):
+        raise EnvelopeError("`message.data` must be a base64 string")
+    try:
+        data = base64.b64decode(value.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error, ValueError):
+        raise EnvelopeError("`message.data` is not base64") from None
+    if len(data) > MAX_DATA_BYTES:
+        raise EnvelopeError(f"`message.data` of {len(data)} bytes: Pub/Sub holds at most "
+                            f"{MAX_DATA_BYTES}")  # fmt: skip
+    return data
+
+
+def _attributes(value: object) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise EnvelopeError("`message.attributes` must be an object of strings")
+    if len(value) > MAX_ATTRIBUTES:
+        raise EnvelopeError(f"{len(value)} attributes: Pub/Sub allows {MAX_ATTRIBUTES}")
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise EnvelopeError(f"attribute {echo(key)} must be a string")
+        try:
+            key_bytes, item_bytes = len(key.encode()), len(item.encode())
+        except UnicodeEncodeError:
+            raise EnvelopeError(f"attribute {echo(key)} is not valid UTF-8") from None
+        if not 0 < key_bytes <= MAX_ATTRIBUTE_KEY_BYTES:
+            raise EnvelopeError(f"attribute key {echo(key)}: 1 to {MAX_ATTRIBUTE_KEY_BYTES} bytes")
+        if item_bytes > MAX_ATTRIBUTE_VALUE_BYTES:
+            raise EnvelopeError(
+                f"attribute {echo(key)}: values are at most {MAX_ATTRIBUTE_VALUE_BYTES} bytes"
+            )
+    return value
+
+
+def _delivery_attempt(value: object) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int or not 0 < value <= MAX_DELIVERY_ATTEMPT:
+        raise EnvelopeError(
+            f"`deliveryAttempt` must be an integer from 1 to {MAX_DELIVERY_ATTEMPT}"
+        )
+    return value
+
+
+def _ordering_key(value: object) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value.encode(errors="replace")) > 1024:
+        raise EnvelopeError("`message.orderingKey` must be a string of at most 1024 bytes")
+    return value
