@@ -11,6 +11,9 @@
   subscriptions each), the steady evaluation (100 new events per 10 s bucket), the first
   evaluation after a restart, a /metrics scrape and an /api/v1/missed listing, as ratios of
   much history to little; then a burst of 100,000 events folded at once (events/s, RSS).
+- push: pushes/s answered by the audited push receiver (receipt stored before each 204, into
+  FerretDB) against a bare Flask route that reads the envelope and answers 204, 16 concurrent
+  pushers each; and the store writes per message (group commit).
 - replicas (not part of `make bench`'s default three): 30 topics with traffic in every 10 s
   bucket; the steady evaluation of one exporter without leases (the baseline), of one with
   leases (holding all 30 topics: the cost of leases and fencing), and of three replicas
@@ -20,8 +23,11 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import functools
+import http.client
+import json
 import operator
 import os
 import shutil
@@ -39,7 +45,7 @@ from flask import Flask, jsonify, request
 from google.cloud import pubsub_v1
 from prometheus_client import CollectorRegistry, generate_latest
 
-from eventaudit.contract import utc_now_ms
+from eventaudit.contract import TraceContext, build_attributes, utc_now_ms
 from eventaudit.exporter.buckets import Window
 from eventaudit.exporter.collector import CompletionCollector, EvaluationState
 from eventaudit.exporter.evaluator import Evaluator
@@ -50,7 +56,10 @@ from eventaudit.publisher.app import PublisherDeps, create_app
 from eventaudit.publisher.audited import AuditedPublisher, PublisherMetrics, RecordBuffer
 from eventaudit.publisher.config import PublisherSettings
 from eventaudit.pubsub import publisher_client
+from eventaudit.push.__main__ import create_app as create_push_app
+from eventaudit.push.receiver import PushReceiver
 from eventaudit.records import PublishRecord, Receipt
+from eventaudit.serving import BackgroundServer, ServerLimits
 from eventaudit.store import MongoStore
 from eventaudit.subscriber.audited import AuditedSubscriber, SubscriberMetrics
 from tools import stack
@@ -123,6 +132,107 @@ def bench_publisher(store: MongoStore, n: int) -> None:
     assert stored == 3 * n + 200, stored
     b, a = max(rates["bare"]), max(rates["audited"])
     print(f"publisher API  bare {b:8.0f} events/s   audited {a:8.0f} events/s   ratio {a / b:.2f}")
+
+
+def _envelope(subscription: str, i: int) -> bytes:
+    attrs = build_attributes(f"push-{uuid.uuid4().hex}", utc_now_ms(), TraceContext.new())
+    return json.dumps(
+        {
+            "message": {
+                "data": base64.b64encode(b'{"n": 1, "name": "Zakk Wylde"}').decode(),
+                "attributes": attrs,
+                "messageId": str(i),
+                "publishTime": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            },
+            "subscription": f"projects/{PROJECT}/subscriptions/{subscription}",
+        }
+    ).encode()
+
+
+def bare_push_app() -> Flask:
+    """A push endpoint without auditing: read the envelope, answer 204."""
+    app = Flask("bare-push")
+
+    @app.post("/push")
+    def push() -> Any:
+        doc = json.loads(request.get_data())
+        base64.b64decode(doc["message"].get("data", ""))
+        return "", 204
+
+    return app
+
+
+PUSHERS = 16
+
+
+class _CountingWrites(MongoStore):
+    """MongoStore counting its receipt writes (store round-trips)."""
+
+    writes = 0
+
+    def record_receipts(self, receipts: Any, now: datetime) -> None:
+        type(self).writes += 1
+        super().record_receipts(receipts, now)
+
+
+def bench_push(uri: str, n: int) -> None:
+    sub = f"bench-push-{uuid.uuid4().hex[:8]}"
+    store = _CountingWrites(uri, "bench_push", timeout_seconds=30)
+    registry = CollectorRegistry()
+    receiver = PushReceiver(store, {sub: "bench-push"}, registry)
+    receiver.start()
+    # Over real HTTP, as Pub/Sub pushes: the same server (waitress, 16 threads) for both.
+    limits = ServerLimits(threads=PUSHERS, max_body_bytes=2**24)
+    apps = {"audited": create_push_app(receiver, registry, 2**24), "bare": bare_push_app()}
+    servers = {
+        name: BackgroundServer(app, f"127.0.0.1:{stack.free_port()}", limits)
+        for name, app in apps.items()
+    }
+    for server in servers.values():
+        server.start()
+
+    def drive(which: str, count: int) -> float:
+        port = servers[which].port
+        bodies = [_envelope(sub, i) for i in range(count)]
+        per = [bodies[k::PUSHERS] for k in range(PUSHERS)]
+
+        def pusher(mine: list[bytes]) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            ok = 0
+            for body in mine:  # one keep-alive connection per pusher
+                conn.request("POST", "/push", body, {"Content-Type": "application/json"})
+                answer = conn.getresponse()
+                answer.read()
+                ok += answer.status == 204
+            conn.close()
+            return ok
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(PUSHERS) as pool:
+            ok = sum(pool.map(pusher, per))
+        elapsed = time.perf_counter() - started
+        assert ok == count, f"{count - ok} pushes refused"
+        return count / elapsed
+
+    drive("bare", 200)  # warm both
+    drive("audited", 200)
+    rates: dict[str, list[float]] = {"bare": [], "audited": []}
+    writes, pushed = _CountingWrites.writes, 0
+    for _ in range(3):  # interleaved, so machine noise hits both alike
+        rates["bare"].append(drive("bare", n))
+        rates["audited"].append(drive("audited", n))
+        pushed += n
+    per_write = pushed / (_CountingWrites.writes - writes)
+    for server in servers.values():
+        server.stop()
+    receiver.stop()
+    assert store.received.count_documents({"subscription": sub}) == 3 * n + 200
+    store.close()
+    b, a = max(rates["bare"]), max(rates["audited"])
+    print(
+        f"push           bare {b:8.0f} pushes/s   audited {a:8.0f} pushes/s   ratio {a / b:.2f}; "
+        f"{per_write:.1f} receipts per store write ({PUSHERS} concurrent pushers over HTTP)"
+    )
 
 
 def bench_subscriber(store: MongoStore, n: int) -> None:
@@ -488,6 +598,8 @@ def main() -> None:
                 bench_publisher(store, args.events)
             elif which == "subscriber":
                 bench_subscriber(store, args.events)
+            elif which == "push":
+                bench_push(f"mongodb://127.0.0.1:{fport}/", args.events)
             elif which == "replicas":
                 bench_replicas(f"mongodb://127.0.0.1:{fport}/", args.topic_rate)
             else:
