@@ -9,6 +9,7 @@ from pathlib import Path
 
 from eventaudit.exporter.config import ExporterSettings
 from eventaudit.publisher.config import PublisherSettings
+from eventaudit.push.config import PushSettings
 from eventaudit.settings import CommonSettings
 from eventaudit.subscriber.config import SubscriberSettings
 
@@ -17,8 +18,9 @@ SERVICES: dict[str, type[CommonSettings]] = {
     "publisher": PublisherSettings,
     "subscriber": SubscriberSettings,
     "exporter": ExporterSettings,
+    "push": PushSettings,
 }
-REQUIRED_EXAMPLES = {"subscription": "create-user-audit"}
+REQUIRED_EXAMPLES = {"subscription": "create-user-audit", "subscriptions": "create-user-push"}
 """Values of the settings without a default, as the demo stack uses them."""
 
 
