@@ -10,8 +10,8 @@
    the evaluation duration, the journal backlog, the subscribers' pending receipts and the
    size of FerretDB's SQLite write-ahead log.
 3. Stops it with Ctrl-C (make run drains the subscribers) and checks that every published event
-   has a receipt on the healthy subscription, and on the lossy one all but those its fault
-   knob drops.
+   has a receipt on the healthy subscription and the push one, and on the lossy one all but
+   those its fault knob drops.
 4. Starts it again on the same data and measures how long `eventaudit_up` stays 0.
 """
 
@@ -65,7 +65,7 @@ def _seed(data: Path, stored: int) -> None:
                 ],
                 utc_now_ms(),
             )
-            for sub in run.SUBSCRIPTIONS:
+            for sub in run.SUBSCRIBED.values():
                 store.record_receipts(
                     [
                         Receipt(sub, f"seed-{i}", run.TOPIC, None, str(i), w, w, w)
@@ -73,7 +73,7 @@ def _seed(data: Path, stored: int) -> None:
                     ],
                     utc_now_ms(),
                 )
-        expected = ExpectedSubscriptions({run.TOPIC: set(run.SUBSCRIPTIONS)}, set(), None)
+        expected = ExpectedSubscriptions({run.TOPIC: set(run.SUBSCRIBED.values())}, set(), None)
         windows = [Window.parse(w, timedelta(seconds=10)) for w in ("1m", "5m", "1h")]
         evaluator = Evaluator(
             store,
@@ -229,7 +229,7 @@ def main() -> None:
         }
         got = [
             {d["eventID"] for d in store.received.find({"subscription": s}, {"eventID": 1})}
-            for s in run.SUBSCRIPTIONS
+            for s in (*run.SUBSCRIPTIONS, run.PUSH_SUBSCRIPTION)
         ]
         journal = store.journal_size()
         store.close()
@@ -240,7 +240,8 @@ def main() -> None:
         f"[sustained] after Ctrl-C: {len(published)} events published; healthy subscription "
         f"missing {len(published - got[0])}; lossy missing {len(published - got[1])} "
         f"(its fault knob drops {sum(1 for e in published if lose(e))}, other losses "
-        f"{len((published - got[1]) - {e for e in published if lose(e)})}); journal left "
+        f"{len((published - got[1]) - {e for e in published if lose(e)})}); push subscription "
+        f"missing {len(published - got[2])}; journal left "
         f"{journal} documents; WAL now {_wal_bytes(data) / 2**20:.0f} MiB"
     )
     proc = _start(data, offset, log)

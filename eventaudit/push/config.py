@@ -40,11 +40,15 @@ class PushSettings(CommonSettings):
     )
     oidc_audience: str | None = Field(
         None,
+        min_length=1,
         description="require Pub/Sub's OIDC token with this audience (the push "
-        "subscription's --push-auth-token-audience); with --oidc-service-account",
+        "subscription's --push-auth-token-audience; {subscription} in it stands for the "
+        "subscription's id, required when serving several); with --oidc-service-account",
     )
     oidc_service_account: str | None = Field(
-        None, description="the push subscription's service account e-mail the token must name"
+        None,
+        min_length=1,
+        description="the push subscription's service account e-mail the token must name",
     )
     oidc_certs_url: str = Field(
         "https://www.googleapis.com/oauth2/v1/certs",
@@ -66,6 +70,12 @@ class PushSettings(CommonSettings):
     def _oidc_both(self) -> PushSettings:
         if (self.oidc_audience is None) != (self.oidc_service_account is None):
             raise ValueError("--oidc-audience and --oidc-service-account go together")
+        several = len(self.subscription_list) > 1
+        if several and self.oidc_audience and "{subscription}" not in self.oidc_audience:
+            raise ValueError(
+                "serving several subscriptions, --oidc-audience must hold {subscription}: one "
+                "audience for all would let a token of one push deliveries of another"
+            )
         if self.receipt_timeout_seconds <= self.store_timeout_seconds:
             raise ValueError(
                 "receipt-timeout-seconds must exceed store-timeout-seconds (a push waits out "

@@ -22,7 +22,8 @@ from typing import Any
 from eventaudit.contract import PUBSUB_ID_PATTERN, is_pubsub_id
 from eventaudit.http import echo
 
-MAX_ATTRIBUTES = 100
+MAX_ATTRIBUTES = 128
+"""Pub/Sub publishes at most 100; a dead letter carries two more of Pub/Sub's own."""
 MAX_ATTRIBUTE_KEY_BYTES = 256
 MAX_ATTRIBUTE_VALUE_BYTES = 1024
 MAX_DATA_BYTES = 10_000_000
@@ -30,12 +31,16 @@ MAX_MESSAGE_ID_CHARS = 128
 MAX_DELIVERY_ATTEMPT = 2**31 - 1
 MAX_ENVELOPE_BYTES = 16 * 2**20
 """A 10 MB message is 13.4 MB of base64, plus attributes: a bigger body is no push."""
+MAX_JSON_VALUES = 1 << 18
+"""Opening brackets and commas a push can hold: base64 has none, and attributes hold at most
+MAX_ATTRIBUTES * 1,280 bytes. More is refused before parsing: 16 MB of `[{},{},...]` would
+cost about 400 MB to parse."""
 
 _SUBSCRIPTION = re.compile(
     rf"projects/[a-z][a-z0-9\-.:]{{0,100}}/subscriptions/({PUBSUB_ID_PATTERN})", re.ASCII
 )
 _TIME = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(Z|[+-]\d{2}:\d{2})",
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:[0-5]\d)",
     re.ASCII,
 )
 _MESSAGE_ID = re.compile(rf"[!-~]{{1,{MAX_MESSAGE_ID_CHARS}}}", re.ASCII)
@@ -70,6 +75,8 @@ def parse_envelope(body: bytes) -> PushedMessage:
     if len(body) > MAX_ENVELOPE_BYTES:
         raise EnvelopeError(f"body of {len(body)} bytes: a push envelope is at most "
                             f"{MAX_ENVELOPE_BYTES}")  # fmt: skip
+    if body.count(b"{") + body.count(b"[") + body.count(b",") > MAX_JSON_VALUES:
+        raise EnvelopeError("not a push envelope: far too many JSON values")
     try:
         doc = json.loads(body, parse_constant=_reject_constant)
     except ValueError as exc:  # not JSON, not UTF-8, an integer of over 4,300 digits
@@ -84,13 +91,20 @@ def parse_envelope(body: bytes) -> PushedMessage:
     subscription = _subscription(doc.get("subscription"))
     return PushedMessage(
         subscription=subscription,
-        message_id=_message_id(message.get("messageId", message.get("message_id"))),
-        publish_time=_publish_time(message.get("publishTime", message.get("publish_time"))),
+        message_id=_message_id(_one(message, "messageId", "message_id")),
+        publish_time=_publish_time(_one(message, "publishTime", "publish_time")),
         data=_data(message.get("data")),
         attributes=_attributes(message.get("attributes")),
         delivery_attempt=_delivery_attempt(doc.get("deliveryAttempt")),
         ordering_key=_ordering_key(message.get("orderingKey")),
     )
+
+
+def _one(message: dict[str, Any], name: str, twin: str) -> object:
+    """A field Pub/Sub sends under two spellings (the same value under both)."""
+    if name in message and twin in message and message[name] != message[twin]:
+        raise EnvelopeError(f"`message.{name}` and `message.{twin}` differ")
+    return message.get(name, message.get(twin))
 
 
 def _subscription(value: object) -> str:
@@ -122,7 +136,7 @@ def _publish_time(value: object) -> datetime:
     try:
         moment = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second),
                           int((fraction or "0")[:3].ljust(3, "0")) * 1000, tzinfo=UTC)  # fmt: skip
-        if zone != "Z":
+        if zone not in "Zz":
             sign = 1 if zone[0] == "+" else -1
             offset = timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
             if offset >= timedelta(hours=24):

@@ -5,6 +5,11 @@ one configured on the subscription and whose `email` is its service account. Wit
 check anyone who can reach the endpoint can post an envelope naming any subscription (a forged
 delivery would count as received): on Cloud Run, require it.
 
+The token signs nothing of the body, so the audience is what ties it to a subscription: with
+`{subscription}` in the audience (`https://host/push?s={subscription}`, the subscription's id
+put in), a token made for one subscription is refused on an envelope naming another. A receiver
+serving several subscriptions requires it.
+
 Google's signing keys are fetched from `certs_url` (a JSON object of key id -> PEM, the format
 of https://www.googleapis.com/oauth2/v1/certs) and kept for an hour; a token signed by a key
 not among them fetches them again, at most once every REFETCH_SECONDS, so tokens with invented
@@ -21,7 +26,6 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from google.auth import exceptions as auth_exceptions
 from google.auth import jwt
 
 from eventaudit.http import echo
@@ -75,8 +79,24 @@ class TokenVerifier:
         self._fetched = -float("inf")
         self._lock = threading.Lock()
 
+    @property
+    def per_subscription(self) -> bool:
+        """Whether each subscription has an audience of its own."""
+        return "{subscription}" in self._audience
+
+    def audience(self, subscription: str) -> str:
+        """The audience a push of `subscription` must carry."""
+        return self._audience.replace("{subscription}", subscription)
+
+    def check_audience(self, claims: Mapping[str, Any], subscription: str) -> None:
+        """Forbidden unless the verified token was made for pushes of `subscription`."""
+        if claims.get("aud") != self.audience(subscription):
+            raise Forbidden(f"the bearer token's audience is not that of {subscription}'s pushes")
+
     def verify(self, authorization: str | None) -> dict[str, Any]:
-        """The token's claims; Unauthorized or Forbidden saying why not."""
+        """The token's claims, its signature, issuer, times and account checked (its audience
+        by check_audience once the envelope names the subscription); Unauthorized or
+        Forbidden saying why not."""
         if not authorization:
             raise Unauthorized("no Authorization header: a bearer token is required")
         scheme, _, token = authorization.partition(" ")
@@ -86,17 +106,18 @@ class TokenVerifier:
             raise Unauthorized("the bearer token is not a JWT")
         try:
             header = jwt.decode_header(token)
-        except (ValueError, auth_exceptions.GoogleAuthError):
+        except Exception:  # google-auth lets RecursionError out of a nested header, and more
             raise Unauthorized("the bearer token is not a JWT") from None
         kid = header.get("kid") if isinstance(header, dict) else None
         certs = self._keys(kid if isinstance(kid, str) else "")
         try:
-            claims = jwt.decode(
-                token, certs=certs, audience=self._audience,
-                clock_skew_in_seconds=CLOCK_SKEW_SECONDS,
-            )  # fmt: skip
-        except (ValueError, auth_exceptions.GoogleAuthError) as exc:
+            claims = jwt.decode(token, certs=certs, clock_skew_in_seconds=CLOCK_SKEW_SECONDS)
+        except Exception as exc:  # its signature, times or shape (never a 500)
             raise Unauthorized(f"the bearer token is not valid: {_reason(exc)}") from None
+        if not isinstance(claims, dict) or not all(
+            type(claims.get(k)) is int for k in ("iat", "exp")
+        ):
+            raise Unauthorized("the bearer token's iat and exp must be whole seconds")
         if claims.get("iss") not in GOOGLE_ISSUERS:
             raise Unauthorized("the bearer token was not issued by Google")
         if claims.get("email") != self._account or claims.get("email_verified") is not True:
@@ -111,8 +132,11 @@ class TokenVerifier:
             if age < KEEP_SECONDS and (kid in self._certs or age < REFETCH_SECONDS):
                 return self._certs
             try:
-                self._certs = dict(self._fetch(self._url))
-            except (OSError, ValueError) as exc:
+                fetched = dict(self._fetch(self._url))
+                if not fetched:
+                    raise ValueError("no keys")
+                self._certs = fetched
+            except (OSError, ValueError) as exc:  # the keys known stay
                 log.warning("could not fetch the push token signing keys: %s", exc)
             self._fetched = self._monotonic()
             return self._certs

@@ -58,14 +58,17 @@ PUSH_OUTCOMES = (
     "not_stored",
     "timeout",
 )
-Handler = Callable[["PushMessage"], None]
+Handler = Callable[[PushedMessage], None]
+"""Your work on a pushed message: it sees the message's fields (no ack or nack: the receiver
+answers the push once the receipt is stored)."""
 
 
 class PushMessage:
-    """A pushed message, as the audited subscriber and the handler see it: the fields of a
-    pulled message plus `data`; ack and nack settle the request waiting on it."""
+    """A pushed message as the audited subscriber sees it: the fields of a pulled message plus
+    `data`; ack and nack settle the request waiting on it (the first one counts)."""
 
     def __init__(self, pushed: PushedMessage) -> None:
+        self.pushed = pushed
         self.subscription = pushed.subscription
         self.message_id = pushed.message_id
         self.publish_time = pushed.publish_time
@@ -76,16 +79,21 @@ class PushMessage:
         self.acked: bool | None = None
         self.handler_failed = False
         self.settled = threading.Event()
+        self._lock = threading.Lock()
+
+    def _settle(self, acked: bool) -> bool:
+        """Settle once; the value that settled it."""
+        with self._lock:
+            if self.acked is None:
+                self.acked = acked
+                self.settled.set()
+            return self.acked
 
     def ack(self) -> None:
-        if not self.settled.is_set():
-            self.acked = True
-            self.settled.set()
+        self._settle(True)
 
     def nack(self) -> None:
-        if not self.settled.is_set():
-            self.acked = False
-            self.settled.set()
+        self._settle(False)
 
     def ack_with_response(self) -> Future[Any]:
         self.ack()
@@ -137,6 +145,11 @@ class PushReceiver:
         """`handler(message)` is the endpoint's own work; the receipt is made (and 2xx
         answered) only if it returns. `timeout`: the longest a push waits for its receipt to
         be stored (keep it below the subscription's ack deadline)."""
+        if verifier is not None and len(subscriptions) > 1 and not verifier.per_subscription:
+            raise ValueError(
+                "a receiver serving several subscriptions needs an audience per subscription: "
+                "put {subscription} in it"
+            )
         self._handler = handler
         self._verifier = verifier
         self._timeout = timeout
@@ -169,13 +182,17 @@ class PushReceiver:
         return all(a.last_write_ok for a in self._audited.values())
 
     def _run_handler(self, message: Any) -> None:
+        """The handler, on the message's fields only (it cannot settle the push itself)."""
         if self._handler is None:
             return
         try:
-            self._handler(message)
+            self._handler(message.pushed)
         except Exception:
             message.handler_failed = True
             raise
+        except BaseException as exc:  # SystemExit and the like from a handler: its failure
+            message.handler_failed = True
+            raise RuntimeError(f"the handler raised {type(exc).__name__}") from exc
 
     def handle(self, body: bytes, authorization: str | None) -> Answer:
         """Answer one push (never raises)."""
@@ -184,9 +201,11 @@ class PushReceiver:
         return answer
 
     def _handle(self, body: bytes, authorization: str | None) -> tuple[Answer, str]:
+        # The token first: an unauthenticated body is not even parsed.
+        claims = None
         if self._verifier is not None:
             try:
-                self._verifier.verify(authorization)
+                claims = self._verifier.verify(authorization)
             except Unauthorized as exc:
                 return _error(401, str(exc)), "unauthorized"
             except Forbidden as exc:
@@ -201,20 +220,25 @@ class PushReceiver:
                 _error(404, f"subscription {pushed.subscription} is not served here"),
                 "unknown_subscription",
             )
+        if self._verifier is not None and claims is not None:
+            try:
+                self._verifier.check_audience(claims, pushed.subscription)
+            except Forbidden as exc:  # a token of another subscription: a forged envelope
+                return _error(403, str(exc)), "forbidden"
         message = PushMessage(pushed)
         audited(message)  # never raises; settles the message now or once its receipt is written
-        if not message.settled.wait(self._timeout):
-            message.nack()  # a late write settles nothing: the next push is a duplicate
-            if not message.acked:
-                log.warning(
-                    "push of message %s on %s: receipt not stored within %.0fs, answered 503",
-                    message.message_id, message.subscription, self._timeout,
-                )  # fmt: skip
-                return _error(503, "the receipt was not stored in time; push again"), "timeout"
-        if message.acked:
-            return Answer(204), "acked"
+        if not message.settled.wait(self._timeout) and not message._settle(False):
+            # Settled now: a receipt written later settles nothing (the next push of it is
+            # a duplicate delivery, never a lost event).
+            log.warning(
+                "push of message %s on %s: receipt not stored within %.0fs, answered 503",
+                message.message_id, message.subscription, self._timeout,
+            )  # fmt: skip
+            return _error(503, "the receipt was not stored in time; push again"), "timeout"
         if message.handler_failed:
             return _error(500, "the handler failed; push again"), "handler_error"
+        if message.acked:
+            return Answer(204), "acked"
         return _error(503, "the receipt could not be stored; push again"), "not_stored"
 
 
@@ -263,21 +287,26 @@ class PushMiddleware:
         if environ.get("REQUEST_METHOD") != "POST":
             return _respond(start_response, _error(405, "pushes are POSTed"), (("Allow", "POST"),))
         body = _read_body(environ, self._max)
-        if body is None:
-            return _respond(start_response, _error(413, f"body over {self._max} bytes"))
+        if isinstance(body, Answer):
+            return _respond(start_response, body)
         answer = self._receiver.handle(body, environ.get("HTTP_AUTHORIZATION"))
         return _respond(start_response, answer)
 
 
-def _read_body(environ: dict[str, Any], limit: int) -> bytes | None:
-    """The request body, or None when it is over `limit` bytes (or its length is not one)."""
+def _read_body(environ: dict[str, Any], limit: int) -> bytes | Answer:
+    """The request body; or the answer to a length that is not one (400) or is over `limit`
+    bytes (413)."""
     stream = environ["wsgi.input"]
     length = str(environ.get("CONTENT_LENGTH") or "")
     if length:
-        if not (length.isascii() and length.isdigit()) or len(length) > 12 or int(length) > limit:
-            return None
+        if not (length.isascii() and length.isdigit()) or len(length) > 12:
+            return _error(400, "Content-Length is not a length")
+        if int(length) > limit:
+            return _error(413, f"body over {limit} bytes")
         return bytes(stream.read(int(length)))
-    # No length (chunked): read to the end, at most one byte past the limit.
+    if not environ.get("wsgi.input_terminated"):
+        return b""  # PEP 3333: without a length the body is empty, unless the server says so
+    # Chunked, read by the server: to the end, at most one byte past the limit.
     parts, total = [], 0
     while total <= limit:
         part = stream.read(min(65536, limit + 1 - total))
@@ -285,7 +314,7 @@ def _read_body(environ: dict[str, Any], limit: int) -> bytes | None:
             break
         parts.append(part)
         total += len(part)
-    return None if total > limit else b"".join(parts)
+    return _error(413, f"body over {limit} bytes") if total > limit else b"".join(parts)
 
 
 def _respond(

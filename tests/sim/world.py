@@ -4,7 +4,8 @@ It drives the real code: records are built from the message contract (`build_att
 `read_attributes`), written through the store's writer methods (`insert_publish_records`,
 `record_receipts`), and evaluated by real `Evaluator`s with real `Leases`, each replica with
 its own wall clock (skew and steps) and monotonic clock (pauses). Pub/Sub is a list of
-messages waiting per subscription, delivered in whatever order the schedule says.
+messages waiting per subscription, delivered in whatever order the schedule says; a push
+subscription's deliveries go through Pub/Sub's push envelope (`PUSHED`).
 
 The world keeps what it needs to judge the numbers and nothing the numbers are made of:
 which receipts were acknowledged when (a receipt is durable once its batch's write returned,
@@ -14,8 +15,10 @@ the store holds.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import itertools
+import json
 import queue
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
@@ -36,6 +39,7 @@ from eventaudit.exporter.leases import Leases
 from eventaudit.exporter.snapshot import Snapshot, SubscriptionWindow, list_missed
 from eventaudit.exporter.story import event_story
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
+from eventaudit.push.envelope import parse_envelope
 from eventaudit.records import PublishRecord
 from eventaudit.store import AuditStore, StoreError
 from eventaudit.subscriber import audited as subscriber_module
@@ -60,6 +64,10 @@ SUBSCRIPTIONS: dict[str, tuple[str, ...]] = {
     "orders": ("orders-billing", "orders-mailer"),
     "users": ("users-mailer",),
 }
+PUSHED = frozenset({"users-mailer"})
+"""Push subscriptions: each delivery is Pub/Sub's push envelope, encoded as Pub/Sub sends it
+(publish time in nanoseconds) and read back by eventaudit.push.envelope, then audited by the
+same AuditedSubscriber as a pulled message (as PushReceiver does)."""
 
 
 @dataclass
@@ -109,6 +117,23 @@ class Message:
     message_id: str
     broker_time: datetime
     payload: str
+
+
+def push_envelope(message: Message, subscription: str) -> bytes:
+    """The body Pub/Sub POSTs to a push endpoint for `message`."""
+    when = message.broker_time
+    return json.dumps(
+        {
+            "message": {
+                "data": base64.b64encode(message.payload.encode()).decode(),
+                "attributes": message.attributes,
+                "messageId": message.message_id,
+                "message_id": message.message_id,
+                "publishTime": f"{when:%Y-%m-%dT%H:%M:%S}.{when.microsecond:06d}789Z",
+            },
+            "subscription": f"projects/{PROJECT}/subscriptions/{subscription}",
+        }
+    ).encode()
 
 
 @dataclass
@@ -226,7 +251,12 @@ class World:
         if not waiting:
             return None
         message = waiting[index % len(waiting)] if keep else waiting.pop(index % len(waiting))
-        delivery = Delivery(self, subscription, message, message.attributes, message.broker_time)
+        attributes, broker_time = message.attributes, message.broker_time
+        if subscription in PUSHED:
+            pushed = parse_envelope(push_envelope(message, subscription))
+            assert pushed.subscription == subscription and pushed.message_id == message.message_id
+            attributes, broker_time = pushed.attributes, pushed.publish_time
+        delivery = Delivery(self, subscription, message, attributes, broker_time)
         with self._subscriber_clock():
             self.subscribers[subscription](delivery)
         return message

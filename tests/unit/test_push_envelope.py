@@ -39,6 +39,9 @@ def envelope(**changes: Any) -> dict[str, Any]:
                 target.pop(_TWINS.get(name, name), None)
         else:
             target[name] = value
+            twin = _TWINS.get(name)
+            if where == "m" and twin is not None and f"m__{twin}" not in changes:
+                target[twin] = value  # Pub/Sub sends both spellings alike
     return doc
 
 
@@ -74,7 +77,8 @@ def test_a_push_parses_exactly() -> None:
         ({"m__data": _DROP}, None, 3, b"", None),  # attributes only
         ({"m__data": ""}, None, 3, b"", None),
         ({"m__attributes": _DROP}, None, 3, None, {}),
-        ({"m__messageId": _DROP, "m__message_id": "42"}, None, 3, None, None),  # snake_case only
+        ({"m__publishTime": "2026-12-08t10:00:00z"}, TEN, 3, None, None),  # RFC 3339 allows
+        ({"m__publishTime": "2026-12-08T10:00:00-00:00"}, TEN, 3, None, None),
         ({"extra": {"deep": [1, 2]}}, None, 3, None, None),  # fields Pub/Sub may add
     ],
 )  # fmt: skip
@@ -93,6 +97,13 @@ def test_what_pub_sub_may_push_parses(
         assert pushed.data == data
     if attributes is not None:
         assert pushed.attributes == attributes
+
+
+def test_a_push_with_only_the_snake_case_fields_parses() -> None:
+    doc = envelope(m__messageId=_DROP, m__publishTime=_DROP)
+    doc["message"].update(message_id="42", publish_time="2026-12-08T10:00:00Z")
+    pushed = parse_envelope(body(doc))
+    assert (pushed.message_id, pushed.publish_time) == ("42", TEN)
 
 
 @pytest.mark.parametrize(
@@ -120,20 +131,26 @@ def test_what_pub_sub_may_push_parses(
         (body(envelope(subscription="projects/p/subscriptions/a\u0661b")), "is not projects"),
         # messageId
         (body(envelope(m__messageId=_DROP)), "`message.messageId`"),
-        (body(envelope(m__messageId=7, m__message_id=7)), "not int"),
-        (body(envelope(m__messageId="", m__message_id="")), "`message.messageId`"),
-        (body(envelope(m__messageId="1\n", m__message_id="1\n")), "`message.messageId`"),
-        (body(envelope(m__messageId="\u0661", m__message_id="\u0661")), "`message.messageId`"),
-        (body(envelope(m__messageId="1" * 129, m__message_id="1" * 129)), "`message.messageId`"),
+        (body(envelope(m__messageId=7)), "not int"),
+        (body(envelope(m__messageId="")), "`message.messageId`"),
+        (body(envelope(m__messageId="1\n")), "`message.messageId`"),
+        (body(envelope(m__messageId="\u0661")), "`message.messageId`"),
+        (body(envelope(m__messageId="1" * 129)), "`message.messageId`"),
         # publishTime
         (body(envelope(m__publishTime=_DROP)), "`message.publishTime`"),
-        (body(envelope(m__publishTime=1765188000, m__publish_time=1)), "not int"),
+        (body(envelope(m__publishTime=1765188000)), "not int"),
         (body(envelope(m__publishTime="2026-12-08 10:00:00Z")), "RFC 3339"),
         (body(envelope(m__publishTime="2026-12-08T10:00:00Z\n")), "RFC 3339"),  # trailing newline
         (body(envelope(m__publishTime="\uff12\uff10\uff12\uff16-12-08T10:00:00Z")), "RFC 3339"),
         (body(envelope(m__publishTime="2026-13-08T10:00:00Z")), "month must be in 1..12"),
         (body(envelope(m__publishTime="2026-12-08T10:00:00.1234567890Z")), "RFC 3339"),
         (body(envelope(m__publishTime="2026-12-08T10:00:00+24:00")), "offset of a day"),
+        (body(envelope(m__publishTime="2026-12-08T10:00:00+00:99")), "RFC 3339"),
+        (body(envelope(m__publishTime="2026-12-08T10:00:60Z")), "second must be in 0..59"),
+        (body(envelope(m__publish_time="2026-12-08T10:00:01Z")), "differ"),  # twins disagree
+        (body(envelope(m__message_id="2")), "differ"),
+        (b'{"message": [' + b"{}," * 300_000 + b"{}]}", "far too many JSON values"),
+        (b"[" + b"1.5," * 300_000 + b"1]", "far too many JSON values"),
         (body(envelope(m__publishTime="0001-01-01T00:00:00+01:00")), "publishTime"),  # overflow
         # data
         (body(envelope(m__data=5)), "`message.data` must be a base64 string"),
@@ -146,7 +163,7 @@ def test_what_pub_sub_may_push_parses(
         (body(envelope(m__attributes=["eventID"])), "object of strings"),
         (body(envelope(m__attributes={"eventID": 5})), "must be a string"),
         (body(envelope(m__attributes={"eventID": None})), "must be a string"),
-        (body(envelope(m__attributes={f"k{i}": "v" for i in range(101)})), "101 attributes"),
+        (body(envelope(m__attributes={f"k{i}": "v" for i in range(129)})), "129 attributes"),
         (body(envelope(m__attributes={"k" * 257: "v"})), "1 to 256 bytes"),
         (body(envelope(m__attributes={"": "v"})), "1 to 256 bytes"),
         (body(envelope(m__attributes={"k": "v" * 1025})), "at most 1024 bytes"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -24,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from eventaudit.contract import TraceContext, build_attributes
 from eventaudit.push import PushMiddleware, PushReceiver, TokenVerifier, push_blueprint
+from eventaudit.push.oidc import Unauthorized
 from eventaudit.records import Receipt
 from tests.fakes import MemoryStore
 
@@ -236,6 +238,13 @@ def _key(key_id: str = "k1") -> tuple[crypt.RSASigner, str]:
 
 SIGNER, PUBLIC = _key()
 HOUR_AGO = int(time.time()) - 3600
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+NESTED = f"{_b64(b'[' * 3000)}.{_b64(b'{}')}.AAAA"
 OTHER, _ = _key()
 
 
@@ -297,7 +306,10 @@ def test_a_push_with_the_subscriptions_token_is_recorded(guarded: Any) -> None:
         ("Bearer " + "a" * 9000, 401, "not a JWT"),
         ("Bearer \u00e9.\u00e9.\u00e9", 401, "not a JWT"),
         ("Bearer " + token(exp=HOUR_AGO, iat=HOUR_AGO - 3600), 401, "not valid"),  # expired
-        ("Bearer " + token(aud="https://elsewhere.example.com"), 401, "not valid"),
+        ("Bearer " + token(aud="https://elsewhere.example.com"), 403, "audience"),
+        ("Bearer " + token(exp=None), 401, "not valid"),  # no expiry
+        ("Bearer " + token(iat=str(HOUR_AGO)), 401, "not valid"),
+        ("Bearer " + NESTED, 401, "not a JWT"),  # google-auth raises RecursionError on it
         ("Bearer " + token(OTHER), 401, "not valid"),  # signed by another key of the same id
         ("Bearer " + unsigned(), 401, "not valid"),
         ("Bearer " + token(iss="https://evil.example.com"), 401, "not issued by Google"),
@@ -340,11 +352,14 @@ def test_the_blueprint_answers_pushes(kit: Any) -> None:
     assert store.receipt(SUB, "e1")["deliveries"] == 1
 
 
-def _wsgi(app: Any, method: str, path: str, raw: bytes, length: str | None) -> tuple[str, bytes]:
+def _wsgi(
+    app: Any, method: str, path: str, raw: bytes, length: str | None, terminated: bool = False
+) -> tuple[str, bytes]:
     environ = {
         "REQUEST_METHOD": method,
         "PATH_INFO": path,
         "wsgi.input": io.BytesIO(raw),
+        "wsgi.input_terminated": terminated,
         **({"CONTENT_LENGTH": length} if length is not None else {}),
     }
     got: list[str] = []
@@ -363,9 +378,115 @@ def test_the_middleware_answers_pushes_and_passes_the_rest_on(kit: Any) -> None:
     raw = push()
     assert _wsgi(app, "GET", "/other", b"", None) == ("200 OK", b"app")
     assert _wsgi(app, "POST", "/push", raw, str(len(raw))) == ("204 No Content", b"")
-    assert _wsgi(app, "POST", "/push", raw, None)[0] == "204 No Content"  # chunked: no length
     assert _wsgi(app, "GET", "/push", b"", None)[0] == "405 Method Not Allowed"
-    for length in ("100001", "1e9", "\u0661\u0662", "12\n", "-1", "9" * 40):
-        assert _wsgi(app, "POST", "/push", raw, length)[0] == "413 Content Too Large", length
-    assert _wsgi(app, "POST", "/push", b"x" * 100_001, None)[0] == "413 Content Too Large"
+    assert _wsgi(app, "POST", "/push", raw, "100001")[0] == "413 Content Too Large"
+    for length in ("1e9", "\u0661\u0662", "12\n", "-1", "9" * 40):
+        assert _wsgi(app, "POST", "/push", raw, length)[0] == "400 Bad Request", length
+    # No length: an empty body (PEP 3333), unless the server read it whole (chunked)
+    assert _wsgi(app, "POST", "/push", raw, None)[0] == "400 Bad Request"
+    assert _wsgi(app, "POST", "/push", raw, None, terminated=True)[0] == "204 No Content"
+    big = b"x" * 100_001
+    assert _wsgi(app, "POST", "/push", big, None, terminated=True)[0] == "413 Content Too Large"
     assert store.receipt(SUB, "e1")["deliveries"] == 2
+
+
+def test_a_token_of_one_subscription_cannot_push_for_another() -> None:
+    """The token signs nothing of the body: its audience names the subscription."""
+    store, fetches = MemoryStore(), Fetches()
+    per_sub = "https://push.example.com/push?s={subscription}"
+    verifier = TokenVerifier(per_sub, ACCOUNT, "http://certs.invalid/", fetch=fetches)
+    receiver = PushReceiver(
+        store, {SUB: TOPIC, "other-sub": TOPIC}, CollectorRegistry(), verifier=verifier
+    )
+    receiver.start()
+    try:
+        mine = f"Bearer {token(aud=per_sub.replace('{subscription}', SUB))}"
+        forged = push().replace(SUB.encode(), b"other-sub")
+        answer = receiver.handle(forged, mine)
+        assert answer.status == 403 and answer.body is not None
+        assert "audience" in answer.body["error"]
+        assert store.received == {}
+        assert receiver.handle(push(), mine).status == 204
+    finally:
+        receiver.stop()
+
+
+def test_several_subscriptions_under_one_audience_are_refused_at_construction() -> None:
+    verifier = TokenVerifier(AUDIENCE, ACCOUNT, "http://certs.invalid/", fetch=Fetches())
+    with pytest.raises(ValueError, match="audience per subscription"):
+        PushReceiver(
+            MemoryStore(), {SUB: TOPIC, "b": TOPIC}, CollectorRegistry(), verifier=verifier
+        )
+
+
+def test_the_signing_keys_are_kept_an_hour_and_a_failed_or_empty_fetch_keeps_them() -> None:
+    now = [0.0]
+    answers: list[Any] = [{"k1": PUBLIC}, OSError("down"), {}, {"k1": PUBLIC}]
+    fetched: list[str] = []
+
+    def fetch(url: str) -> dict[str, str]:
+        fetched.append(url)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return dict(answer)
+
+    verifier = TokenVerifier(AUDIENCE, ACCOUNT, "http://certs.invalid/", fetch, lambda: now[0])
+    good = f"Bearer {token()}"
+    assert verifier.verify(good)["email"] == ACCOUNT
+    now[0] = 3599.0
+    assert verifier.verify(good)["email"] == ACCOUNT and len(fetched) == 1  # kept
+    now[0] = 3601.0  # old: fetched again, which fails; the known keys stay
+    assert verifier.verify(good)["email"] == ACCOUNT and len(fetched) == 2
+    now[0] = 7202.0  # fetched again: empty; the known keys stay
+    assert verifier.verify(good)["email"] == ACCOUNT and len(fetched) == 3
+    stranger, _ = _key("invented")
+    now[0] = 7210.0  # an unknown key id within 30 s of the last fetch: no fetch
+    with pytest.raises(Unauthorized):
+        verifier.verify(f"Bearer {token(stranger)}")
+    assert len(fetched) == 3
+    now[0] = 7233.0  # and past them: one fetch
+    with pytest.raises(Unauthorized):
+        verifier.verify(f"Bearer {token(stranger)}")
+    assert len(fetched) == 4
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [
+        lambda m: m.ack(),  # as a pull consumer would: the push is the receiver's to answer
+        lambda m: m.nack(),
+        lambda m: sys.exit(1),
+    ],
+)
+def test_a_handler_cannot_settle_the_push_itself(handler: Any) -> None:
+    store = MemoryStore()
+    store.fail_next = 1  # were the handler's ack believed, this would be a 204 without receipt
+    receiver = PushReceiver(store, {SUB: TOPIC}, CollectorRegistry(), handler)
+    receiver.start()
+    try:
+        answer = receiver.handle(push(), None)
+    finally:
+        receiver.stop()
+    assert answer.status == 500
+    assert store.received == {}
+
+
+def test_a_write_finishing_as_the_push_times_out_is_answered_once_and_consistently() -> None:
+    """Whichever settles first, the answer and the store agree: 204 with a receipt, or 503
+    (and the receipt, if stored, makes the next push a duplicate)."""
+    for delay in (0.0, 0.05, 0.1, 0.15):
+        store, registry = SlowStore(), CollectorRegistry()
+        receiver = PushReceiver(store, {SUB: TOPIC}, registry, timeout=0.1)
+        receiver.start()
+        try:
+            timer = threading.Timer(delay, store.release.set)
+            timer.start()
+            answer = receiver.handle(push(), None)
+            timer.join()
+        finally:
+            receiver.stop()
+        if answer.status == 204:
+            assert store.receipt(SUB, "e1")["deliveries"] == 1
+        else:
+            assert answer.status == 503
