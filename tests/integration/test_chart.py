@@ -22,6 +22,9 @@ FULL = [
     "--set", "subscribers[0].subscription=create-user-audit",
     "--set", "subscribers[1].subscription=orders_dlq.audit",
     "--set", "subscribers[1].deadLetters=true",
+    "--set", "push.subscriptions={create-user-push,orders-push}",
+    "--set", "push.oidc.audience=https://push.example.com/push?s={subscription}",
+    "--set", "push.oidc.serviceAccount=pusher@my-project.iam.gserviceaccount.com",
 ]  # fmt: skip
 
 
@@ -90,7 +93,8 @@ def test_every_option_renders_monitoring_rules_and_one_subscriber_per_subscripti
     kinds = _kinds(objects)
     assert ("ServiceMonitor", "audit-eventaudit") in kinds
     assert [n for k, n in kinds if k == "PodMonitoring"] == [
-        "eventaudit-exporter", "eventaudit-publisher", "eventaudit-subscriber"]  # fmt: skip
+        "eventaudit-exporter", "eventaudit-publisher", "eventaudit-push",
+        "eventaudit-subscriber"]  # fmt: skip
     subscribers = [
         o for o in objects if o["kind"] == "Deployment" and "-sub-" in o["metadata"]["name"]
     ]
@@ -116,7 +120,17 @@ def test_every_option_renders_monitoring_rules_and_one_subscriber_per_subscripti
     jobs = {
         o["metadata"]["labels"].get("eventaudit.io/job") for o in objects if o["kind"] == "Service"
     }
-    assert jobs == {"eventaudit-exporter", "eventaudit-publisher", "eventaudit-subscriber"}
+    assert jobs == {
+        "eventaudit-exporter", "eventaudit-publisher", "eventaudit-subscriber", "eventaudit-push"
+    }  # fmt: skip
+    push = next(
+        o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-push")
+    )
+    assert push["spec"]["template"]["spec"]["containers"][0]["args"] == [
+        "--subscriptions", "create-user-push,orders-push",
+        "--oidc-audience", "https://push.example.com/push?s={subscription}",
+        "--oidc-service-account", "pusher@my-project.iam.gserviceaccount.com",
+    ]  # fmt: skip
 
 
 def _check_wiring(objects: list[dict[str, Any]]) -> None:
@@ -164,10 +178,31 @@ def _check_wiring(objects: list[dict[str, Any]]) -> None:
         (["--set", "mongo.database=aüdit"], "database"),
         (["--set", "mongo.database="], "database"),
         (["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),
+        (["--set", "push.subscriptions={ab}"], "/push/subscriptions/0"),
     ],
 )  # fmt: skip
 def test_bad_values_fail_with_the_reason(values: list[str], error: str) -> None:
     done = _helm("template", "audit", str(CHART), *values)
     assert done.returncode != 0
     assert "values don't meet the specifications of the schema" in done.stderr
+    assert error in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("values", "error"),
+    [
+        (["--set", "push.subscriptions={a-push,b-push}",
+          "--set", "push.oidc.audience=https://x.example.com/push",
+          "--set", "push.oidc.serviceAccount=p@x.iam.gserviceaccount.com"], "{subscription}"),
+        (["--set", "push.subscriptions={a-push}",
+          "--set", "push.oidc.audience=https://x.example.com/push"], "go together"),
+        (["--set", "push.subscriptions={a-push}",
+          "--set", "push.oidc.serviceAccount=p@x.iam.gserviceaccount.com"], "go together"),
+    ],
+)  # fmt: skip
+def test_push_values_that_would_weaken_its_authentication_fail(
+    values: list[str], error: str
+) -> None:
+    done = _helm("template", "audit", str(CHART), *values)
+    assert done.returncode != 0
     assert error in done.stderr
