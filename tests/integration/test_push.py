@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from eventaudit.contract import TraceContext, build_attributes, utc_now_ms
-from eventaudit.pubsub import publisher_client
+from eventaudit.pubsub import publisher_client, subscriber_client
 from eventaudit.store import MongoStore
 from tests.conftest import PROJECT, Ferret, service_env, unique, wait_for
 from tests.integration.harness import received_count
@@ -134,3 +134,26 @@ def test_hostile_pushes_get_a_clear_4xx_and_nothing_is_recorded(
     # and the receiver still answers
     with urllib.request.urlopen(f"{url}/healthz", timeout=5) as answer:
         assert json.loads(answer.read())["status"] == "ok"
+
+
+def test_compose_creates_its_push_subscription_with_tools_create_topic(
+    emulator: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tools import create_topic
+
+    monkeypatch.setenv("EVENTAUDIT_PROJECT", PROJECT)
+    topic, pull, push = unique("ct"), unique("ct-pull"), unique("ct-push")
+    url = "http://push:9710/push"
+    assert create_topic.main([topic, pull, "--push", f"{push}={url}"]) == 0
+    with subscriber_client() as client:
+        configs = {
+            sub: client.get_subscription(
+                subscription=client.subscription_path(PROJECT, sub)
+            ).push_config.push_endpoint
+            for sub in (pull, push)
+        }
+    assert configs == {pull: "", push: url}
+    for bad in ("no-equals", f"{push}=ftp://x", f"={url}"):
+        with pytest.raises(SystemExit) as exited:
+            create_topic.main([topic, "--push", bad])
+        assert exited.value.code == 2

@@ -14,6 +14,7 @@ LONG_RUNNING = {
     "pubsub",
     "publisher",
     "subscriber-audit",
+    "push",
     "subscriber-lossy",
     "exporter",
     "prometheus",
@@ -55,7 +56,7 @@ def test_images_are_pinned() -> None:
 def test_start_order() -> None:
     services = _config()["services"]
     assert services["pubsub-init"]["depends_on"] == {"pubsub": {"condition": "service_healthy"}}
-    for name in ("publisher", "subscriber-audit", "subscriber-lossy", "exporter"):
+    for name in ("publisher", "subscriber-audit", "subscriber-lossy", "push", "exporter"):
         assert services[name]["depends_on"] == {
             "mongo": {"condition": "service_healthy"},
             "pubsub-init": {"condition": "service_completed_successfully"},
@@ -78,7 +79,12 @@ def test_compose_prometheus_config_is_valid(tmp_path: Path) -> None:
     assert promtool, "promtool is missing: run `make setup`"
     config = yaml.safe_load((ROOT / "prometheus" / "prometheus-compose.yml").read_text())
     jobs = {job["job_name"] for job in config["scrape_configs"]}
-    assert jobs == {"eventaudit-exporter", "eventaudit-publisher", "eventaudit-subscriber"}
+    assert jobs == {
+        "eventaudit-exporter",
+        "eventaudit-publisher",
+        "eventaudit-subscriber",
+        "eventaudit-push",
+    }
     # Rule paths are container paths: point them at the repository's files to check it all.
     config["rule_files"] = [str(ROOT / "prometheus" / Path(p).name) for p in config["rule_files"]]
     local = tmp_path / "prometheus.yml"
