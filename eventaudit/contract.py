@@ -415,3 +415,64 @@ def _publish_time(
     if ahead > tolerance // _MS or -ahead > (tolerance + older) // _MS:
         return broker_time, "far"
     return from_epoch_ms(value), None
+
+
+# -- receipts relayed over Pub/Sub by consumers in other languages (docs/receipts.md) -------
+
+RELAY_SUBSCRIPTION = "ea.subscription"
+RELAY_TOPIC = "ea.topic"
+RELAY_MESSAGE_ID = "ea.messageId"
+RELAY_PUBLISH_TIME = "ea.publishTime"
+RELAY_RECEIVE_TIME = "ea.receiveTime"
+RELAY_DELIVERY_ATTEMPT = "ea.deliveryAttempt"
+_RELAY_MESSAGE_ID = re.compile(r"[!-~]{1,128}")
+_EARLIEST_MS = 946_684_800_000  # 2000-01-01
+_LATEST_MS = 4_102_444_800_000  # 2100-01-01
+
+
+@dataclass(frozen=True)
+class RelayedDelivery:
+    """What a receipt message says about one delivery: which subscription received which
+    message (the event's own attributes travel beside these), and when."""
+
+    subscription: str
+    topic: str
+    message_id: str
+    broker_publish_time: datetime
+    receive_time: datetime | None = None
+    delivery_attempt: int | None = None
+
+
+def parse_relayed(attributes: Mapping[str, str]) -> RelayedDelivery:
+    """The `ea.*` attributes of a receipt message; InvalidMessageError naming the first that is
+    missing or malformed."""
+
+    def required(name: str) -> str:
+        value = attributes.get(name)
+        if not isinstance(value, str) or not value:
+            raise InvalidMessageError(f"receipt message without {name}")
+        return value
+
+    def millis(name: str, value: str) -> datetime:
+        ms = parse_ascii_int(value, 13)
+        if ms is None or not _EARLIEST_MS <= ms < _LATEST_MS:
+            raise InvalidMessageError(f"{name} is not milliseconds since 1970 in ASCII digits")
+        return from_epoch_ms(ms)
+
+    subscription, topic = required(RELAY_SUBSCRIPTION), required(RELAY_TOPIC)
+    for name, value in ((RELAY_SUBSCRIPTION, subscription), (RELAY_TOPIC, topic)):
+        if not is_pubsub_id(value):
+            raise InvalidMessageError(f"{name} is not a Pub/Sub id")
+    message_id = required(RELAY_MESSAGE_ID)
+    if not _RELAY_MESSAGE_ID.fullmatch(message_id):
+        raise InvalidMessageError(f"{RELAY_MESSAGE_ID} is not 1 to 128 printable ASCII characters")
+    broker = millis(RELAY_PUBLISH_TIME, required(RELAY_PUBLISH_TIME))
+    received = attributes.get(RELAY_RECEIVE_TIME)
+    receive_time = millis(RELAY_RECEIVE_TIME, received) if received is not None else None
+    raw_attempt = attributes.get(RELAY_DELIVERY_ATTEMPT)
+    attempt = None
+    if raw_attempt is not None:
+        attempt = parse_ascii_int(raw_attempt, 10)
+        if attempt is None or not 0 < attempt < 2**31:
+            raise InvalidMessageError(f"{RELAY_DELIVERY_ATTEMPT} is not a count from 1")
+    return RelayedDelivery(subscription, topic, message_id, broker, receive_time, attempt)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs whatever the project needs and is missing; quick when everything is in place.
 #   venv (pinned deps from pyproject.toml), FerretDB built from the Go module proxy,
-#   the Pub/Sub emulator, Java, Prometheus/promtool/Alertmanager, docker-compose.
+#   the Pub/Sub emulator, Java, Prometheus/promtool/Alertmanager, docker-compose, Node and
+#   its Pub/Sub client for tests/node.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +34,7 @@ command -v prometheus-alertmanager >/dev/null || pkgs+=(prometheus-alertmanager)
 command -v docker-compose >/dev/null || pkgs+=(docker-compose)
 command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || pkgs+=(golang-go)
 command -v chromium >/dev/null || pkgs+=(chromium)  # the status page's browser test
+command -v node >/dev/null && command -v npm >/dev/null || pkgs+=(nodejs npm)  # tests/node
 [ ${#pkgs[@]} -eq 0 ] || apt_install "${pkgs[@]}"
 
 # 2. The Pub/Sub emulator ships with the Google Cloud CLI's emulator package.
@@ -82,4 +84,12 @@ if [ ! -x .tools/bin/helm ]; then
   GOBIN="$PWD/.tools/bin" GOFLAGS=-mod=mod "$GO" install helm.sh/helm/v3/cmd/helm@v3.22.0 \
     || die "Helm build failed"
 fi
-say "ready: .venv, .tools/bin/ferretdb, .tools/bin/helm, $(basename "$EMULATOR"), prometheus, promtool, alertmanager, chromium"
+# 6. Node's official Pub/Sub client (pinned in tests/node/package-lock.json), for the test of
+#    receipts relayed by a consumer in another language.
+if [ ! -d tests/node/node_modules ] || [ tests/node/package-lock.json -nt tests/node/node_modules ]; then
+  say "installing @google-cloud/pubsub for tests/node (npm ci)"
+  npm ci --prefix tests/node --no-audit --no-fund --loglevel=error >/dev/null \
+    || die "npm ci in tests/node failed"
+  touch tests/node/node_modules
+fi
+say "ready: .venv, .tools/bin/ferretdb, .tools/bin/helm, $(basename "$EMULATOR"), prometheus, promtool, alertmanager, chromium, tests/node"

@@ -130,6 +130,7 @@ def start(settings: SubscriberSettings) -> Service:
         if settings.dead_letters
         else None,
         exactly_once=exactly_once,
+        relayed_for=source_topics(client, settings.project) if settings.receipts else None,
     )
 
     def healthz() -> dict[str, object]:

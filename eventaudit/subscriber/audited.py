@@ -37,6 +37,7 @@ from eventaudit.contract import (
     InvalidMessageError,
     is_pubsub_id,
     parse_ascii_int,
+    parse_relayed,
     read_attributes,
     utc_now_ms,
 )
@@ -49,6 +50,7 @@ OUTCOMES = (
     "recorded",
     "dead_letter_recorded",
     "dead_letter_unresolved",
+    "relay_rejected",
     "ack_failed",
     "invalid",
     "handler_error",
@@ -222,6 +224,7 @@ class AuditedSubscriber:
         on_receipt: Callable[[Receipt], None] | None = None,
         dead_letter_sources: TopicOf | None = None,
         exactly_once: bool = False,
+        relayed_for: TopicOf | None = None,
     ) -> None:
         """`handler`, when given, is the consumer's own processing: it runs first, and a
         message is recorded (then acked) only if it returns; if it raises, the message is
@@ -235,6 +238,12 @@ class AuditedSubscriber:
         `exactly_once`: the subscription has exactly-once delivery, so an ack can fail; each
         is confirmed, and a failure counted `ack_failed` (the receipt is durable: the
         redelivery that follows counts as a duplicate).
+
+        `relayed_for`, given for a subscription of an audit topic of receipt messages
+        (docs/receipts.md: consumers in other languages publish one per delivery), finds the
+        topic of the subscription a receipt message names: each is recorded as a receipt of
+        that subscription, if it is one of the topic the message names (else it is counted
+        `relay_rejected`, logged and acked).
         """
         self._store = store
         self._subscription = subscription
@@ -247,6 +256,7 @@ class AuditedSubscriber:
         self._on_receipt = on_receipt
         self._dead_letter_sources = dead_letter_sources
         self._exactly_once = exactly_once
+        self._relayed_for = relayed_for
         self._queue: queue.Queue[tuple[Message, Receipt] | None] = queue.Queue()
         # Read at scrape time: the callback path does not update a gauge per message.
         metrics.pending_receipts.set_function(self._queue.qsize)
@@ -285,6 +295,9 @@ class AuditedSubscriber:
 
     def _receive(self, message: Message) -> None:
         receive_time = utc_now_ms()
+        if self._relayed_for is not None:
+            self._receive_relayed(message, receive_time)
+            return
         broker_time = _as_utc(message.publish_time)
         dead_letter = (
             self._dead_letter_sources is not None and DEAD_LETTER_SOURCE in message.attributes
@@ -389,6 +402,49 @@ class AuditedSubscriber:
             dead_letter_subscription=self._subscription,
         )
         self._queue.put((message, letter))
+
+    def _receive_relayed(self, message: Message, receive_time: datetime) -> None:
+        """A receipt message: a consumer in another language received a message of an
+        audited topic on one of its subscriptions (attributes `ea.*`, the event's own beside
+        them). Recorded as that subscription's receipt once the subscription is found to be
+        one of that topic's; otherwise rejected (counted, logged, acked)."""
+        assert self._relayed_for is not None
+        try:
+            relayed = parse_relayed(message.attributes)
+            attrs = read_attributes(message.attributes, relayed.broker_publish_time)
+        except InvalidMessageError as exc:
+            self._metrics.count("invalid")
+            log.warning(
+                "invalid receipt message %s on %s (%s): acked without a receipt",
+                message.message_id, self._subscription, exc,
+            )  # fmt: skip
+            message.ack()
+            return
+        topic = self._relayed_for(relayed.subscription)  # raises on a transient error: nacked
+        if topic != relayed.topic:
+            self._metrics.count("relay_rejected")
+            log.warning(
+                "receipt message %s on %s names subscription %s of topic %s, which is %s: "
+                "rejected (acked without a receipt)",
+                message.message_id, self._subscription, relayed.subscription, relayed.topic,
+                f"on topic {topic}" if topic else "not a subscription this process may read",
+            )  # fmt: skip
+            message.ack()
+            return
+        if attrs.publish_time_fallback is not None:
+            self._metrics.fallback[attrs.publish_time_fallback].inc()
+        receipt = Receipt(
+            subscription=relayed.subscription,
+            event_id=attrs.event_id,
+            topic=topic,
+            trace_id=attrs.trace_id,
+            message_id=relayed.message_id,
+            publish_time=attrs.publish_time,
+            broker_publish_time=relayed.broker_publish_time,
+            receive_time=relayed.receive_time or receive_time,
+            delivery_attempt=relayed.delivery_attempt,
+        )
+        self._queue.put((message, receipt))
 
     def _internal_error(self, message: Message, exc: Exception) -> None:
         """A bug of ours on this message: nack it for another try, a bounded number of times."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from eventaudit.contract import is_pubsub_id
 from eventaudit.http import echo
@@ -40,6 +40,12 @@ class SubscriberSettings(CommonSettings):
         "moved there as a dead letter of the subscription it came from (its "
         "CloudPubSubDeadLetterSourceSubscription attribute)",
     )
+    receipts: bool = Field(
+        False,
+        description="the subscription is on an audit topic of receipt messages published by "
+        "consumers in other languages (docs/receipts.md): record each as a receipt of the "
+        "subscription it names, if that subscription is one of the topic it names",
+    )
     lose_fraction: float = Field(
         0.0, ge=0, le=1, description="FAULT KNOB for demos: ack this fraction of events unrecorded"
     )
@@ -50,3 +56,9 @@ class SubscriberSettings(CommonSettings):
         if value is not None and not is_pubsub_id(value):
             raise ValueError(f"not a Pub/Sub id: {echo(value)}")
         return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SubscriberSettings:
+        if self.dead_letters and self.receipts:
+            raise ValueError("a subscription is of dead letters or of receipt messages, not both")
+        return self

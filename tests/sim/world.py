@@ -5,7 +5,8 @@ It drives the real code: records are built from the message contract (`build_att
 `record_receipts`), and evaluated by real `Evaluator`s with real `Leases`, each replica with
 its own wall clock (skew and steps) and monotonic clock (pauses). Pub/Sub is a list of
 messages waiting per subscription, delivered in whatever order the schedule says; a push
-subscription's deliveries go through Pub/Sub's push envelope (`PUSHED`).
+subscription's deliveries go through Pub/Sub's push envelope (`PUSHED`), and a subscription read
+by a consumer in another language through receipt messages the relay records (`RELAYED`).
 
 The world keeps what it needs to judge the numbers and nothing the numbers are made of:
 which receipts were acknowledged when (a receipt is durable once its batch's write returned,
@@ -31,6 +32,8 @@ from prometheus_client import CollectorRegistry
 from eventaudit.contract import (
     TraceContext,
     build_attributes,
+    epoch_ms,
+    parse_relayed,
     read_attributes,
 )
 from eventaudit.exporter.buckets import Window
@@ -64,6 +67,12 @@ SUBSCRIPTIONS: dict[str, tuple[str, ...]] = {
     "orders": ("orders-billing", "orders-mailer"),
     "users": ("users-mailer",),
 }
+RELAYED = frozenset({"orders-mailer"})
+"""Subscriptions read by consumers in another language: each delivery is handled, a receipt
+message (docs/receipts.md) published to the audit topic, and the message acked at once; the
+relay (an AuditedSubscriber with `relayed_for`) records the receipt when it reads it."""
+AUDIT = "receipts-relay"
+"""The audit topic's subscription the relay reads."""
 PUSHED = frozenset({"users-mailer"})
 """Push subscriptions: each delivery is Pub/Sub's push envelope, encoded as Pub/Sub sends it
 (publish time in nanoseconds) and read back by eventaudit.push.envelope, then audited by the
@@ -117,6 +126,20 @@ class Message:
     message_id: str
     broker_time: datetime
     payload: str
+
+
+def relay_attributes(message: Message, subscription: str, now: datetime) -> dict[str, str]:
+    """The receipt message a consumer in another language publishes for `message`."""
+    copied = {k: v for k, v in message.attributes.items() if k in ("eventID", "publishTime",
+                                                                     "traceparent")}  # fmt: skip
+    return {
+        **copied,
+        "ea.subscription": subscription,
+        "ea.topic": message.topic,
+        "ea.messageId": message.message_id,
+        "ea.publishTime": str(epoch_ms(message.broker_time)),
+        "ea.receiveTime": str(epoch_ms(now)),
+    }
 
 
 def push_envelope(message: Message, subscription: str) -> bytes:
@@ -185,6 +208,14 @@ class World:
                 self.subscribers[sub] = AuditedSubscriber(
                     self.store, sub, topic, SubscriberMetrics(CollectorRegistry(), sub)
                 )
+            self.pending.setdefault(AUDIT, [])
+            self.subscribers[AUDIT] = AuditedSubscriber(
+                self.store,
+                AUDIT,
+                "receipts",
+                SubscriberMetrics(CollectorRegistry(), AUDIT),
+                relayed_for=topic_of.get,
+            )
             dead = f"{topic}-dead"
             self.subscribers[dead] = AuditedSubscriber(
                 self.store,
@@ -251,6 +282,19 @@ class World:
         if not waiting:
             return None
         message = waiting[index % len(waiting)] if keep else waiting.pop(index % len(waiting))
+        if subscription in RELAYED:
+            # Handled, its receipt message published, acked (with `keep`: the ack is lost, and
+            # the next delivery publishes another receipt message, a duplicate).
+            receipt = Message(
+                "receipts",
+                message.event_id,
+                relay_attributes(message, subscription, _ms(self.now)),
+                f"r{next(self._ids)}",
+                _ms(self.now),
+                "",
+            )
+            self.pending[AUDIT].append(receipt)
+            return message
         attributes, broker_time = message.attributes, message.broker_time
         if subscription in PUSHED:
             pushed = parse_envelope(push_envelope(message, subscription))
@@ -336,8 +380,12 @@ class World:
     def _acked(self, delivery: Delivery) -> None:
         if DEAD_LETTER_SOURCE in delivery.attributes:
             return  # a dead letter: not a receipt
-        attrs = read_attributes(delivery.attributes, delivery.publish_time)
-        key = (delivery.subscription, attrs.event_id, _hour(attrs.publish_time))
+        subscription, broker = delivery.subscription, delivery.publish_time
+        if subscription == AUDIT:  # a relayed receipt: of the subscription it names
+            relayed = parse_relayed(delivery.attributes)
+            subscription, broker = relayed.subscription, relayed.broker_publish_time
+        attrs = read_attributes(delivery.attributes, broker)
+        key = (subscription, attrs.event_id, _hour(attrs.publish_time))
         self.acked.setdefault(key, self.now)
 
     @contextlib.contextmanager
