@@ -12,8 +12,9 @@
   evaluation after a restart, a /metrics scrape and an /api/v1/missed listing, as ratios of
   much history to little; then a burst of 100,000 events folded at once (events/s, RSS).
 - push: pushes/s answered by the audited push receiver (receipt stored before each 204, into
-  FerretDB) against a bare Flask route that reads the envelope and answers 204, 16 concurrent
-  pushers each; and the store writes per message (group commit).
+  FerretDB) against a bare Flask route that reads the envelope and answers 204, over HTTP, 16
+  concurrent pushers each; once with endpoints that do nothing, once with endpoints whose work
+  is one durable write of their own; and the store writes per message (group commit).
 - replicas (not part of `make bench`'s default three): 30 topics with traffic in every 10 s
   bucket; the steady evaluation of one exporter without leases (the baseline), of one with
   leases (holding all 30 topics: the cost of leases and fencing), and of three replicas
@@ -44,6 +45,7 @@ from typing import Any
 from flask import Flask, jsonify, request
 from google.cloud import pubsub_v1
 from prometheus_client import CollectorRegistry, generate_latest
+from pymongo import MongoClient
 
 from eventaudit.contract import TraceContext, build_attributes, utc_now_ms
 from eventaudit.exporter.buckets import Window
@@ -149,14 +151,14 @@ def _envelope(subscription: str, i: int) -> bytes:
     ).encode()
 
 
-def bare_push_app() -> Flask:
-    """A push endpoint without auditing: read the envelope, answer 204."""
+def bare_push_app(work: Callable[[bytes], None] = lambda _data: None) -> Flask:
+    """A push endpoint without auditing: read the envelope, do `work`, answer 204."""
     app = Flask("bare-push")
 
     @app.post("/push")
     def push() -> Any:
         doc = json.loads(request.get_data())
-        base64.b64decode(doc["message"].get("data", ""))
+        work(base64.b64decode(doc["message"].get("data", "")))
         return "", 204
 
     return app
@@ -176,14 +178,32 @@ class _CountingWrites(MongoStore):
 
 
 def bench_push(uri: str, n: int) -> None:
+    """Twice: endpoints that do nothing, and endpoints whose work is one durable write of
+    their own (an insert into another database of the same server), as real ones do."""
+    client: MongoClient[dict[str, Any]] = MongoClient(uri, serverSelectionTimeoutMS=30_000)
+    handled = client["bench_push_app"]["handled"]
+
+    def own_write(data: bytes) -> None:
+        handled.insert_one({"_id": uuid.uuid4().hex, "size": len(data)})
+
+    for label, work in (("no work", None), ("one write of their own", own_write)):
+        _bench_push(uri, n, label, work)
+    client.close()
+
+
+def _bench_push(uri: str, n: int, label: str, work: Callable[[bytes], None] | None) -> None:
     sub = f"bench-push-{uuid.uuid4().hex[:8]}"
     store = _CountingWrites(uri, "bench_push", timeout_seconds=30)
     registry = CollectorRegistry()
-    receiver = PushReceiver(store, {sub: "bench-push"}, registry)
+    handler = (lambda message: work(message.data)) if work is not None else None
+    receiver = PushReceiver(store, {sub: "bench-push"}, registry, handler)
     receiver.start()
     # Over real HTTP, as Pub/Sub pushes: the same server (waitress, 16 threads) for both.
     limits = ServerLimits(threads=PUSHERS, max_body_bytes=2**24)
-    apps = {"audited": create_push_app(receiver, registry, 2**24), "bare": bare_push_app()}
+    apps = {
+        "audited": create_push_app(receiver, registry, 2**24),
+        "bare": bare_push_app(work) if work is not None else bare_push_app(),
+    }
     servers = {
         name: BackgroundServer(app, f"127.0.0.1:{stack.free_port()}", limits)
         for name, app in apps.items()
@@ -230,8 +250,9 @@ def bench_push(uri: str, n: int) -> None:
     store.close()
     b, a = max(rates["bare"]), max(rates["audited"])
     print(
-        f"push           bare {b:8.0f} pushes/s   audited {a:8.0f} pushes/s   ratio {a / b:.2f}; "
-        f"{per_write:.1f} receipts per store write ({PUSHERS} concurrent pushers over HTTP)"
+        f"push ({label}) bare {b:6.0f} pushes/s   audited {a:6.0f} pushes/s   "
+        f"ratio {a / b:.2f}; {per_write:.1f} receipts per store write ({PUSHERS} concurrent "
+        "pushers over HTTP)"
     )
 
 
