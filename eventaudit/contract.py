@@ -473,6 +473,7 @@ def parse_relayed(attributes: Mapping[str, str]) -> RelayedDelivery:
     attempt = None
     if raw_attempt is not None:
         attempt = parse_ascii_int(raw_attempt, 10)
-        if attempt is None or not 0 < attempt < 2**31:
-            raise InvalidMessageError(f"{RELAY_DELIVERY_ATTEMPT} is not a count from 1")
+        if attempt is None or not 0 <= attempt < 2**31:
+            raise InvalidMessageError(f"{RELAY_DELIVERY_ATTEMPT} is not a count")
+        attempt = attempt or None  # 0: no dead-letter policy (Node's client says so)
     return RelayedDelivery(subscription, topic, message_id, broker, receive_time, attempt)

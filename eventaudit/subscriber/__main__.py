@@ -130,7 +130,9 @@ def start(settings: SubscriberSettings) -> Service:
         if settings.dead_letters
         else None,
         exactly_once=exactly_once,
-        relayed_for=source_topics(client, settings.project) if settings.receipts else None,
+        relayed_for=source_topics(client, settings.project, denied_is_missing=False)
+        if settings.receipts
+        else None,
     )
 
     def healthz() -> dict[str, object]:
@@ -170,14 +172,21 @@ _REMEMBERED_SOURCES = 1024
 
 
 def source_topics(
-    client: Any, project: str, clock: Callable[[], float] = time.monotonic
+    client: Any,
+    project: str,
+    clock: Callable[[], float] = time.monotonic,
+    denied_is_missing: bool = True,
 ) -> TopicOf:
     """The topic of a subscription dead letters came from (its id, or its full path when the
     attribute gives one), looked up once a minute per subscription (one deleted and created
     again on another topic is filed on its new topic within the minute: issue 17, case 7).
     None when it does not exist or may not be read (remembered for a minute, at most 1024
     names: a flood of invented sources costs one lookup each per minute); a transient error
-    raises, so the message is retried."""
+    raises, so the message is retried. With `denied_is_missing` False, a subscription this
+    process may not read raises too (the relay: a missing permission must not drop receipts)."""
+    missing_errors: tuple[type[Exception], ...] = (exceptions.NotFound, exceptions.InvalidArgument)
+    if denied_is_missing:
+        missing_errors += (exceptions.PermissionDenied,)
     found: OrderedDict[str, tuple[str, float]] = OrderedDict()
     missing: OrderedDict[str, float] = OrderedDict()
 
@@ -194,7 +203,7 @@ def source_topics(
             subscription = client.get_subscription(
                 subscription=path, retry=_LOOKUP_RETRY, timeout=_LOOKUP_TIMEOUT_SECONDS
             )
-        except (exceptions.NotFound, exceptions.PermissionDenied, exceptions.InvalidArgument):
+        except missing_errors:
             missing.pop(source, None)
             missing[source] = clock()
             while len(missing) > _REMEMBERED_SOURCES:

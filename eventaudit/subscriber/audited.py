@@ -33,6 +33,10 @@ from eventaudit.contract import (
     DEAD_LETTER_MAX_AGE,
     PUBLISH_TIME_FALLBACKS,
     PUBSUB_ID_PATTERN,
+    RELAY_DELIVERY_ATTEMPT,
+    RELAY_MESSAGE_ID,
+    RELAY_RECEIVE_TIME,
+    RELAY_SUBSCRIPTION,
     AuditedAttributes,
     InvalidMessageError,
     is_pubsub_id,
@@ -51,6 +55,8 @@ OUTCOMES = (
     "dead_letter_recorded",
     "dead_letter_unresolved",
     "relay_rejected",
+    "relay_repeated",
+    "relay_lookup_failed",
     "ack_failed",
     "invalid",
     "handler_error",
@@ -63,6 +69,11 @@ OUTCOMES = (
 
 # Deliveries of one message that may fail on an unexpected exception before it is given up.
 MAX_INTERNAL_ERROR_ATTEMPTS = 5
+# Receipt messages remembered as recorded (--receipts), so that a copy counts once.
+_RELAYED_REMEMBERED = 100_000
+# A receipt message is published after the delivery it tells of: its delivered message's
+# Pub/Sub publish time may be this much later than its own (two of Pub/Sub's clocks).
+_RELAY_SKEW = timedelta(minutes=1)
 # Messages whose failed attempts are remembered (when the broker sends no delivery_attempt);
 # the oldest are forgotten first, so memory stays bounded whatever the traffic.
 _ATTEMPTS_REMEMBERED = 10_000
@@ -257,6 +268,8 @@ class AuditedSubscriber:
         self._dead_letter_sources = dead_letter_sources
         self._exactly_once = exactly_once
         self._relayed_for = relayed_for
+        self._relayed: OrderedDict[tuple[str, ...], None] = OrderedDict()
+        """Receipt messages recorded lately (their `_relay_key`), so a copy counts once."""
         self._queue: queue.Queue[tuple[Message, Receipt] | None] = queue.Queue()
         # Read at scrape time: the callback path does not update a gauge per message.
         metrics.pending_receipts.set_function(self._queue.qsize)
@@ -407,11 +420,21 @@ class AuditedSubscriber:
         """A receipt message: a consumer in another language received a message of an
         audited topic on one of its subscriptions (attributes `ea.*`, the event's own beside
         them). Recorded as that subscription's receipt once the subscription is found to be
-        one of that topic's; otherwise rejected (counted, logged, acked)."""
+        one of that topic's; otherwise rejected (counted, logged, acked). The delivered
+        message's Pub/Sub publish time must be earlier than the receipt message's own (set by
+        Pub/Sub), by at most DEAD_LETTER_MAX_AGE: a receipt is filed by it, and retention
+        must reach it."""
         assert self._relayed_for is not None
+        own = _as_utc(message.publish_time)
         try:
             relayed = parse_relayed(message.attributes)
-            attrs = read_attributes(message.attributes, relayed.broker_publish_time)
+            broker = relayed.broker_publish_time
+            if not own - DEAD_LETTER_MAX_AGE <= broker <= own + _RELAY_SKEW:
+                raise InvalidMessageError(
+                    "ea.publishTime is not within a week before the receipt message's own "
+                    "publish time"
+                )
+            attrs = read_attributes(message.attributes, broker)
         except InvalidMessageError as exc:
             self._metrics.count("invalid")
             log.warning(
@@ -420,8 +443,23 @@ class AuditedSubscriber:
             )  # fmt: skip
             message.ack()
             return
-        topic = self._relayed_for(relayed.subscription)  # raises on a transient error: nacked
-        if topic != relayed.topic:
+        if self._relay_seen(_relay_key(message.attributes)):
+            # A copy of a receipt message already recorded (a lost ack, the consumer's client
+            # publishing twice): one delivery, not two.
+            self._metrics.count("relay_repeated")
+            message.ack()
+            return
+        try:
+            topic = self._relayed_for(relayed.subscription)
+        except Exception as exc:  # Pub/Sub unavailable, quota, permission: nacked, retried
+            self._metrics.count("relay_lookup_failed")
+            log.warning(
+                "receipt message %s on %s: subscription %s could not be looked up, nacked: %s",
+                message.message_id, self._subscription, relayed.subscription, exc,
+            )  # fmt: skip
+            message.nack()
+            return
+        if topic != relayed.topic or relayed.subscription == self._subscription:
             self._metrics.count("relay_rejected")
             log.warning(
                 "receipt message %s on %s names subscription %s of topic %s, which is %s: "
@@ -440,11 +478,23 @@ class AuditedSubscriber:
             trace_id=attrs.trace_id,
             message_id=relayed.message_id,
             publish_time=attrs.publish_time,
-            broker_publish_time=relayed.broker_publish_time,
+            broker_publish_time=broker,
             receive_time=relayed.receive_time or receive_time,
             delivery_attempt=relayed.delivery_attempt,
         )
         self._queue.put((message, receipt))
+
+    def _relay_seen(self, key: tuple[str, ...]) -> bool:
+        with self._attempts_lock:
+            return key in self._relayed
+
+    def _relay_recorded(self, messages: list[Message]) -> None:
+        """These receipt messages' receipts are durable: copies of them count no more."""
+        with self._attempts_lock:
+            for message in messages:
+                self._relayed[_relay_key(message.attributes)] = None
+            while len(self._relayed) > _RELAYED_REMEMBERED:
+                self._relayed.popitem(last=False)
 
     def _internal_error(self, message: Message, exc: Exception) -> None:
         """A bug of ours on this message: nack it for another try, a bounded number of times."""
@@ -545,6 +595,8 @@ class AuditedSubscriber:
             return
         self.last_write_ok = True
         self._metrics.store_ok.set(1)
+        if self._relayed_for is not None:
+            self._relay_recorded([m for m, _ in batch])
         latency = self._metrics.delivery_latency
         redelivered = dead = 0
         for message, receipt in batch:
@@ -607,6 +659,15 @@ class AuditedSubscriber:
             self._subscription,
             exc,
         )
+
+
+def _relay_key(attributes: Any) -> tuple[str, ...]:
+    """What makes two receipt messages the same delivery: a copy has the same, a consumer's
+    redelivery has its own receive time (and attempt)."""
+    return tuple(
+        str(attributes.get(k, ""))
+        for k in (RELAY_SUBSCRIPTION, RELAY_MESSAGE_ID, RELAY_DELIVERY_ATTEMPT, RELAY_RECEIVE_TIME)
+    )
 
 
 def _as_utc(moment: datetime) -> datetime:

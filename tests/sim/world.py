@@ -33,7 +33,6 @@ from eventaudit.contract import (
     TraceContext,
     build_attributes,
     epoch_ms,
-    parse_relayed,
     read_attributes,
 )
 from eventaudit.exporter.buckets import Window
@@ -126,6 +125,8 @@ class Message:
     message_id: str
     broker_time: datetime
     payload: str
+    told: tuple[str, Message] | None = None
+    """For a receipt message: the subscription and the message whose delivery it tells of."""
 
 
 def relay_attributes(message: Message, subscription: str, now: datetime) -> dict[str, str]:
@@ -292,6 +293,7 @@ class World:
                 f"r{next(self._ids)}",
                 _ms(self.now),
                 "",
+                (subscription, message),
             )
             self.pending[AUDIT].append(receipt)
             return message
@@ -380,11 +382,15 @@ class World:
     def _acked(self, delivery: Delivery) -> None:
         if DEAD_LETTER_SOURCE in delivery.attributes:
             return  # a dead letter: not a receipt
-        subscription, broker = delivery.subscription, delivery.publish_time
-        if subscription == AUDIT:  # a relayed receipt: of the subscription it names
-            relayed = parse_relayed(delivery.attributes)
-            subscription, broker = relayed.subscription, relayed.broker_publish_time
-        attrs = read_attributes(delivery.attributes, broker)
+        subscription, attributes, broker = (
+            delivery.subscription, delivery.attributes, delivery.publish_time
+        )  # fmt: skip
+        if delivery.message.told is not None:
+            # A relayed receipt: of the delivery it tells of, as the world made it (not as
+            # the relay reads it).
+            subscription, told = delivery.message.told
+            attributes, broker = told.attributes, told.broker_time
+        attrs = read_attributes(attributes, broker)
         key = (subscription, attrs.event_id, _hour(attrs.publish_time))
         self.acked.setdefault(key, self.now)
 
