@@ -130,7 +130,9 @@ def start(settings: SubscriberSettings) -> Service:
         if settings.dead_letters
         else None,
         exactly_once=exactly_once,
-        relayed_for=source_topics(client, settings.project, denied_is_missing=False)
+        relayed_for=source_topics(
+            client, settings.project, denied_is_missing=False, lookups_per_second=_RELAY_LOOKUPS
+        )
         if settings.receipts
         else None,
     )
@@ -166,6 +168,8 @@ def _listen(settings: SubscriberSettings, app: Flask) -> BackgroundServer:
     return server
 
 
+_RELAY_LOOKUPS = 10.0
+"""Subscription lookups a second the relay may make (Pub/Sub's admin API has a quota)."""
 _MISSING_TTL_SECONDS = 60.0
 _FOUND_TTL_SECONDS = 60.0
 _REMEMBERED_SOURCES = 1024
@@ -176,6 +180,7 @@ def source_topics(
     project: str,
     clock: Callable[[], float] = time.monotonic,
     denied_is_missing: bool = True,
+    lookups_per_second: float | None = None,
 ) -> TopicOf:
     """The topic of a subscription dead letters came from (its id, or its full path when the
     attribute gives one), looked up once a minute per subscription (one deleted and created
@@ -183,7 +188,11 @@ def source_topics(
     None when it does not exist or may not be read (remembered for a minute, at most 1024
     names: a flood of invented sources costs one lookup each per minute); a transient error
     raises, so the message is retried. With `denied_is_missing` False, a subscription this
-    process may not read raises too (the relay: a missing permission must not drop receipts)."""
+    process may not read raises too (the relay: a missing permission must not drop receipts).
+    With `lookups_per_second`, lookups beyond that rate (a burst of one second's worth) raise
+    LookupThrottled instead of calling Pub/Sub: a flood of invented names cannot use up the
+    admin API's quota; the message is retried."""
+    allowance = [lookups_per_second or 0.0, clock()]
     missing_errors: tuple[type[Exception], ...] = (exceptions.NotFound, exceptions.InvalidArgument)
     if denied_is_missing:
         missing_errors += (exceptions.PermissionDenied,)
@@ -196,6 +205,16 @@ def source_topics(
             return known[0]
         if clock() - missing.get(source, -math.inf) < _MISSING_TTL_SECONDS:
             return None
+        if lookups_per_second is not None:
+            now = clock()
+            tokens = min(
+                lookups_per_second, allowance[0] + (now - allowance[1]) * lookups_per_second
+            )
+            allowance[1] = now
+            if tokens < 1:
+                allowance[0] = tokens
+                raise LookupThrottled(f"over {lookups_per_second:g} subscription lookups a second")
+            allowance[0] = tokens - 1
         path = (
             source if source.startswith("projects/") else client.subscription_path(project, source)
         )
@@ -217,6 +236,10 @@ def source_topics(
         return topic
 
     return topic_of
+
+
+class LookupThrottled(RuntimeError):
+    """Too many subscription lookups a second: the message is retried later."""
 
 
 def subscription_topic(

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from eventaudit.contract import epoch_ms, from_epoch_ms
 from eventaudit.records import Receipt
-from eventaudit.subscriber.__main__ import source_topics
+from eventaudit.subscriber.__main__ import LookupThrottled, source_topics
 from eventaudit.subscriber.audited import (
     MAX_INTERNAL_ERROR_ATTEMPTS,
     AuditedSubscriber,
@@ -533,6 +533,29 @@ def test_dead_letter_sources_are_looked_up_once_and_misses_remembered_a_minute()
     for i in range(3000):  # a flood of invented names: memory stays bounded
         topic_of(f"invented-{i}")
     assert len(admin.calls) == 4 + 1 + 3000
+
+
+def test_the_relays_lookups_are_limited_per_second_and_a_denied_one_raises() -> None:
+    admin, now = AdminClient(), [0.0]
+    topic_of = source_topics(
+        admin, "p", clock=lambda: now[0], denied_is_missing=False, lookups_per_second=10
+    )
+    throttled = 0
+    for i in range(50):  # a flood of invented names within one second
+        try:
+            topic_of(f"invented-{i}")
+        except LookupThrottled:
+            throttled += 1
+    assert (len(admin.calls), throttled) == (10, 40)
+    now[0] = 0.5  # half a second later: five more
+    looked = [topic_of(f"later-{i}") for i in range(5)]
+    assert looked == [None] * 5 and len(admin.calls) == 15
+    with pytest.raises(LookupThrottled):
+        topic_of("one-too-many")
+    now[0] = 10.0
+    assert topic_of("orders-sub") == "orders"  # the allowance is back
+    with pytest.raises(gexc.PermissionDenied):
+        topic_of("secret-sub")  # the relay must not take it for a missing subscription
 
 
 def test_a_transient_lookup_error_raises_so_the_dead_letter_is_retried() -> None:
