@@ -995,9 +995,8 @@ class MongoStore:
         """Insert one document holding the leases (a replica renews all it holds at once) and
         its heartbeat into the collection of `now`'s slot: an insert reads nothing, on FerretDB
         too (an update by `_id` reads the whole collection). Its news go first, in documents
-        of their own; `forget_before` drops the slots that end before it."""
-        if forget_before is not None:
-            self._drop_lease_slots(forget_before)
+        of their own; then, with `forget_before`, the slots that end before it are dropped
+        (housekeeping after the write: a renewal never waits for catalog operations)."""
         slot = self.db[lease_slot(now)]
         entries = [lease.to_document() for lease in leases]
         for i in range(0, max(len(entries), 1), MAX_LEASES_PER_DOCUMENT):
@@ -1008,6 +1007,8 @@ class MongoStore:
             if alive_until is not None:
                 doc["alive"] = alive_until
             _insert_new(slot, [doc], "topic leases")
+        if forget_before is not None:
+            self._drop_lease_slots(forget_before)
 
     def _save_news(
         self, slot: Collection[dict[str, Any]], first: str, now: datetime, leases: Sequence[Lease]
