@@ -59,6 +59,7 @@ from eventaudit.publisher.audited import AuditedPublisher, PublisherMetrics, Rec
 from eventaudit.publisher.config import PublisherSettings
 from eventaudit.pubsub import publisher_client
 from eventaudit.push.__main__ import create_app as create_push_app
+from eventaudit.push.envelope import push_body
 from eventaudit.push.receiver import PushReceiver
 from eventaudit.records import PublishRecord, Receipt
 from eventaudit.serving import BackgroundServer, ServerLimits
@@ -138,17 +139,8 @@ def bench_publisher(store: MongoStore, n: int) -> None:
 
 def _envelope(subscription: str, i: int) -> bytes:
     attrs = build_attributes(f"push-{uuid.uuid4().hex}", utc_now_ms(), TraceContext.new())
-    return json.dumps(
-        {
-            "message": {
-                "data": base64.b64encode(b'{"n": 1, "name": "Zakk Wylde"}').decode(),
-                "attributes": attrs,
-                "messageId": str(i),
-                "publishTime": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-            },
-            "subscription": f"projects/{PROJECT}/subscriptions/{subscription}",
-        }
-    ).encode()
+    data = b'{"n": 1, "name": "Zakk Wylde"}'
+    return push_body(PROJECT, subscription, str(i), datetime.now(UTC), data, attrs)
 
 
 def bare_push_app(work: Callable[[bytes], None] = lambda _data: None) -> Flask:

@@ -15,6 +15,7 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -64,6 +65,32 @@ class PushedMessage:
     attributes: dict[str, str] = field(default_factory=dict)
     delivery_attempt: int | None = None
     ordering_key: str = ""
+
+
+def push_body(
+    project: str,
+    subscription: str,
+    message_id: str,
+    publish_time: datetime,
+    data: bytes = b"",
+    attributes: Mapping[str, str] | None = None,
+) -> bytes:
+    """The body Pub/Sub POSTs to a push endpoint for one message (its fields under both
+    spellings, its publish time in nanoseconds, UTC): for tests and tools that play Pub/Sub.
+    parse_envelope reads it back."""
+    when = publish_time.astimezone(UTC)
+    stamp = f"{when:%Y-%m-%dT%H:%M:%S}.{when.microsecond:06d}000Z"
+    message = {
+        "data": base64.b64encode(data).decode(),
+        "attributes": dict(attributes or {}),
+        "messageId": message_id,
+        "message_id": message_id,
+        "publishTime": stamp,
+        "publish_time": stamp,
+    }
+    return json.dumps(
+        {"message": message, "subscription": f"projects/{project}/subscriptions/{subscription}"}
+    ).encode()
 
 
 def _reject_constant(name: str) -> Any:

@@ -16,10 +16,8 @@ the store holds.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import itertools
-import json
 import queue
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
@@ -41,7 +39,7 @@ from eventaudit.exporter.leases import Leases
 from eventaudit.exporter.snapshot import Snapshot, SubscriptionWindow, list_missed
 from eventaudit.exporter.story import event_story
 from eventaudit.exporter.subscriptions import ExpectedSubscriptions
-from eventaudit.push.envelope import parse_envelope
+from eventaudit.push.envelope import parse_envelope, push_body
 from eventaudit.records import PublishRecord
 from eventaudit.store import AuditStore, StoreError
 from eventaudit.subscriber import audited as subscriber_module
@@ -145,19 +143,10 @@ def relay_attributes(message: Message, subscription: str, now: datetime) -> dict
 
 def push_envelope(message: Message, subscription: str) -> bytes:
     """The body Pub/Sub POSTs to a push endpoint for `message`."""
-    when = message.broker_time
-    return json.dumps(
-        {
-            "message": {
-                "data": base64.b64encode(message.payload.encode()).decode(),
-                "attributes": message.attributes,
-                "messageId": message.message_id,
-                "message_id": message.message_id,
-                "publishTime": f"{when:%Y-%m-%dT%H:%M:%S}.{when.microsecond:06d}789Z",
-            },
-            "subscription": f"projects/{PROJECT}/subscriptions/{subscription}",
-        }
-    ).encode()
+    return push_body(
+        PROJECT, subscription, message.message_id, message.broker_time,
+        message.payload.encode(), message.attributes,
+    )  # fmt: skip
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from eventaudit.push.envelope import MAX_ENVELOPE_BYTES, EnvelopeError, parse_envelope
+from eventaudit.push.envelope import MAX_ENVELOPE_BYTES, EnvelopeError, parse_envelope, push_body
 
 SUB = "projects/eventaudit-local/subscriptions/create-user-push"
 
@@ -191,3 +191,13 @@ def test_a_lone_surrogate_attribute_key_is_refused() -> None:
     raw = body(doc).replace(b'"k": "v"', b'"\\ud800": "v"')
     with pytest.raises(EnvelopeError, match="not valid UTF-8"):
         parse_envelope(raw)
+
+
+def test_what_push_body_writes_parse_envelope_reads_back() -> None:
+    when = datetime(2026, 12, 8, 10, 0, 0, 123456, tzinfo=UTC)
+    raw = push_body("p-1", "orders-push", "42", when, b"\x00\xff", {"eventID": "e1"})
+    pushed = parse_envelope(raw)
+    assert (pushed.subscription, pushed.message_id, pushed.data, pushed.attributes) == (
+        "orders-push", "42", b"\x00\xff", {"eventID": "e1"}
+    )  # fmt: skip
+    assert pushed.publish_time == when.replace(microsecond=123000)  # kept to the millisecond

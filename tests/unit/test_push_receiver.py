@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from eventaudit.contract import TraceContext, build_attributes
 from eventaudit.push import PushMiddleware, PushReceiver, TokenVerifier, push_blueprint
+from eventaudit.push.envelope import push_body
 from eventaudit.push.oidc import Unauthorized
 from eventaudit.records import Receipt
 from tests.fakes import MemoryStore
@@ -41,16 +42,7 @@ AUDIENCE, ACCOUNT = (
 def push(event_id: str = "e1", message_id: str = "m1", **attributes: str) -> bytes:
     attrs = build_attributes(event_id, T0, TraceContext.new()) if event_id else {}
     attrs.update(attributes)
-    doc = {
-        "message": {
-            "data": base64.b64encode(b"{}").decode(),
-            "attributes": attrs,
-            "messageId": message_id,
-            "publishTime": T0.isoformat().replace("+00:00", "Z"),
-        },
-        "subscription": PATH,
-    }
-    return json.dumps(doc).encode()
+    return push_body("eventaudit-local", SUB, message_id, T0, b"{}", attrs)
 
 
 def outcome(registry: CollectorRegistry, name: str) -> float:
