@@ -16,6 +16,7 @@ from eventaudit.pubsub import publisher_client, subscriber_client
 from eventaudit.store import MongoStore
 from tests.conftest import PROJECT, Ferret, service_env, unique, wait_for
 from tests.integration.harness import received_count
+from tests.integration.http_client import metric
 from tools import stack
 
 
@@ -42,11 +43,9 @@ def pushed(
 
 
 def _metric(url: str, outcome: str) -> float:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as answer:
-        text = answer.read().decode()
-    line = f'eventaudit_push_requests_total{{outcome="{outcome}"}} '
-    [value] = [row[len(line) :] for row in text.splitlines() if row.startswith(line)]
-    return float(value)
+    value = metric(f"{url}/metrics", "eventaudit_push_requests_total", {"outcome": outcome})
+    assert value is not None
+    return value
 
 
 def test_every_event_the_emulator_pushes_is_recorded_once(

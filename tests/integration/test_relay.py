@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from eventaudit.pubsub import publisher_client
 from eventaudit.store import MongoStore
 from tests.conftest import PROJECT, Ferret, service_env, unique, wait_for
 from tests.integration.harness import received_count
+from tests.integration.http_client import metric
 from tools import stack
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "node"
@@ -51,10 +51,10 @@ def relay(
 
 
 def _outcome(url: str, outcome: str) -> float:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as answer:
-        text = answer.read().decode()
-    rows = [r for r in text.splitlines() if r.startswith("eventaudit_subscriber_messages_total{")]
-    return sum(float(r.rsplit(" ", 1)[1]) for r in rows if f'outcome="{outcome}"' in r)
+    labels = {"outcome": outcome}
+    value = metric(f"{url}/metrics", "eventaudit_subscriber_messages_total", labels)
+    assert value is not None
+    return value
 
 
 def test_a_node_consumers_receipts_are_recorded_on_its_subscription(
