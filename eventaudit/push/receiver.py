@@ -64,18 +64,17 @@ answers the push once the receipt is stored)."""
 
 
 class PushMessage:
-    """A pushed message as the audited subscriber sees it: the fields of a pulled message plus
-    `data`; ack and nack settle the request waiting on it (the first one counts)."""
+    """A pushed message as the audited subscriber sees it (the fields of a pulled message; the
+    handler gets `pushed`); ack and nack settle the request waiting on it (the first one
+    counts)."""
 
     def __init__(self, pushed: PushedMessage) -> None:
         self.pushed = pushed
         self.subscription = pushed.subscription
         self.message_id = pushed.message_id
         self.publish_time = pushed.publish_time
-        self.data = pushed.data
         self.attributes = pushed.attributes
         self.delivery_attempt = pushed.delivery_attempt
-        self.ordering_key = pushed.ordering_key
         self.acked: bool | None = None
         self.handler_failed = False
         self.settled = threading.Event()
