@@ -93,6 +93,13 @@ class Simulation(RuleBasedStateMachine):
         self.world.flush_subscriber(subscription, straggle)
         COUNTS["fault: journal insert landing after a take"] += straggle
 
+    @rule(subscription=st.sampled_from(READ))
+    def kill_subscriber(self, subscription: str) -> None:
+        """A subscriber (or the relay) killed and started again, between its writes and its
+        acks: what it held comes again, what it remembered is gone."""
+        self.world.kill_subscriber(subscription)
+        COUNTS["fault: subscriber killed"] += 1
+
     @rule()
     def land(self) -> None:
         self.world.land()

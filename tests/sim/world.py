@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from prometheus_client import CollectorRegistry
 
@@ -191,29 +191,43 @@ class World:
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def __post_init__(self) -> None:
-        topic_of = {sub: t for t, subs in SUBSCRIPTIONS.items() for sub in subs}
         for topic, subs in SUBSCRIPTIONS.items():
-            for sub in subs:
+            for sub in [*subs, f"{topic}-dead"]:
                 self.pending.setdefault(sub, [])
-                self.subscribers[sub] = AuditedSubscriber(
-                    self.store, sub, topic, SubscriberMetrics(CollectorRegistry(), sub)
-                )
-            self.pending.setdefault(AUDIT, [])
-            self.subscribers[AUDIT] = AuditedSubscriber(
-                self.store,
-                AUDIT,
-                "receipts",
-                SubscriberMetrics(CollectorRegistry(), AUDIT),
-                relayed_for=topic_of.get,
+                self.subscribers[sub] = self._subscriber(sub)
+        self.pending.setdefault(AUDIT, [])
+        self.subscribers[AUDIT] = self._subscriber(AUDIT)
+
+    def _subscriber(self, subscription: str) -> AuditedSubscriber:
+        """A new subscriber process for `subscription` (an audited one, the relay on the
+        audit topic, or a topic's dead-letter subscriber)."""
+        topic_of = {sub: t for t, subs in SUBSCRIPTIONS.items() for sub in subs}
+        metrics = SubscriberMetrics(CollectorRegistry(), subscription)
+        if subscription == AUDIT:
+            return AuditedSubscriber(
+                self.store, AUDIT, "receipts", metrics, relayed_for=topic_of.get
             )
-            dead = f"{topic}-dead"
-            self.subscribers[dead] = AuditedSubscriber(
-                self.store,
-                dead,
-                dead,
-                SubscriberMetrics(CollectorRegistry(), dead),
+        if subscription.endswith("-dead"):
+            return AuditedSubscriber(
+                self.store, subscription, subscription, metrics,
                 dead_letter_sources=lambda path: topic_of.get(path.rsplit("/", 1)[-1]),
-            )
+            )  # fmt: skip
+        return AuditedSubscriber(self.store, subscription, topic_of[subscription], metrics)
+
+    def kill_subscriber(self, subscription: str) -> None:
+        """The subscriber process is killed and started again: what it had queued and what
+        it had written but not yet acked are delivered again (Pub/Sub keeps what is unacked),
+        and what it remembered (attempts, receipt messages recorded) is gone."""
+        old = self.subscribers[subscription]
+        with contextlib.suppress(queue.Empty):
+            while True:
+                item = old._queue.get_nowait()
+                if item is not None:
+                    self.pending[subscription].append(cast(Delivery, item[0]).message)
+        mine = [d for d in self.landing if d.subscription == subscription]
+        self.landing = [d for d in self.landing if d.subscription != subscription]
+        self.pending[subscription].extend(d.message for d in mine)
+        self.subscribers[subscription] = self._subscriber(subscription)
 
     # -- publishers and Pub/Sub ----------------------------------------------------------------
 
